@@ -1,0 +1,1 @@
+"""The authmesh auth service: passwords, tokens, sessions, revocation, signing keys."""

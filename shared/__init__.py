@@ -1,0 +1,1 @@
+"""authmesh shared library: verification, key cache, denylist, events, NATS and Redis wiring."""

@@ -1,0 +1,90 @@
+"""The gRPC edge of the error hierarchy: one table from error class to status code, ErrorInfo details."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from shared.errors import (
+    AlreadyExists,
+    AuthError,
+    ConfigurationError,
+    EventRejected,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    TokenRejected,
+    Unavailable,
+)
+
+ERROR_DOMAIN = "authmesh"
+
+# Most specific first: the first class an error is an instance of decides.
+STATUS_BY_ERROR: tuple[tuple[type[AuthError], grpc.StatusCode], ...] = (
+    (TokenRejected, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (EventRejected, grpc.StatusCode.INTERNAL),
+    (ConfigurationError, grpc.StatusCode.INTERNAL),
+)
+
+
+def status_code_for(error: AuthError) -> grpc.StatusCode:
+    """The gRPC status code for an error."""
+    for kind, code in STATUS_BY_ERROR:
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def to_grpc_status(error: AuthError) -> grpc.Status:
+    """A gRPC status carrying ``google.rpc.Status`` with ``ErrorInfo{reason, domain}``."""
+    code = status_code_for(error)
+    metadata: dict[str, str] = {}
+    if isinstance(error, RateLimited):
+        metadata["retry_after_seconds"] = f"{error.retry_after:.0f}"
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.ErrorInfo(reason=error.code, domain=ERROR_DOMAIN, metadata=metadata))
+    status = status_pb2.Status(
+        code=getattr(code_pb2, code.name), message=error.message, details=[detail]
+    )
+    return rpc_status.to_status(status)
+
+
+async def abort_with_error(context: grpc.aio.ServicerContext[object, object], error: AuthError) -> NoReturn:
+    """End the call with the error's status and details."""
+    status = to_grpc_status(error)
+    await context.abort(status.code, status.details, status.trailing_metadata)
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+def error_reason(call_error: grpc.aio.AioRpcError | grpc.RpcError) -> str | None:
+    """The ``ErrorInfo.reason`` a failed call carried, if any (for clients and tests)."""
+    status = rpc_status.from_call(call_error)  # type: ignore[arg-type]
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return str(info.reason)
+    return None
+
+
+def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str | None:
+    """The token of the first ``authorization: Bearer …`` metadata entry, or None."""
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None

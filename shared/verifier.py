@@ -1,0 +1,161 @@
+"""Local access-token verification: pure, no I/O, clock injected.
+
+``TokenVerifier.verify`` decodes a compact JWS strictly (:mod:`shared.jose`), checks the ES256 signature
+against a :class:`KeySource`, every RFC 9068 claim against the settings and the clock, and the
+:class:`RevocationCheck`. A repeated token skips the signature (a bounded cache keyed by the exact token
+string), but every hit still checks expiry and revocation, so a revocation applies to cached tokens too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from shared.claims import ACCESS_TOKEN_TYPE, AccessClaims
+from shared.errors import (
+    TokenExpired,
+    TokenNotYetValid,
+    WrongAudience,
+    WrongIssuer,
+    WrongTokenType,
+)
+from shared.jose import MAX_TOKEN_BYTES, decode_compact, verify_signature
+
+Clock = Callable[[], float]
+
+
+class KeySource(Protocol):
+    """Where the verifier finds public keys."""
+
+    def public_key(self, kid: str) -> ec.EllipticCurvePublicKey:
+        """The public key for ``kid``.
+
+        Raises:
+            UnknownKey: No such key is known.
+            KeyRevoked: The key has been retired.
+        """
+        ...
+
+
+class RevocationCheck(Protocol):
+    """What the verifier asks about revocation (the denylist, or nothing)."""
+
+    def check(self, claims: AccessClaims) -> None:
+        """Raise if the token, its session, its user or its key is revoked.
+
+        Raises:
+            TokenRevoked: Revoked.
+            KeyRevoked: Its key was retired.
+        """
+        ...
+
+
+class NoRevocations:
+    """A :class:`RevocationCheck` that revokes nothing (for callers that check revocation elsewhere)."""
+
+    def check(self, claims: AccessClaims) -> None:
+        """Accept every token."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifierPolicy:
+    """What a valid token must say.
+
+    Attributes:
+        issuer: Required ``iss``.
+        audience: ``aud`` must contain it.
+        leeway: Seconds of clock skew tolerated on ``exp``, ``nbf`` and ``iat``.
+        max_token_bytes: Size cap checked before decoding.
+        cache_size: How many verified tokens to remember (0 turns the cache off).
+    """
+
+    issuer: str
+    audience: str
+    leeway: float = 5.0
+    max_token_bytes: int = MAX_TOKEN_BYTES
+    cache_size: int = 65_536
+
+
+class TokenVerifier:
+    """Verifies access tokens locally.
+
+    Args:
+        keys: Public keys by ``kid``.
+        revocations: The revocation state to consult on every call.
+        policy: Issuer, audience, leeway and limits.
+        clock: Returns the current Unix time in seconds.
+    """
+
+    def __init__(
+        self,
+        keys: KeySource,
+        revocations: RevocationCheck,
+        policy: VerifierPolicy,
+        clock: Clock = time.time,
+    ) -> None:
+        self._keys = keys
+        self._revocations = revocations
+        self._policy = policy
+        self._clock = clock
+        self._cache: OrderedDict[str, AccessClaims] = OrderedDict()
+
+    @property
+    def policy(self) -> VerifierPolicy:
+        """The policy this verifier enforces."""
+        return self._policy
+
+    def verify(self, token: str) -> AccessClaims:
+        """Verify an access token.
+
+        Args:
+            token: The compact JWS from the ``authorization`` header.
+
+        Returns:
+            The verified claims.
+
+        Raises:
+            TokenRejected: One subclass per reason (see :mod:`shared.errors`).
+        """
+        now = self._clock()
+        cached = self._cache.get(token)
+        if cached is not None:
+            self._check_times(cached, now)
+            self._revocations.check(cached)
+            return cached
+        claims = self._verify_uncached(token, now)
+        self._revocations.check(claims)
+        if self._policy.cache_size:
+            self._cache[token] = claims
+            if len(self._cache) > self._policy.cache_size:
+                self._cache.popitem(last=False)
+        return claims
+
+    def forget(self) -> None:
+        """Drop every cached verification (after a key is retired, for one)."""
+        self._cache.clear()
+
+    def _verify_uncached(self, token: str, now: float) -> AccessClaims:
+        jws = decode_compact(token, max_bytes=self._policy.max_token_bytes)
+        if jws.unverified_header.get("typ") != ACCESS_TOKEN_TYPE:
+            raise WrongTokenType()
+        key = self._keys.public_key(jws.kid)
+        verify_signature(key, jws.signing_input, jws.signature)
+        claims = AccessClaims.from_payload(jws.unverified_payload, jws.kid)
+        if claims.iss != self._policy.issuer:
+            raise WrongIssuer()
+        if self._policy.audience not in claims.aud:
+            raise WrongAudience()
+        self._check_times(claims, now)
+        return claims
+
+    def _check_times(self, claims: AccessClaims, now: float) -> None:
+        leeway = self._policy.leeway
+        if now >= claims.exp + leeway:
+            raise TokenExpired()
+        if now + leeway < claims.nbf or now + leeway < claims.iat:
+            raise TokenNotYetValid()
