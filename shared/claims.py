@@ -143,7 +143,9 @@ class AccessClaims:
         }
 
 
-def _string(payload: dict[str, Any], name: str, *, allow_empty: bool = False, limit: int = MAX_STRING_CLAIM) -> str:
+def _string(
+    payload: dict[str, Any], name: str, *, allow_empty: bool = False, limit: int = MAX_STRING_CLAIM
+) -> str:
     value = payload.get(name)
     if not isinstance(value, str) or (not value and not allow_empty) or len(value) > limit:
         raise InvalidClaim(name)

@@ -101,11 +101,25 @@ class HeartbeatEvent:
     seq: int
 
 
-EventBody = TokenRevokedEvent | SessionRevokedEvent | UserRevokedEvent | KeyRotatedEvent | KeyRevokedEvent | HeartbeatEvent
+EventBody = (
+    TokenRevokedEvent
+    | SessionRevokedEvent
+    | UserRevokedEvent
+    | KeyRotatedEvent
+    | KeyRevokedEvent
+    | HeartbeatEvent
+)
 
 _BODY_TYPES: dict[EventType, type[EventBody]] = {
     body.TYPE: body
-    for body in (TokenRevokedEvent, SessionRevokedEvent, UserRevokedEvent, KeyRotatedEvent, KeyRevokedEvent, HeartbeatEvent)
+    for body in (
+        TokenRevokedEvent,
+        SessionRevokedEvent,
+        UserRevokedEvent,
+        KeyRotatedEvent,
+        KeyRevokedEvent,
+        HeartbeatEvent,
+    )
 }
 _FIELD_TYPES: dict[EventType, dict[str, type]] = {
     EventType.TOKEN_REVOKED: {"jti": str, "exp": int},
@@ -147,7 +161,11 @@ class SecurityEvent:
         """A fresh event stamped with the current time and a new id."""
         ms = int(time.time() * 1000) if now_ms is None else now_ms
         return cls(
-            event_id=new_uuid7(ms), issuer=issuer, issued_at=ms // 1000, occurred_at_ms=ms, body=body,
+            event_id=new_uuid7(ms),
+            issuer=issuer,
+            issued_at=ms // 1000,
+            occurred_at_ms=ms,
+            body=body,
             origin=origin,
         )
 

@@ -54,10 +54,9 @@ def to_grpc_status(error: AuthError) -> grpc.Status:
         metadata["retry_after_seconds"] = f"{error.retry_after:.0f}"
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.ErrorInfo(reason=error.code, domain=ERROR_DOMAIN, metadata=metadata))
-    status = status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=error.message, details=[detail]
-    )
-    return rpc_status.to_status(status)
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=[detail])
+    grpc_status: grpc.Status = rpc_status.to_status(status)
+    return grpc_status
 
 
 async def abort_with_error(context: grpc.aio.ServicerContext[object, object], error: AuthError) -> NoReturn:
@@ -69,7 +68,7 @@ async def abort_with_error(context: grpc.aio.ServicerContext[object, object], er
 
 def error_reason(call_error: grpc.aio.AioRpcError | grpc.RpcError) -> str | None:
     """The ``ErrorInfo.reason`` a failed call carried, if any (for clients and tests)."""
-    status = rpc_status.from_call(call_error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(call_error)
     if status is None:
         return None
     for detail in status.details:

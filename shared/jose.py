@@ -33,7 +33,7 @@ ALGORITHM = "ES256"
 P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 _SIGNATURE_BYTES = 64
 _SEGMENT = re.compile(rb"[A-Za-z0-9_-]+")
-_KID = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_KID_LENGTH)
+_KID = re.compile(rf"[\x21-\x7e]{{1,{MAX_KID_LENGTH}}}")
 # Header parameters that would let a token choose its own key or change how it is processed.
 _FORBIDDEN_HEADERS = frozenset({"jwk", "jku", "x5u", "x5c", "x5t", "x5t#S256", "crit", "b64", "zip", "enc"})
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
@@ -201,7 +201,9 @@ def _json_bytes(value: dict[str, Any]) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=False, ensure_ascii=True).encode("ascii")
 
 
-def sign_compact(header: dict[str, Any], payload: dict[str, Any], private_key: ec.EllipticCurvePrivateKey) -> str:
+def sign_compact(
+    header: dict[str, Any], payload: dict[str, Any], private_key: ec.EllipticCurvePrivateKey
+) -> str:
     """Sign a JSON payload as a compact ES256 JWS.
 
     Args:
