@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NoReturn
 
 import grpc
@@ -79,7 +80,7 @@ def error_reason(call_error: grpc.aio.AioRpcError | grpc.RpcError) -> str | None
     return None
 
 
-def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str | None:
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     """The token of the first ``authorization: Bearer …`` metadata entry, or None."""
     for key, value in metadata or ():
         if key == "authorization" and isinstance(value, str):

@@ -1,0 +1,203 @@
+"""Composition root of the auth service: Redis, keys, NATS, the gRPC server, the HTTP side, shutdown.
+
+Nothing else in the service reads settings from the environment or builds a connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from types import TracebackType
+from typing import Self
+
+import grpc
+import redis.asyncio as redis
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from nats.aio.client import Client as NatsClient
+from prometheus_client import CollectorRegistry
+
+from auth_service.core import ADMIN_SCOPE, SERVICE_SCOPE, AuthCore
+from auth_service.http_routes import http_routes
+from auth_service.keyring import Keyring, KeySealer
+from auth_service.passwords import PasswordChecker
+from auth_service.publisher import EventPublisher
+from auth_service.servicer import AuthServicer
+from auth_service.store import AuthStore
+from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+from shared.errors import ConfigurationError
+from shared.http_server import HttpServer, join_host_port, split_host_port
+from shared.logs import configure_logging
+from shared.nats_wiring import connect_nats, ensure_stream
+from shared.settings import AuthSettings, credentials
+
+SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+# A request is a few short strings; anything near this size is hostile.
+MAX_REQUEST_BYTES = 64 * 1024
+_log = structlog.get_logger(__name__)
+
+
+def grpc_server_options() -> list[tuple[str, int]]:
+    """Limits and keepalive that both services use (clients must not ping more often than this)."""
+    return [
+        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+        ("grpc.max_metadata_size", 16 * 1024),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class AuthApp:
+    """The running auth service.
+
+    Args:
+        settings: Its settings.
+    """
+
+    def __init__(self, settings: AuthSettings) -> None:
+        self.settings = settings
+        self.registry = CollectorRegistry()
+        self._stack = contextlib.AsyncExitStack()
+        self._server: grpc.aio.Server | None = None
+        self._health = health_aio.HealthServicer()
+        self._grpc_port = 0
+        self._http: HttpServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._nats: NatsClient | None = None
+        self.core: AuthCore | None = None
+        self.publisher: EventPublisher | None = None
+
+    @property
+    def grpc_address(self) -> str:
+        """Where gRPC listens (real port)."""
+        host, _ = split_host_port(self.settings.grpc_listen)
+        return join_host_port(host, self._grpc_port)
+
+    @property
+    def http_address(self) -> str:
+        """Where HTTP listens (real port)."""
+        return self._http.address if self._http else self.settings.http_listen
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _start(self) -> None:
+        settings = self.settings
+        sealer = KeySealer(settings.require_key_encryption_key())
+        client = redis.Redis.from_url(
+            settings.redis_url.get_secret_value(), socket_timeout=3, socket_connect_timeout=3
+        )
+        self._stack.push_async_callback(client.aclose)
+        store = AuthStore(client, access_ttl=settings.access_token_ttl, leeway=settings.leeway)
+        await store.ping()
+        keyring = Keyring(store, sealer, int((settings.access_token_ttl + settings.leeway) * 1000))
+        await keyring.start()
+        self._nats = await connect_nats(settings, name=f"auth-service {settings.instance}")
+        self._stack.push_async_callback(self._close_nats)
+        js = self._nats.jetstream()
+        await ensure_stream(js, settings)
+        self.publisher = EventPublisher(
+            self._nats, js, store, keyring, issuer=settings.issuer, origin=settings.instance
+        )
+        passwords = PasswordChecker(
+            time_cost=settings.argon2_time_cost,
+            memory_kib=settings.argon2_memory_kib,
+            parallelism=settings.argon2_parallelism,
+        )
+        self.core = AuthCore(settings, store, keyring, passwords, self.publisher)
+        await self._ensure_accounts(self.core)
+
+        self._server = grpc.aio.server(options=grpc_server_options())
+        auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(self.core), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self._server,
+        )
+        self._grpc_port = self._server.add_insecure_port(settings.grpc_listen)
+        if self._grpc_port == 0:
+            raise ConfigurationError(f"cannot listen on {settings.grpc_listen}")
+        await self._server.start()
+        self._stack.push_async_callback(self._stop_grpc)
+
+        self._http = await self._stack.enter_async_context(
+            HttpServer(
+                settings.http_listen, http_routes(self.core, settings, self._public_base), self.registry
+            )
+        )
+        self._tasks.append(asyncio.create_task(self.publisher.run_heartbeat(settings.heartbeat_interval)))
+        self._stack.push_async_callback(self._cancel_tasks)
+        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        _log.info("auth service ready", grpc=self.grpc_address, http=self.http_address)
+
+    def _public_base(self) -> str:
+        return self.settings.public_url or f"http://{self.http_address}"
+
+    async def _ensure_accounts(self, core: AuthCore) -> None:
+        if self.settings.bootstrap_admin is not None:
+            username, password = credentials(self.settings.bootstrap_admin)
+            await core.ensure_user(username, password, (ADMIN_SCOPE,))
+        if self.settings.service_account is not None:
+            username, password = credentials(self.settings.service_account)
+            await core.ensure_user(username, password, (SERVICE_SCOPE,))
+
+    async def _stop_grpc(self) -> None:
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.settings.shutdown_grace)
+
+    async def _cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+    async def _close_nats(self) -> None:
+        if self._nats is not None and not self._nats.is_closed:
+            await self._nats.close()
+
+    async def aclose(self) -> None:
+        """Graceful stop: health NOT_SERVING, drain gRPC, stop loops, close connections."""
+        await self._stack.aclose()
+
+
+async def serve(settings: AuthSettings, stop: asyncio.Event) -> None:
+    """Run until ``stop`` is set."""
+    async with AuthApp(settings):
+        await stop.wait()
+
+
+def run(settings: AuthSettings) -> None:
+    """Run the auth service until SIGTERM or SIGINT."""
+    configure_logging(settings.log_level, settings.log_format)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(main())

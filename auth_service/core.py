@@ -1,0 +1,481 @@
+"""What the auth service does, free of protobuf: login, refresh rotation, revocation, keys, users.
+
+Every method that changes revocation state writes Redis (state and outbox event in one atomic step),
+then has the publisher deliver the event, and returns only once JetStream acknowledged it.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from auth_service import validation
+from auth_service.keyring import Keyring
+from auth_service.outbox import to_record
+from auth_service.passwords import PasswordChecker
+from auth_service.publisher import EventPublisher
+from auth_service.store import (
+    AuthStore,
+    RevocationResult,
+    RevocationSnapshot,
+    SessionRecord,
+    UserRecord,
+    hash_refresh_token,
+)
+from shared.claims import ACCESS_TOKEN_TYPE, AccessClaims, new_uuid7
+from shared.errors import (
+    AlreadyExists,
+    InsufficientScope,
+    InvalidCredentials,
+    InvalidRefreshToken,
+    InvalidRequest,
+    KeyRevoked,
+    NotFound,
+    NotOwner,
+    RateLimited,
+    RefreshTokenReused,
+    TokenExpired,
+    TokenMissing,
+    TokenRejected,
+    TokenRevoked,
+    Unavailable,
+    UnknownKey,
+)
+from shared.events import (
+    EventBody,
+    KeyRevokedEvent,
+    KeyRotatedEvent,
+    SecurityEvent,
+    SessionRevokedEvent,
+    TokenRevokedEvent,
+    UserRevokedEvent,
+)
+from shared.jose import sign_compact
+from shared.settings import AuthSettings
+from shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
+
+ADMIN_SCOPE = "admin"
+SERVICE_SCOPE = "service"
+REFRESH_TOKEN_PREFIX = "amr_"
+_log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedTokens:
+    """A token pair and what the client needs to know about it."""
+
+    access_token: str
+    refresh_token: str
+    expires_in: int
+    refresh_expires_in: int
+    session_id: str
+    scopes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Introspection:
+    """The answer to an introspection: active, or the reason it is not."""
+
+    active: bool
+    claims: AccessClaims | None = None
+    inactive_reason: str = ""
+
+
+class AuthCore:
+    """The auth service's behaviour.
+
+    Args:
+        settings: The service's settings.
+        store: Redis state.
+        keyring: Signing keys.
+        passwords: Argon2id hashing.
+        publisher: Event delivery.
+        clock: Unix time in seconds.
+    """
+
+    def __init__(
+        self,
+        settings: AuthSettings,
+        store: AuthStore,
+        keyring: Keyring,
+        passwords: PasswordChecker,
+        publisher: EventPublisher,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._keyring = keyring
+        self._passwords = passwords
+        self._publisher = publisher
+        self._clock = clock
+        self._verifier = TokenVerifier(
+            keyring,
+            NoRevocations(),
+            VerifierPolicy(issuer=settings.issuer, audience=settings.audience, leeway=settings.leeway),
+            clock,
+        )
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    # credentials
+
+    async def login(self, username: str, password: str, scopes: list[str]) -> IssuedTokens:
+        """Check a password and open a session.
+
+        Raises:
+            InvalidRequest: Malformed fields, or scopes the user does not hold.
+            RateLimited: Too many failed attempts for this username.
+            InvalidCredentials: Unknown user or wrong password.
+        """
+        validation.username(username)
+        validation.password(password)
+        requested = validation.scopes(scopes)
+        attempts, retry_after = await self._store.reserve_login_attempt(username, self._settings.login_window)
+        if attempts > self._settings.login_max_failures:
+            raise RateLimited(retry_after)
+        user = await self._store.get_user(username)
+        if not await self._passwords.verify(user.password_hash if user else None, password):
+            raise InvalidCredentials()
+        assert user is not None  # verify() never matches without a stored hash
+        await self._store.release_login_attempt(username)
+        if not set(requested) <= set(user.scopes):
+            raise InvalidRequest("a requested scope is not granted to this user", code="INVALID_SCOPE")
+        granted = requested or user.scopes
+        sid = new_uuid7(self._now_ms())
+        refresh_token = _new_refresh_token()
+        ttl_ms = self._settings.refresh_token_ttl * 1000
+        now_ms = self._now_ms()
+        await self._store.open_session(
+            SessionRecord(
+                sid=sid, sub=user.sub, username=username, scopes=granted, created_ms=now_ms, revoked_ms=0
+            ),
+            _hash(refresh_token),
+            now_ms + ttl_ms,
+            ttl_ms,
+        )
+        access_token = await self._mint(sub=user.sub, sid=sid, scopes=granted, client_id=username)
+        return self._pair(access_token, refresh_token, sid, granted)
+
+    async def refresh(self, refresh_token: str) -> IssuedTokens:
+        """Spend a refresh token and issue a new pair in the same session.
+
+        Raises:
+            InvalidRefreshToken: Unknown, expired, or its session is revoked.
+            RefreshTokenReused: A spent token: the session is now revoked and broadcast.
+        """
+        validation.token(refresh_token, "refresh_token")
+        successor = _new_refresh_token()
+        reuse_event_id = new_uuid7(self._now_ms())
+        result = await self._store.rotate_refresh(
+            _hash(refresh_token),
+            _hash(successor),
+            self._now_ms(),
+            self._settings.refresh_token_ttl * 1000,
+            reuse_event_id,
+        )
+        if result.status == "reused":
+            _log.warning("refresh token reuse: session revoked", sid=result.sid, sub=result.sub)
+            try:
+                await self._publisher.deliver(reuse_event_id)
+            except Unavailable:
+                _log.warning("reuse event queued: broker unavailable", sid=result.sid)
+            raise RefreshTokenReused()
+        if result.status != "ok":
+            raise InvalidRefreshToken()
+        access_token = await self._mint(
+            sub=result.sub, sid=result.sid, scopes=result.scopes, client_id=result.username
+        )
+        return self._pair(access_token, successor, result.sid, result.scopes)
+
+    async def logout(self, refresh_token: str) -> RevocationResult:
+        """Revoke the session a refresh token belongs to.
+
+        Raises:
+            InvalidRefreshToken: The token is unknown.
+        """
+        validation.token(refresh_token, "refresh_token")
+        sid = await self._store.session_of_refresh(_hash(refresh_token))
+        if sid is None:
+            raise InvalidRefreshToken()
+        session = await self._store.get_session(sid)
+        if session is None:
+            raise InvalidRefreshToken()
+        return await self._revoke_session(session)
+
+    # revocation
+
+    async def revoke_token(self, caller: AccessClaims, token: str, reason: str) -> RevocationResult:
+        """Revoke one access token (by jti), or the session of a refresh token.
+
+        Raises:
+            NotOwner: The token is someone else's and the caller is not an admin.
+            TokenRejected: The access token is not one of ours.
+            InvalidRefreshToken: The refresh token is unknown.
+        """
+        validation.token(token)
+        validation.reason(reason)
+        if token.count(".") == 2:
+            try:
+                claims = await self._verify_signed(token)
+            except (TokenExpired, KeyRevoked):
+                # Already dead everywhere: nothing to broadcast.
+                return RevocationResult(self._now_ms(), "", already=True)
+            self._require_owner(caller, claims.sub)
+            now_ms = self._now_ms()
+            event = self._event(TokenRevokedEvent(jti=claims.jti, exp=claims.exp), now_ms)
+            keep_ms = int((claims.exp + self._settings.leeway) * 1000) - now_ms + 60_000
+            result = await self._store.revoke_token(
+                claims.jti, claims.exp, now_ms, event.event_id, to_record(event), keep_ms
+            )
+            await self._publisher.deliver(result.event_id)
+            _log.info("token revoked", jti=claims.jti, by=caller.sub, reason=reason)
+            return result
+        sid = await self._store.session_of_refresh(_hash(token))
+        session = await self._store.get_session(sid) if sid else None
+        if session is None:
+            raise InvalidRefreshToken()
+        self._require_owner(caller, session.sub)
+        return await self._revoke_session(session)
+
+    async def revoke_session(self, caller: AccessClaims, sid: str, reason: str) -> RevocationResult:
+        """Revoke one session.
+
+        Raises:
+            NotFound: No such session.
+            NotOwner: Someone else's, and the caller is not an admin.
+        """
+        validation.identifier(sid, "session_id")
+        validation.reason(reason)
+        session = await self._store.get_session(sid)
+        if session is None:
+            raise NotFound("session not found", code="SESSION_NOT_FOUND")
+        self._require_owner(caller, session.sub)
+        result = await self._revoke_session(session)
+        _log.info("session revoked", sid=sid, by=caller.sub, reason=reason)
+        return result
+
+    async def revoke_user(self, caller: AccessClaims, sub: str, reason: str) -> RevocationResult:
+        """Revoke every session and token of a user issued up to now.
+
+        Raises:
+            InsufficientScope: The caller is not an admin.
+            NotFound: No such user.
+        """
+        self._require_scope(caller, ADMIN_SCOPE)
+        validation.identifier(sub, "subject")
+        validation.reason(reason)
+        if not await self._store.user_exists(sub):
+            raise NotFound("user not found", code="USER_NOT_FOUND")
+        now_ms = self._now_ms()
+        event = self._event(UserRevokedEvent(sub=sub, not_before_ms=now_ms), now_ms)
+        result = await self._store.revoke_user(sub, now_ms, event.event_id, to_record(event))
+        await self._publisher.deliver(result.event_id)
+        _log.info("user revoked", sub=sub, by=caller.sub, reason=reason)
+        return result
+
+    async def rotate_signing_key(self, caller: AccessClaims, retire_previous: bool) -> tuple[str, str]:
+        """Make a new active signing key; with ``retire_previous`` reject the old key's tokens at once.
+
+        Returns:
+            (new kid, previous kid).
+
+        Raises:
+            InsufficientScope: The caller is not an admin.
+        """
+        self._require_scope(caller, ADMIN_SCOPE)
+        event_ids: list[str] = []
+
+        def events_for(kid: str, previous_kid: str) -> list[tuple[str, str]]:
+            now_ms = self._now_ms()
+            bodies: list[EventBody] = [KeyRotatedEvent(kid=kid, previous_kid=previous_kid)]
+            if retire_previous and previous_kid:
+                bodies.append(KeyRevokedEvent(kid=previous_kid))
+            events = [self._event(body, now_ms) for body in bodies]
+            event_ids[:] = [event.event_id for event in events]
+            return [(event.event_id, to_record(event)) for event in events]
+
+        rotation = await self._keyring.rotate(retire_previous=retire_previous, events_for=events_for)
+        for event_id in event_ids:
+            await self._publisher.deliver(event_id)
+        if retire_previous:
+            self._verifier.forget()
+        _log.info(
+            "signing key rotated",
+            kid=rotation.kid,
+            previous_kid=rotation.previous_kid,
+            retired=retire_previous,
+            by=caller.sub,
+        )
+        return rotation.kid, rotation.previous_kid
+
+    # inspection
+
+    async def introspect(self, caller: AccessClaims, token: str) -> Introspection:
+        """Whether a token is active, from Redis state.
+
+        Raises:
+            InsufficientScope: The caller is neither a service nor an admin.
+        """
+        self._require_any_scope(caller, SERVICE_SCOPE, ADMIN_SCOPE)
+        validation.token(token)
+        try:
+            claims = await self._verify_fresh(token)
+        except TokenRejected as error:
+            return Introspection(active=False, inactive_reason=error.code)
+        return Introspection(active=True, claims=claims)
+
+    async def snapshot(self, caller: AccessClaims) -> tuple[RevocationSnapshot, int]:
+        """Every revocation in force and the stream sequence it reflects.
+
+        The sequence is read before Redis: every event up to it was written to Redis before it was
+        published, so the snapshot holds at least its effect.
+        """
+        self._require_any_scope(caller, SERVICE_SCOPE, ADMIN_SCOPE)
+        sequence = await self._publisher.stream_sequence()
+        return await self._store.snapshot(self._now_ms()), sequence
+
+    def jwks(self) -> str:
+        """The JWK Set."""
+        return self._keyring.jwks()
+
+    # users
+
+    async def create_user(self, caller: AccessClaims, username: str, password: str, scopes: list[str]) -> str:
+        """Add a user; returns its subject.
+
+        Raises:
+            InsufficientScope: The caller is not an admin.
+            AlreadyExists: The username is taken.
+        """
+        self._require_scope(caller, ADMIN_SCOPE)
+        return await self.add_user(username, password, scopes)
+
+    async def add_user(self, username: str, password: str, scopes: list[str] | tuple[str, ...]) -> str:
+        """Add a user without an authorisation check (bootstrap accounts).
+
+        Raises:
+            AlreadyExists: The username is taken.
+        """
+        validation.username(username)
+        validation.password(password, new=True)
+        granted = validation.scopes(list(scopes))
+        record = UserRecord(
+            username=username,
+            sub=f"usr_{uuid.uuid4().hex}",
+            password_hash=await self._passwords.hash(password),
+            scopes=granted,
+            created_ms=self._now_ms(),
+        )
+        if not await self._store.create_user(record):
+            raise AlreadyExists("user exists", code="USER_EXISTS")
+        return record.sub
+
+    async def ensure_user(self, username: str, password: str, scopes: tuple[str, ...]) -> None:
+        """Create a configured account at start if it is absent."""
+        if await self._store.get_user(username) is None:
+            try:
+                await self.add_user(username, password, scopes)
+                _log.info("account created", username=username, scopes=" ".join(scopes))
+            except AlreadyExists:
+                pass  # another replica created it first
+
+    # caller authentication
+
+    async def authenticate(self, bearer: str | None) -> AccessClaims:
+        """Verify the caller's bearer token against keys and Redis state.
+
+        Raises:
+            TokenRejected: Missing, invalid or revoked.
+        """
+        if bearer is None:
+            raise TokenMissing()
+        return await self._verify_fresh(bearer)
+
+    async def _verify_signed(self, token: str) -> AccessClaims:
+        """Signature and claims, reloading the keys once for a kid another replica just made."""
+        try:
+            return self._verifier.verify(token)
+        except UnknownKey:
+            await self._keyring.reload()
+            return self._verifier.verify(token)
+
+    async def _verify_fresh(self, token: str) -> AccessClaims:
+        claims = await self._verify_signed(token)
+        reason = await self._store.revocation_reason(
+            claims.jti, claims.sid, claims.sub, claims.issued_at_ms, claims.kid
+        )
+        if reason == "KEY_REVOKED":
+            raise KeyRevoked()
+        if reason is not None:
+            raise TokenRevoked(code=reason)
+        return claims
+
+    # helpers
+
+    async def _revoke_session(self, session: SessionRecord) -> RevocationResult:
+        now_ms = self._now_ms()
+        event = self._event(SessionRevokedEvent(sid=session.sid, sub=session.sub), now_ms)
+        result = await self._store.revoke_session(session.sid, now_ms, event.event_id, to_record(event))
+        await self._publisher.deliver(result.event_id)
+        return result
+
+    async def _mint(self, *, sub: str, sid: str, scopes: tuple[str, ...], client_id: str) -> str:
+        key = await self._keyring.signing_key()
+        now = self._clock()
+        iat = int(now)
+        claims = AccessClaims(
+            iss=self._settings.issuer,
+            sub=sub,
+            aud=(self._settings.audience,),
+            exp=iat + self._settings.access_token_ttl,
+            iat=iat,
+            nbf=iat,
+            jti=new_uuid7(int(now * 1000)),
+            sid=sid,
+            scopes=scopes,
+            client_id=client_id,
+            kid=key.kid,
+        )
+        return sign_compact({"typ": ACCESS_TOKEN_TYPE, "kid": key.kid}, claims.to_payload(), key.private_key)
+
+    def _pair(self, access_token: str, refresh_token: str, sid: str, scopes: tuple[str, ...]) -> IssuedTokens:
+        return IssuedTokens(
+            access_token=access_token,
+            refresh_token=refresh_token,
+            expires_in=self._settings.access_token_ttl,
+            refresh_expires_in=self._settings.refresh_token_ttl,
+            session_id=sid,
+            scopes=scopes,
+        )
+
+    def _event(self, body: EventBody, now_ms: int) -> SecurityEvent:
+        return SecurityEvent.new(body, self._settings.issuer, self._settings.instance, now_ms)
+
+    @staticmethod
+    def _require_owner(caller: AccessClaims, owner_sub: str) -> None:
+        if caller.sub != owner_sub and not caller.has_scope(ADMIN_SCOPE):
+            raise NotOwner()
+
+    @staticmethod
+    def _require_scope(caller: AccessClaims, scope: str) -> None:
+        if not caller.has_scope(scope):
+            raise InsufficientScope(scope)
+
+    @staticmethod
+    def _require_any_scope(caller: AccessClaims, *scopes: str) -> None:
+        if not any(caller.has_scope(scope) for scope in scopes):
+            raise InsufficientScope(" or ".join(scopes))
+
+
+def _new_refresh_token() -> str:
+    return REFRESH_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def _hash(refresh_token: str) -> str:
+    return hash_refresh_token(refresh_token)

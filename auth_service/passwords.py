@@ -1,0 +1,46 @@
+"""Argon2id password hashing, off the event loop and bounded in memory.
+
+An unknown username is checked against a dummy hash made with the same parameters, so it costs the same
+time as a wrong password and the answer cannot tell the two apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+
+class PasswordChecker:
+    """Hashes and verifies passwords with Argon2id.
+
+    Args:
+        time_cost: Passes.
+        memory_kib: Memory per hash, KiB.
+        parallelism: Lanes.
+        concurrency: Hashes computed at once; each takes ``memory_kib`` of memory.
+    """
+
+    def __init__(self, *, time_cost: int, memory_kib: int, parallelism: int, concurrency: int = 4) -> None:
+        self._hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism)
+        self._slots = asyncio.Semaphore(concurrency)
+        self._dummy_hash = self._hasher.hash("authmesh-dummy-password-for-unknown-users")
+
+    async def hash(self, password: str) -> str:
+        """An Argon2id hash (PHC string) of ``password``."""
+        async with self._slots:
+            return await asyncio.to_thread(self._hasher.hash, password)
+
+    async def verify(self, password_hash: str | None, password: str) -> bool:
+        """Whether ``password`` matches; ``None`` (unknown user) is checked against the dummy and fails."""
+        target = password_hash if password_hash is not None else self._dummy_hash
+        async with self._slots:
+            matched = await asyncio.to_thread(self._verify_sync, target, password)
+        return matched and password_hash is not None
+
+    def _verify_sync(self, password_hash: str, password: str) -> bool:
+        try:
+            return self._hasher.verify(password_hash, password)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False

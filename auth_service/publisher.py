@@ -1,0 +1,132 @@
+"""Signed events to JetStream: delivery of outbox entries, and the heartbeat.
+
+An RPC that changes revocation state returns only after Redis has the change and JetStream has
+acknowledged its event; when NATS is down the event stays in the outbox, the RPC answers UNAVAILABLE,
+and the heartbeat loop keeps retrying the outbox, so a retry of the RPC is safe and nothing is lost.
+Publishes carry ``Nats-Msg-Id`` = event id, so a resend within the stream's duplicate window is dropped
+by JetStream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats.errors
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from redis.exceptions import RedisError
+
+from auth_service.keyring import Keyring
+from auth_service.outbox import from_record
+from auth_service.store import AuthStore
+from shared.errors import AuthError, Unavailable
+from shared.events import STREAM_NAME, HeartbeatEvent, SecurityEvent, encode_event
+
+PUBLISH_TIMEOUT_SECONDS = 2.0
+_log = structlog.get_logger(__name__)
+
+
+class EventPublisher:
+    """Publishes events with the active signing key.
+
+    Args:
+        nats_client: The NATS connection.
+        js: Its JetStream context.
+        store: Where the outbox lives.
+        keyring: Signs events.
+        issuer: ``iss`` of every event.
+        origin: This instance's name (``txn`` of every event).
+    """
+
+    def __init__(
+        self,
+        nats_client: NatsClient,
+        js: JetStreamContext,
+        store: AuthStore,
+        keyring: Keyring,
+        *,
+        issuer: str,
+        origin: str,
+    ) -> None:
+        self._nc = nats_client
+        self._js = js
+        self._store = store
+        self._keyring = keyring
+        self._issuer = issuer
+        self._origin = origin
+        self._heartbeat_seq = 0
+        self.published_total = 0
+
+    async def publish(self, event: SecurityEvent, *, use_cached_key: bool = False) -> int:
+        """Sign and publish one event; return its stream sequence.
+
+        Raises:
+            Unavailable: NATS is down or JetStream did not acknowledge in time.
+        """
+        key = self._keyring.cached_signing_key() if use_cached_key else await self._keyring.signing_key()
+        payload = encode_event(event, key.private_key, key.kid)
+        if not self._nc.is_connected:
+            raise Unavailable("event broker unavailable", code="BROKER_UNAVAILABLE")
+        try:
+            ack = await self._js.publish(
+                event.type.subject,
+                payload,
+                headers={"Nats-Msg-Id": event.event_id},
+                timeout=PUBLISH_TIMEOUT_SECONDS,
+            )
+        except (nats.errors.Error, TimeoutError) as error:
+            raise Unavailable("event broker unavailable", code="BROKER_UNAVAILABLE") from error
+        self.published_total += 1
+        return int(ack.seq)
+
+    async def deliver(self, event_id: str) -> None:
+        """Publish an outbox entry and remove it once acknowledged (no-op if already delivered).
+
+        Raises:
+            Unavailable: NATS is down; the entry stays in the outbox.
+        """
+        record = await self._store.outbox_entry(event_id)
+        if record is None:
+            return
+        await self.publish(from_record(record, self._issuer))
+        await self._store.outbox_done(event_id)
+
+    async def flush_outbox(self) -> int:
+        """Deliver every pending outbox entry, oldest first; return how many went out."""
+        entries = await self._store.outbox_entries()
+        delivered = 0
+        # Event ids are UUIDv7, so sorting them orders the events by time.
+        for event_id in sorted(entries):
+            await self.publish(from_record(entries[event_id], self._issuer))
+            await self._store.outbox_done(event_id)
+            delivered += 1
+        return delivered
+
+    async def stream_sequence(self) -> int:
+        """The last sequence in ``AUTH_EVENTS``.
+
+        Raises:
+            Unavailable: JetStream does not answer.
+        """
+        try:
+            info = await self._js.stream_info(STREAM_NAME)
+        except (nats.errors.Error, TimeoutError) as error:
+            raise Unavailable("event broker unavailable", code="BROKER_UNAVAILABLE") from error
+        return int(info.state.last_seq)
+
+    async def run_heartbeat(self, interval: float) -> None:
+        """Every ``interval``: deliver what the outbox holds, then a heartbeat. Runs until cancelled."""
+        while True:
+            try:
+                await self.flush_outbox()
+            except (AuthError, RedisError, OSError) as error:
+                # Redis or NATS down: the heartbeat still goes out when NATS is up, the outbox waits.
+                _log.warning("outbox flush failed", error=repr(error))
+            self._heartbeat_seq += 1
+            event = SecurityEvent.new(HeartbeatEvent(seq=self._heartbeat_seq), self._issuer, self._origin)
+            try:
+                await self.publish(event, use_cached_key=True)
+            except Unavailable:
+                _log.debug("heartbeat not published: broker unavailable")
+            await asyncio.sleep(interval)

@@ -1,0 +1,194 @@
+"""The ``authmesh.auth.v1.AuthService`` gRPC edge: protobuf ↔ :class:`AuthCore`, errors → status codes."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from redis.exceptions import RedisError
+
+from auth_service.core import AuthCore, IssuedTokens
+from auth_service.store import RevocationResult
+from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+from shared.errors import AuthError, Unavailable
+from shared.grpc_errors import abort_with_error, bearer_token
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Context = grpc.aio.ServicerContext[Any, Any]
+_log = structlog.get_logger(__name__)
+SNAPSHOT_CHUNK = 5000
+
+
+def _translate(error: Exception) -> AuthError | None:
+    if isinstance(error, AuthError):
+        return error
+    if isinstance(error, RedisError | ConnectionError | TimeoutError):
+        return Unavailable("token store unavailable", code="STORE_UNAVAILABLE")
+    return None
+
+
+def unary(
+    handler: Callable[[Any, Request, Context], Awaitable[Response]],
+) -> Callable[[Any, Request, Context], Awaitable[Response]]:
+    """Map our errors (and a store outage) to their status codes; anything else is a bug, logged."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Request, context: Context) -> Response:
+        try:
+            return await handler(self, request, context)
+        except Exception as error:
+            mapped = _translate(error)
+            if mapped is None:
+                _log.exception("unexpected error", method=handler.__name__)
+                raise
+            await abort_with_error(context, mapped)
+
+    return wrapper
+
+
+def _pair(tokens: IssuedTokens) -> auth_pb2.TokenPair:
+    return auth_pb2.TokenPair(
+        access_token=tokens.access_token,
+        refresh_token=tokens.refresh_token,
+        token_type="Bearer",
+        expires_in=tokens.expires_in,
+        refresh_expires_in=tokens.refresh_expires_in,
+        session_id=tokens.session_id,
+        scope=" ".join(tokens.scopes),
+    )
+
+
+def _revoked(result: RevocationResult) -> auth_pb2.RevokeResponse:
+    return auth_pb2.RevokeResponse(revoked_at_unix_ms=result.revoked_at_ms, event_id=result.event_id)
+
+
+class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
+    """gRPC handlers.
+
+    Args:
+        core: The service's behaviour.
+    """
+
+    def __init__(self, core: AuthCore) -> None:
+        self._core = core
+
+    async def _caller(self, context: Context) -> Any:
+        return await self._core.authenticate(bearer_token(context.invocation_metadata()))
+
+    @unary
+    async def Login(self, request: auth_pb2.LoginRequest, context: Context) -> auth_pb2.TokenPair:
+        """Check a password and open a session."""
+        return _pair(await self._core.login(request.username, request.password, list(request.scopes)))
+
+    @unary
+    async def Refresh(self, request: auth_pb2.RefreshRequest, context: Context) -> auth_pb2.TokenPair:
+        """Rotate a refresh token."""
+        return _pair(await self._core.refresh(request.refresh_token))
+
+    @unary
+    async def Logout(self, request: auth_pb2.LogoutRequest, context: Context) -> auth_pb2.RevokeResponse:
+        """Revoke the refresh token's session."""
+        return _revoked(await self._core.logout(request.refresh_token))
+
+    @unary
+    async def RevokeToken(
+        self, request: auth_pb2.RevokeTokenRequest, context: Context
+    ) -> auth_pb2.RevokeResponse:
+        """Revoke an access token or a refresh token's session."""
+        caller = await self._caller(context)
+        return _revoked(await self._core.revoke_token(caller, request.token, request.reason))
+
+    @unary
+    async def RevokeSession(
+        self, request: auth_pb2.RevokeSessionRequest, context: Context
+    ) -> auth_pb2.RevokeResponse:
+        """Revoke a session."""
+        caller = await self._caller(context)
+        return _revoked(await self._core.revoke_session(caller, request.session_id, request.reason))
+
+    @unary
+    async def RevokeUser(
+        self, request: auth_pb2.RevokeUserRequest, context: Context
+    ) -> auth_pb2.RevokeResponse:
+        """Revoke a user."""
+        caller = await self._caller(context)
+        return _revoked(await self._core.revoke_user(caller, request.subject, request.reason))
+
+    @unary
+    async def RotateSigningKey(
+        self, request: auth_pb2.RotateSigningKeyRequest, context: Context
+    ) -> auth_pb2.RotateSigningKeyResponse:
+        """Rotate the signing key."""
+        caller = await self._caller(context)
+        kid, previous_kid = await self._core.rotate_signing_key(caller, request.retire_previous)
+        return auth_pb2.RotateSigningKeyResponse(kid=kid, previous_kid=previous_kid)
+
+    @unary
+    async def GetJwks(self, request: auth_pb2.GetJwksRequest, context: Context) -> auth_pb2.GetJwksResponse:
+        """The public keys."""
+        return auth_pb2.GetJwksResponse(jwks_json=self._core.jwks())
+
+    @unary
+    async def Introspect(
+        self, request: auth_pb2.IntrospectRequest, context: Context
+    ) -> auth_pb2.IntrospectResponse:
+        """RFC 7662-style introspection."""
+        caller = await self._caller(context)
+        answer = await self._core.introspect(caller, request.token)
+        if not answer.active or answer.claims is None:
+            return auth_pb2.IntrospectResponse(active=False, inactive_reason=answer.inactive_reason)
+        claims = answer.claims
+        return auth_pb2.IntrospectResponse(
+            active=True,
+            subject=claims.sub,
+            scope=claims.scope,
+            session_id=claims.sid,
+            token_id=claims.jti,
+            expires_at=claims.exp,
+            issued_at=claims.iat,
+        )
+
+    @unary
+    async def CreateUser(
+        self, request: auth_pb2.CreateUserRequest, context: Context
+    ) -> auth_pb2.CreateUserResponse:
+        """Add a user."""
+        caller = await self._caller(context)
+        subject = await self._core.create_user(
+            caller, request.username, request.password, list(request.scopes)
+        )
+        return auth_pb2.CreateUserResponse(subject=subject)
+
+    async def SnapshotRevocations(
+        self, request: auth_pb2.SnapshotRevocationsRequest, context: Context
+    ) -> AsyncIterator[auth_pb2.RevocationSnapshotChunk]:
+        """Every revocation in force, in chunks; the last chunk carries the stream sequence."""
+        try:
+            caller = await self._caller(context)
+            snapshot, sequence = await self._core.snapshot(caller)
+        except Exception as error:
+            mapped = _translate(error)
+            if mapped is None:
+                _log.exception("unexpected error", method="SnapshotRevocations")
+                raise
+            await abort_with_error(context, mapped)
+        tokens = [auth_pb2.RevokedToken(jti=jti, exp=exp) for jti, exp in snapshot.tokens]
+        chunks = max(1, -(-len(tokens) // SNAPSHOT_CHUNK))
+        for index in range(chunks):
+            chunk = auth_pb2.RevocationSnapshotChunk(
+                tokens=tokens[index * SNAPSHOT_CHUNK : (index + 1) * SNAPSHOT_CHUNK],
+                stream_sequence=sequence,
+            )
+            if index == 0:
+                chunk.sessions.extend(
+                    auth_pb2.RevokedSession(sid=sid, sub=sub) for sid, sub in snapshot.sessions
+                )
+                chunk.users.extend(
+                    auth_pb2.RevokedUser(sub=sub, not_before_ms=nbf) for sub, nbf in snapshot.users
+                )
+                chunk.retired_key_ids.extend(snapshot.retired_key_ids)
+            yield chunk

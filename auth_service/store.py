@@ -1,0 +1,590 @@
+"""Every Redis key, TTL and Lua script of the auth service, in one place.
+
+Each state change that must be broadcast is written in ONE atomic step together with its event, which
+goes into an outbox hash (``am:outbox``); the publisher sends outbox entries to JetStream and deletes them
+once acknowledged. So a revocation is never in Redis without its event eventually following, and a
+retried RPC finds the same event again instead of inventing a second one.
+
+Keys (all prefixed ``am:``)::
+
+    user:{username}            JSON {sub, password_hash, scopes, created_ms}
+    sub:{sub}                  username
+    user_sessions:{sub}        set of session ids
+    user_nbf:{sub}             not_before_ms of the latest RevokeUser
+    session:{sid}              hash {sub, username, scopes, created_ms, refresh, revoked_ms, revoke_event}
+    refresh:{sha256}           hash {sid, state: live|spent, exp_ms}
+    revoked_jti:{jti}          "{revoked_ms} {event_id}" until the token's exp + leeway
+    revoked_jtis               zset jti -> exp (for snapshots)
+    revoked_sessions           zset "sid sub" -> revoked_ms
+    revoked_users              zset sub -> not_before_ms
+    key:{kid}                  hash {sealed, created_ms, state: active|verify_only|retired, not_after_ms}
+    keys                       set of kids
+    keys:active                the active kid
+    outbox                     hash event_id -> event JSON
+    login_failures:{username}  failed-login counter for the rate limit
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as redis
+from redis.commands.core import AsyncScript
+
+from shared.errors import NotFound
+
+PREFIX = "am:"
+OUTBOX = PREFIX + "outbox"
+KEYS_SET = PREFIX + "keys"
+ACTIVE_KID = PREFIX + "keys:active"
+REVOKED_JTIS = PREFIX + "revoked_jtis"
+REVOKED_SESSIONS = PREFIX + "revoked_sessions"
+REVOKED_USERS = PREFIX + "revoked_users"
+RETIRED_KEYS = PREFIX + "retired_keys"
+
+
+def user_key(username: str) -> str:
+    """The user record."""
+    return f"{PREFIX}user:{username}"
+
+
+def sub_key(sub: str) -> str:
+    """Subject → username."""
+    return f"{PREFIX}sub:{sub}"
+
+
+def user_sessions_key(sub: str) -> str:
+    """A user's session ids."""
+    return f"{PREFIX}user_sessions:{sub}"
+
+
+def user_nbf_key(sub: str) -> str:
+    """A user's revocation instant."""
+    return f"{PREFIX}user_nbf:{sub}"
+
+
+def session_key(sid: str) -> str:
+    """A session."""
+    return f"{PREFIX}session:{sid}"
+
+
+def refresh_key(token_hash: str) -> str:
+    """A refresh token, by the hash of its value."""
+    return f"{PREFIX}refresh:{token_hash}"
+
+
+def revoked_jti_key(jti: str) -> str:
+    """A revoked access token."""
+    return f"{PREFIX}revoked_jti:{jti}"
+
+
+def key_record_key(kid: str) -> str:
+    """A signing key record."""
+    return f"{PREFIX}key:{kid}"
+
+
+def login_failures_key(username: str) -> str:
+    """The failed-login counter."""
+    return f"{PREFIX}login_failures:{username}"
+
+
+def hash_refresh_token(token: str) -> str:
+    """Refresh tokens are stored only as SHA-256 hashes (they are 256-bit random, so no salt is needed)."""
+    return hashlib.sha256(token.encode("ascii", "replace")).hexdigest()
+
+
+# KEYS: refresh(old), refresh(new), outbox, revoked_sessions
+# ARGV: now_ms, new_exp_ms, ttl_ms, reuse_event_id, session_prefix
+# Returns {status, sid, sub, scopes, username}; status ok | invalid | revoked | reused.
+_ROTATE_REFRESH = """
+local old = redis.call('HMGET', KEYS[1], 'sid', 'state', 'exp_ms')
+if not old[1] then return {'invalid'} end
+local now = tonumber(ARGV[1])
+if tonumber(old[3]) <= now then return {'invalid'} end
+local skey = ARGV[5] .. old[1]
+local s = redis.call('HMGET', skey, 'sub', 'scopes', 'username', 'revoked_ms')
+if not s[1] then return {'invalid'} end
+if s[4] ~= '0' then return {'revoked', old[1], s[1]} end
+if old[2] ~= 'live' then
+  redis.call('HSET', skey, 'revoked_ms', ARGV[1], 'revoke_event', ARGV[4])
+  redis.call('ZADD', KEYS[4], now, old[1] .. ' ' .. s[1])
+  local event = cjson.encode({id = ARGV[4], ms = ARGV[1], type = 'revoked.session',
+                              body = {sid = old[1], sub = s[1]}})
+  redis.call('HSET', KEYS[3], ARGV[4], event)
+  return {'reused', old[1], s[1]}
+end
+redis.call('HSET', KEYS[1], 'state', 'spent')
+redis.call('HSET', KEYS[2], 'sid', old[1], 'state', 'live', 'exp_ms', ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('HSET', skey, 'refresh', KEYS[2])
+if redis.call('PTTL', skey) < tonumber(ARGV[3]) then redis.call('PEXPIRE', skey, ARGV[3]) end
+return {'ok', old[1], s[1], s[2], s[3]}
+"""
+
+# KEYS: session, revoked_sessions, outbox
+# ARGV: now_ms, event_id, event_json, sid
+# Returns {status, revoked_ms, event_id}; status ok | already | missing.
+_REVOKE_SESSION = """
+local s = redis.call('HMGET', KEYS[1], 'sub', 'revoked_ms', 'revoke_event')
+if not s[1] then return {'missing'} end
+if s[2] ~= '0' then return {'already', s[2], s[3]} end
+redis.call('HSET', KEYS[1], 'revoked_ms', ARGV[1], 'revoke_event', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[4] .. ' ' .. s[1])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+return {'ok', ARGV[1], ARGV[2]}
+"""
+
+# KEYS: revoked_jti, revoked_jtis, outbox
+# ARGV: now_ms, event_id, event_json, jti, exp (s), ttl_ms
+_REVOKE_TOKEN = """
+local existing = redis.call('GET', KEYS[1])
+if existing then
+  local sep = string.find(existing, ' ')
+  return {'already', string.sub(existing, 1, sep - 1), string.sub(existing, sep + 1)}
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2], 'PX', ARGV[6])
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+return {'ok', ARGV[1], ARGV[2]}
+"""
+
+# KEYS: user_nbf, user_sessions, revoked_users, outbox, revoked_sessions
+# ARGV: now_ms, event_id, event_json, sub, nbf_ttl_ms, session_prefix
+_REVOKE_USER = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[5])
+redis.call('ZADD', KEYS[3], ARGV[1], ARGV[4])
+for _, sid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local skey = ARGV[6] .. sid
+  local revoked = redis.call('HGET', skey, 'revoked_ms')
+  if revoked == '0' then
+    redis.call('HSET', skey, 'revoked_ms', ARGV[1], 'revoke_event', ARGV[2])
+  end
+end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
+return {'ok', ARGV[1], ARGV[2]}
+"""
+
+# KEYS: active, keys set, new key record, previous key record, outbox, retired_keys
+# ARGV: expected previous kid, new kid, sealed, now_ms, previous state, previous not_after_ms,
+#       then pairs of (event_id, event_json)
+_ROTATE_KEY = """
+local current = redis.call('GET', KEYS[1]) or ''
+if current ~= ARGV[1] then return {'conflict', current} end
+redis.call('HSET', KEYS[3], 'sealed', ARGV[3], 'created_ms', ARGV[4], 'state', 'active', 'not_after_ms', '0')
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[1], ARGV[2])
+if ARGV[1] ~= '' then
+  redis.call('HSET', KEYS[4], 'state', ARGV[5], 'not_after_ms', ARGV[6])
+  if ARGV[5] == 'retired' then redis.call('ZADD', KEYS[6], ARGV[4], ARGV[1]) end
+end
+for i = 7, #ARGV, 2 do redis.call('HSET', KEYS[5], ARGV[i], ARGV[i + 1]) end
+return {'ok'}
+"""
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """A stored user."""
+
+    username: str
+    sub: str
+    password_hash: str
+    scopes: tuple[str, ...]
+    created_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """A stored session."""
+
+    sid: str
+    sub: str
+    username: str
+    scopes: tuple[str, ...]
+    created_ms: int
+    revoked_ms: int
+
+    @property
+    def revoked(self) -> bool:
+        """Whether the session has been revoked."""
+        return self.revoked_ms > 0
+
+
+@dataclass(frozen=True, slots=True)
+class RotationResult:
+    """What a refresh-token rotation found.
+
+    ``status`` is ``ok`` (rotated), ``invalid`` (unknown or expired), ``revoked`` (its session is
+    revoked) or ``reused`` (a spent token: the session has just been revoked, its event is in the outbox).
+    """
+
+    status: str
+    sid: str = ""
+    sub: str = ""
+    scopes: tuple[str, ...] = ()
+    username: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationResult:
+    """The outcome of a revocation write: when it took effect and the event that broadcasts it."""
+
+    revoked_at_ms: int
+    event_id: str
+    already: bool
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A stored signing key (private key sealed with the key-encryption key)."""
+
+    kid: str
+    sealed: str
+    created_ms: int
+    state: str
+    not_after_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationSnapshot:
+    """Every revocation still in force."""
+
+    tokens: list[tuple[str, int]]
+    sessions: list[tuple[str, str]]
+    users: list[tuple[str, int]]
+    retired_key_ids: list[str]
+
+
+class AuthStore:
+    """The auth service's Redis state.
+
+    Args:
+        client: A redis-py asyncio client (``decode_responses=False``).
+        access_ttl: Access-token lifetime, s (how long revocations of access tokens matter).
+        leeway: Clock leeway, s.
+    """
+
+    def __init__(self, client: redis.Redis, *, access_ttl: int, leeway: float) -> None:
+        self._redis = client
+        self._revocation_horizon_ms = int((access_ttl + leeway + 60) * 1000)
+        self._rotate_refresh: AsyncScript = client.register_script(_ROTATE_REFRESH)
+        self._revoke_session: AsyncScript = client.register_script(_REVOKE_SESSION)
+        self._revoke_token: AsyncScript = client.register_script(_REVOKE_TOKEN)
+        self._revoke_user: AsyncScript = client.register_script(_REVOKE_USER)
+        self._rotate_key: AsyncScript = client.register_script(_ROTATE_KEY)
+
+    @property
+    def redis(self) -> redis.Redis:
+        """The underlying client."""
+        return self._redis
+
+    async def ping(self) -> None:
+        """Raise if Redis does not answer."""
+        await self._redis.ping()
+
+    # users
+
+    async def create_user(self, user: UserRecord) -> bool:
+        """Store a new user; False if the username is taken."""
+        record = json.dumps(
+            {
+                "sub": user.sub,
+                "password_hash": user.password_hash,
+                "scopes": list(user.scopes),
+                "created_ms": user.created_ms,
+            }
+        )
+        created = await self._redis.set(user_key(user.username), record, nx=True)
+        if not created:
+            return False
+        await self._redis.set(sub_key(user.sub), user.username)
+        return True
+
+    async def get_user(self, username: str) -> UserRecord | None:
+        """A user by name."""
+        raw = await self._redis.get(user_key(username))
+        if raw is None:
+            return None
+        data = json.loads(raw)
+        return UserRecord(
+            username=username,
+            sub=data["sub"],
+            password_hash=data["password_hash"],
+            scopes=tuple(data["scopes"]),
+            created_ms=int(data["created_ms"]),
+        )
+
+    async def user_exists(self, sub: str) -> bool:
+        """Whether a subject names a user."""
+        return bool(await self._redis.exists(sub_key(sub)))
+
+    # rate limit
+
+    async def reserve_login_attempt(self, username: str, window: int) -> tuple[int, float]:
+        """Count one more attempt for ``username``; returns (attempts in window, seconds left in window)."""
+        key = login_failures_key(username)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, window, nx=True)
+            pipe.ttl(key)
+            count, _, ttl = await pipe.execute()
+        return int(count), float(max(int(ttl), 1))
+
+    async def release_login_attempt(self, username: str) -> None:
+        """A successful login does not count against the limit."""
+        await self._redis.delete(login_failures_key(username))
+
+    # sessions and refresh tokens
+
+    async def open_session(
+        self, session: SessionRecord, refresh_hash: str, refresh_exp_ms: int, ttl_ms: int
+    ) -> None:
+        """Store a new session with its first refresh token."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                session_key(session.sid),
+                mapping={
+                    "sub": session.sub,
+                    "username": session.username,
+                    "scopes": " ".join(session.scopes),
+                    "created_ms": session.created_ms,
+                    "refresh": refresh_key(refresh_hash),
+                    "revoked_ms": 0,
+                    "revoke_event": "",
+                },
+            )
+            pipe.pexpire(session_key(session.sid), ttl_ms)
+            pipe.hset(
+                refresh_key(refresh_hash),
+                mapping={"sid": session.sid, "state": "live", "exp_ms": refresh_exp_ms},
+            )
+            pipe.pexpire(refresh_key(refresh_hash), ttl_ms)
+            pipe.sadd(user_sessions_key(session.sub), session.sid)
+            pipe.pexpire(user_sessions_key(session.sub), ttl_ms)
+            await pipe.execute()
+
+    async def get_session(self, sid: str) -> SessionRecord | None:
+        """A session by id."""
+        raw = await self._redis.hgetall(session_key(sid))
+        if not raw:
+            return None
+        data = {_text(k): _text(v) for k, v in raw.items()}
+        return SessionRecord(
+            sid=sid,
+            sub=data["sub"],
+            username=data["username"],
+            scopes=tuple(data["scopes"].split()),
+            created_ms=int(data["created_ms"]),
+            revoked_ms=int(data["revoked_ms"]),
+        )
+
+    async def session_of_refresh(self, refresh_hash: str) -> str | None:
+        """The session a refresh token belongs to (spent or not)."""
+        sid = await self._redis.hget(refresh_key(refresh_hash), "sid")
+        return _text(sid) if sid is not None else None
+
+    async def rotate_refresh(
+        self, old_hash: str, new_hash: str, now_ms: int, ttl_ms: int, reuse_event_id: str
+    ) -> RotationResult:
+        """Spend a refresh token and store its successor, atomically; detect reuse."""
+        result = await self._rotate_refresh(
+            keys=[refresh_key(old_hash), refresh_key(new_hash), OUTBOX, REVOKED_SESSIONS],
+            args=[now_ms, now_ms + ttl_ms, ttl_ms, reuse_event_id, f"{PREFIX}session:"],
+        )
+        values = [_text(v) for v in result]
+        status = values[0]
+        if status == "ok":
+            return RotationResult(status, values[1], values[2], tuple(values[3].split()), values[4])
+        if status in ("revoked", "reused"):
+            return RotationResult(status, values[1], values[2])
+        return RotationResult(status)
+
+    # revocations
+
+    async def revoke_session(self, sid: str, now_ms: int, event_id: str, event_json: str) -> RevocationResult:
+        """Mark a session revoked and queue its event; idempotent.
+
+        Raises:
+            NotFound: No such session.
+        """
+        result = await self._revoke_session(
+            keys=[session_key(sid), REVOKED_SESSIONS, OUTBOX], args=[now_ms, event_id, event_json, sid]
+        )
+        values = [_text(v) for v in result]
+        if values[0] == "missing":
+            raise NotFound("session not found", code="SESSION_NOT_FOUND")
+        return RevocationResult(int(values[1]), values[2], already=values[0] == "already")
+
+    async def revoke_token(
+        self, jti: str, exp: int, now_ms: int, event_id: str, event_json: str, keep_ms: int
+    ) -> RevocationResult:
+        """Record an access token as revoked and queue its event; idempotent."""
+        result = await self._revoke_token(
+            keys=[revoked_jti_key(jti), REVOKED_JTIS, OUTBOX],
+            args=[now_ms, event_id, event_json, jti, exp, max(keep_ms, 1)],
+        )
+        values = [_text(v) for v in result]
+        return RevocationResult(int(values[1]), values[2], already=values[0] == "already")
+
+    async def revoke_user(self, sub: str, now_ms: int, event_id: str, event_json: str) -> RevocationResult:
+        """Revoke every session of a user and every token issued up to ``now_ms``."""
+        result = await self._revoke_user(
+            keys=[user_nbf_key(sub), user_sessions_key(sub), REVOKED_USERS, OUTBOX, REVOKED_SESSIONS],
+            args=[now_ms, event_id, event_json, sub, self._revocation_horizon_ms, f"{PREFIX}session:"],
+        )
+        values = [_text(v) for v in result]
+        return RevocationResult(int(values[1]), values[2], already=False)
+
+    async def revocation_reason(
+        self, jti: str, sid: str, sub: str, issued_at_ms: int, kid: str
+    ) -> str | None:
+        """Why a token is revoked (a stable code), or None if it is not."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(revoked_jti_key(jti))
+            pipe.hget(session_key(sid), "revoked_ms")
+            pipe.get(user_nbf_key(sub))
+            pipe.hget(key_record_key(kid), "state")
+            jti_revoked, session_revoked_ms, user_nbf, key_state = await pipe.execute()
+        if jti_revoked:
+            return "TOKEN_REVOKED"
+        if user_nbf is not None and issued_at_ms <= int(user_nbf):
+            return "USER_REVOKED"
+        if session_revoked_ms is not None and int(session_revoked_ms) > 0:
+            return "SESSION_REVOKED"
+        if key_state is None or _text(key_state) == "retired":
+            return "KEY_REVOKED"
+        return None
+
+    async def snapshot(self, now_ms: int) -> RevocationSnapshot:
+        """Every revocation that can still matter (newer than one access-token lifetime)."""
+        horizon = now_ms - self._revocation_horizon_ms
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(REVOKED_JTIS, "-inf", now_ms // 1000 - self._revocation_horizon_ms // 1000)
+            pipe.zremrangebyscore(REVOKED_SESSIONS, "-inf", horizon)
+            pipe.zremrangebyscore(REVOKED_USERS, "-inf", horizon)
+            pipe.zrange(REVOKED_JTIS, 0, -1, withscores=True)
+            pipe.zrange(REVOKED_SESSIONS, 0, -1)
+            pipe.zrange(REVOKED_USERS, 0, -1, withscores=True)
+            pipe.zrange(RETIRED_KEYS, 0, -1)
+            *_, tokens, sessions, users, retired = await pipe.execute()
+        return RevocationSnapshot(
+            tokens=[(_text(jti), int(exp)) for jti, exp in tokens],
+            sessions=[tuple(_text(member).split(" ", 1)) for member in sessions],  # type: ignore[misc]
+            users=[(_text(sub), int(nbf)) for sub, nbf in users],
+            retired_key_ids=[_text(kid) for kid in retired],
+        )
+
+    # outbox
+
+    async def outbox_entry(self, event_id: str) -> str | None:
+        """An event still waiting to be acknowledged by JetStream."""
+        raw = await self._redis.hget(OUTBOX, event_id)
+        return _text(raw) if raw is not None else None
+
+    async def outbox_entries(self) -> dict[str, str]:
+        """Every event waiting for JetStream."""
+        raw = await self._redis.hgetall(OUTBOX)
+        return {_text(k): _text(v) for k, v in raw.items()}
+
+    async def outbox_done(self, event_id: str) -> None:
+        """JetStream acknowledged the event."""
+        await self._redis.hdel(OUTBOX, event_id)
+
+    # signing keys
+
+    async def key_records(self) -> list[KeyRecord]:
+        """Every stored signing key."""
+        kids = sorted(_text(k) for k in await self._redis.smembers(KEYS_SET))
+        if not kids:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for kid in kids:
+                pipe.hgetall(key_record_key(kid))
+            rows = await pipe.execute()
+        records = []
+        for kid, row in zip(kids, rows, strict=True):
+            if not row:
+                continue
+            data = {_text(k): _text(v) for k, v in row.items()}
+            records.append(
+                KeyRecord(
+                    kid=kid,
+                    sealed=data["sealed"],
+                    created_ms=int(data["created_ms"]),
+                    state=data["state"],
+                    not_after_ms=int(data["not_after_ms"]),
+                )
+            )
+        return records
+
+    async def active_kid(self) -> str | None:
+        """The kid new tokens are signed with."""
+        raw = await self._redis.get(ACTIVE_KID)
+        return _text(raw) if raw is not None else None
+
+    async def rotate_key(
+        self,
+        *,
+        expected_previous: str,
+        kid: str,
+        sealed: str,
+        now_ms: int,
+        previous_state: str,
+        previous_not_after_ms: int,
+        events: list[tuple[str, str]],
+    ) -> bool:
+        """Install a new active key if the active one is still ``expected_previous`` (compare-and-set).
+
+        Returns:
+            False when another rotation won the race.
+        """
+        args: list[str | int] = [
+            expected_previous,
+            kid,
+            sealed,
+            now_ms,
+            previous_state,
+            previous_not_after_ms,
+        ]
+        for event_id, event_json in events:
+            args += [event_id, event_json]
+        result = await self._rotate_key(
+            keys=[
+                ACTIVE_KID,
+                KEYS_SET,
+                key_record_key(kid),
+                key_record_key(expected_previous or kid),
+                OUTBOX,
+                RETIRED_KEYS,
+            ],
+            args=args,
+        )
+        return _text(result[0]) == "ok"
+
+    async def delete_key(self, kid: str) -> None:
+        """Forget a key whose last token has expired."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.srem(KEYS_SET, kid)
+            pipe.delete(key_record_key(kid))
+            await pipe.execute()
+
+
+def now_ms() -> int:
+    """The current Unix time in milliseconds."""
+    return int(time.time() * 1000)
+
+
+def require_session(session: SessionRecord | None) -> SessionRecord:
+    """The session, or NotFound."""
+    if session is None:
+        raise NotFound("session not found", code="SESSION_NOT_FOUND")
+    return session

@@ -1,0 +1,77 @@
+"""Request-field checks: every bad input gets a clear INVALID_ARGUMENT before any work is done."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from shared.errors import InvalidRequest
+
+MAX_USERNAME = 128
+MAX_PASSWORD = 1024
+MIN_NEW_PASSWORD = 8
+MAX_TOKEN = 8192
+MAX_REASON = 512
+MAX_ID = 128
+MAX_SCOPES = 32
+_USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]*")
+# RFC 6749 §3.3 scope-token: printable ASCII except space, '"' and '\'.
+_SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,64}")
+_ID = re.compile(r"[A-Za-z0-9_.:-]+")
+
+
+def _required(name: str, value: str, limit: int) -> str:
+    if not value:
+        raise InvalidRequest(f"{name} is required", code="FIELD_REQUIRED")
+    if len(value) > limit:
+        raise InvalidRequest(f"{name} is longer than {limit} characters", code="FIELD_TOO_LARGE")
+    return value
+
+
+def username(value: str) -> str:
+    """A username: 1-128 of letters, digits and ``._@+-``, starting with a letter or digit."""
+    _required("username", value, MAX_USERNAME)
+    if not _USERNAME.fullmatch(value):
+        raise InvalidRequest("username has characters that are not allowed", code="FIELD_INVALID")
+    return value
+
+
+def password(value: str, *, new: bool = False) -> str:
+    """A password (a new one at least 8 characters)."""
+    _required("password", value, MAX_PASSWORD)
+    if new and len(value) < MIN_NEW_PASSWORD:
+        raise InvalidRequest(f"password must be at least {MIN_NEW_PASSWORD} characters", code="FIELD_INVALID")
+    return value
+
+
+def token(value: str, name: str = "token") -> str:
+    """A token field (access or refresh token)."""
+    _required(name, value, MAX_TOKEN)
+    if not value.isascii() or not value.isprintable():
+        raise InvalidRequest(f"{name} is malformed", code="FIELD_INVALID")
+    return value
+
+
+def identifier(value: str, name: str) -> str:
+    """A session id or subject."""
+    _required(name, value, MAX_ID)
+    if not _ID.fullmatch(value):
+        raise InvalidRequest(f"{name} is malformed", code="FIELD_INVALID")
+    return value
+
+
+def reason(value: str) -> str:
+    """A free-text revocation reason (optional)."""
+    if len(value) > MAX_REASON:
+        raise InvalidRequest(f"reason is longer than {MAX_REASON} characters", code="FIELD_TOO_LARGE")
+    return value
+
+
+def scopes(values: Sequence[str]) -> tuple[str, ...]:
+    """A list of scope tokens, without duplicates, order kept."""
+    if len(values) > MAX_SCOPES:
+        raise InvalidRequest(f"at most {MAX_SCOPES} scopes", code="FIELD_TOO_LARGE")
+    for value in values:
+        if not _SCOPE.fullmatch(value):
+            raise InvalidRequest("scope has characters that are not allowed", code="FIELD_INVALID")
+    return tuple(dict.fromkeys(values))

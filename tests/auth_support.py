@@ -1,0 +1,99 @@
+"""Shared test support for the auth service: settings for a test instance and a small gRPC client."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import grpc
+import pytest
+
+from auth_service.app import AuthApp
+from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+from shared.grpc_errors import error_reason
+from shared.settings import AuthSettings
+
+ADMIN = ("admin", "admin-password-1")
+SERVICE = ("svc-resource", "service-password-1")
+TEST_KEK = "test-key-encryption-key-0123456789"
+
+
+def auth_settings(redis_url: str, nats_urls: list[str], **overrides: Any) -> AuthSettings:
+    """Settings for an auth service on free loopback ports with cheap Argon2 (tests only)."""
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "nats_urls": nats_urls,
+        "grpc_listen": "127.0.0.1:0",
+        "http_listen": "127.0.0.1:0",
+        "key_encryption_key": TEST_KEK,
+        "bootstrap_admin": f"{ADMIN[0]}:{ADMIN[1]}",
+        "service_account": f"{SERVICE[0]}:{SERVICE[1]}",
+        "argon2_time_cost": 1,
+        "argon2_memory_kib": 1024,
+        "argon2_parallelism": 1,
+        "heartbeat_interval": 0.2,
+        "instance": "auth-test",
+        "shutdown_grace": 0.5,
+        "log_level": "warning",
+    }
+    values.update(overrides)
+    return AuthSettings(**values)
+
+
+class AuthClient:
+    """A thin async client over one channel."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.stub = auth_pb2_grpc.AuthServiceStub(channel)
+
+    async def login(self, username: str, password: str, scopes: tuple[str, ...] = ()) -> auth_pb2.TokenPair:
+        """Log in."""
+        return await self.stub.Login(
+            auth_pb2.LoginRequest(username=username, password=password, scopes=list(scopes)), timeout=10
+        )
+
+    async def admin_token(self) -> str:
+        """An access token of the bootstrap admin."""
+        return (await self.login(*ADMIN)).access_token
+
+    async def create_user(
+        self, username: str, password: str, scopes: tuple[str, ...] = ("docs:read",)
+    ) -> str:
+        """Create a user as the admin; returns the subject."""
+        response = await self.stub.CreateUser(
+            auth_pb2.CreateUserRequest(username=username, password=password, scopes=list(scopes)),
+            metadata=bearer(await self.admin_token()),
+            timeout=10,
+        )
+        return response.subject
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    """Call metadata carrying a bearer token."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+@asynccontextmanager
+async def auth_client(address: str) -> AsyncIterator[AuthClient]:
+    """A client connected to ``address``."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        yield AuthClient(channel)
+
+
+@asynccontextmanager
+async def running_auth(settings: AuthSettings) -> AsyncIterator[tuple[AuthApp, AuthClient]]:
+    """An in-process auth service and a client for it."""
+    async with AuthApp(settings) as app, auth_client(app.grpc_address) as client:
+        yield app, client
+
+
+async def expect_error(call: Any, code: grpc.StatusCode, reason: str | None = None) -> grpc.aio.AioRpcError:
+    """Await ``call`` and check it fails with ``code`` (and ``ErrorInfo.reason``)."""
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    assert info.value.code() == code, info.value.details()
+    if reason is not None:
+        assert error_reason(info.value) == reason
+    return info.value
