@@ -40,7 +40,7 @@ def generate(out_dir: Path) -> None:
     ]
     # protoc-gen-mypy lives next to the interpreter in a virtualenv.
     env_path = f"{Path(sys.executable).parent}"
-    subprocess.run(command, check=True, cwd=PROTO_ROOT, env={"PATH": env_path})
+    subprocess.run(command, check=True, cwd=PROTO_ROOT, env={"PATH": env_path})  # noqa: S603  # fixed argv
     for package in GENERATED_PACKAGES:
         for directory in [out_dir / package, *(p for p in (out_dir / package).rglob("*") if p.is_dir())]:
             (directory / "__init__.py").write_text(INIT_TEXT)

