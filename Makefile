@@ -1,6 +1,8 @@
 # authmesh task runner. `make test` is the one command a fresh Linux machine with Python 3.11+ needs:
 # it creates .venv, installs the project with its dev tools, and runs the suite on its own servers.
 #
+#   make demo         the token-theft-and-revocation simulation on a local stack
+#   make up           the whole stack as local processes, until Ctrl-C
 #   make venv         .venv with `pip install -e '.[dev]'` (redone only when pyproject.toml changes)
 #   make test         the test suite (PYTEST_ARGS="-k cluster -x" to narrow it)
 #   make lint         ruff check + ruff format --check
@@ -34,7 +36,7 @@ BUF := $(BUF_DIR)/node_modules/.bin/buf
 
 PYTEST_ARGS ?=
 
-.PHONY: help venv test lint format typecheck proto proto-check buf-lint check clean distclean
+.PHONY: help demo up venv test lint format typecheck proto proto-check buf-lint check clean distclean
 
 help:
 	@sed -n '1,/^$$/p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
@@ -52,6 +54,12 @@ $(VENV_STAMP): pyproject.toml
 
 test: $(VENV_STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+demo: $(VENV_STAMP)
+	$(BIN)/authmesh demo
+
+up: $(VENV_STAMP)
+	$(BIN)/authmesh up
 
 lint: $(VENV_STAMP)
 	$(BIN)/ruff check .

@@ -18,11 +18,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NatsClient
-from prometheus_client import CollectorRegistry
 
 from auth_service.core import ADMIN_SCOPE, SERVICE_SCOPE, AuthCore
 from auth_service.http_routes import http_routes
 from auth_service.keyring import Keyring, KeySealer
+from auth_service.metrics import AuthMetrics
 from auth_service.passwords import PasswordChecker
 from auth_service.publisher import EventPublisher
 from auth_service.servicer import AuthServicer
@@ -31,6 +31,7 @@ from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from shared.errors import ConfigurationError
 from shared.http_server import HttpServer, join_host_port, split_host_port
 from shared.logs import configure_logging
+from shared.metrics import ServiceMetrics
 from shared.nats_wiring import connect_nats, ensure_stream
 from shared.settings import AuthSettings, credentials
 
@@ -61,7 +62,8 @@ class AuthApp:
 
     def __init__(self, settings: AuthSettings) -> None:
         self.settings = settings
-        self.registry = CollectorRegistry()
+        self.metrics = ServiceMetrics("auth", settings.instance)
+        self.registry = self.metrics.registry
         self._stack = contextlib.AsyncExitStack()
         self._server: grpc.aio.Server | None = None
         self._health = health_aio.HealthServicer()
@@ -111,18 +113,27 @@ class AuthApp:
         self._stack.push_async_callback(self._close_nats)
         js = self._nats.jetstream()
         await ensure_stream(js, settings)
+        counters = AuthMetrics.register(self.registry)
         self.publisher = EventPublisher(
-            self._nats, js, store, keyring, issuer=settings.issuer, origin=settings.instance
+            self._nats,
+            js,
+            store,
+            keyring,
+            issuer=settings.issuer,
+            origin=settings.instance,
+            published=counters.events_published,
         )
         passwords = PasswordChecker(
             time_cost=settings.argon2_time_cost,
             memory_kib=settings.argon2_memory_kib,
             parallelism=settings.argon2_parallelism,
         )
-        self.core = AuthCore(settings, store, keyring, passwords, self.publisher)
+        self.core = AuthCore(settings, store, keyring, passwords, self.publisher, counters)
         await self._ensure_accounts(self.core)
 
-        self._server = grpc.aio.server(options=grpc_server_options())
+        self._server = grpc.aio.server(
+            interceptors=[self.metrics.grpc_interceptor()], options=grpc_server_options()
+        )
         auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(self.core), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(

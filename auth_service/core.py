@@ -16,6 +16,7 @@ import structlog
 
 from auth_service import validation
 from auth_service.keyring import Keyring
+from auth_service.metrics import AuthMetrics
 from auth_service.outbox import to_record
 from auth_service.passwords import PasswordChecker
 from auth_service.publisher import EventPublisher
@@ -95,6 +96,7 @@ class AuthCore:
         keyring: Signing keys.
         passwords: Argon2id hashing.
         publisher: Event delivery.
+        metrics: Counters.
         clock: Unix time in seconds.
     """
 
@@ -105,6 +107,7 @@ class AuthCore:
         keyring: Keyring,
         passwords: PasswordChecker,
         publisher: EventPublisher,
+        metrics: AuthMetrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
@@ -112,6 +115,7 @@ class AuthCore:
         self._keyring = keyring
         self._passwords = passwords
         self._publisher = publisher
+        self._metrics = metrics
         self._clock = clock
         self._verifier = TokenVerifier(
             keyring,
@@ -138,9 +142,11 @@ class AuthCore:
         requested = validation.scopes(scopes)
         attempts, retry_after = await self._store.reserve_login_attempt(username, self._settings.login_window)
         if attempts > self._settings.login_max_failures:
+            self._metrics.logins.labels("rate_limited").inc()
             raise RateLimited(retry_after)
         user = await self._store.get_user(username)
         if not await self._passwords.verify(user.password_hash if user else None, password):
+            self._metrics.logins.labels("invalid_credentials").inc()
             raise InvalidCredentials()
         assert user is not None  # verify() never matches without a stored hash
         await self._store.release_login_attempt(username)
@@ -160,6 +166,7 @@ class AuthCore:
             ttl_ms,
         )
         access_token = await self._mint(sub=user.sub, sid=sid, scopes=granted, client_id=username)
+        self._metrics.logins.labels("ok").inc()
         return self._pair(access_token, refresh_token, sid, granted)
 
     async def refresh(self, refresh_token: str) -> IssuedTokens:
@@ -179,6 +186,7 @@ class AuthCore:
             self._settings.refresh_token_ttl * 1000,
             reuse_event_id,
         )
+        self._metrics.refreshes.labels(result.status).inc()
         if result.status == "reused":
             _log.warning("refresh token reuse: session revoked", sid=result.sid, sub=result.sub)
             try:
@@ -234,6 +242,7 @@ class AuthCore:
                 claims.jti, claims.exp, now_ms, event.event_id, to_record(event), keep_ms
             )
             await self._publisher.deliver(result.event_id)
+            self._metrics.revocations.labels("token").inc()
             _log.info("token revoked", jti=claims.jti, by=caller.sub, reason=reason)
             return result
         sid = await self._store.session_of_refresh(_hash(token))
@@ -276,6 +285,7 @@ class AuthCore:
         event = self._event(UserRevokedEvent(sub=sub, not_before_ms=now_ms), now_ms)
         result = await self._store.revoke_user(sub, now_ms, event.event_id, to_record(event))
         await self._publisher.deliver(result.event_id)
+        self._metrics.revocations.labels("user").inc()
         _log.info("user revoked", sub=sub, by=caller.sub, reason=reason)
         return result
 
@@ -303,6 +313,7 @@ class AuthCore:
         rotation = await self._keyring.rotate(retire_previous=retire_previous, events_for=events_for)
         for event_id in event_ids:
             await self._publisher.deliver(event_id)
+        self._metrics.revocations.labels("key" if retire_previous else "rotation").inc()
         if retire_previous:
             self._verifier.forget()
         _log.info(
@@ -423,6 +434,7 @@ class AuthCore:
         event = self._event(SessionRevokedEvent(sid=session.sid, sub=session.sub), now_ms)
         result = await self._store.revoke_session(session.sid, now_ms, event.event_id, to_record(event))
         await self._publisher.deliver(result.event_id)
+        self._metrics.revocations.labels("session").inc()
         return result
 
     async def _mint(self, *, sub: str, sid: str, scopes: tuple[str, ...], client_id: str) -> str:

@@ -15,6 +15,7 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
+from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from auth_service.keyring import Keyring
@@ -37,6 +38,7 @@ class EventPublisher:
         keyring: Signs events.
         issuer: ``iss`` of every event.
         origin: This instance's name (``txn`` of every event).
+        published: Counts acknowledged events by type.
     """
 
     def __init__(
@@ -48,6 +50,7 @@ class EventPublisher:
         *,
         issuer: str,
         origin: str,
+        published: Counter,
     ) -> None:
         self._nc = nats_client
         self._js = js
@@ -56,7 +59,7 @@ class EventPublisher:
         self._issuer = issuer
         self._origin = origin
         self._heartbeat_seq = 0
-        self.published_total = 0
+        self._published = published
 
     async def publish(self, event: SecurityEvent, *, use_cached_key: bool = False) -> int:
         """Sign and publish one event; return its stream sequence.
@@ -77,7 +80,7 @@ class EventPublisher:
             )
         except (nats.errors.Error, TimeoutError) as error:
             raise Unavailable("event broker unavailable", code="BROKER_UNAVAILABLE") from error
-        self.published_total += 1
+        self._published.labels(event.type.value).inc()
         return int(ack.seq)
 
     async def deliver(self, event_id: str) -> None:
