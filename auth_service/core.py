@@ -351,8 +351,9 @@ class AuthCore:
         sequence = await self._publisher.stream_sequence()
         return await self._store.snapshot(self._now_ms()), sequence
 
-    def jwks(self) -> str:
-        """The JWK Set."""
+    async def jwks(self) -> str:
+        """The JWK Set, reloaded first if another replica rotated the keys."""
+        await self._keyring.signing_key()
         return self._keyring.jwks()
 
     # users

@@ -24,7 +24,7 @@ def http_routes(core: AuthCore, settings: AuthSettings, public_base: Callable[[]
 
     async def jwks(_: web.Request) -> web.Response:
         return web.Response(
-            text=core.jwks(),
+            text=await core.jwks(),
             content_type="application/jwk-set+json",
             headers={"Cache-Control": "public, max-age=60"},
         )

@@ -130,7 +130,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     @unary
     async def GetJwks(self, request: auth_pb2.GetJwksRequest, context: Context) -> auth_pb2.GetJwksResponse:
         """The public keys."""
-        return auth_pb2.GetJwksResponse(jwks_json=self._core.jwks())
+        return auth_pb2.GetJwksResponse(jwks_json=await self._core.jwks())
 
     @unary
     async def Introspect(

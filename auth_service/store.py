@@ -275,7 +275,8 @@ class AuthStore:
 
     def __init__(self, client: redis.Redis, *, access_ttl: int, leeway: float) -> None:
         self._redis = client
-        self._revocation_horizon_ms = int((access_ttl + leeway + 60) * 1000)
+        self._expiry_margin_ms = int((leeway + 60) * 1000)
+        self._revocation_horizon_ms = int(access_ttl * 1000) + self._expiry_margin_ms
         self._rotate_refresh: AsyncScript = client.register_script(_ROTATE_REFRESH)
         self._revoke_session: AsyncScript = client.register_script(_REVOKE_SESSION)
         self._revoke_token: AsyncScript = client.register_script(_REVOKE_TOKEN)
@@ -468,7 +469,8 @@ class AuthStore:
         """Every revocation that can still matter (newer than one access-token lifetime)."""
         horizon = now_ms - self._revocation_horizon_ms
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zremrangebyscore(REVOKED_JTIS, "-inf", now_ms // 1000 - self._revocation_horizon_ms // 1000)
+            # A revoked jti matters until its token expires (its score is that exp, in seconds).
+            pipe.zremrangebyscore(REVOKED_JTIS, "-inf", (now_ms - self._expiry_margin_ms) // 1000)
             pipe.zremrangebyscore(REVOKED_SESSIONS, "-inf", horizon)
             pipe.zremrangebyscore(REVOKED_USERS, "-inf", horizon)
             pipe.zrange(REVOKED_JTIS, 0, -1, withscores=True)

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import importlib.metadata
 import importlib.util
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -50,7 +48,6 @@ _POLL_SECONDS = 0.02
 _PROBE_TIMEOUT_SECONDS = 1.0
 _LOG_TAIL_BYTES = 4096
 _HTTP_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
-_PR_SET_PDEATHSIG = 1
 
 
 def find_redis_server() -> Path:
@@ -146,25 +143,19 @@ def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
         return [int(sock.getsockname()[1]) for sock in sockets]
 
 
-def _die_with_parent_hook() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child receive SIGKILL when the thread that started it ends.
+def _die_with_parent(command: list[str]) -> list[str]:
+    """``command`` wrapped so the child receives SIGKILL when the thread that started it ends.
 
-    The library is loaded here, in the parent, because the forked child must do as little as possible
-    before exec. Linux sends the signal when the *thread* that forked the child exits, so servers are
-    started from the event loop's thread, never from a short-lived worker thread.
+    util-linux's ``setpriv --pdeathsig`` sets the signal and then execs the server, so the pid is the
+    server's. A Python ``preexec_fn`` would do the same, but it forks without exec'ing at once, and in a
+    process that runs gRPC that fork can abort the child. Linux sends the signal when the *thread* that
+    forked the child exits, so servers are started from the event loop's thread. Where setpriv is missing,
+    the child is stopped only by :meth:`ServerProcess.stop`.
     """
-    if not sys.platform.startswith("linux"):
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-    parent = os.getpid()
-
-    def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
-        # The parent may have died between fork and prctl; then no signal would ever come.
-        if os.getppid() != parent:
-            os._exit(1)
-
-    return hook
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    if setpriv is None:
+        return command
+    return [setpriv, "--pdeathsig", "KILL", "--", *command]
 
 
 async def _poll_until(condition: Callable[[], bool], timeout: float) -> bool:
@@ -312,18 +303,19 @@ class ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.prepare()
         command = self.command()
+        if not _is_executable(Path(command[0])):
+            raise ConfigurationError(f"cannot run {command[0]}: not an executable file")
         with self.log_path.open("ab") as log:
             log.write(f"--- authmesh: starting {' '.join(command)}\n".encode())
             log.flush()
             # The child gets its own copy of the descriptor; ours closes when this block ends.
             try:
                 self._process = subprocess.Popen(  # noqa: S603  # a fixed argument list, no shell
-                    command,
+                    _die_with_parent(command),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     cwd=self.data_dir,
-                    preexec_fn=_die_with_parent_hook(),  # fork-safe: one prctl call, no allocation
                     start_new_session=True,
                 )
             except OSError as error:

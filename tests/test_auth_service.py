@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from collections.abc import AsyncIterator
 
 import grpc
@@ -455,7 +456,6 @@ async def test_http_side_serves_jwks_that_pyjwt_accepts(auth: tuple[AuthApp, Aut
         options={"require": ["exp", "iat", "nbf", "jti", "sub", "iss", "aud"]},
     )
     assert claims["sid"] == pair.session_id
-    import urllib.request
 
     def fetch(path: str) -> dict[str, object]:
         with urllib.request.urlopen(f"{base}{path}", timeout=5) as response:  # noqa: S310  # loopback URL built here
@@ -477,3 +477,30 @@ async def test_health_and_reflection_are_served(auth: tuple[AuthApp, AuthClient]
     health = health_pb2_grpc.HealthStub(client.channel)
     answer = await health.Check(health_pb2.HealthCheckRequest(service="authmesh.auth.v1.AuthService"))
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_metrics_count_rpcs_and_logins(auth: tuple[AuthApp, AuthClient]) -> None:
+    app, client = auth
+    await expect_error(client.login("nobody", "wrong-password"), UNAUTHENTICATED)
+    await client.login(*SERVICE)
+
+    def fetch() -> str:
+        with urllib.request.urlopen(f"http://{app.http_address}/metrics", timeout=5) as response:
+            return str(response.read().decode())
+
+    text = await asyncio.to_thread(fetch)
+    assert 'authmesh_logins_total{result="ok"}' in text
+    assert 'authmesh_logins_total{result="invalid_credentials"}' in text
+    assert "grpc_server_handled_total{" in text
+    assert 'grpc_code="UNAUTHENTICATED"' in text
+
+
+async def test_snapshot_is_for_services_and_admins_only(auth: tuple[AuthApp, AuthClient]) -> None:
+    _, client = auth
+    await client.create_user("quinn", "quinn-password")
+    token = (await client.login("quinn", "quinn-password")).access_token
+    stream = client.stub.SnapshotRevocations(auth_pb2.SnapshotRevocationsRequest(), metadata=bearer(token))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in stream:
+            pass
+    assert info.value.code() == PERMISSION_DENIED
