@@ -9,6 +9,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from authmesh.bench import commands as bench_commands
 from shared.errors import AuthError
 from shared.settings import AuthSettings, CommonSettings, ResourceSettings
 
@@ -64,6 +65,9 @@ def _run_service(start: Callable[[], None]) -> None:
     except OSError as error:
         _stderr.print(f"[red]cannot start[/red]: {error}")
         raise typer.Exit(1) from None
+
+
+bench_commands.register(app)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from shared.claims import new_uuid7
-from shared.errors import AuthError, EventRejected, KeyRevoked, UnknownKey
+from shared.errors import EventRejected, KeyRevoked, TokenRejected, UnknownKey
 from shared.jose import decode_compact, sign_compact, verify_signature
 from shared.verifier import KeySource
 
@@ -26,6 +26,12 @@ STREAM_SUBJECTS = ("auth.events.>",)
 SET_TYPE = "secevent+jwt"
 EVENT_URI_PREFIX = "urn:authmesh:event:"
 MAX_EVENT_BYTES = 64 * 1024
+MAX_EVENT_STRING = 256
+# Integers in event bodies (expiry, milliseconds, sequence numbers) fit a signed 64-bit store value.
+_MAX_INTEGER = 2**63
+_MAX_SECONDS = 2**41
+# ``previous_kid`` is empty for the very first signing key.
+_MAY_BE_EMPTY = frozenset({"previous_kid"})
 
 
 class EventType(StrEnum):
@@ -191,6 +197,8 @@ def decode_event(data: bytes, subject: str, keys: KeySource, issuer: str) -> Sec
         UnknownKey: Signed with a key not (yet) known: refetch the JWK Set and try once more.
         EventRejected: Anything else that makes it untrustworthy (bad signature, wrong issuer, a
             subject that does not match the event, malformed body).
+        AuthError: Whatever else the key source raises (``Unavailable``, say) passes through: an
+            event that could not be judged must be retried, not dropped as untrustworthy.
     """
     try:
         jws = decode_compact(data, max_bytes=MAX_EVENT_BYTES)
@@ -201,7 +209,7 @@ def decode_event(data: bytes, subject: str, keys: KeySource, issuer: str) -> Sec
         raise
     except KeyRevoked as error:
         raise EventRejected("event signed with a retired key") from error
-    except AuthError as error:
+    except TokenRejected as error:
         raise EventRejected(f"event rejected: {error.message}") from error
     return _parse_payload(jws.unverified_payload, subject, issuer)
 
@@ -210,10 +218,10 @@ def _parse_payload(payload: dict[str, Any], subject: str, issuer: str) -> Securi
     if payload.get("iss") != issuer:
         raise EventRejected("event from a foreign issuer")
     events = payload.get("events")
-    if not isinstance(events, dict) or len(events) != 1:
+    if type(events) is not dict or len(events) != 1:
         raise EventRejected("event must carry exactly one event")
     ((uri, raw_body),) = events.items()
-    if not isinstance(uri, str) or not uri.startswith(EVENT_URI_PREFIX):
+    if not uri.startswith(EVENT_URI_PREFIX):
         raise EventRejected("unknown event type")
     try:
         event_type = EventType(uri.removeprefix(EVENT_URI_PREFIX))
@@ -221,20 +229,32 @@ def _parse_payload(payload: dict[str, Any], subject: str, issuer: str) -> Securi
         raise EventRejected("unknown event type") from error
     if subject != event_type.subject:
         raise EventRejected("event published on the wrong subject")
-    fields = _FIELD_TYPES[event_type]
-    if not isinstance(raw_body, dict) or not all(
-        isinstance(raw_body.get(name), kind) and not isinstance(raw_body.get(name), bool)
-        for name, kind in fields.items()
-    ):
+    if type(raw_body) is not dict:
         raise EventRejected("event body malformed")
+    fields = _FIELD_TYPES[event_type]
+    # Members a newer publisher may add are ignored (as unknown JWT claims are): failing on them would
+    # make every older receiver drop revocations during a rolling upgrade.
+    for name, kind in fields.items():
+        value = raw_body.get(name)
+        if kind is int:
+            valid = type(value) is int and 0 <= value < _MAX_INTEGER
+        else:
+            valid = (
+                type(value) is str
+                and len(value) <= MAX_EVENT_STRING
+                and (bool(value) or name in _MAY_BE_EMPTY)
+            )
+        if not valid:
+            raise EventRejected(f"event body member {name!r} missing or invalid")
     body = _BODY_TYPES[event_type](**{name: raw_body[name] for name in fields})
     event_id, issued_at, toe = payload.get("jti"), payload.get("iat"), payload.get("toe")
-    if not isinstance(event_id, str) or not event_id or len(event_id) > 128:
-        raise EventRejected("event id missing")
-    if isinstance(issued_at, bool) or not isinstance(issued_at, int):
-        raise EventRejected("event iat missing")
-    if isinstance(toe, bool) or not isinstance(toe, int | float):
-        raise EventRejected("event toe missing")
+    if type(event_id) is not str or not 0 < len(event_id) <= MAX_EVENT_STRING:
+        raise EventRejected("event id missing or invalid")
+    if type(issued_at) is not int or not 0 <= issued_at < _MAX_SECONDS:
+        raise EventRejected("event iat missing or invalid")
+    # JSON has no infinity, but 1e999 parses as one: only finite, plausible times.
+    if isinstance(toe, bool) or not isinstance(toe, int | float) or not 0 <= toe < _MAX_SECONDS:
+        raise EventRejected("event toe missing or invalid")
     origin = payload.get("txn", "")
     return SecurityEvent(
         event_id=event_id,
@@ -242,5 +262,5 @@ def _parse_payload(payload: dict[str, Any], subject: str, issuer: str) -> Securi
         issued_at=issued_at,
         occurred_at_ms=round(toe * 1000),
         body=body,
-        origin=origin if isinstance(origin, str) else "",
+        origin=origin if type(origin) is str and len(origin) <= MAX_EVENT_STRING else "",
     )

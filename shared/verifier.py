@@ -20,6 +20,7 @@ from shared.claims import ACCESS_TOKEN_TYPE, AccessClaims
 from shared.errors import (
     TokenExpired,
     TokenNotYetValid,
+    TokenTooLarge,
     WrongAudience,
     WrongIssuer,
     WrongTokenType,
@@ -27,6 +28,8 @@ from shared.errors import (
 from shared.jose import MAX_TOKEN_BYTES, decode_compact, verify_signature
 
 Clock = Callable[[], float]
+# RFC 9068 §4: a resource server accepts exactly these two spellings of the access-token type.
+ACCESS_TOKEN_TYPES = frozenset({ACCESS_TOKEN_TYPE, "application/" + ACCESS_TOKEN_TYPE})
 
 
 class KeySource(Protocol):
@@ -103,6 +106,12 @@ class TokenVerifier:
         self._policy = policy
         self._clock = clock
         self._cache: OrderedDict[str, AccessClaims] = OrderedDict()
+        # The policy is frozen: its fields are copied once so the hot path reads plain attributes.
+        self._issuer = policy.issuer
+        self._audience = policy.audience
+        self._leeway = policy.leeway
+        self._max_bytes = policy.max_token_bytes
+        self._cache_size = policy.cache_size
 
     @property
     def policy(self) -> VerifierPolicy:
@@ -121,18 +130,23 @@ class TokenVerifier:
         Raises:
             TokenRejected: One subclass per reason (see :mod:`shared.errors`).
         """
+        # The size cap comes first, before the token is even hashed for the cache lookup.
+        if len(token) > self._max_bytes:
+            raise TokenTooLarge()
         now = self._clock()
         cached = self._cache.get(token)
         if cached is not None:
+            # A hit skips only the signature and the parsing: time and revocation are checked anew.
             self._check_times(cached, now)
             self._revocations.check(cached)
             return cached
         claims = self._verify_uncached(token, now)
         self._revocations.check(claims)
-        if self._policy.cache_size:
-            self._cache[token] = claims
-            if len(self._cache) > self._policy.cache_size:
-                self._cache.popitem(last=False)
+        if self._cache_size > 0:
+            cache = self._cache
+            cache[token] = claims
+            if len(cache) > self._cache_size:
+                cache.popitem(last=False)
         return claims
 
     def forget(self) -> None:
@@ -140,21 +154,23 @@ class TokenVerifier:
         self._cache.clear()
 
     def _verify_uncached(self, token: str, now: float) -> AccessClaims:
-        jws = decode_compact(token, max_bytes=self._policy.max_token_bytes)
-        if jws.unverified_header.get("typ") != ACCESS_TOKEN_TYPE:
+        jws = decode_compact(token, max_bytes=self._max_bytes)
+        header = jws.unverified_header
+        typ = header.get("typ")
+        if type(typ) is not str or typ not in ACCESS_TOKEN_TYPES:
             raise WrongTokenType()
-        key = self._keys.public_key(jws.kid)
-        verify_signature(key, jws.signing_input, jws.signature)
-        claims = AccessClaims.from_payload(jws.unverified_payload, jws.kid)
-        if claims.iss != self._policy.issuer:
+        kid: str = header["kid"]
+        verify_signature(self._keys.public_key(kid), jws.signing_input, jws.signature)
+        claims = AccessClaims.from_payload(jws.unverified_payload, kid)
+        if claims.iss != self._issuer:
             raise WrongIssuer()
-        if self._policy.audience not in claims.aud:
+        if self._audience not in claims.aud:
             raise WrongAudience()
         self._check_times(claims, now)
         return claims
 
     def _check_times(self, claims: AccessClaims, now: float) -> None:
-        leeway = self._policy.leeway
+        leeway = self._leeway
         if now >= claims.exp + leeway:
             raise TokenExpired()
         if now + leeway < claims.nbf or now + leeway < claims.iat:

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``authmesh bench``: each module measures one thing and reports against its goals."""
