@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-bench_app = typer.Typer(help="Measure authmesh against baselines taken in the same run.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Measure authmesh against baselines taken in the same run.", no_args_is_help=True
+)
 
 JsonOption = Annotated[Path | None, typer.Option("--json", help="also write the result as JSON to this file")]
 
