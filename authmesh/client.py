@@ -1,0 +1,573 @@
+"""A small async client for authmesh: the auth service, resource replicas, their health, a token file.
+
+The command-line client and the demo are built on it. Calls raise ``grpc.aio.AioRpcError`` as gRPC does;
+:class:`RpcProblem` turns one into the status code, the ``ErrorInfo`` reason and the message, which is
+all a person or a script needs to know about a failure. :meth:`ResourceApi.outcome` never raises for a
+refusal: it is what polling loops use to watch a token go from accepted to rejected.
+
+The token file keeps a login between commands. It holds live credentials, so it is written the way
+ssh treats private keys: created with mode 0600 through ``os.open`` (never readable by others, not even
+for a moment), replaced atomically, in a directory created 0700, and refused when its mode lets anyone
+else read it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import stat
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
+from shared.auth_client import channel_options
+from shared.errors import ConfigurationError
+from shared.grpc_errors import error_reason
+
+DEFAULT_AUTH_TARGET = "127.0.0.1:50051"
+DEFAULT_RESOURCE_TARGET = "127.0.0.1:50061"
+DEFAULT_TIMEOUT_SECONDS = 10.0
+TOKEN_FILE_NAME = "tokens.json"
+TOKEN_FILE_VERSION = 1
+ACCEPTED = "OK"
+# A token file is a few kilobytes; anything far larger is not ours.
+_MAX_TOKEN_FILE_BYTES = 64 * 1024
+_PRIVATE_FILE_MODE = 0o600
+_PRIVATE_DIR_MODE = 0o700
+
+
+@dataclass(frozen=True, slots=True)
+class RpcProblem:
+    """Why a call failed, in the terms of the contract.
+
+    Attributes:
+        code: The gRPC status code's name (``UNAUTHENTICATED``, ``UNAVAILABLE``, ...).
+        reason: The ``ErrorInfo.reason`` (``SESSION_REVOKED``, ...), when the server sent one.
+        message: The status message.
+    """
+
+    code: str
+    reason: str | None
+    message: str
+
+    @classmethod
+    def from_error(cls, error: grpc.aio.AioRpcError) -> RpcProblem:
+        """Read a failed call."""
+        return cls(code=error.code().name, reason=error_reason(error), message=error.details() or "")
+
+    @property
+    def label(self) -> str:
+        """The reason when there is one, else the status code: what a summary shows."""
+        return self.reason or self.code
+
+    def __str__(self) -> str:
+        head = f"{self.code} ({self.reason})" if self.reason else self.code
+        return f"{head}: {self.message}" if self.message else head
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """A token pair as issued, with absolute expiry times.
+
+    Attributes:
+        access_token: The ES256 JWT.
+        refresh_token: The opaque refresh token.
+        session_id: The session both belong to.
+        scopes: The granted scopes.
+        expires_at: When the access token expires, Unix seconds.
+        refresh_expires_at: When the refresh token expires, Unix seconds.
+    """
+
+    access_token: str
+    refresh_token: str
+    session_id: str
+    scopes: tuple[str, ...]
+    expires_at: float
+    refresh_expires_at: float
+
+    @classmethod
+    def from_pair(cls, pair: auth_pb2.TokenPair, now: float) -> Tokens:
+        """Tokens from a ``TokenPair`` received at Unix time ``now``."""
+        return cls(
+            access_token=pair.access_token,
+            refresh_token=pair.refresh_token,
+            session_id=pair.session_id,
+            scopes=tuple(pair.scope.split()),
+            expires_at=now + pair.expires_in,
+            refresh_expires_at=now + pair.refresh_expires_in,
+        )
+
+    def access_expired(self, now: float, margin: float = 5.0) -> bool:
+        """Whether the access token has expired, or will within ``margin`` seconds."""
+        return now + margin >= self.expires_at
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """A revocation the auth service made durable and broadcast.
+
+    Attributes:
+        revoked_at_unix_ms: When, by the auth service's clock.
+        event_id: The id of the event on ``AUTH_EVENTS``.
+    """
+
+    revoked_at_unix_ms: int
+    event_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRotation:
+    """The result of ``RotateSigningKey``.
+
+    Attributes:
+        kid: The new active signing key.
+        previous_kid: The key it replaced.
+    """
+
+    kid: str
+    previous_kid: str
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What a replica's ``WhoAmI`` said.
+
+    Attributes:
+        subject: ``sub`` of the token.
+        scopes: Its scopes.
+        session_id: ``sid``.
+        token_id: ``jti``.
+        instance: The replica that answered.
+    """
+
+    subject: str
+    scopes: tuple[str, ...]
+    session_id: str
+    token_id: str
+    instance: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How a replica answered one protected call.
+
+    Attributes:
+        label: ``OK`` when accepted, else the error reason (or the status code without one).
+        code: The gRPC status code's name (``OK`` when accepted).
+        instance: The replica that answered, when it accepted.
+    """
+
+    label: str
+    code: str
+    instance: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the call was accepted."""
+        return self.code == ACCEPTED
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """One service's ``grpc.health.v1`` answer.
+
+    Attributes:
+        target: Where it was asked.
+        status: ``SERVING``, ``NOT_SERVING``, ... or ``UNREACHABLE``.
+        detail: Why it could not be asked, when unreachable.
+    """
+
+    target: str
+    status: str
+    detail: str = ""
+
+    @property
+    def serving(self) -> bool:
+        """Whether the service says it serves."""
+        return self.status == "SERVING"
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    """Call metadata carrying ``token`` as a bearer token."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def check_health(channel: grpc.aio.Channel, target: str, call_timeout: float) -> Health:
+    """Ask a service's health endpoint (the whole server, service name ``""``).
+
+    Args:
+        channel: A channel to the service.
+        target: Its address, for the answer.
+        call_timeout: The call's gRPC deadline, seconds.
+
+    Returns:
+        The answer; ``UNREACHABLE`` when the call failed.
+    """
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        response = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=call_timeout)
+    except grpc.aio.AioRpcError as error:
+        return Health(target, "UNREACHABLE", str(RpcProblem.from_error(error)))
+    return Health(target, health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+
+class _Channel:
+    """An insecure channel to one target, opened on entry and closed on exit."""
+
+    def __init__(self, target: str, timeout: float) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._channel: grpc.aio.Channel | None = None
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            raise RuntimeError(f"the client for {self.target} is not open")
+        return self._channel
+
+    async def __aenter__(self) -> Self:
+        self._channel = grpc.aio.insecure_channel(self.target, options=channel_options())
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the channel (calls in flight are cancelled)."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close(grace=None)
+
+    async def health(self) -> Health:
+        """The service's health."""
+        return await check_health(self.channel, self.target, self.timeout)
+
+
+class AuthApi(_Channel):
+    """The auth service's RPCs, one method each (an async context manager).
+
+    Every method raises ``grpc.aio.AioRpcError`` when the call fails.
+
+    Args:
+        target: ``host:port`` of the auth service.
+        timeout: Deadline of each call, seconds.
+    """
+
+    def __init__(self, target: str, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+        super().__init__(target, timeout)
+        self._auth_stub: auth_pb2_grpc.AuthServiceAsyncStub | None = None
+        self._stub_for: grpc.aio.Channel | None = None
+
+    @property
+    def _stub(self) -> auth_pb2_grpc.AuthServiceAsyncStub:
+        channel = self.channel
+        if self._auth_stub is None or self._stub_for is not channel:
+            self._auth_stub, self._stub_for = auth_pb2_grpc.AuthServiceStub(channel), channel
+        return self._auth_stub
+
+    async def login(self, username: str, password: str, scopes: tuple[str, ...] = ()) -> Tokens:
+        """Log in; an empty ``scopes`` asks for every scope the user holds."""
+        request = auth_pb2.LoginRequest(username=username, password=password, scopes=list(scopes))
+        pair = await self._stub.Login(request, timeout=self.timeout)
+        return Tokens.from_pair(pair, time.time())
+
+    async def refresh(self, refresh_token: str) -> Tokens:
+        """Spend a refresh token for a new pair in the same session."""
+        pair = await self._stub.Refresh(
+            auth_pb2.RefreshRequest(refresh_token=refresh_token), timeout=self.timeout
+        )
+        return Tokens.from_pair(pair, time.time())
+
+    async def logout(self, refresh_token: str) -> Revocation:
+        """Revoke the refresh token's session."""
+        response = await self._stub.Logout(
+            auth_pb2.LogoutRequest(refresh_token=refresh_token), timeout=self.timeout
+        )
+        return _revocation(response)
+
+    async def revoke_token(self, caller: str, token: str, reason: str = "") -> Revocation:
+        """Revoke one access token, or a refresh token's session, as ``caller`` (an access token)."""
+        response = await self._stub.RevokeToken(
+            auth_pb2.RevokeTokenRequest(token=token, reason=reason),
+            metadata=bearer(caller),
+            timeout=self.timeout,
+        )
+        return _revocation(response)
+
+    async def revoke_session(self, caller: str, session_id: str, reason: str = "") -> Revocation:
+        """Revoke one session as ``caller``."""
+        response = await self._stub.RevokeSession(
+            auth_pb2.RevokeSessionRequest(session_id=session_id, reason=reason),
+            metadata=bearer(caller),
+            timeout=self.timeout,
+        )
+        return _revocation(response)
+
+    async def revoke_user(self, caller: str, subject: str, reason: str = "") -> Revocation:
+        """Revoke every session and token of a user, as ``caller`` (an admin)."""
+        response = await self._stub.RevokeUser(
+            auth_pb2.RevokeUserRequest(subject=subject, reason=reason),
+            metadata=bearer(caller),
+            timeout=self.timeout,
+        )
+        return _revocation(response)
+
+    async def rotate_signing_key(self, caller: str, *, retire_previous: bool = False) -> KeyRotation:
+        """Make a new signing key active, as ``caller`` (an admin); ``retire_previous`` for a compromise."""
+        response = await self._stub.RotateSigningKey(
+            auth_pb2.RotateSigningKeyRequest(retire_previous=retire_previous),
+            metadata=bearer(caller),
+            timeout=self.timeout,
+        )
+        return KeyRotation(kid=response.kid, previous_kid=response.previous_kid)
+
+    async def jwks(self) -> str:
+        """The public keys as JWK Set JSON text."""
+        response = await self._stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=self.timeout)
+        return response.jwks_json
+
+    async def create_user(self, caller: str, username: str, password: str, scopes: tuple[str, ...]) -> str:
+        """Add a user, as ``caller`` (an admin); returns its subject."""
+        response = await self._stub.CreateUser(
+            auth_pb2.CreateUserRequest(username=username, password=password, scopes=list(scopes)),
+            metadata=bearer(caller),
+            timeout=self.timeout,
+        )
+        return response.subject
+
+
+class ResourceApi(_Channel):
+    """One resource-service replica (an async context manager).
+
+    Args:
+        target: ``host:port`` of the replica.
+        timeout: Deadline of each call, seconds.
+    """
+
+    def __init__(self, target: str, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+        super().__init__(target, timeout)
+        self._resource_stub: resource_pb2_grpc.ResourceServiceAsyncStub | None = None
+        self._stub_for: grpc.aio.Channel | None = None
+
+    @property
+    def _stub(self) -> resource_pb2_grpc.ResourceServiceAsyncStub:
+        channel = self.channel
+        if self._resource_stub is None or self._stub_for is not channel:
+            self._resource_stub, self._stub_for = resource_pb2_grpc.ResourceServiceStub(channel), channel
+        return self._resource_stub
+
+    async def whoami(self, token: str, *, call_timeout: float | None = None) -> Identity:
+        """``WhoAmI`` with ``token``.
+
+        Raises:
+            grpc.aio.AioRpcError: The replica refused the token or could not be reached.
+        """
+        response = await self._stub.WhoAmI(
+            resource_pb2.WhoAmIRequest(), metadata=bearer(token), timeout=call_timeout or self.timeout
+        )
+        return Identity(
+            subject=response.subject,
+            scopes=tuple(response.scopes),
+            session_id=response.session_id,
+            token_id=response.token_id,
+            instance=response.instance,
+        )
+
+    async def outcome(self, token: str, *, call_timeout: float | None = None) -> Outcome:
+        """How the replica answers ``WhoAmI`` with ``token`` right now; never raises for a refusal."""
+        try:
+            identity = await self.whoami(token, call_timeout=call_timeout)
+        except grpc.aio.AioRpcError as error:
+            problem = RpcProblem.from_error(error)
+            return Outcome(label=problem.label, code=problem.code)
+        return Outcome(label=ACCEPTED, code=ACCEPTED, instance=identity.instance)
+
+
+def _revocation(response: auth_pb2.RevokeResponse) -> Revocation:
+    return Revocation(revoked_at_unix_ms=response.revoked_at_unix_ms, event_id=response.event_id)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredLogin:
+    """What the token file keeps: who logged in where, and the tokens.
+
+    Attributes:
+        auth_target: The auth service that issued the tokens.
+        username: Who logged in.
+        tokens: The current pair.
+    """
+
+    auth_target: str
+    username: str
+    tokens: Tokens
+
+    def with_tokens(self, tokens: Tokens) -> StoredLogin:
+        """The same login with a new pair (after a refresh)."""
+        return StoredLogin(self.auth_target, self.username, tokens)
+
+    def to_json(self) -> dict[str, Any]:
+        """The file's JSON document."""
+        tokens = asdict(self.tokens)
+        tokens["scopes"] = list(self.tokens.scopes)
+        return {
+            "version": TOKEN_FILE_VERSION,
+            "auth_target": self.auth_target,
+            "username": self.username,
+            "tokens": tokens,
+        }
+
+    @classmethod
+    def from_json(cls, document: object) -> StoredLogin:
+        """Read the file's JSON document.
+
+        Raises:
+            ValueError: It is not a token file this version wrote.
+        """
+        if not isinstance(document, dict) or document.get("version") != TOKEN_FILE_VERSION:
+            raise ValueError("not a version 1 token file")
+        tokens = document.get("tokens")
+        if not isinstance(tokens, dict):
+            raise ValueError("no tokens")
+        scopes = tokens.get("scopes")
+        if not isinstance(scopes, list) or not all(isinstance(scope, str) for scope in scopes):
+            raise ValueError("scopes must be a list of strings")
+        return cls(
+            auth_target=_text(document, "auth_target"),
+            username=_text(document, "username"),
+            tokens=Tokens(
+                access_token=_text(tokens, "access_token"),
+                refresh_token=_text(tokens, "refresh_token"),
+                session_id=_text(tokens, "session_id"),
+                scopes=tuple(scopes),
+                expires_at=_number(tokens, "expires_at"),
+                refresh_expires_at=_number(tokens, "refresh_expires_at"),
+            ),
+        )
+
+
+def _text(document: dict[str, Any], key: str) -> str:
+    value = document.get(key)
+    if not isinstance(value, str):
+        raise ValueError(f"{key} must be a string")
+    return value
+
+
+def _number(document: dict[str, Any], key: str) -> float:
+    value = document.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{key} must be a number")
+    return float(value)
+
+
+def default_token_path(environ: Mapping[str, str]) -> Path:
+    """Where the token file lives by default: ``$XDG_STATE_HOME/authmesh/tokens.json``.
+
+    Args:
+        environ: The process environment (passed in: this module reads no globals).
+
+    Returns:
+        ``$XDG_STATE_HOME/authmesh/tokens.json``, or ``~/.local/state/authmesh/tokens.json`` when
+        ``XDG_STATE_HOME`` is unset or not absolute (as the XDG specification says to treat it).
+    """
+    state_home = environ.get("XDG_STATE_HOME", "")
+    base = Path(state_home) if state_home and Path(state_home).is_absolute() else None
+    if base is None:
+        home = environ.get("HOME")
+        base = (Path(home) if home else Path.home()) / ".local" / "state"
+    return base / "authmesh" / TOKEN_FILE_NAME
+
+
+class TokenFile:
+    """The file that keeps a login between commands, readable by its owner only.
+
+    Args:
+        path: Where it lives.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> StoredLogin | None:
+        """The stored login, or None when there is no file.
+
+        Raises:
+            ConfigurationError: The file is not ours, others may read it, or it is not a token file.
+        """
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            descriptor = os.open(self.path, flags)
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise ConfigurationError(f"cannot read token file {self.path}: {error.strerror}") from error
+        with os.fdopen(descriptor, "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ConfigurationError(f"token file {self.path} is not a regular file")
+            if info.st_uid != os.getuid():
+                raise ConfigurationError(f"token file {self.path} belongs to another user")
+            if info.st_mode & 0o077:
+                raise ConfigurationError(
+                    f"token file {self.path} is accessible by others (mode {stat.S_IMODE(info.st_mode):o}); "
+                    "run: chmod 600 on it, or log in again after deleting it"
+                )
+            content = handle.read(_MAX_TOKEN_FILE_BYTES + 1)
+        if len(content) > _MAX_TOKEN_FILE_BYTES:
+            raise ConfigurationError(f"token file {self.path} is too large to be a token file")
+        try:
+            return StoredLogin.from_json(json.loads(content))
+        except ValueError as error:
+            raise ConfigurationError(f"token file {self.path} is damaged ({error}); log in again") from error
+
+    def save(self, login: StoredLogin) -> None:
+        """Write the login atomically, mode 0600, creating the directory (mode 0700) if missing.
+
+        Raises:
+            ConfigurationError: The file could not be written.
+        """
+        directory = self.path.parent
+        try:
+            if not directory.exists():
+                directory.mkdir(mode=_PRIVATE_DIR_MODE, parents=True)
+                os.chmod(directory, _PRIVATE_DIR_MODE)  # mkdir's mode is filtered by the umask
+            self._write(json.dumps(login.to_json(), indent=2).encode() + b"\n")
+        except OSError as error:
+            raise ConfigurationError(f"cannot write token file {self.path}: {error.strerror}") from error
+
+    def delete(self) -> bool:
+        """Remove the file; whether there was one."""
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _write(self, content: bytes) -> None:
+        # A fresh file created 0600 by this very call (O_EXCL), then renamed over the old one: the
+        # tokens are never in a file anyone else could open, nor in a half-written one.
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        descriptor = os.open(temporary, flags, _PRIVATE_FILE_MODE)
+        try:
+            with os.fdopen(descriptor, "wb") as handle:
+                os.fchmod(handle.fileno(), _PRIVATE_FILE_MODE)
+                handle.write(content)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+            raise

@@ -1,0 +1,245 @@
+"""``authmesh demo``: the token-theft-and-revocation story, told as it happens, with a summary.
+
+By default the demo starts a fresh local stack (NATS, Redis, the auth service, N replicas as local
+processes) with a short staleness bound, and stops it at the end. With ``--target-auth``,
+``--target-replicas`` and ``--admin`` it runs on a stack that is already up (compose, say); the act
+that cuts a replica off from NATS then is skipped, since only a stack the demo started can be cut.
+
+Exit codes: 0 when every act behaved as expected, 1 when one did not (or the stack would not start),
+2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from authmesh.demo import (
+    LOCAL_STALENESS_BOUND,
+    ActResult,
+    DemoReport,
+    DemoTarget,
+    Propagation,
+    ReplicaTarget,
+    run_demo,
+    run_local_demo,
+)
+from shared.errors import AuthError, ConfigurationError
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+DEFAULT_REPLICAS = 3
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``demo`` to the ``authmesh`` application."""
+    app.command("demo")(demo)
+
+
+def demo(
+    replicas: Annotated[
+        int, typer.Option("--replicas", min=1, max=16, help="Resource replicas of the local stack.")
+    ] = DEFAULT_REPLICAS,
+    staleness_bound: Annotated[
+        float,
+        typer.Option(
+            "--staleness-bound", min=0.2, max=60.0, help="The local stack's staleness bound, seconds."
+        ),
+    ] = LOCAL_STALENESS_BOUND,
+    target_auth: Annotated[
+        str | None,
+        typer.Option("--target-auth", help="Run on an existing stack: its auth service host:port."),
+    ] = None,
+    target_replicas: Annotated[
+        str | None,
+        typer.Option("--target-replicas", help="The existing stack's replicas: host:port,host:port,..."),
+    ] = None,
+    admin: Annotated[
+        str | None,
+        typer.Option(
+            "--admin",
+            envvar="AUTHMESH_BOOTSTRAP_ADMIN",
+            help="user:password of an admin of the existing stack.",
+            show_default=False,
+        ),
+    ] = None,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", dir_okay=False, help="Also write the results as JSON here.")
+    ] = None,
+    plot_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            dir_okay=False,
+            help="Also draw the timeline here (needs matplotlib: pip install 'authmesh\\[plot]').",
+        ),
+    ] = None,
+) -> None:
+    """Simulate a token theft and the revocations that stop it, measured on every replica."""
+    out = Console(highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    target = _existing_stack(target_auth, target_replicas, admin, err)
+    if plot_file is not None:
+        from authmesh.plot import require_matplotlib
+
+        try:
+            require_matplotlib()
+        except ConfigurationError as error:
+            err.print(f"[red]error[/red]: {escape(error.message)}")
+            raise typer.Exit(EXIT_USAGE) from None
+    narrator = RichNarrator(out)
+    try:
+        if target is None:
+            out.print(
+                f"Starting a local stack: NATS, Redis, the auth service and {replicas} replicas "
+                f"(staleness bound {staleness_bound:g} s)…"
+            )
+            report = asyncio.run(run_local_demo(replicas, narrator, staleness_bound=staleness_bound))
+        else:
+            out.print(f"Running on the stack at {escape(target.auth_grpc)}…")
+            username = f"alice-{secrets.token_hex(3)}"  # a shared stack may already have an alice
+            report = asyncio.run(run_demo(target, narrator, username=username))
+    except (AuthError, OSError) as error:
+        message = error.message if isinstance(error, AuthError) else str(error)
+        err.print(f"[red]error[/red]: the demo could not run: {escape(message)}")
+        raise typer.Exit(EXIT_FAILURE) from None
+    print_summary(out, report)
+    if json_file is not None:
+        json_file.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+        out.print(f"Results written to {escape(str(json_file))}")
+    if plot_file is not None:
+        from authmesh.plot import draw_timeline
+
+        draw_timeline(report, plot_file)
+        out.print(f"Timeline drawn to {escape(str(plot_file))}")
+    if not report.ok:
+        raise typer.Exit(EXIT_FAILURE)
+
+
+def _existing_stack(
+    auth: str | None, replicas: str | None, admin: str | None, err: Console
+) -> DemoTarget | None:
+    """The ``--target-*`` stack, or None for a local one; exits 2 when the flags are incomplete."""
+    if auth is None and replicas is None:
+        return None
+    addresses = [part.strip() for part in (replicas or "").split(",") if part.strip()]
+    username, _, password = (admin or "").partition(":")
+    problems = []
+    if auth is None or not addresses:
+        problems.append("--target-auth and --target-replicas go together")
+    if not username or not password:
+        problems.append("--admin user:password (or AUTHMESH_BOOTSTRAP_ADMIN) is needed with --target-auth")
+    if problems:
+        for problem in problems:
+            err.print(f"[red]usage error[/red]: {escape(problem)}")
+        raise typer.Exit(EXIT_USAGE)
+    assert auth is not None  # checked above
+    return DemoTarget(
+        auth_grpc=auth,
+        replicas=tuple(ReplicaTarget(name=address, grpc=address) for address in addresses),
+        admin=(username, password),
+    )
+
+
+class RichNarrator:
+    """Tells the story on a terminal as it happens.
+
+    Args:
+        console: Where to print.
+    """
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+
+    def act_started(self, number: int, title: str, story: str) -> None:
+        """A rule with the act's title, then its story."""
+        self._console.print()
+        self._console.rule(f"[bold]Act {number}[/bold] · {escape(title)}", align="left")
+        self._console.print(f"[dim]{escape(story)}[/dim]")
+
+    def step(self, text: str) -> None:
+        """One line."""
+        self._console.print(f"  • {escape(text)}")
+
+    def propagation(self, measured: Propagation) -> None:
+        """The action, then each replica's first rejection."""
+        self._console.print(
+            f"  ⏱ {escape(measured.action)} took {measured.action_ms:.1f} ms "
+            f"({escape(measured.action_result)}); watching {escape(measured.what)} on every replica:"
+        )
+        for timing in measured.replicas:
+            if timing.first_rejected_ms is not None and timing.label in measured.expected:
+                verdict = f"[green]refused after {timing.first_rejected_ms:8.1f} ms[/green]"
+            elif timing.rejected_before_action:
+                verdict = f"[red]refused before the action ({escape(timing.label)})[/red]"
+            elif timing.first_rejected_ms is not None:
+                verdict = f"[red]refused after {timing.first_rejected_ms:8.1f} ms[/red]"
+            else:
+                verdict = f"[red]still {escape(timing.label)} after {measured.deadline_s:g} s[/red]"
+            self._console.print(
+                f"      {escape(timing.replica):<16} {verdict}  {escape(timing.label)}  "
+                f"[dim]{timing.polls} polls[/dim]"
+            )
+
+    def act_finished(self, result: ActResult) -> None:
+        """The verdict, with every check that did not hold."""
+        if result.skipped:
+            self._console.print(f"  [yellow]– skipped[/yellow]: {escape(result.note or result.observed)}")
+            return
+        if result.ok:
+            self._console.print("  [green]✔ as expected[/green]")
+            return
+        self._console.print(f"  [red]✘ not as expected[/red]: {escape(result.observed)}")
+        for check in result.checks:
+            if not check.ok:
+                self._console.print(
+                    f"      {escape(check.description)}: expected {escape(check.expected)}, "
+                    f"observed {escape(check.observed)}"
+                )
+
+
+def print_summary(console: Console, report: DemoReport) -> None:
+    """The summary table: act, expected, observed, latency per replica (ms), verdict."""
+    table = Table(title="Summary", show_lines=True, title_justify="left")
+    table.add_column("act", no_wrap=True)
+    table.add_column("expected", ratio=1)
+    table.add_column("observed", ratio=1)
+    for name in report.replicas:
+        table.add_column(f"{escape(name)}\nms", justify="right", no_wrap=True)
+    table.add_column("", no_wrap=True)
+    for act in report.acts:
+        main = act.main_propagation
+        verdict = (
+            "[yellow]skipped[/yellow]" if act.skipped else "[green]✔[/green]" if act.ok else "[red]✘[/red]"
+        )
+        table.add_row(
+            f"{act.number} {escape(act.key)}",
+            escape(act.expected),
+            escape(act.observed),
+            *(_latency(main, name) for name in report.replicas),
+            verdict,
+        )
+    console.print()
+    console.print(table)
+    failed = [act for act in report.acts if not act.ok and not act.skipped]
+    if failed:
+        console.print(f"[red]{len(failed)} act(s) did not behave as expected.[/red]")
+    else:
+        console.print(f"[green]Every act behaved as expected[/green] ({report.duration_s:.1f} s).")
+
+
+def _latency(propagation: Propagation | None, replica: str) -> str:
+    if propagation is None:
+        return "–"
+    for timing in propagation.replicas:
+        if timing.replica == replica:
+            return "never" if timing.first_rejected_ms is None else f"{timing.first_rejected_ms:.1f}"
+    return "–"

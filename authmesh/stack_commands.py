@@ -1,0 +1,195 @@
+"""``authmesh up``, ``authmesh healthcheck`` and ``authmesh compose-env``.
+
+``up`` runs :class:`~authmesh.stack.LocalStack` until Ctrl-C or SIGTERM and prints where each part
+listens (or one JSON object with ``--json``). ``healthcheck`` asks a gRPC server for its health and exits
+0 only when it is SERVING (the compose healthchecks run it). ``compose-env`` prints fresh secrets for
+``docker-compose.yml`` as a ``.env`` file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from authmesh.stack import LocalStack, StackSecrets, grpc_health_status, new_password
+from shared.errors import AuthError
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+DEFAULT_REPLICAS = 3
+DEFAULT_HEALTH_TARGET = "127.0.0.1:50051"
+WATCH_SECONDS = 1.0
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``up``, ``healthcheck`` and ``compose-env`` to the ``authmesh`` command."""
+    app.command("up")(up)
+    app.command("healthcheck")(healthcheck)
+    app.command("compose-env")(compose_env)
+
+
+def up(
+    replicas: Annotated[
+        int, typer.Option("--replicas", min=1, max=16, help="How many resource-service replicas.")
+    ] = DEFAULT_REPLICAS,
+    nats_cluster: Annotated[
+        int,
+        typer.Option(
+            "--nats-cluster", help="1 for one NATS server, 3 for a cluster (the stream keeps 3 replicas)."
+        ),
+    ] = 1,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object instead of a table.")
+    ] = False,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            file_okay=False,
+            help="Keep data, logs and secrets here (reused next time); a temporary directory otherwise.",
+        ),
+    ] = None,
+) -> None:
+    """Run NATS (JetStream), Redis, the auth service and N resource replicas until interrupted."""
+    err = Console(stderr=True)
+    if nats_cluster not in (1, 3):
+        err.print("[red]--nats-cluster is 1 or 3[/red]")
+        raise typer.Exit(EXIT_USAGE)
+    if not json_output:
+        err.print(f"Starting the stack ({replicas} replica(s), {nats_cluster} NATS node(s))…")
+    try:
+        asyncio.run(_serve(replicas, nats_cluster, data_dir, json_output))
+    except AuthError as error:
+        err.print(f"[red]the stack did not start[/red]: {escape(error.message)}")
+        raise typer.Exit(EXIT_FAILURE) from None
+    if not json_output:
+        err.print("Stopped.")
+
+
+async def _serve(replicas: int, nats_cluster: int, data_dir: Path | None, json_output: bool) -> None:
+    """Start the stack, announce it, and stop it on SIGINT or SIGTERM (even while it is starting)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    announced = asyncio.Event()
+    main = asyncio.current_task()
+    assert main is not None  # asyncio.run runs this as a task
+
+    def interrupt() -> None:
+        # While starting, cancel the start; once up, let the stack stop in order.
+        if stop.is_set() or not announced.is_set():
+            main.cancel()
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupt)
+    try:
+        async with LocalStack(replicas=replicas, nats_cluster=nats_cluster, base_dir=data_dir) as stack:
+            _announce(stack, json_output)
+            announced.set()
+            await _watch(stack, stop)
+    except asyncio.CancelledError:
+        # Our own signal handler cancelled the start; the stack has already stopped what it started.
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _watch(stack: LocalStack, stop: asyncio.Event) -> None:
+    """Until ``stop`` is set, say on stderr when a part of the stack exits on its own."""
+    err = Console(stderr=True)
+    reported: set[str] = set()
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(WATCH_SECONDS):
+                await stop.wait()
+        for name, log in stack.exited().items():
+            if name not in reported:
+                reported.add(name)
+                err.print(f"[red]{escape(name)} has exited[/red]; its log: {escape(str(log))}")
+
+
+def _announce(stack: LocalStack, json_output: bool) -> None:
+    if json_output:
+        print(json.dumps(stack.describe()), flush=True)
+        return
+    description = stack.describe()
+    table = Table(title="authmesh stack", title_justify="left")
+    # Addresses are copied from here: never wrapped or cut; the notes give way on a narrow terminal.
+    for column in ("part", "address", "HTTP"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("notes", overflow="fold")
+    nats = description["nats"]
+    for index, (url, monitor) in enumerate(zip(nats["urls"], nats["monitor"], strict=True)):
+        table.add_row(f"nats-{index}", url, monitor.removeprefix("http://"), "JetStream, /healthz")
+    table.add_row("redis", description["redis"]["url"], "", "append-only, noeviction")
+    auth = description["auth"]
+    table.add_row("auth", auth["grpc"], auth["http"], "/.well-known/jwks.json")
+    for replica in description["replicas"]:
+        table.add_row(replica["name"], replica["grpc"], replica["http"], "/healthz, /metrics")
+    out = Console()
+    out.print(table)
+    admin = description["admin"]
+    out.print(f"admin: [bold]{escape(admin['username'])}[/bold] / [bold]{escape(admin['password'])}[/bold]")
+    out.print("client environment:")
+    for name, value in description["client_env"].items():
+        out.print(f"  export {name}={value}")
+    out.print(f"data and logs: {escape(description['data_dir'])}")
+    out.print("Press Ctrl-C to stop.")
+
+
+def healthcheck(
+    target: Annotated[
+        str, typer.Option("--target", help="The gRPC server's host:port.")
+    ] = DEFAULT_HEALTH_TARGET,
+    service: Annotated[
+        str, typer.Option("--service", help="The service to ask about; empty for the whole server.")
+    ] = "",
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, max=60, help="Seconds to wait.")] = 3.0,
+) -> None:
+    """Exit 0 when the gRPC server at --target reports SERVING (grpc.health.v1), else 1."""
+    status = asyncio.run(grpc_health_status(target, timeout, service))
+    if status == "SERVING":
+        print(status)
+        return
+    Console(stderr=True).print(f"{escape(target)}: {status or 'no answer'}")
+    raise typer.Exit(EXIT_FAILURE)
+
+
+def compose_environment(stack_secrets: StackSecrets | None = None) -> dict[str, str]:
+    """Every secret ``docker-compose.yml`` requires, freshly generated.
+
+    Args:
+        stack_secrets: Use these instead of new ones (the Redis password is always new).
+
+    Returns:
+        Variable name → value.
+    """
+    chosen = stack_secrets or StackSecrets.generate()
+    return {
+        "AUTHMESH_KEY_ENCRYPTION_KEY": chosen.key_encryption_key,
+        "AUTHMESH_BOOTSTRAP_ADMIN": chosen.admin.joined,
+        "AUTHMESH_SERVICE_ACCOUNT": chosen.service_account.joined,
+        "AUTHMESH_NATS_AUTH_PASSWORD": chosen.nats_auth.password,
+        "AUTHMESH_NATS_RESOURCE_PASSWORD": chosen.nats_resource.password,
+        "AUTHMESH_REDIS_PASSWORD": new_password(),
+    }
+
+
+def compose_env() -> None:
+    """Print fresh random secrets for docker-compose.yml, as a .env file: authmesh compose-env > .env"""
+    lines = ["# Secrets for docker-compose.yml, generated by `authmesh compose-env`. Keep this file private."]
+    lines += [f"{name}={value}" for name, value in compose_environment().items()]
+    with contextlib.suppress(BrokenPipeError):
+        print("\n".join(lines), flush=True)

@@ -1,0 +1,215 @@
+"""The demo end to end: on a stack that is already up (``--target-*``), and on a fresh local stack.
+
+The first runs against an auth service and two replicas in this process; the act that cuts a replica
+off from NATS is skipped there, as it is on any stack the demo did not start. The last test runs the
+whole story, that act included, on ``authmesh.stack.LocalStack`` (processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from importlib.machinery import ModuleSpec
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import typer
+from typer.testing import CliRunner, Result
+
+from auth_service.app import AuthApp
+from authmesh.demo import DemoReport, DemoTarget, ReplicaTarget, run_demo
+from authmesh.demo_commands import register
+from authmesh.processes import LOOPBACK, free_port
+from resource_service.app import ResourceApp
+from tests.auth_support import ADMIN, auth_settings, running_auth
+from tests.test_client_cli import running_replica
+
+ACTS = ("login", "theft", "revocation", "aftermath", "reuse", "key-compromise", "nats-cut")
+
+
+@dataclass
+class Stack:
+    """An auth service and replicas running in this process."""
+
+    auth: AuthApp
+    replicas: list[ResourceApp]
+
+    def target(self) -> DemoTarget:
+        """The stack as the demo sees one it did not start."""
+        return DemoTarget(
+            auth_grpc=self.auth.grpc_address,
+            replicas=tuple(
+                ReplicaTarget(replica.grpc_address, replica.grpc_address) for replica in self.replicas
+            ),
+            admin=ADMIN,
+        )
+
+    def flags(self) -> list[str]:
+        """The same as ``authmesh demo`` flags."""
+        replicas = ",".join(replica.grpc_address for replica in self.replicas)
+        return [
+            "--target-auth",
+            self.auth.grpc_address,
+            "--target-replicas",
+            replicas,
+            "--admin",
+            ":".join(ADMIN),
+        ]
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def stack(redis_url: str, nats_url: str) -> AsyncIterator[Stack]:
+    """An auth service and two replicas, in process."""
+    async with AsyncExitStack() as exits:
+        auth, _ = await exits.enter_async_context(running_auth(auth_settings(redis_url, [nats_url])))
+        replicas = [
+            await exits.enter_async_context(running_replica(auth, nats_url, f"replica-{name}"))
+            for name in "ab"
+        ]
+        yield Stack(auth, replicas)
+
+
+def cli() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+
+    @app.callback()
+    def root() -> None:
+        """A group, so that ``demo`` is a subcommand as in ``authmesh``."""
+
+    return app
+
+
+async def run_cli(*args: str) -> Result:
+    """``authmesh ARGS`` off the test's event loop (the command runs a loop of its own)."""
+    return await asyncio.to_thread(CliRunner().invoke, cli(), list(args))
+
+
+def assert_every_act_as_expected(report: DemoReport, *, skipped: tuple[str, ...] = ()) -> None:
+    assert [act.key for act in report.acts] == list(ACTS)
+    for act in report.acts:
+        failed = [check for check in act.checks if not check.ok]
+        assert act.ok, f"act {act.key}: {act.observed}; failed checks: {failed}"
+        assert act.skipped == (act.key in skipped), act.key
+    assert report.ok
+
+
+def assert_every_replica_measured(report: DemoReport, act_key: str, label: str) -> None:
+    act = next(act for act in report.acts if act.key == act_key)
+    measured = act.main_propagation
+    assert measured is not None
+    assert measured.ok
+    assert {timing.replica for timing in measured.replicas} == set(report.replicas)
+    for timing in measured.replicas:
+        assert timing.label == label
+        assert timing.first_rejected_ms is not None
+        assert timing.polls >= 1
+        assert not timing.rejected_before_action
+
+
+async def test_the_story_runs_on_an_existing_stack_and_skips_only_the_nats_cut(stack: Stack) -> None:
+    report = await run_demo(stack.target(), username="alice-existing")
+
+    assert_every_act_as_expected(report, skipped=("nats-cut",))
+    assert report.replicas == ("replica-a", "replica-b")  # named by the instance each reports
+    assert_every_replica_measured(report, "revocation", "SESSION_REVOKED")
+    assert_every_replica_measured(report, "reuse", "SESSION_REVOKED")
+    assert_every_replica_measured(report, "key-compromise", "KEY_REVOKED")
+    reuse = next(act for act in report.acts if act.key == "reuse")
+    assert reuse.main_propagation is not None
+    assert reuse.main_propagation.action_result == "REFRESH_TOKEN_REUSED"
+
+
+async def test_the_demo_command_writes_json_and_exits_zero_when_every_act_behaves(
+    stack: Stack, tmp_path: Path
+) -> None:
+    report_file = tmp_path / "demo.json"
+
+    result = await run_cli("demo", *stack.flags(), "--json", str(report_file))
+
+    assert result.exit_code == 0, result.output
+    assert "Summary" in result.stdout
+    assert "Every act behaved as expected" in result.stdout
+    document = json.loads(report_file.read_text())
+    assert document["ok"] is True
+    assert [act["key"] for act in document["acts"]] == list(ACTS)
+    revocation = document["acts"][2]["propagations"][0]
+    assert len(revocation["replicas"]) == 2
+    assert all(timing["first_rejected_ms"] > 0 for timing in revocation["replicas"])
+
+
+async def test_the_demo_command_draws_the_timeline(stack: Stack, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    picture = tmp_path / "timeline.png"
+
+    result = await run_cli("demo", *stack.flags(), "--plot", str(picture))
+
+    assert result.exit_code == 0, result.output
+    assert picture.read_bytes().startswith(b"\x89PNG")
+
+
+async def test_the_demo_exits_non_zero_when_an_act_does_not_behave(stack: Stack) -> None:
+    nowhere = f"{LOOPBACK}:{free_port()}"
+
+    result = await run_cli(
+        "demo",
+        "--target-auth",
+        stack.auth.grpc_address,
+        "--target-replicas",
+        nowhere,
+        "--admin",
+        ":".join(ADMIN),
+    )
+
+    assert result.exit_code == 1, result.output
+    assert "did not behave as expected" in result.stdout
+
+
+async def test_asking_for_a_plot_without_matplotlib_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    real_find_spec = importlib.util.find_spec
+
+    def without_matplotlib(name: str, package: str | None = None) -> ModuleSpec | None:
+        return None if name == "matplotlib" else real_find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", without_matplotlib)
+
+    result = await run_cli("demo", "--plot", str(tmp_path / "timeline.png"))
+
+    assert result.exit_code == 2
+    assert "pip install 'authmesh[plot]'" in result.stderr
+    assert not (tmp_path / "timeline.png").exists()
+
+
+async def test_the_target_flags_must_come_together() -> None:
+    result = await run_cli("demo", "--target-auth", f"{LOOPBACK}:1")
+
+    assert result.exit_code == 2
+    assert "--target-auth and --target-replicas go together" in result.stderr
+    assert "--admin" in result.stderr
+
+
+@pytest.mark.slow
+async def test_every_act_behaves_on_a_fresh_local_stack() -> None:
+    pytest.importorskip("authmesh.stack", reason="authmesh.stack.LocalStack is not available")
+    from authmesh.demo import run_local_demo
+
+    report = await run_local_demo(3, staleness_bound=1.0)
+
+    assert_every_act_as_expected(report)
+    assert len(report.replicas) == 3
+    for key, label in (
+        ("revocation", "SESSION_REVOKED"),
+        ("reuse", "SESSION_REVOKED"),
+        ("key-compromise", "KEY_REVOKED"),
+    ):
+        assert_every_replica_measured(report, key, label)
+    cut = next(act for act in report.acts if act.key == "nats-cut")
+    assert len(cut.propagations) == 2
+    assert {mark.label for mark in cut.marks} >= {"NATS cut", "NATS restored"}

@@ -1,0 +1,416 @@
+"""``LocalStack`` and ``authmesh up``: the whole stack as local processes, its NATS users, its faults."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import nats
+import nats.errors
+import pytest
+import pytest_asyncio
+from nats.aio.client import Client as NatsClient
+from nats.js.errors import NotFoundError
+
+from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
+from authmesh.stack import LocalStack, authmesh_command, grpc_health_status
+from shared.events import STREAM_NAME, EventType
+from shared.grpc_errors import error_reason
+from tests.waiting import eventually
+
+# Cheap password hashing and quick heartbeats and shutdowns: the stack is the subject, not Argon2.
+FAST_ENV = {
+    "AUTHMESH_ARGON2_TIME_COST": "1",
+    "AUTHMESH_ARGON2_MEMORY_KIB": "1024",
+    "AUTHMESH_ARGON2_PARALLELISM": "1",
+    "AUTHMESH_HEARTBEAT_INTERVAL": "0.2",
+    "AUTHMESH_SHUTDOWN_GRACE": "0.5",
+}
+STALENESS_BOUND = 1.0
+USER_PASSWORD = "correct horse battery staple"
+_GONE_TIMEOUT_SECONDS = 15.0
+_NATS_REQUEST_TIMEOUT_SECONDS = 1.0
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    """Call metadata carrying a bearer token."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+class StackClient:
+    """The few calls these tests make on a stack: log in, add a user, revoke a session, ask a replica.
+
+    Args:
+        auth_target: The auth service's gRPC address.
+        replica_targets: Each replica's gRPC address.
+        admin: The bootstrap admin's ``(username, password)``.
+    """
+
+    def __init__(self, auth_target: str, replica_targets: Iterable[str], admin: tuple[str, str]) -> None:
+        self._admin = admin
+        self._channels = [grpc.aio.insecure_channel(auth_target)]
+        self.auth: auth_pb2_grpc.AuthServiceAsyncStub = auth_pb2_grpc.AuthServiceStub(self._channels[0])
+        self.replicas: list[resource_pb2_grpc.ResourceServiceAsyncStub] = []
+        for target in replica_targets:
+            channel = grpc.aio.insecure_channel(target)
+            self._channels.append(channel)
+            self.replicas.append(resource_pb2_grpc.ResourceServiceStub(channel))
+
+    async def aclose(self) -> None:
+        """Close every channel."""
+        for channel in self._channels:
+            await channel.close()
+
+    async def login(self, username: str, password: str) -> auth_pb2.TokenPair:
+        """Log in."""
+        return await self.auth.Login(auth_pb2.LoginRequest(username=username, password=password), timeout=10)
+
+    async def admin_token(self) -> str:
+        """An access token of the bootstrap admin."""
+        return (await self.login(*self._admin)).access_token
+
+    async def create_user(self, username: str, password: str = USER_PASSWORD) -> str:
+        """Add a user with scope ``docs:read``; returns its subject."""
+        response = await self.auth.CreateUser(
+            auth_pb2.CreateUserRequest(username=username, password=password, scopes=["docs:read"]),
+            metadata=bearer(await self.admin_token()),
+            timeout=10,
+        )
+        return response.subject
+
+    async def revoke_session(self, session_id: str) -> None:
+        """Revoke a session as the admin; returns once the event is acknowledged by JetStream."""
+        await self.auth.RevokeSession(
+            auth_pb2.RevokeSessionRequest(session_id=session_id, reason="test"),
+            metadata=bearer(await self.admin_token()),
+            timeout=10,
+        )
+
+    async def whoami(self, replica: int, token: str) -> resource_pb2.WhoAmIResponse:
+        """``WhoAmI`` on one replica."""
+        return await self.replicas[replica].WhoAmI(
+            resource_pb2.WhoAmIRequest(), metadata=bearer(token), timeout=5
+        )
+
+    async def rejects(self, replica: int, token: str, reason: str) -> bool:
+        """Whether the replica refuses the token as UNAUTHENTICATED with ``reason``."""
+        try:
+            await self.whoami(replica, token)
+        except grpc.aio.AioRpcError as error:
+            return error.code() == grpc.StatusCode.UNAUTHENTICATED and error_reason(error) == reason
+        return False
+
+
+def process_is_gone(pid: int) -> bool:
+    """Whether ``pid`` no longer runs (absent, or a zombie waiting for whoever adopted it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in {"Z", "X"}
+
+
+async def all_gone(pids: Iterable[int]) -> bool:
+    """Whether every process in ``pids`` is gone, waiting for them up to a deadline."""
+    deadline = time.monotonic() + _GONE_TIMEOUT_SECONDS
+    while not all(process_is_gone(pid) for pid in pids):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+async def replica_health(stack: LocalStack, index: int) -> dict[str, Any]:
+    """The replica's ``/healthz`` document."""
+    url = f"http://{stack.replicas[index].http}/healthz"
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url, timeout=aiohttp.ClientTimeout(2)) as reply,
+    ):
+        document = await reply.json()
+    assert isinstance(document, dict)
+    return document
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
+    """One stack with one replica for the tests that do not stop it (they may cut and restore it)."""
+    async with LocalStack(
+        replicas=1,
+        base_dir=tmp_path_factory.mktemp("stack"),
+        env=FAST_ENV,
+        staleness_bound=STALENESS_BOUND,
+    ) as running:
+        yield running
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def client(stack: LocalStack) -> AsyncIterator[StackClient]:
+    """A client of the module's stack."""
+    client = StackClient(
+        stack.auth_grpc, [replica.grpc for replica in stack.replicas], stack.admin_credentials
+    )
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def resource_nats(stack: LocalStack) -> AsyncIterator[tuple[NatsClient, list[Exception]]]:
+    """A NATS connection as the ``resource`` user, and the asynchronous errors the server sent it."""
+    assert stack.secrets is not None
+    errors: list[Exception] = []
+
+    async def collect(error: Exception) -> None:
+        errors.append(error)
+
+    connection = await nats.connect(
+        servers=stack.nats_urls,
+        user=stack.secrets.nats_resource.username,
+        password=stack.secrets.nats_resource.password,
+        error_cb=collect,
+        connect_timeout=2,
+        max_reconnect_attempts=0,
+    )
+    try:
+        yield connection, errors
+    finally:
+        await connection.close()
+
+
+def refused(errors: list[Exception], subject: str) -> bool:
+    """Whether the server reported a permissions violation for publishing on ``subject``."""
+    # nats-py lower-cases the server's message.
+    expected = f'permissions violation for publish to "{subject}"'.lower()
+    return any(expected in str(error).lower() for error in errors)
+
+
+async def test_a_local_stack_serves_a_login_on_every_replica_and_leaves_no_process_after_stop(
+    tmp_path: Path,
+) -> None:
+    async with LocalStack(replicas=2, base_dir=tmp_path / "stack", env=FAST_ENV) as stack:
+        pids = stack.pids()
+        assert set(pids) == {"authmesh-nats", "redis", "auth", "resource-1", "resource-2"}
+        targets = [stack.auth_grpc, *(replica.grpc for replica in stack.replicas)]
+        assert [await grpc_health_status(target, 2) for target in targets] == ["SERVING"] * 3
+        client = StackClient(
+            stack.auth_grpc, [replica.grpc for replica in stack.replicas], stack.admin_credentials
+        )
+        try:
+            subject = await client.create_user("alice")
+            token = (await client.login("alice", USER_PASSWORD)).access_token
+
+            answers = [await client.whoami(index, token) for index in range(2)]
+        finally:
+            await client.aclose()
+        description = json.loads(json.dumps(stack.describe()))
+
+    assert [answer.instance for answer in answers] == ["resource-1", "resource-2"]
+    assert {answer.subject for answer in answers} == {subject}
+    assert description["auth"]["grpc"] == targets[0]
+    assert [replica["name"] for replica in description["replicas"]] == ["resource-1", "resource-2"]
+    assert await all_gone(pids.values())
+    assert stack.pids() == {}
+
+
+async def test_a_stack_restarted_on_its_data_directory_keeps_its_admin(tmp_path: Path) -> None:
+    async with LocalStack(replicas=0, base_dir=tmp_path, env=FAST_ENV) as stack:
+        first_admin = stack.admin_credentials
+    assert (tmp_path / "stack-secrets.json").stat().st_mode & 0o077 == 0
+
+    async with LocalStack(replicas=0, base_dir=tmp_path, env=FAST_ENV) as stack:
+        client = StackClient(stack.auth_grpc, [], stack.admin_credentials)
+        try:
+            assert (await client.login(*first_admin)).access_token
+        finally:
+            await client.aclose()
+        assert stack.admin_credentials == first_admin
+
+
+async def test_a_service_that_does_not_come_up_is_named_with_the_tail_of_its_log(tmp_path: Path) -> None:
+    stack = LocalStack(replicas=1, base_dir=tmp_path, env={"AUTHMESH_KEY_ENCRYPTION_KEY": "too-short"})
+
+    with pytest.raises(Exception, match=r"auth \(gRPC 127\.0\.0\.1:\d+\) did not become healthy") as raised:
+        async with stack:
+            pass
+
+    # The service's console may wrap its message; the words are what matters.
+    assert "AUTHMESH_KEY_ENCRYPTION_KEY must be at least 16 characters" in " ".join(str(raised.value).split())
+    assert stack.pids() == {}
+
+
+async def test_the_resource_nats_user_cannot_publish_an_event(
+    stack: LocalStack, resource_nats: tuple[NatsClient, list[Exception]]
+) -> None:
+    connection, errors = resource_nats
+    subject = EventType.TOKEN_REVOKED.subject
+    jetstream = connection.jetstream(timeout=_NATS_REQUEST_TIMEOUT_SECONDS)
+
+    with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+        await jetstream.publish(subject, b"forged")
+
+    async def reported() -> bool:
+        return refused(errors, subject)
+
+    await eventually(reported, within=5, what="the server to refuse the publish")
+    with pytest.raises(NotFoundError):
+        await jetstream.get_last_msg(STREAM_NAME, subject)
+
+
+@pytest.mark.parametrize("operation", ["DELETE", "PURGE"])
+async def test_the_resource_nats_user_cannot_delete_or_purge_the_event_stream(
+    stack: LocalStack, resource_nats: tuple[NatsClient, list[Exception]], operation: str
+) -> None:
+    connection, errors = resource_nats
+    jetstream = connection.jetstream(timeout=_NATS_REQUEST_TIMEOUT_SECONDS)
+    before = await jetstream.stream_info(STREAM_NAME)
+    attempt = jetstream.delete_stream if operation == "DELETE" else jetstream.purge_stream
+
+    with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+        await attempt(STREAM_NAME)
+
+    async def reported() -> bool:
+        return refused(errors, f"$JS.API.STREAM.{operation}.{STREAM_NAME}")
+
+    await eventually(reported, within=5, what=f"the server to refuse the {operation.lower()}")
+    after = await jetstream.stream_info(STREAM_NAME)
+    assert after.state.first_seq == before.state.first_seq
+    assert after.state.last_seq >= before.state.last_seq
+
+
+async def test_the_resource_nats_user_can_replay_the_event_stream(
+    stack: LocalStack, resource_nats: tuple[NatsClient, list[Exception]]
+) -> None:
+    connection, errors = resource_nats
+    jetstream = connection.jetstream(timeout=2)
+
+    subscription = await jetstream.subscribe(
+        EventType.HEARTBEAT.subject, stream=STREAM_NAME, ordered_consumer=True
+    )
+    try:
+        message = await subscription.next_msg(timeout=5)
+    finally:
+        await subscription.unsubscribe()
+
+    assert message.subject == EventType.HEARTBEAT.subject
+    assert errors == []
+
+
+async def test_a_revoked_session_is_rejected_by_the_replica(client: StackClient) -> None:
+    await client.create_user("bob")
+    pair = await client.login("bob", USER_PASSWORD)
+    assert (await client.whoami(0, pair.access_token)).instance == "resource-1"
+
+    await client.revoke_session(pair.session_id)
+
+    async def rejected() -> bool:
+        return await client.rejects(0, pair.access_token, "SESSION_REVOKED")
+
+    await eventually(rejected, within=5, what="the replica to reject the revoked session")
+
+
+async def test_a_replica_cut_off_from_nats_sees_the_disconnect_and_recovers_when_restored(
+    stack: LocalStack,
+) -> None:
+    async def connected(expected: bool) -> bool:
+        return (await replica_health(stack, 0))["nats_connected"] is expected
+
+    await stack.cut_nats(0)
+    try:
+        assert [link.state for link in stack.links[0]] == ["cut"]
+        await eventually(lambda: connected(False), within=10, what="the replica to see NATS gone")
+    finally:
+        await stack.restore_nats(0)
+
+    await eventually(lambda: connected(True), within=10, what="the replica to reconnect")
+
+
+async def test_a_silently_partitioned_replica_turns_degraded_and_recovers_when_restored(
+    stack: LocalStack,
+) -> None:
+    async def degraded(expected: bool) -> bool:
+        return (await replica_health(stack, 0))["degraded"] is expected
+
+    await stack.cut_nats(0, silent=True)
+    try:
+        assert stack.links[0][0].state == "silent"
+        await eventually(lambda: degraded(True), within=10, what="the replica to turn degraded")
+    finally:
+        await stack.restore_nats(0)
+
+    await eventually(lambda: degraded(False), within=10, what="heartbeats to reach the replica again")
+
+
+async def test_a_stopped_replica_starts_again_on_the_same_address(
+    stack: LocalStack, client: StackClient
+) -> None:
+    first_pid = stack.replica_processes[0].pid
+    assert first_pid is not None
+
+    await stack.stop_replica(0)
+    assert await grpc_health_status(stack.replicas[0].grpc, 1) is None
+    await stack.start_replica(0)
+
+    assert await all_gone([first_pid])
+    token = (await client.login(*stack.admin_credentials)).access_token
+    assert (await client.whoami(0, token)).instance == "resource-1"
+
+
+async def test_a_replica_that_dies_on_its_own_is_reported_and_starts_again(
+    stack: LocalStack, client: StackClient
+) -> None:
+    pid = stack.replica_processes[0].pid
+    assert pid is not None
+
+    os.kill(pid, signal.SIGKILL)
+
+    async def reported() -> bool:
+        return "resource-1" in stack.exited()
+
+    await eventually(reported, within=10, what="the stack to notice the replica is gone")
+    assert stack.exited()["resource-1"] == stack.replica_processes[0].log_path
+    await stack.start_replica(0)
+    assert stack.exited() == {}
+    token = (await client.login(*stack.admin_credentials)).access_token
+    assert (await client.whoami(0, token)).instance == "resource-1"
+
+
+async def test_authmesh_up_prints_the_stack_as_json_and_stops_everything_on_sigterm(tmp_path: Path) -> None:
+    process = await asyncio.create_subprocess_exec(
+        *authmesh_command("up", "--replicas", "1", "--json", "--data-dir", str(tmp_path)),
+        # The stack hands its environment's AUTHMESH_* settings down to the services.
+        env={**os.environ, **FAST_ENV},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(60):
+            line = await process.stdout.readline()
+        assert line, "authmesh up exited before printing the stack"
+        description = json.loads(line)
+        assert await grpc_health_status(description["auth"]["grpc"], 2) == "SERVING"
+        assert await grpc_health_status(description["replicas"][0]["grpc"], 2) == "SERVING"
+
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            status = await process.wait()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+    assert status == 0
+    assert description["admin"]["username"] == "admin"
+    assert description["client_env"] == {"AUTHMESH_AUTH_TARGET": description["auth"]["grpc"]}
+    assert await all_gone(description["pids"].values())
