@@ -1,0 +1,278 @@
+"""Composition root of a resource-service replica.
+
+It builds, in order: the auth-service client, the key cache, the denylist, the staleness monitor and the
+``Introspect`` fallback, the revocation consumer, the verifier and interceptor, the gRPC server (service,
+health, reflection) and the HTTP side (``/metrics``, ``/healthz``). Background loops (the revocation
+consumer, the service-token refresher, the readiness watcher) run under one ``asyncio.TaskGroup``.
+
+Health stays ``NOT_SERVING`` (and every protected call ``UNAVAILABLE``) until the revocation state has
+caught up with the stream. On stop: health ``NOT_SERVING``, gRPC drains for ``shutdown_grace``, then the
+loops are cancelled and the connections closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable
+from types import TracebackType
+from typing import Self
+
+import grpc
+import structlog
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Gauge
+
+from authmesh.resource.v1 import resource_pb2_grpc
+from resource_service.documents import sample_documents
+from resource_service.servicer import REQUIRED_SCOPES, SERVICE_NAME, ResourceServicer
+from shared.auth_client import AuthClient
+from shared.consumer import RevocationConsumer
+from shared.denylist import Denylist
+from shared.errors import ConfigurationError
+from shared.http_server import HttpServer, join_host_port, split_host_port
+from shared.interceptor import Authenticator, AuthInterceptor
+from shared.key_cache import KeyCache
+from shared.logs import configure_logging
+from shared.metrics import RevocationMetrics, ServiceMetrics, VerificationMetrics, gauge_function
+from shared.settings import ResourceSettings, credentials
+from shared.staleness import IntrospectionFallback, StalenessMonitor
+from shared.verifier import TokenVerifier, VerifierPolicy
+
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# A request is a document id; anything near this size is hostile.
+MAX_REQUEST_BYTES = 64 * 1024
+_log = structlog.get_logger(__name__)
+
+
+def grpc_server_options() -> list[tuple[str, int]]:
+    """Message limits and keepalive (clients must not ping more often than this allows)."""
+    return [
+        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+        ("grpc.max_metadata_size", 16 * 1024),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class ResourceApp:
+    """A running resource-service replica (an async context manager).
+
+    Args:
+        settings: Its settings.
+    """
+
+    def __init__(self, settings: ResourceSettings) -> None:
+        self.settings = settings
+        self.metrics = ServiceMetrics("resource", settings.instance)
+        self.denylist = Denylist(access_token_ttl=settings.access_token_ttl, leeway=settings.leeway)
+        self.staleness = StalenessMonitor(settings.staleness_bound)
+        account = credentials(settings.service_account) if settings.service_account else None
+        self.auth = AuthClient(settings.auth_target, service_account=account)
+        self.keys = KeyCache(self.auth.get_jwks)
+        self.fallback = (
+            IntrospectionFallback(
+                self.auth, max_age=settings.staleness_bound, timeout=min(1.0, settings.staleness_bound)
+            )
+            if account is not None
+            else None
+        )
+        self.consumer = RevocationConsumer(
+            settings,
+            self.denylist,
+            self.keys,
+            self.staleness,
+            snapshot=self.auth if account is not None else None,
+            observer=RevocationMetrics(self.metrics.registry),
+            name=f"resource-service {settings.instance}",
+        )
+        self._health = health_aio.HealthServicer()
+        self._stack = contextlib.AsyncExitStack()
+        self._server: grpc.aio.Server | None = None
+        self._http: HttpServer | None = None
+        self._loops: asyncio.Task[None] | None = None
+        self._grpc_port = 0
+        self._register_gauges()
+
+    @property
+    def grpc_address(self) -> str:
+        """Where gRPC listens (with the real port)."""
+        host, _ = split_host_port(self.settings.grpc_listen)
+        return join_host_port(host, self._grpc_port)
+
+    @property
+    def http_address(self) -> str:
+        """Where HTTP listens (with the real port)."""
+        return self._http.address if self._http is not None else self.settings.http_listen
+
+    @property
+    def ready(self) -> bool:
+        """Whether the revocation state has caught up and calls are served."""
+        return self.consumer.ready
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Graceful stop: health NOT_SERVING, drain gRPC, stop the loops, close connections."""
+        await self._stack.aclose()
+
+    async def _start(self) -> None:
+        settings = self.settings
+        await self._stack.enter_async_context(self.auth)
+        self._stack.push_async_callback(self.keys.aclose)
+        if self.fallback is not None:
+            self._stack.push_async_callback(self.fallback.aclose)
+
+        self._http = await self._stack.enter_async_context(
+            HttpServer(settings.http_listen, [web.get("/healthz", self._healthz)], self.metrics.registry)
+        )
+        self._loops = asyncio.get_running_loop().create_task(self._run_loops(), name="resource-loops")
+        self._stack.push_async_callback(self._stop_loops)
+
+        server = grpc.aio.server(
+            interceptors=[self.metrics.grpc_interceptor(), self._auth_interceptor()],
+            options=grpc_server_options(),
+        )
+        resource_pb2_grpc.add_ResourceServiceServicer_to_server(
+            ResourceServicer(settings.instance, sample_documents()), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._grpc_port = server.add_insecure_port(settings.grpc_listen)
+        if self._grpc_port == 0:
+            raise ConfigurationError(f"cannot listen on {settings.grpc_listen}")
+        await server.start()
+        self._server = server
+        self._stack.push_async_callback(self._stop_grpc)
+        _log.info("resource service started", grpc=self.grpc_address, http=self.http_address)
+
+    def _auth_interceptor(self) -> AuthInterceptor:
+        settings = self.settings
+        verifier = TokenVerifier(
+            self.keys,
+            self.denylist,
+            VerifierPolicy(issuer=settings.issuer, audience=settings.audience, leeway=settings.leeway),
+        )
+        authenticator = Authenticator(
+            verifier,
+            self.keys,
+            staleness=self.staleness,
+            fallback=self.fallback,
+            ready=lambda: self.consumer.ready,
+            metrics=VerificationMetrics(self.metrics.registry),
+        )
+        return AuthInterceptor(authenticator, required_scopes=REQUIRED_SCOPES)
+
+    async def _run_loops(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self.consumer.run(), name="revocation-consumer")
+            group.create_task(self.auth.run_token_refresher(), name="service-token-refresher")
+            group.create_task(self._serve_when_ready(), name="readiness")
+
+    async def _serve_when_ready(self) -> None:
+        await self.consumer.wait_ready()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        _log.info("resource service serving", instance=self.settings.instance)
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        await self._health.set("", status)
+        await self._health.set(SERVICE_NAME, status)
+
+    async def _stop_grpc(self) -> None:
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.settings.shutdown_grace)
+
+    async def _stop_loops(self) -> None:
+        loops, self._loops = self._loops, None
+        if loops is None:
+            return
+        loops.cancel()
+        try:
+            await loops
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+        except Exception:
+            _log.exception("background loop failed")
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        state = {
+            "instance": self.settings.instance,
+            "ready": self.consumer.ready,
+            "degraded": self.staleness.degraded,
+            "staleness_seconds": round(self.staleness.seconds, 3),
+            "nats_connected": self.consumer.connected,
+            "denylist_entries": len(self.denylist),
+        }
+        return web.json_response(state, status=200 if self.consumer.ready else 503)
+
+    def _denylist_size(self, kind: str) -> Callable[[], float]:
+        return lambda: float(getattr(self.denylist.sizes(), kind))
+
+    def _register_gauges(self) -> None:
+        registry = self.metrics.registry
+        entries = Gauge(
+            "authmesh_denylist_entries", "Revocations held in memory, by kind.", ["kind"], registry=registry
+        )
+        for kind in ("tokens", "sessions", "users", "keys"):
+            entries.labels(kind).set_function(self._denylist_size(kind))
+        gauge_function(
+            registry,
+            "authmesh_revocation_staleness_seconds",
+            "Seconds since the last heartbeat from the auth service.",
+            lambda: self.staleness.seconds,
+        )
+        gauge_function(
+            registry,
+            "authmesh_revocation_degraded",
+            "1 while the revocation state is stale and tokens are checked with Introspect.",
+            lambda: float(self.staleness.degraded),
+        )
+        gauge_function(
+            registry,
+            "authmesh_revocation_ready",
+            "1 once the revocation state has caught up with the stream.",
+            lambda: float(self.consumer.ready),
+        )
+
+
+async def serve(settings: ResourceSettings, stop: asyncio.Event) -> None:
+    """Run a replica until ``stop`` is set."""
+    async with ResourceApp(settings):
+        await stop.wait()
+
+
+def run(settings: ResourceSettings) -> None:
+    """Run a replica until SIGTERM or SIGINT, then stop gracefully."""
+    configure_logging(settings.log_level, settings.log_format)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(main())

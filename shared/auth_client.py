@@ -1,0 +1,267 @@
+"""The auth service as a resource service sees it: keys, introspection and the revocation snapshot.
+
+``GetJwks`` is open to anyone. ``Introspect`` and ``SnapshotRevocations`` need a token with scope
+``service``: the client logs in with the configured service account when it first needs one and keeps
+the token fresh with ``Refresh`` (logging in again when the refresh token is refused). Every failure to
+reach the auth service or to get an answer from it is an :class:`~shared.errors.Unavailable`, so callers
+fail closed on one exception type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+import grpc
+import structlog
+
+from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+from shared.denylist import SnapshotChunk
+from shared.errors import Unavailable
+from shared.events import SessionRevokedEvent, TokenRevokedEvent, UserRevokedEvent
+from shared.staleness import Introspection
+
+AUTH_UNAVAILABLE = "AUTH_UNAVAILABLE"
+SERVICE_SCOPE = "service"
+# Renew the service token when this share of its lifetime is left.
+_RENEW_AT_REMAINING = 1 / 3
+_MIN_RENEW_SECONDS = 1.0
+_RETRY_INITIAL_SECONDS = 0.5
+_RETRY_MAX_SECONDS = 10.0
+_log = structlog.get_logger(__name__)
+
+
+def channel_options() -> list[tuple[str, int]]:
+    """Client channel options: keepalive the servers permit, and quick reconnects after an outage."""
+    return [
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class _ServiceToken:
+    access_token: str
+    refresh_token: str
+    renew_at: float
+    expires_at: float
+
+
+class AuthClient:
+    """An async client for the auth service, used by resource services.
+
+    Args:
+        target: ``host:port`` of the auth service.
+        service_account: ``(username, password)`` for ``Introspect`` and ``SnapshotRevocations``.
+        timeout: Deadline of one unary call, seconds.
+        snapshot_timeout: Deadline of a whole ``SnapshotRevocations`` stream, seconds.
+        clock: Monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        service_account: tuple[str, str] | None = None,
+        timeout: float = 2.0,
+        snapshot_timeout: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._target = target
+        self._account = service_account
+        self._timeout = timeout
+        self._snapshot_timeout = snapshot_timeout
+        self._clock = clock
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: auth_pb2_grpc.AuthServiceAsyncStub | None = None
+        self._token: _ServiceToken | None = None
+        self._renew_lock = asyncio.Lock()
+        self._renewed = asyncio.Event()
+
+    @property
+    def has_service_account(self) -> bool:
+        """Whether ``Introspect`` and ``SnapshotRevocations`` can be called at all."""
+        return self._account is not None
+
+    async def __aenter__(self) -> Self:
+        self._channel = grpc.aio.insecure_channel(self._target, options=channel_options())
+        self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the channel."""
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close(grace=None)
+
+    async def get_jwks(self) -> str:
+        """The JWK Set as JSON text.
+
+        Raises:
+            Unavailable: The auth service could not be reached.
+        """
+        try:
+            response = await self._api().GetJwks(auth_pb2.GetJwksRequest(), timeout=self._timeout)
+        except grpc.aio.AioRpcError as error:
+            raise _unavailable("GetJwks", error) from error
+        return response.jwks_json
+
+    async def introspect(self, token: str) -> Introspection:
+        """Ask the auth service whether ``token`` is active.
+
+        Raises:
+            Unavailable: No service account, or the auth service could not answer.
+        """
+        request = auth_pb2.IntrospectRequest(token=token)
+        for attempt in range(2):
+            metadata = await self._service_metadata()
+            try:
+                response = await self._api().Introspect(request, metadata=metadata, timeout=self._timeout)
+            except grpc.aio.AioRpcError as error:
+                if attempt == 0 and error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    self._forget_token()  # our own token was refused: log in afresh, once
+                    continue
+                raise _unavailable("Introspect", error) from error
+            return Introspection(
+                active=response.active,
+                subject=response.subject,
+                session_id=response.session_id,
+                token_id=response.token_id,
+                inactive_reason=response.inactive_reason,
+            )
+        raise Unavailable("auth service refused the service account", code=AUTH_UNAVAILABLE)
+
+    async def snapshot(self) -> AsyncIterator[SnapshotChunk]:
+        """Stream the auth service's revocation snapshot.
+
+        Yields:
+            The snapshot in chunks; each carries the stream sequence it reflects.
+
+        Raises:
+            Unavailable: No service account, or the stream failed (chunks already yielded stay valid:
+                revocations only ever add).
+        """
+        metadata = await self._service_metadata()
+        call = self._api().SnapshotRevocations(
+            auth_pb2.SnapshotRevocationsRequest(), metadata=metadata, timeout=self._snapshot_timeout
+        )
+        try:
+            async for chunk in call:
+                yield _chunk(chunk)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+                self._forget_token()
+            raise _unavailable("SnapshotRevocations", error) from error
+        finally:
+            call.cancel()
+
+    async def run_token_refresher(self) -> None:
+        """Keep the service token fresh until cancelled (returns at once without a service account)."""
+        if self._account is None:
+            return
+        delay = _RETRY_INITIAL_SECONDS
+        while True:
+            token = self._token
+            wait = 0.0 if token is None else token.renew_at - self._clock()
+            if wait > 0:
+                self._renewed.clear()
+                # Wake early when a caller renewed it first, and re-read the new deadline.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._renewed.wait()
+                continue
+            try:
+                await self._renew(token)
+                delay = _RETRY_INITIAL_SECONDS
+            except Unavailable:
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311  # jitter, not a secret
+                delay = min(delay * 2, _RETRY_MAX_SECONDS)
+
+    async def _service_metadata(self) -> tuple[tuple[str, str], ...]:
+        token = self._token
+        if token is None or token.expires_at <= self._clock():
+            token = await self._renew(token)
+        return (("authorization", f"Bearer {token.access_token}"),)
+
+    async def _renew(self, stale: _ServiceToken | None) -> _ServiceToken:
+        """Replace ``stale`` (refresh it, or log in when there is none or the refresh is refused)."""
+        if self._account is None:
+            raise Unavailable("no service account configured", code="SERVICE_ACCOUNT_MISSING")
+        async with self._renew_lock:
+            current = self._token
+            if current is not None and current is not stale:
+                return current  # renewed by someone else while we waited for the lock
+            pair: auth_pb2.TokenPair | None = None
+            if current is not None:
+                try:
+                    pair = await self._api().Refresh(
+                        auth_pb2.RefreshRequest(refresh_token=current.refresh_token), timeout=self._timeout
+                    )
+                except grpc.aio.AioRpcError as error:
+                    if error.code() != grpc.StatusCode.UNAUTHENTICATED:
+                        raise _unavailable("Refresh", error) from error
+            if pair is None:
+                pair = await self._login()
+            self._token = renewed = self._service_token(pair)
+            self._renewed.set()
+            return renewed
+
+    async def _login(self) -> auth_pb2.TokenPair:
+        if self._account is None:
+            raise Unavailable("no service account configured", code="SERVICE_ACCOUNT_MISSING")
+        username, password = self._account
+        try:
+            return await self._api().Login(
+                auth_pb2.LoginRequest(username=username, password=password, scopes=[SERVICE_SCOPE]),
+                timeout=self._timeout,
+            )
+        except grpc.aio.AioRpcError as error:
+            raise _unavailable("Login", error) from error
+
+    def _forget_token(self) -> None:
+        self._token = None
+        self._renewed.set()
+
+    def _service_token(self, pair: auth_pb2.TokenPair) -> _ServiceToken:
+        now = self._clock()
+        lifetime = max(float(pair.expires_in), _MIN_RENEW_SECONDS)
+        return _ServiceToken(
+            access_token=pair.access_token,
+            refresh_token=pair.refresh_token,
+            renew_at=now + max(lifetime * (1 - _RENEW_AT_REMAINING), _MIN_RENEW_SECONDS),
+            expires_at=now + lifetime,
+        )
+
+    def _api(self) -> auth_pb2_grpc.AuthServiceAsyncStub:
+        if self._stub is None:
+            raise Unavailable("auth client is closed", code=AUTH_UNAVAILABLE)
+        return self._stub
+
+
+def _unavailable(method: str, error: grpc.aio.AioRpcError) -> Unavailable:
+    _log.warning("auth service call failed", method=method, code=error.code().name)
+    return Unavailable(f"auth service {method} failed", code=AUTH_UNAVAILABLE)
+
+
+def _chunk(chunk: auth_pb2.RevocationSnapshotChunk) -> SnapshotChunk:
+    return SnapshotChunk(
+        tokens=tuple(TokenRevokedEvent(jti=token.jti, exp=token.exp) for token in chunk.tokens),
+        sessions=tuple(SessionRevokedEvent(sid=session.sid, sub=session.sub) for session in chunk.sessions),
+        users=tuple(UserRevokedEvent(sub=user.sub, not_before_ms=user.not_before_ms) for user in chunk.users),
+        retired_key_ids=tuple(chunk.retired_key_ids),
+        stream_sequence=chunk.stream_sequence,
+    )

@@ -1,0 +1,332 @@
+"""The in-memory revocation state of a resource service: what must be refused, and until when.
+
+Four kinds of entry, each applied idempotently (applying an event twice changes nothing):
+
+* a revoked access token (``jti``) until its ``exp`` plus the leeway, after which the verifier refuses
+  the token as expired anyway;
+* a revoked session (``sid``) for one access-token lifetime after the revocation, by when every token
+  issued in it has expired;
+* a revoked user (``sub``): every token issued at or before ``not_before_ms``, for one lifetime after it;
+* a retired signing key (``kid``), kept for the life of the process: a retired key may be compromised,
+  and a token freshly forged with it must be refused however late it shows up.
+
+Entries expire on their own, so memory is bounded by the revocations of one access-token lifetime.
+They are kept in *generations*: one set (or map) per window of expiry times, and a whole generation
+is dropped once its window has passed. A lookup asks each live generation (a handful of hash lookups),
+which keeps every entry exact by ``jti`` whatever ``exp`` an event carried, at the cost of an entry
+living up to one window longer than it must.
+
+Tokens authmesh issues carry a UUIDv7 ``jti``; the denylist keys them by 60 of its random bits, a
+small int (32 bytes) instead of a 36-character string (~85 bytes). Two jtis sharing those bits is a
+false revocation (fail closed) with probability ``revoked / 2**60`` per check. Other jtis are kept as
+strings.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass
+
+from shared.claims import AccessClaims
+from shared.errors import KeyRevoked, TokenRevoked
+from shared.events import (
+    EventBody,
+    KeyRevokedEvent,
+    SecurityEvent,
+    SessionRevokedEvent,
+    TokenRevokedEvent,
+    UserRevokedEvent,
+)
+from shared.verifier import Clock
+
+# Generations per access-token lifetime: more means tighter expiry and more lookups per check.
+GENERATIONS_PER_LIFETIME = 8
+_JTI_KEY_MASK = (1 << 60) - 1
+
+
+def jti_key(jti: str) -> Hashable:
+    """The compact key a ``jti`` is stored under: 60 random bits of a UUIDv7, else the string itself.
+
+    The test is deliberately cheap (it runs on every request): anything shaped like a UUIDv7 is keyed
+    by those bits. Two jtis sharing them can only make a token be refused, never accepted.
+    """
+    if len(jti) == 36 and jti[14] == "7" and jti[8] == jti[13] == jti[18] == jti[23] == "-":
+        try:
+            return int(jti[19:23] + jti[24:], 16) & _JTI_KEY_MASK
+        except ValueError:
+            pass
+    return jti
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotChunk:
+    """A part of the auth service's revocation snapshot, as plain values.
+
+    Attributes:
+        tokens: Revoked access tokens.
+        sessions: Revoked sessions.
+        users: Revoked users.
+        retired_key_ids: Retired signing keys.
+        stream_sequence: The last ``AUTH_EVENTS`` sequence the snapshot reflects (0: an empty stream).
+    """
+
+    tokens: tuple[TokenRevokedEvent, ...] = ()
+    sessions: tuple[SessionRevokedEvent, ...] = ()
+    users: tuple[UserRevokedEvent, ...] = ()
+    retired_key_ids: tuple[str, ...] = ()
+    stream_sequence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DenylistSizes:
+    """How many entries of each kind the denylist holds."""
+
+    tokens: int
+    sessions: int
+    users: int
+    keys: int
+
+    @property
+    def total(self) -> int:
+        """All entries."""
+        return self.tokens + self.sessions + self.users + self.keys
+
+
+class _ExpiringSet:
+    """Members that expire at a given time, kept in generations of ``width`` seconds."""
+
+    __slots__ = ("_generations", "_live", "_width")
+
+    def __init__(self, width: float) -> None:
+        self._width = width
+        self._generations: dict[int, set[Hashable]] = {}
+        # The generations as a list, for the lookup loop (rebuilt only when one is added or dropped).
+        self._live: list[set[Hashable]] = []
+
+    def add(self, member: Hashable, expires_at: float) -> bool:
+        index = math.floor(expires_at / self._width)
+        generation = self._generations.get(index)
+        if generation is None:
+            generation = self._generations[index] = set()
+            self._live = list(self._generations.values())
+        if member in generation:
+            return False
+        generation.add(member)
+        return True
+
+    def __contains__(self, member: Hashable) -> bool:
+        # A plain loop: any() with a generator costs several times more, and this runs per request.
+        for generation in self._live:  # noqa: SIM110
+            if member in generation:
+                return True
+        return False
+
+    def __len__(self) -> int:
+        return sum(len(generation) for generation in self._live)
+
+    def purge(self, now: float) -> None:
+        expired = [index for index in self._generations if (index + 1) * self._width <= now]
+        for index in expired:
+            del self._generations[index]
+        if expired:
+            self._live = list(self._generations.values())
+
+
+class _ExpiringMax:
+    """A map to the largest value given for each key, whose entries expire, in generations."""
+
+    __slots__ = ("_generations", "_live", "_width")
+
+    def __init__(self, width: float) -> None:
+        self._width = width
+        self._generations: dict[int, dict[str, int]] = {}
+        self._live: list[dict[str, int]] = []
+
+    def put(self, key: str, value: int, expires_at: float) -> bool:
+        index = math.floor(expires_at / self._width)
+        generation = self._generations.get(index)
+        if generation is None:
+            generation = self._generations[index] = {}
+            self._live = list(self._generations.values())
+        previous = generation.get(key)
+        if previous is not None and previous >= value:
+            return False
+        generation[key] = value
+        return True
+
+    def get(self, key: str) -> int | None:
+        found: int | None = None
+        for generation in self._live:
+            value = generation.get(key)
+            if value is not None and (found is None or value > found):
+                found = value
+        return found
+
+    def __len__(self) -> int:
+        return sum(len(generation) for generation in self._live)
+
+    def purge(self, now: float) -> None:
+        expired = [index for index in self._generations if (index + 1) * self._width <= now]
+        for index in expired:
+            del self._generations[index]
+        if expired:
+            self._live = list(self._generations.values())
+
+
+class Denylist:
+    """Revoked tokens, sessions, users and keys; a :class:`shared.verifier.RevocationCheck`.
+
+    Args:
+        access_token_ttl: Longest access-token lifetime, seconds (must match the auth service's).
+        leeway: Clock leeway the verifier allows on ``exp``, seconds.
+        clock: Current Unix time in seconds.
+    """
+
+    def __init__(self, *, access_token_ttl: float, leeway: float, clock: Clock = time.time) -> None:
+        self._lifetime = access_token_ttl + leeway
+        self._leeway = leeway
+        self._clock = clock
+        width = max(1.0, self._lifetime / GENERATIONS_PER_LIFETIME)
+        self._tokens = _ExpiringSet(width)
+        self._sessions = _ExpiringSet(width)
+        self._users = _ExpiringMax(width)
+        self._retired_keys: set[str] = set()
+        self._width = width
+        self._next_purge = 0.0
+
+    def check(self, claims: AccessClaims) -> None:
+        """Raise if the token, its session, its user or its signing key is revoked.
+
+        Raises:
+            KeyRevoked: Its signing key was retired.
+            TokenRevoked: With code ``TOKEN_REVOKED``, ``SESSION_REVOKED`` or ``USER_REVOKED``.
+        """
+        self._purge_if_due()
+        if claims.kid in self._retired_keys:
+            raise KeyRevoked()
+        if jti_key(claims.jti) in self._tokens:
+            raise TokenRevoked("token revoked", code="TOKEN_REVOKED")
+        if claims.sid in self._sessions:
+            raise TokenRevoked("session revoked", code="SESSION_REVOKED")
+        not_before_ms = self._users.get(claims.sub)
+        if not_before_ms is not None and claims.issued_at_ms <= not_before_ms:
+            raise TokenRevoked("user revoked", code="USER_REVOKED")
+
+    def apply(self, event: SecurityEvent) -> bool:
+        """Apply one broadcast event; events that revoke nothing are ignored.
+
+        Returns:
+            Whether the state changed (False for a repeat or an already expired entry).
+        """
+        return self.apply_body(event.body, occurred_at=event.occurred_at_ms / 1000)
+
+    def apply_body(self, body: EventBody, *, occurred_at: float) -> bool:
+        """Apply an event body that happened at ``occurred_at`` (Unix seconds).
+
+        Returns:
+            Whether the state changed.
+        """
+        self._purge_if_due()
+        match body:
+            case TokenRevokedEvent(jti=jti, exp=exp):
+                return self.revoke_token(jti, exp)
+            case SessionRevokedEvent(sid=sid):
+                return self.revoke_session(sid, revoked_at=occurred_at)
+            case UserRevokedEvent(sub=sub, not_before_ms=not_before_ms):
+                return self.revoke_user(sub, not_before_ms)
+            case KeyRevokedEvent(kid=kid):
+                return self.retire_key(kid)
+            case _:
+                return False
+
+    def revoke_token(self, jti: str, exp: int) -> bool:
+        """Refuse the token ``jti`` until ``exp`` (plus the leeway).
+
+        Returns:
+            Whether the state changed.
+        """
+        expires_at = exp + self._leeway
+        if expires_at <= self._clock():
+            return False
+        return self._tokens.add(jti_key(jti), expires_at)
+
+    def revoke_session(self, sid: str, *, revoked_at: float) -> bool:
+        """Refuse every token of session ``sid`` for one token lifetime after ``revoked_at``.
+
+        Returns:
+            Whether the state changed.
+        """
+        expires_at = revoked_at + self._lifetime
+        if expires_at <= self._clock():
+            return False
+        return self._sessions.add(sid, expires_at)
+
+    def revoke_user(self, sub: str, not_before_ms: int) -> bool:
+        """Refuse every token of ``sub`` issued at or before ``not_before_ms``.
+
+        Returns:
+            Whether the state changed.
+        """
+        expires_at = not_before_ms / 1000 + self._lifetime
+        if expires_at <= self._clock():
+            return False
+        return self._users.put(sub, not_before_ms, expires_at)
+
+    def retire_key(self, kid: str) -> bool:
+        """Refuse every token signed by ``kid`` from now on.
+
+        Returns:
+            Whether the state changed.
+        """
+        if kid in self._retired_keys:
+            return False
+        self._retired_keys.add(kid)
+        return True
+
+    def is_key_retired(self, kid: str) -> bool:
+        """Whether ``kid`` has been retired."""
+        return kid in self._retired_keys
+
+    def load(self, chunk: SnapshotChunk) -> None:
+        """Merge a snapshot chunk (revocations only ever add, so merging is always safe)."""
+        now = self._clock()
+        for token in chunk.tokens:
+            self.revoke_token(token.jti, token.exp)
+        for session in chunk.sessions:
+            # The snapshot does not say when a session was revoked: no later than now.
+            self.revoke_session(session.sid, revoked_at=now)
+        for user in chunk.users:
+            self.revoke_user(user.sub, user.not_before_ms)
+        self.retire_keys(chunk.retired_key_ids)
+
+    def retire_keys(self, kids: Iterable[str]) -> None:
+        """Retire several keys."""
+        for kid in kids:
+            self.retire_key(kid)
+
+    def purge(self) -> None:
+        """Drop every generation whose entries have all expired."""
+        now = self._clock()
+        self._tokens.purge(now)
+        self._sessions.purge(now)
+        self._users.purge(now)
+        self._next_purge = (math.floor(now / self._width) + 1) * self._width
+
+    def sizes(self) -> DenylistSizes:
+        """Entries held of each kind."""
+        self._purge_if_due()
+        return DenylistSizes(
+            tokens=len(self._tokens),
+            sessions=len(self._sessions),
+            users=len(self._users),
+            keys=len(self._retired_keys),
+        )
+
+    def __len__(self) -> int:
+        return self.sizes().total
+
+    def _purge_if_due(self) -> None:
+        if self._clock() >= self._next_purge:
+            self.purge()

@@ -1,0 +1,187 @@
+"""The async gRPC server interceptor any service adds to verify bearer tokens locally.
+
+Every call outside the open services (health, reflection, and any the service names) must carry
+``authorization: Bearer <access token>``. The :class:`Authenticator` decides:
+
+1. refuse everything (``UNAVAILABLE``) until the revocation state has caught up with the stream;
+2. verify the token with :class:`~shared.verifier.TokenVerifier` (signature with cached keys, claims,
+   denylist); a ``kid`` the cache does not know triggers one shared key refetch and a second try, and
+   when that refetch fails the call is ``UNAVAILABLE`` (``KEYS_UNAVAILABLE``), not ``UNAUTHENTICATED``;
+3. when the revocation state is stale, confirm the token with ``Introspect``
+   (:class:`~shared.staleness.IntrospectionFallback`).
+
+The interceptor then checks the method's required scope and hands the verified claims to the handler
+through a context variable (:func:`current_claims`); each call runs in its own task, so the variable
+never leaks from one call to another. Errors become statuses through :mod:`shared.grpc_errors`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping
+from contextvars import ContextVar
+from typing import Any
+
+import grpc
+
+from shared.claims import AccessClaims
+from shared.errors import AuthError, InsufficientScope, TokenMissing, Unavailable, UnknownKey
+from shared.grpc_errors import bearer_token, to_grpc_status
+from shared.jose import decode_compact
+from shared.key_cache import KeyCache
+from shared.metrics import Continuation, RpcHandler, VerificationMetrics, rebuild_handler
+from shared.staleness import REVOCATION_STATE_STALE, IntrospectionFallback, StalenessMonitor
+from shared.verifier import TokenVerifier
+
+# Methods of these services never need a token: load balancers and tools call them unauthenticated.
+OPEN_SERVICE_PREFIXES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+_claims: ContextVar[AccessClaims | None] = ContextVar("authmesh_claims", default=None)
+
+
+def current_claims() -> AccessClaims:
+    """The verified claims of the call being handled.
+
+    Raises:
+        TokenMissing: Called outside an authenticated call (a handler on an open method, say).
+    """
+    claims = _claims.get()
+    if claims is None:
+        raise TokenMissing()
+    return claims
+
+
+class Authenticator:
+    """Turns a bearer token into verified claims, or an error; the interceptor's whole decision.
+
+    Args:
+        verifier: Local verification (keys, claims, denylist).
+        keys: The key cache behind the verifier, for the unknown-``kid`` refetch.
+        staleness: How fresh the revocation state is; None when it is always trusted.
+        fallback: ``Introspect`` for tokens checked while stale; None refuses them instead.
+        ready: Whether the revocation state has caught up (no call is served before).
+        metrics: Verification outcomes.
+    """
+
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        keys: KeyCache,
+        *,
+        staleness: StalenessMonitor | None = None,
+        fallback: IntrospectionFallback | None = None,
+        ready: Callable[[], bool] = lambda: True,
+        metrics: VerificationMetrics | None = None,
+    ) -> None:
+        self._verifier = verifier
+        self._keys = keys
+        self._staleness = staleness
+        self._fallback = fallback
+        self._ready = ready
+        self._metrics = metrics
+
+    async def authenticate(self, token: str | None) -> AccessClaims:
+        """Verify a bearer token.
+
+        Args:
+            token: The token from the ``authorization`` metadata, or None when there was none.
+
+        Returns:
+            The verified claims.
+
+        Raises:
+            TokenRejected: The token is not acceptable (``UNAUTHENTICATED``).
+            Unavailable: The service cannot decide now (``UNAVAILABLE``).
+        """
+        try:
+            claims, degraded = await self._authenticate(token)
+        except AuthError as error:
+            if self._metrics is not None:
+                if isinstance(error, Unavailable):
+                    self._metrics.unavailable(error.code)
+                else:
+                    self._metrics.rejected(error.code)
+            raise
+        if self._metrics is not None:
+            self._metrics.accepted(degraded)
+        return claims
+
+    async def _authenticate(self, token: str | None) -> tuple[AccessClaims, bool]:
+        if not self._ready():
+            raise Unavailable("revocation state still loading", code=REVOCATION_STATE_STALE)
+        if token is None:
+            raise TokenMissing()
+        try:
+            claims = self._verifier.verify(token)
+        except UnknownKey:
+            # verify() decoded the token before asking for its key, so this cannot fail now.
+            if not await self._keys.refresh_for(decode_compact(token).kid):
+                raise
+            claims = self._verifier.verify(token)
+        staleness = self._staleness
+        if staleness is None or not staleness.degraded:
+            return claims, False
+        if self._fallback is None:
+            raise Unavailable("revocation state stale", code=REVOCATION_STATE_STALE)
+        await self._fallback.check(token, claims)
+        return claims, True
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Verifies the bearer token of every call that is not open, and enforces per-method scopes.
+
+    Args:
+        authenticator: Decides about each token.
+        required_scopes: Full method name (``/pkg.Service/Method``) → scope the token must hold.
+        open_methods: Full method names that need no token.
+        open_prefixes: Method-name prefixes that need no token (health and reflection by default).
+    """
+
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        *,
+        required_scopes: Mapping[str, str] | None = None,
+        open_methods: Collection[str] = (),
+        open_prefixes: tuple[str, ...] = OPEN_SERVICE_PREFIXES,
+    ) -> None:
+        self._authenticator = authenticator
+        self._required = dict(required_scopes or {})
+        self._open = frozenset(open_methods)
+        self._open_prefixes = open_prefixes
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> RpcHandler | None:
+        method = handler_call_details.method
+        handler = await continuation(handler_call_details)
+        if handler is None or method in self._open or method.startswith(self._open_prefixes):
+            return handler
+        try:
+            claims = await self._authenticator.authenticate(
+                bearer_token(handler_call_details.invocation_metadata)
+            )
+            scope = self._required.get(method)
+            if scope is not None and not claims.has_scope(scope):
+                raise InsufficientScope(scope)
+        except AuthError as error:
+            return _refusal(handler, error)
+        _claims.set(claims)
+        return handler
+
+
+def _refusal(handler: RpcHandler, error: AuthError) -> RpcHandler:
+    """A handler of the same kind that ends the call with the error's status."""
+    status = to_grpc_status(error)
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(status.code, status.details, status.trailing_metadata)
+
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(status.code, status.details, status.trailing_metadata)
+        yield  # pragma: no cover - abort raises; the yield makes this a stream handler
+
+    return rebuild_handler(handler, refuse_stream if handler.response_streaming else refuse)
