@@ -11,12 +11,8 @@ import signal
 from types import TracebackType
 from typing import Self
 
-import grpc
 import redis.asyncio as redis
 import structlog
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NatsClient
 
 from auth_service.core import ADMIN_SCOPE, SERVICE_SCOPE, AuthCore
@@ -28,7 +24,7 @@ from auth_service.publisher import EventPublisher
 from auth_service.servicer import AuthServicer
 from auth_service.store import AuthStore
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
-from shared.errors import ConfigurationError
+from shared.grpc_server import RunningServer, start_grpc_server
 from shared.http_server import HttpServer, join_host_port, split_host_port
 from shared.logs import configure_logging
 from shared.metrics import ServiceMetrics
@@ -36,21 +32,7 @@ from shared.nats_wiring import connect_nats, ensure_stream
 from shared.settings import AuthSettings, credentials
 
 SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
-# A request is a few short strings; anything near this size is hostile.
-MAX_REQUEST_BYTES = 64 * 1024
 _log = structlog.get_logger(__name__)
-
-
-def grpc_server_options() -> list[tuple[str, int]]:
-    """Limits and keepalive that both services use (clients must not ping more often than this)."""
-    return [
-        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-        ("grpc.max_metadata_size", 16 * 1024),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ]
 
 
 class AuthApp:
@@ -65,9 +47,7 @@ class AuthApp:
         self.metrics = ServiceMetrics("auth", settings.instance)
         self.registry = self.metrics.registry
         self._stack = contextlib.AsyncExitStack()
-        self._server: grpc.aio.Server | None = None
-        self._health = health_aio.HealthServicer()
-        self._grpc_port = 0
+        self._grpc: RunningServer | None = None
         self._http: HttpServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._nats: NatsClient | None = None
@@ -78,7 +58,7 @@ class AuthApp:
     def grpc_address(self) -> str:
         """Where gRPC listens (real port)."""
         host, _ = split_host_port(self.settings.grpc_listen)
-        return join_host_port(host, self._grpc_port)
+        return join_host_port(host, self._grpc.port if self._grpc else 0)
 
     @property
     def http_address(self) -> str:
@@ -131,23 +111,14 @@ class AuthApp:
         self.core = AuthCore(settings, store, keyring, passwords, self.publisher, counters)
         await self._ensure_accounts(self.core)
 
-        self._server = grpc.aio.server(
-            interceptors=[self.metrics.grpc_interceptor()], options=grpc_server_options()
+        servicer = AuthServicer(self.core)
+        self._grpc = await start_grpc_server(
+            settings.grpc_listen,
+            register=lambda server: auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server),
+            service_names=(SERVICE_NAME,),
+            interceptors=(self.metrics.grpc_interceptor(),),
+            serving=False,
         )
-        auth_pb2_grpc.add_AuthServiceServicer_to_server(AuthServicer(self.core), self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self._server,
-        )
-        self._grpc_port = self._server.add_insecure_port(settings.grpc_listen)
-        if self._grpc_port == 0:
-            raise ConfigurationError(f"cannot listen on {settings.grpc_listen}")
-        await self._server.start()
         self._stack.push_async_callback(self._stop_grpc)
 
         self._http = await self._stack.enter_async_context(
@@ -157,8 +128,7 @@ class AuthApp:
         )
         self._tasks.append(asyncio.create_task(self.publisher.run_heartbeat(settings.heartbeat_interval)))
         self._stack.push_async_callback(self._cancel_tasks)
-        await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-        await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        await self._grpc.set_serving(True)
         _log.info("auth service ready", grpc=self.grpc_address, http=self.http_address)
 
     def _public_base(self) -> str:
@@ -173,9 +143,8 @@ class AuthApp:
             await core.ensure_user(username, password, (SERVICE_SCOPE,))
 
     async def _stop_grpc(self) -> None:
-        await self._health.enter_graceful_shutdown()
-        if self._server is not None:
-            await self._server.stop(self.settings.shutdown_grace)
+        if self._grpc is not None:
+            await self._grpc.stop(self.settings.shutdown_grace)
 
     async def _cancel_tasks(self) -> None:
         for task in self._tasks:

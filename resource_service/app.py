@@ -19,12 +19,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
-import grpc
 import structlog
 from aiohttp import web
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import Gauge
 
 from authmesh.resource.v1 import resource_pb2_grpc
@@ -33,7 +29,7 @@ from resource_service.servicer import REQUIRED_SCOPES, SERVICE_NAME, ResourceSer
 from shared.auth_client import AuthClient
 from shared.consumer import RevocationConsumer
 from shared.denylist import Denylist
-from shared.errors import ConfigurationError
+from shared.grpc_server import RunningServer, start_grpc_server
 from shared.http_server import HttpServer, join_host_port, split_host_port
 from shared.interceptor import Authenticator, AuthInterceptor
 from shared.key_cache import KeyCache
@@ -43,22 +39,7 @@ from shared.settings import ResourceSettings, credentials
 from shared.staleness import IntrospectionFallback, StalenessMonitor
 from shared.verifier import TokenVerifier, VerifierPolicy
 
-HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-# A request is a document id; anything near this size is hostile.
-MAX_REQUEST_BYTES = 64 * 1024
 _log = structlog.get_logger(__name__)
-
-
-def grpc_server_options() -> list[tuple[str, int]]:
-    """Message limits and keepalive (clients must not ping more often than this allows)."""
-    return [
-        ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-        ("grpc.max_metadata_size", 16 * 1024),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ]
 
 
 class ResourceApp:
@@ -92,19 +73,17 @@ class ResourceApp:
             observer=RevocationMetrics(self.metrics.registry),
             name=f"resource-service {settings.instance}",
         )
-        self._health = health_aio.HealthServicer()
         self._stack = contextlib.AsyncExitStack()
-        self._server: grpc.aio.Server | None = None
+        self._grpc: RunningServer | None = None
         self._http: HttpServer | None = None
         self._loops: asyncio.Task[None] | None = None
-        self._grpc_port = 0
         self._register_gauges()
 
     @property
     def grpc_address(self) -> str:
         """Where gRPC listens (with the real port)."""
         host, _ = split_host_port(self.settings.grpc_listen)
-        return join_host_port(host, self._grpc_port)
+        return join_host_port(host, self._grpc.port if self._grpc else 0)
 
     @property
     def http_address(self) -> str:
@@ -143,26 +122,18 @@ class ResourceApp:
         self._http = await self._stack.enter_async_context(
             HttpServer(settings.http_listen, [web.get("/healthz", self._healthz)], self.metrics.registry)
         )
+        servicer = ResourceServicer(settings.instance, sample_documents())
+        self._grpc = await start_grpc_server(
+            settings.grpc_listen,
+            register=lambda server: resource_pb2_grpc.add_ResourceServiceServicer_to_server(servicer, server),
+            service_names=(SERVICE_NAME,),
+            interceptors=(self.metrics.grpc_interceptor(), self._auth_interceptor()),
+            serving=False,
+        )
+        # Loops start once the server exists (readiness flips its health); on stop, gRPC drains first
+        # (pushed last), while the consumer keeps applying revocations.
         self._loops = asyncio.get_running_loop().create_task(self._run_loops(), name="resource-loops")
         self._stack.push_async_callback(self._stop_loops)
-
-        server = grpc.aio.server(
-            interceptors=[self.metrics.grpc_interceptor(), self._auth_interceptor()],
-            options=grpc_server_options(),
-        )
-        resource_pb2_grpc.add_ResourceServiceServicer_to_server(
-            ResourceServicer(settings.instance, sample_documents()), server
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self._grpc_port = server.add_insecure_port(settings.grpc_listen)
-        if self._grpc_port == 0:
-            raise ConfigurationError(f"cannot listen on {settings.grpc_listen}")
-        await server.start()
-        self._server = server
         self._stack.push_async_callback(self._stop_grpc)
         _log.info("resource service started", grpc=self.grpc_address, http=self.http_address)
 
@@ -191,17 +162,13 @@ class ResourceApp:
 
     async def _serve_when_ready(self) -> None:
         await self.consumer.wait_ready()
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        assert self._grpc is not None  # the loops start after the server
+        await self._grpc.set_serving(True)
         _log.info("resource service serving", instance=self.settings.instance)
 
-    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
-        await self._health.set("", status)
-        await self._health.set(SERVICE_NAME, status)
-
     async def _stop_grpc(self) -> None:
-        await self._health.enter_graceful_shutdown()
-        if self._server is not None:
-            await self._server.stop(self.settings.shutdown_grace)
+        if self._grpc is not None:
+            await self._grpc.stop(self.settings.shutdown_grace)
 
     async def _stop_loops(self) -> None:
         loops, self._loops = self._loops, None

@@ -365,10 +365,12 @@ class RevocationConsumer:
                 # from the past (older than the bound itself) says how stale we are.
                 self._staleness.heartbeat(age if age > self._staleness.bound else 0.0)
         elif isinstance(body, KeyRotatedEvent):
-            # A replayed rotation is older than the keys fetched at start: nothing to fetch for it.
+            # A replayed rotation is older than the keys fetched at start: nothing to fetch for it. A live
+            # one was signed with the new key, so verifying it usually fetched that key already; a second
+            # unconditional fetch would wait out the cooldown while every event behind it waits too.
             if live:
                 try:
-                    await self._keys.refresh()
+                    await self._keys.refresh_for(body.kid)
                 except Unavailable:
                     _log.warning("key refresh after rotation failed; keys will be fetched on demand")
         else:
