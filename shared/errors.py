@@ -35,7 +35,8 @@ a status code in one table (``shared.grpc_errors``).
     ├── Unavailable                       UNAVAILABLE (STORE_UNAVAILABLE, BROKER_UNAVAILABLE,
     │                                     KEYS_UNAVAILABLE, REVOCATION_STATE_STALE, ...)
     ├── ConfigurationError                CONFIGURATION_INVALID (raised at start, never on the wire)
-    └── EventRejected                     EVENT_REJECTED (an event on NATS we cannot trust)
+    └── EventRejected                     EVENT_* (an event on NATS we cannot trust: EVENT_WRONG_SUBJECT,
+                                          EVENT_FOREIGN_ISSUER, EVENT_BAD_SIGNATURE, EVENT_MALFORMED, ...)
 """
 
 from __future__ import annotations

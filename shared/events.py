@@ -203,34 +203,34 @@ def decode_event(data: bytes, subject: str, keys: KeySource, issuer: str) -> Sec
     try:
         jws = decode_compact(data, max_bytes=MAX_EVENT_BYTES)
         if jws.unverified_header.get("typ") != SET_TYPE:
-            raise EventRejected("event is not a secevent+jwt")
+            raise EventRejected("event is not a secevent+jwt", code="EVENT_WRONG_TYPE")
         verify_signature(keys.public_key(jws.kid), jws.signing_input, jws.signature)
     except (UnknownKey, EventRejected):
         raise
     except KeyRevoked as error:
-        raise EventRejected("event signed with a retired key") from error
+        raise EventRejected("event signed with a retired key", code="EVENT_KEY_REVOKED") from error
     except TokenRejected as error:
-        raise EventRejected(f"event rejected: {error.message}") from error
+        raise EventRejected(f"event rejected: {error.message}", code=f"EVENT_{error.code}") from error
     return _parse_payload(jws.unverified_payload, subject, issuer)
 
 
 def _parse_payload(payload: dict[str, Any], subject: str, issuer: str) -> SecurityEvent:
     if payload.get("iss") != issuer:
-        raise EventRejected("event from a foreign issuer")
+        raise EventRejected("event from a foreign issuer", code="EVENT_FOREIGN_ISSUER")
     events = payload.get("events")
     if type(events) is not dict or len(events) != 1:
-        raise EventRejected("event must carry exactly one event")
+        raise EventRejected("event must carry exactly one event", code="EVENT_MALFORMED")
     ((uri, raw_body),) = events.items()
     if not uri.startswith(EVENT_URI_PREFIX):
-        raise EventRejected("unknown event type")
+        raise EventRejected("unknown event type", code="EVENT_UNKNOWN_TYPE")
     try:
         event_type = EventType(uri.removeprefix(EVENT_URI_PREFIX))
     except ValueError as error:
-        raise EventRejected("unknown event type") from error
+        raise EventRejected("unknown event type", code="EVENT_UNKNOWN_TYPE") from error
     if subject != event_type.subject:
-        raise EventRejected("event published on the wrong subject")
+        raise EventRejected("event published on the wrong subject", code="EVENT_WRONG_SUBJECT")
     if type(raw_body) is not dict:
-        raise EventRejected("event body malformed")
+        raise EventRejected("event body malformed", code="EVENT_MALFORMED")
     fields = _FIELD_TYPES[event_type]
     # Members a newer publisher may add are ignored (as unknown JWT claims are): failing on them would
     # make every older receiver drop revocations during a rolling upgrade.
@@ -245,16 +245,16 @@ def _parse_payload(payload: dict[str, Any], subject: str, issuer: str) -> Securi
                 and (bool(value) or name in _MAY_BE_EMPTY)
             )
         if not valid:
-            raise EventRejected(f"event body member {name!r} missing or invalid")
+            raise EventRejected(f"event body member {name!r} missing or invalid", code="EVENT_MALFORMED")
     body = _BODY_TYPES[event_type](**{name: raw_body[name] for name in fields})
     event_id, issued_at, toe = payload.get("jti"), payload.get("iat"), payload.get("toe")
     if type(event_id) is not str or not 0 < len(event_id) <= MAX_EVENT_STRING:
-        raise EventRejected("event id missing or invalid")
+        raise EventRejected("event id missing or invalid", code="EVENT_MALFORMED")
     if type(issued_at) is not int or not 0 <= issued_at < _MAX_SECONDS:
-        raise EventRejected("event iat missing or invalid")
+        raise EventRejected("event iat missing or invalid", code="EVENT_MALFORMED")
     # JSON has no infinity, but 1e999 parses as one: only finite, plausible times.
     if isinstance(toe, bool) or not isinstance(toe, int | float) or not 0 <= toe < _MAX_SECONDS:
-        raise EventRejected("event toe missing or invalid")
+        raise EventRejected("event toe missing or invalid", code="EVENT_MALFORMED")
     origin = payload.get("txn", "")
     return SecurityEvent(
         event_id=event_id,

@@ -128,7 +128,7 @@ def test_an_event_on_the_wrong_subject_is_rejected(key: SigningKey, keys: Static
     for subject in (EventType.HEARTBEAT.subject, EventType.KEY_ROTATED.subject, "auth.events.keys", ""):
         with pytest.raises(EventRejected, match="subject") as caught:
             decode_event(data, subject, keys, ISSUER)
-        assert caught.value.code == "EVENT_REJECTED"
+        assert caught.value.code == "EVENT_WRONG_SUBJECT"
 
 
 def test_an_event_from_a_foreign_issuer_is_rejected(key: SigningKey, keys: StaticKeys) -> None:
