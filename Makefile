@@ -3,7 +3,7 @@
 #
 #   make demo         the token-theft-and-revocation simulation on a local stack
 #   make up           the whole stack as local processes, until Ctrl-C
-#   make venv         .venv with `pip install -e '.[dev]'` (redone only when pyproject.toml changes)
+#   make venv         .venv with `pip install -e '.[dev,plot]'` (redone only when pyproject.toml changes)
 #   make test         the test suite (PYTEST_ARGS="-k cluster -x" to narrow it)
 #   make lint         ruff check + ruff format --check
 #   make format       ruff format + ruff check --fix
@@ -49,7 +49,7 @@ $(VENV_STAMP): pyproject.toml
 	  exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
 	  echo "could not create $(VENV); on Debian/Ubuntu: apt-get install python3-venv" >&2; exit 1; }
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,plot]'
 	@touch $@
 
 test: $(VENV_STAMP)
