@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from types import TracebackType
 from typing import Self
 
@@ -26,6 +25,7 @@ from auth_service.store import AuthStore
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from shared.grpc_server import RunningServer, start_grpc_server
 from shared.http_server import HttpServer, join_host_port, split_host_port
+from shared.lifecycle import run_until_signalled
 from shared.logs import configure_logging
 from shared.metrics import ServiceMetrics
 from shared.nats_wiring import connect_nats, ensure_stream
@@ -163,21 +163,7 @@ class AuthApp:
         await self._stack.aclose()
 
 
-async def serve(settings: AuthSettings, stop: asyncio.Event) -> None:
-    """Run until ``stop`` is set."""
-    async with AuthApp(settings):
-        await stop.wait()
-
-
 def run(settings: AuthSettings) -> None:
-    """Run the auth service until SIGTERM or SIGINT."""
+    """Run the auth service until SIGTERM or SIGINT, then stop gracefully."""
     configure_logging(settings.log_level, settings.log_format)
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    asyncio.run(main())
+    run_until_signalled(lambda: AuthApp(settings))

@@ -207,6 +207,10 @@ class ServerProcess:
         """The argument list that runs the server."""
         raise NotImplementedError
 
+    def environment(self) -> dict[str, str] | None:
+        """The child's environment; None hands it this process's own."""
+        return None
+
     def prepare(self) -> None:
         """Write whatever files the server needs before it starts (configuration)."""
 
@@ -316,6 +320,7 @@ class ServerProcess:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     cwd=self.data_dir,
+                    env=self.environment(),
                     start_new_session=True,
                 )
             except OSError as error:

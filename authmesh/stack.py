@@ -30,7 +30,6 @@ import os
 import secrets
 import shutil
 import string
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,7 +50,6 @@ from authmesh.processes import (
     NatsServer,
     RedisServer,
     ServerProcess,
-    _die_with_parent,
     free_ports,
 )
 from shared.errors import ConfigurationError
@@ -306,26 +304,9 @@ class ChildProcess(ServerProcess):
         """What the probe says."""
         return await self._probe(timeout)
 
-    def _spawn(self) -> None:
-        # ServerProcess hands its children the parent's environment; a service must get exactly its own.
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.prepare()
-        command = self.command()
-        with self.log_path.open("ab") as log:
-            log.write(f"--- authmesh: starting {' '.join(command)}\n".encode())
-            log.flush()
-            try:
-                self._process = subprocess.Popen(  # noqa: S603  # a fixed argument list, no shell
-                    _die_with_parent(command),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.data_dir,
-                    env=self._env,
-                    start_new_session=True,
-                )
-            except OSError as error:
-                raise ConfigurationError(f"cannot run {command[0]}: {error.strerror or error}") from error
+    def environment(self) -> dict[str, str]:
+        """Exactly the service's own environment, not the parent's."""
+        return self._env
 
 
 def authmesh_command(*args: str) -> list[str]:

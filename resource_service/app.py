@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from collections.abc import Callable
 from types import TracebackType
 from typing import Self
@@ -33,6 +32,7 @@ from shared.grpc_server import RunningServer, start_grpc_server
 from shared.http_server import HttpServer, join_host_port, split_host_port
 from shared.interceptor import Authenticator, AuthInterceptor
 from shared.key_cache import KeyCache
+from shared.lifecycle import run_until_signalled
 from shared.logs import configure_logging
 from shared.metrics import RevocationMetrics, ServiceMetrics, VerificationMetrics, gauge_function
 from shared.settings import ResourceSettings, credentials
@@ -225,21 +225,7 @@ class ResourceApp:
         )
 
 
-async def serve(settings: ResourceSettings, stop: asyncio.Event) -> None:
-    """Run a replica until ``stop`` is set."""
-    async with ResourceApp(settings):
-        await stop.wait()
-
-
 def run(settings: ResourceSettings) -> None:
     """Run a replica until SIGTERM or SIGINT, then stop gracefully."""
     configure_logging(settings.log_level, settings.log_format)
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    asyncio.run(main())
+    run_until_signalled(lambda: ResourceApp(settings))

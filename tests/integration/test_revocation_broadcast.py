@@ -47,7 +47,7 @@ class ReplicaProcess(ServerProcess):
 
     def __init__(self, name: str, data_dir: Path, environment: dict[str, str]) -> None:
         super().__init__(name, data_dir)
-        self.environment = environment
+        self.variables = environment
         grpc_port, http_port = free_ports(2)
         self.grpc_address = f"{LOOPBACK}:{grpc_port}"
         self.http_address = f"{LOOPBACK}:{http_port}"
@@ -56,7 +56,7 @@ class ReplicaProcess(ServerProcess):
         env = shutil.which("env")
         assert env is not None
         variables = {
-            **self.environment,
+            **self.variables,
             "AUTHMESH_INSTANCE": self.name,
             "AUTHMESH_GRPC_LISTEN": self.grpc_address,
             "AUTHMESH_HTTP_LISTEN": self.http_address,
