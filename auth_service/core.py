@@ -63,6 +63,7 @@ from shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
 ADMIN_SCOPE = "admin"
 SERVICE_SCOPE = "service"
 REFRESH_TOKEN_PREFIX = "amr_"
+KEY_RELOAD_COOLDOWN_SECONDS = 1.0
 _log = structlog.get_logger(__name__)
 
 
@@ -117,6 +118,7 @@ class AuthCore:
         self._publisher = publisher
         self._metrics = metrics
         self._clock = clock
+        self._last_key_reload = -KEY_RELOAD_COOLDOWN_SECONDS
         self._verifier = TokenVerifier(
             keyring,
             NoRevocations(),
@@ -414,6 +416,10 @@ class AuthCore:
         try:
             return self._verifier.verify(token)
         except UnknownKey:
+            # Garbage kids must not each cost a Redis reload: at most one per cooldown.
+            if time.monotonic() - self._last_key_reload < KEY_RELOAD_COOLDOWN_SECONDS:
+                raise
+            self._last_key_reload = time.monotonic()
             await self._keyring.reload()
             return self._verifier.verify(token)
 

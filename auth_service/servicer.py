@@ -185,7 +185,8 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
             )
             if index == 0:
                 chunk.sessions.extend(
-                    auth_pb2.RevokedSession(sid=sid, sub=sub) for sid, sub in snapshot.sessions
+                    auth_pb2.RevokedSession(sid=sid, sub=sub, revoked_at_unix_ms=revoked_ms)
+                    for sid, sub, revoked_ms in snapshot.sessions
                 )
                 chunk.users.extend(
                     auth_pb2.RevokedUser(sub=sub, not_before_ms=nbf) for sub, nbf in snapshot.users

@@ -191,6 +191,11 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _sid_and_sub(member: Any) -> tuple[str, str]:
+    sid, _, sub = _text(member).partition(" ")
+    return sid, sub
+
+
 @dataclass(frozen=True, slots=True)
 class UserRecord:
     """A stored user."""
@@ -259,7 +264,7 @@ class RevocationSnapshot:
     """Every revocation still in force."""
 
     tokens: list[tuple[str, int]]
-    sessions: list[tuple[str, str]]
+    sessions: list[tuple[str, str, int]]
     users: list[tuple[str, int]]
     retired_key_ids: list[str]
 
@@ -474,13 +479,13 @@ class AuthStore:
             pipe.zremrangebyscore(REVOKED_SESSIONS, "-inf", horizon)
             pipe.zremrangebyscore(REVOKED_USERS, "-inf", horizon)
             pipe.zrange(REVOKED_JTIS, 0, -1, withscores=True)
-            pipe.zrange(REVOKED_SESSIONS, 0, -1)
+            pipe.zrange(REVOKED_SESSIONS, 0, -1, withscores=True)
             pipe.zrange(REVOKED_USERS, 0, -1, withscores=True)
             pipe.zrange(RETIRED_KEYS, 0, -1)
             *_, tokens, sessions, users, retired = await pipe.execute()
         return RevocationSnapshot(
             tokens=[(_text(jti), int(exp)) for jti, exp in tokens],
-            sessions=[tuple(_text(member).split(" ", 1)) for member in sessions],  # type: ignore[misc]
+            sessions=[(*_sid_and_sub(member), int(revoked_ms)) for member, revoked_ms in sessions],
             users=[(_text(sub), int(nbf)) for sub, nbf in users],
             retired_key_ids=[_text(kid) for kid in retired],
         )

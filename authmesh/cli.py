@@ -9,7 +9,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from authmesh import client_commands, demo_commands, stack_commands
+from authmesh import client_commands, demo_commands, soak_commands, stack_commands
 from authmesh.bench import commands as bench_commands
 from shared.errors import AuthError
 from shared.settings import AuthSettings, CommonSettings, ResourceSettings
@@ -68,7 +68,7 @@ def _run_service(start: Callable[[], None]) -> None:
         raise typer.Exit(1) from None
 
 
-for commands in (client_commands, demo_commands, stack_commands, bench_commands):
+for commands in (client_commands, demo_commands, stack_commands, soak_commands, bench_commands):
     commands.register(app)
 
 

@@ -261,6 +261,11 @@ def _chunk(chunk: auth_pb2.RevocationSnapshotChunk) -> SnapshotChunk:
     return SnapshotChunk(
         tokens=tuple(TokenRevokedEvent(jti=token.jti, exp=token.exp) for token in chunk.tokens),
         sessions=tuple(SessionRevokedEvent(sid=session.sid, sub=session.sub) for session in chunk.sessions),
+        session_revoked_at_ms={
+            session.sid: session.revoked_at_unix_ms
+            for session in chunk.sessions
+            if session.revoked_at_unix_ms
+        },
         users=tuple(UserRevokedEvent(sub=user.sub, not_before_ms=user.not_before_ms) for user in chunk.users),
         retired_key_ids=tuple(chunk.retired_key_ids),
         stream_sequence=chunk.stream_sequence,

@@ -360,10 +360,10 @@ class RevocationConsumer:
         body = event.body
         if isinstance(body, HeartbeatEvent):
             if live:
-                age = self._clock() - event.occurred_at_ms / 1000
-                # A live heartbeat counts as now even if clocks disagree a little; only one clearly
-                # from the past (older than the bound itself) says how stale we are.
-                self._staleness.heartbeat(age if age > self._staleness.bound else 0.0)
+                # The state is current as of when the heartbeat was sent, not when it arrived: a late
+                # heartbeat must not reset staleness to zero (that would double the bound). This relies
+                # on clocks in sync (NTP); the skew shows as authmesh_revocation_staleness_seconds.
+                self._staleness.heartbeat(self._clock() - event.occurred_at_ms / 1000)
         elif isinstance(body, KeyRotatedEvent):
             # A replayed rotation is older than the keys fetched at start: nothing to fetch for it. A live
             # one was signed with the new key, so verifying it usually fetched that key already; a second

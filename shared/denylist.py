@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Hashable, Iterable
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
 
 from shared.claims import AccessClaims
 from shared.errors import KeyRevoked, TokenRevoked
@@ -70,6 +70,7 @@ class SnapshotChunk:
         users: Revoked users.
         retired_key_ids: Retired signing keys.
         stream_sequence: The last ``AUTH_EVENTS`` sequence the snapshot reflects (0: an empty stream).
+        session_revoked_at_ms: When each session was revoked, by the issuer's clock, where known.
     """
 
     tokens: tuple[TokenRevokedEvent, ...] = ()
@@ -77,6 +78,7 @@ class SnapshotChunk:
     users: tuple[UserRevokedEvent, ...] = ()
     retired_key_ids: tuple[str, ...] = ()
     stream_sequence: int = 0
+    session_revoked_at_ms: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,8 +297,11 @@ class Denylist:
         for token in chunk.tokens:
             self.revoke_token(token.jti, token.exp)
         for session in chunk.sessions:
-            # The snapshot does not say when a session was revoked: no later than now.
-            self.revoke_session(session.sid, revoked_at=now)
+            # The entry lives one token lifetime from the revocation by the issuer's clock; a replica
+            # whose own clock is behind would otherwise forget it before the session's tokens expire.
+            # Where the time is unknown, now is a bound on it.
+            revoked_ms = chunk.session_revoked_at_ms.get(session.sid)
+            self.revoke_session(session.sid, revoked_at=now if revoked_ms is None else revoked_ms / 1000)
         for user in chunk.users:
             self.revoke_user(user.sub, user.not_before_ms)
         self.retire_keys(chunk.retired_key_ids)

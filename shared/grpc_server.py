@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from shared.errors import ConfigurationError
+from shared.errors import ConfigurationError, InvalidRequest
+from shared.grpc_errors import abort_with_error
+
+if TYPE_CHECKING:  # the stubs make the handler generic; grpc's runtime class is not subscriptable
+    RpcHandler = grpc.RpcMethodHandler[Any, Any]
+else:
+    RpcHandler = grpc.RpcMethodHandler
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # Requests are a few short strings; anything near this size is hostile and refused unread.
@@ -29,6 +37,63 @@ def grpc_server_options() -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    """Stands in for a request body that did not parse, so the call can be refused properly."""
+
+
+class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
+    """Answers INVALID_ARGUMENT (``MALFORMED_REQUEST``) to a body that is not a valid message.
+
+    grpc deserialises requests before any handler or interceptor code runs and answers ``UNKNOWN`` when
+    that fails (bytes that are no message, a string field that is not UTF-8); this wraps the
+    deserialiser of unary requests so such a call is refused as the bad input it is.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[RpcHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> RpcHandler | None:
+        """Wrap the handler's deserialiser and behaviour."""
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        deserialize = handler.request_deserializer
+        behavior = cast(Callable[..., Any], handler.unary_unary or handler.unary_stream)
+
+        def tolerant(data: bytes) -> Any:
+            try:
+                return deserialize(data)
+            except (DecodeError, UnicodeDecodeError):
+                return _Undecodable()
+
+        error = InvalidRequest("request is not a valid message", code="MALFORMED_REQUEST")
+        serialize = handler.response_serializer
+        if handler.response_streaming:
+
+            async def guarded_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                if isinstance(request, _Undecodable):
+                    await abort_with_error(context, error)
+                async for response in behavior(request, context):
+                    yield response
+
+            streaming: RpcHandler = grpc.unary_stream_rpc_method_handler(
+                guarded_stream, request_deserializer=tolerant, response_serializer=serialize
+            )
+            return streaming
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            if isinstance(request, _Undecodable):
+                await abort_with_error(context, error)
+            return await behavior(request, context)
+
+        unary: RpcHandler = grpc.unary_unary_rpc_method_handler(
+            guarded, request_deserializer=tolerant, response_serializer=serialize
+        )
+        return unary
 
 
 @dataclass(slots=True)
@@ -73,13 +138,16 @@ async def start_grpc_server(
         listen: ``host:port`` (port 0 picks a free one).
         register: Adds the service's servicers to the server.
         service_names: Full names of those services (for health and reflection).
-        interceptors: Server interceptors, outermost first.
+        interceptors: Server interceptors, outermost first (after the one that refuses undecodable
+            request bodies, which always comes first).
         serving: The initial health status.
 
     Raises:
         ConfigurationError: The address cannot be bound.
     """
-    server = grpc.aio.server(interceptors=list(interceptors), options=grpc_server_options())
+    server = grpc.aio.server(
+        interceptors=[UndecodableRequestInterceptor(), *interceptors], options=grpc_server_options()
+    )
     register(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

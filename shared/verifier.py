@@ -136,8 +136,10 @@ class TokenVerifier:
         now = self._clock()
         cached = self._cache.get(token)
         if cached is not None:
-            # A hit skips only the signature and the parsing: time and revocation are checked anew.
+            # A hit skips only the signature and the parsing: time, the key (it may have been retired
+            # or dropped since) and revocation are checked anew.
             self._check_times(cached, now)
+            self._keys.public_key(cached.kid)
             self._revocations.check(cached)
             return cached
         claims = self._verify_uncached(token, now)

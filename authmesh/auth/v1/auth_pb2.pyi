@@ -442,17 +442,23 @@ class RevokedSession(_message.Message):
 
     SID_FIELD_NUMBER: _builtins.int
     SUB_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
     sid: _builtins.str
     sub: _builtins.str
+    revoked_at_unix_ms: _builtins.int
+    """When the session was revoked (the auth service's clock): its entry matters until then plus one
+    access-token lifetime.
+    """
     def __init__(
         self,
         *,
         sid: _builtins.str = ...,
         sub: _builtins.str = ...,
+        revoked_at_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sid", b"sid", "sub", b"sub"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revoked_at_unix_ms", b"revoked_at_unix_ms", "sid", b"sid", "sub", b"sub"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
