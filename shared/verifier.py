@@ -139,8 +139,8 @@ class TokenVerifier:
             # A hit skips only the signature and the parsing: time, the key (it may have been retired
             # or dropped since) and revocation are checked anew.
             self._check_times(cached, now)
-            self._keys.public_key(cached.kid)
             self._revocations.check(cached)
+            self._keys.public_key(cached.kid)
             return cached
         claims = self._verify_uncached(token, now)
         self._revocations.check(claims)

@@ -1,0 +1,513 @@
+"""``authmesh bench rpc``: a protected call's throughput and latency, against the same server's health check.
+
+One resource replica runs as its own process (in a :class:`~authmesh.stack.LocalStack`, with NATS,
+Redis and the auth service beside it); a load generator in another process keeps ``concurrency`` calls
+in flight on one channel, each caller waiting for its previous answer (a closed loop), and times every
+call. ``--pin`` pins the replica to one CPU and the load generator to the others.
+
+Contender and baseline: ``WhoAmI`` with a bearer token, which the replica's interceptor verifies locally
+(signature with cached keys, claims, denylist), against ``grpc.health.v1.Health/Check`` on the same
+server, which passes the same interceptors without a token. The two alternate in short slices (the order
+flips every pair), so a burst of background load lands on both; a slice's timed window opens once every
+caller has had its first answer. The ratio is the median over slice pairs. The server's CPU time per
+call is read from ``/proc`` at each window's edges. Each concurrent caller has its own token (verified
+cold once, then from the verifier's cache, as a client that reuses its token for its lifetime sees).
+Goal: at every concurrency, at least 0.85 times the health check's throughput.
+
+This module is also the load generator: ``python -m authmesh.bench.rpc --worker`` (see
+:class:`LoadGenerator`); ``authmesh bench refresh`` drives it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+from rich.table import Table
+
+from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+from authmesh.bench.common import (
+    Goal,
+    JsonDict,
+    Latency,
+    Worker,
+    add_goal_rows,
+    bar_chart,
+    environment,
+    finish,
+    judge,
+    median,
+    pin,
+    process_cpu_seconds,
+    ratio,
+    require_matplotlib,
+    serve_worker,
+    split_cpus,
+)
+from authmesh.client import AuthApi
+from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
+from authmesh.stack import LocalStack
+
+GOAL_OVER_HEALTH = 0.85
+CONCURRENCY = (1, 16, 64)
+BENCH_USER = "bench-rpc"
+BENCH_SCOPES = ("docs:read",)
+# Deadline of one call: generous, since Login at 64 in flight waits for dozens of Argon2 hashes.
+CALL_TIMEOUT_SECONDS = 120.0
+# Per concurrent caller: a run's calls never outgrow what a worker keeps (a few MB of floats).
+_MAX_SAMPLES = 2_000_000
+GOALS = (
+    Goal("whoami_over_health", "WhoAmI / health throughput, lowest level", GOAL_OVER_HEALTH, True, "ratio"),
+)
+
+Call = Callable[[], Awaitable[Any]]
+
+
+# --- the load generator (worker side) -------------------------------------------------------------------
+
+
+class LoadGenerator:
+    """The worker's state: one channel per target, the credentials each caller uses.
+
+    Kinds of call: ``health`` (``Health/Check``), ``health_token`` (the same, carrying caller *i*'s
+    bearer token, which the open health service ignores: the token's bytes without its verification),
+    ``whoami`` (caller *i* sends ``tokens[i % n]``),
+    ``login`` (caller *i* logs in as ``users[i % n]``: distinct users, so the per-user login limit never
+    counts one caller against another) and ``refresh`` (caller *i* follows its own chain of refresh
+    tokens, starting from ``refresh_tokens[i]``).
+    """
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tokens: list[str] = []
+        self._users: list[tuple[str, str]] = []
+        self._refresh: list[str] = []
+
+    def _channel(self, target: str) -> grpc.aio.Channel:
+        channel = self._channels.get(target)
+        if channel is None:
+            channel = self._channels[target] = grpc.aio.insecure_channel(target)
+        return channel
+
+    async def setup(self, command: JsonDict) -> JsonDict:
+        """Keep the credentials of a command: ``tokens``, ``users``, ``refresh_tokens``."""
+        if "tokens" in command:
+            self._tokens = list(command["tokens"])
+        if "users" in command:
+            self._users = [(str(name), str(password)) for name, password in command["users"]]
+        if "refresh_tokens" in command:
+            self._refresh = list(command["refresh_tokens"])
+        return {"tokens": len(self._tokens), "users": len(self._users), "refresh_tokens": len(self._refresh)}
+
+    def _caller(self, kind: str, target: str, index: int) -> Call:
+        channel = self._channel(target)
+        if kind in ("health", "health_token"):
+            health = health_pb2_grpc.HealthStub(channel).Check
+            check = health_pb2.HealthCheckRequest()
+            if kind == "health":
+                return lambda: health(check, timeout=CALL_TIMEOUT_SECONDS)
+            # The same bytes on the wire as WhoAmI's metadata, which the open health service ignores.
+            carried = (("authorization", f"Bearer {self._tokens[index % len(self._tokens)]}"),)
+            return lambda: health(check, metadata=carried, timeout=CALL_TIMEOUT_SECONDS)
+        if kind == "whoami":
+            whoami = resource_pb2_grpc.ResourceServiceStub(channel).WhoAmI
+            request = resource_pb2.WhoAmIRequest()
+            metadata = (("authorization", f"Bearer {self._tokens[index % len(self._tokens)]}"),)
+            return lambda: whoami(request, metadata=metadata, timeout=CALL_TIMEOUT_SECONDS)
+        auth = auth_pb2_grpc.AuthServiceStub(channel)
+        if kind == "login":
+            username, password = self._users[index % len(self._users)]
+            login_request = auth_pb2.LoginRequest(username=username, password=password)
+            return lambda: auth.Login(login_request, timeout=CALL_TIMEOUT_SECONDS)
+        if kind == "refresh":
+            chains = self._refresh
+
+            async def refresh() -> None:
+                pair = await auth.Refresh(
+                    auth_pb2.RefreshRequest(refresh_token=chains[index]), timeout=CALL_TIMEOUT_SECONDS
+                )
+                chains[index] = pair.refresh_token
+
+            return refresh
+        raise ValueError(f"unknown kind of call {kind!r}")
+
+    async def run(self, command: JsonDict) -> JsonDict:
+        """Time one or more kinds of call in alternating slices.
+
+        Command fields: ``kinds`` (their order in the first pair; the order flips every pair), ``target``,
+        ``concurrency``, ``slices`` (slices per kind), ``slice_s`` (timed seconds per slice) and
+        ``server_pid`` (read for CPU time, optional).
+
+        A slice starts ``concurrency`` closed loops of one kind; its timed window opens once every loop
+        has had its first answer (the pipeline is full) and lasts ``slice_s``; then the loops stop and
+        the calls in flight are waited for. Only answers that arrive within the window count.
+
+        Returns:
+            Per kind: ``per_second`` of each slice, ``latency`` over every timed answer (ms),
+            ``server_cpu_us`` per timed answer (None when unknown), ``errors`` by status code.
+        """
+        kinds = [str(kind) for kind in command["kinds"]]
+        target = str(command["target"])
+        concurrency = int(command["concurrency"])
+        slices = int(command["slices"])
+        slice_ns = int(float(command["slice_s"]) * 1e9)
+        server_pid = int(command["server_pid"]) if command.get("server_pid") else None
+        if "refresh" in kinds and len(self._refresh) < concurrency:
+            raise ValueError(f"{concurrency} callers need as many refresh tokens, not {len(self._refresh)}")
+        figures = {kind: _KindFigures() for kind in kinds}
+        for index in range(slices):
+            order = kinds if index % 2 == 0 else kinds[::-1]
+            for kind in order:
+                callers = [self._caller(kind, target, caller) for caller in range(concurrency)]
+                await _slice(callers, slice_ns, figures[kind], server_pid)
+        return {kind: figure.to_json() for kind, figure in figures.items()}
+
+    async def aclose(self) -> None:
+        """Close every channel."""
+        for channel in self._channels.values():
+            await channel.close(grace=None)
+        self._channels.clear()
+
+
+@dataclass(slots=True)
+class _KindFigures:
+    """What a worker gathers about one kind of call, slice after slice."""
+
+    rates: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    errors: collections.Counter[str] = field(default_factory=collections.Counter)
+    cpu_seconds: float = 0.0
+    cpu_known: bool = True
+    timed: int = 0
+
+    def to_json(self) -> JsonDict:
+        return {
+            "per_second": self.rates,
+            "latency": Latency.of(self.latencies).to_json(),
+            "server_cpu_us": self.cpu_seconds * 1e6 / self.timed if self.cpu_known and self.timed else None,
+            "errors": dict(self.errors),
+        }
+
+
+async def _slice(
+    callers: Sequence[Call], slice_ns: int, figures: _KindFigures, server_pid: int | None
+) -> None:
+    """One slice of closed loops (see :meth:`LoadGenerator.run`)."""
+    loop = asyncio.get_running_loop()
+    window: list[int] = []  # [opens, closes], perf_counter_ns, once every caller has had an answer
+    cpu: list[float | None] = []
+    waiting = len(callers)
+    timed: list[float] = []
+    errors = figures.errors
+
+    def read_cpu() -> None:
+        cpu.append(process_cpu_seconds(server_pid) if server_pid is not None else None)
+
+    closing: list[asyncio.TimerHandle] = []
+
+    def open_window(now: int) -> None:
+        read_cpu()
+        window.extend((now, now + slice_ns))
+        closing.append(loop.call_later(slice_ns / 1e9, read_cpu))
+
+    async def caller(call: Call) -> None:
+        nonlocal waiting
+        first = True
+        while not window or time.perf_counter_ns() < window[1]:
+            started = time.perf_counter_ns()
+            try:
+                await call()
+            except grpc.aio.AioRpcError as error:
+                errors[error.code().name] += 1
+            ended = time.perf_counter_ns()
+            if window and window[0] <= ended <= window[1] and len(timed) < _MAX_SAMPLES:
+                timed.append((ended - started) / 1e6)
+            if first:
+                first = False
+                waiting -= 1
+                if waiting == 0:
+                    open_window(ended)
+
+    await asyncio.gather(*(caller(call) for call in callers))
+    if len(cpu) < 2:
+        # The closing reading is a timer, and the last answers can beat it: read now instead (a late
+        # reading only adds the little CPU the server spent since the window closed).
+        closing[0].cancel()
+        read_cpu()
+    before, after = cpu[0], cpu[1]
+    if before is None or after is None:
+        figures.cpu_known = False
+    else:
+        figures.cpu_seconds += after - before
+    figures.rates.append(len(timed) / (slice_ns / 1e9))
+    figures.latencies.extend(timed)
+    figures.timed += len(timed)
+
+
+def worker_main() -> None:
+    """The load generator's entry point (``python -m authmesh.bench.rpc --worker``)."""
+    generator = LoadGenerator()
+    serve_worker({"setup": generator.setup, "run": generator.run})
+
+
+# --- the driving side ---------------------------------------------------------------------------------
+
+
+async def alternate(
+    load: Worker,
+    *,
+    kinds: Sequence[str],
+    target: str,
+    concurrency: int,
+    slices: int,
+    slice_s: float,
+    server_pid: int | None,
+) -> dict[str, JsonDict]:
+    """Have the load generator time ``kinds`` in alternating slices (see :meth:`LoadGenerator.run`).
+
+    Returns:
+        Per kind: ``per_second`` (the median over slices), ``slices_per_second``, ``latency`` over every
+        timed answer, ``server_cpu_us`` per answer and ``errors``.
+    """
+    answer = await load.request(
+        {
+            "op": "run",
+            "kinds": list(kinds),
+            "target": target,
+            "concurrency": concurrency,
+            "slices": slices,
+            "slice_s": slice_s,
+            "server_pid": server_pid,
+        },
+        timeout=len(kinds) * slices * (slice_s + CALL_TIMEOUT_SECONDS) + 30,
+    )
+    return {
+        kind: {
+            "per_second": median(figures["per_second"]),
+            "slices_per_second": figures["per_second"],
+            "latency": figures["latency"],
+            "server_cpu_us": figures["server_cpu_us"],
+            "errors": figures["errors"],
+        }
+        for kind, figures in answer.items()
+    }
+
+
+def paired_ratio(contender: Mapping[str, Any], baseline: Mapping[str, Any]) -> float:
+    """The median over slice pairs of contender / baseline throughput (the two ran back to back)."""
+    return median(
+        ratio(mine, base)
+        for mine, base in zip(contender["slices_per_second"], baseline["slices_per_second"], strict=True)
+    )
+
+
+async def pin_apart(server_pid: int, load_pid: int) -> JsonDict | None:
+    """Pin the server to one CPU and the load generator to the others; what was done, or None."""
+    split = split_cpus()
+    if split is None:
+        return None
+    server_cpus, load_cpus = split
+    if not (pin(server_pid, server_cpus) and pin(load_pid, load_cpus)):
+        return None
+    return {"server": sorted(server_cpus), "load": sorted(load_cpus)}
+
+
+async def bench_tokens(stack: LocalStack, count: int) -> list[str]:
+    """``count`` distinct access tokens of one ordinary user (one login, then refreshes)."""
+    async with AuthApi(stack.auth_grpc) as auth:
+        admin = await auth.login(*stack.admin_credentials)
+        password = "bench-password-rpc-1"
+        await auth.create_user(admin.access_token, BENCH_USER, password, BENCH_SCOPES)
+        tokens = await auth.login(BENCH_USER, password)
+        access = [tokens.access_token]
+        while len(access) < count:
+            tokens = await auth.refresh(tokens.refresh_token)
+            access.append(tokens.access_token)
+    return access
+
+
+async def measure(
+    *,
+    concurrency: Sequence[int] = CONCURRENCY,
+    slices: int = 24,
+    slice_s: float = 0.25,
+    pin_cpus: bool = False,
+    progress: Callable[[str], None] = lambda _: None,
+) -> JsonDict:
+    """Run the benchmark on a fresh local stack with one replica.
+
+    Args:
+        concurrency: Calls in flight, one level after another.
+        slices: Timed slices per kind of call and level; WhoAmI and health alternate slice by slice.
+        slice_s: Seconds each timed slice lasts.
+        pin_cpus: Pin the replica and the load generator to different CPUs where there are two.
+        progress: Told what is being measured.
+
+    Returns:
+        A JSON-ready result (see ``docs/benchmarks.md``).
+    """
+    if slices < 1 or slice_s <= 0 or not concurrency or min(concurrency) < 1:
+        raise ValueError("slices, slice_s and the concurrency levels must be positive")
+    progress("starting a local stack with one replica")
+    async with LocalStack(replicas=1) as stack, Worker("authmesh.bench.rpc", "load generator") as load:
+        replica = stack.replicas[0]
+        server_pid = stack.pids().get(replica.name)
+        pinned = await pin_apart(server_pid, load.pid) if pin_cpus and server_pid is not None else None
+        await load.request({"op": "setup", "tokens": await bench_tokens(stack, max(concurrency))})
+        levels: list[JsonDict] = []
+        for level in concurrency:
+            progress(f"{level} calls in flight")
+            figures = await alternate(
+                load,
+                kinds=("health", "whoami"),
+                target=replica.grpc,
+                concurrency=level,
+                slices=slices,
+                slice_s=slice_s,
+                server_pid=server_pid,
+            )
+            levels.append(
+                {
+                    "concurrency": level,
+                    **figures,
+                    "whoami_over_health": paired_ratio(figures["whoami"], figures["health"]),
+                }
+            )
+    lowest = min(float(level["whoami_over_health"]) for level in levels)
+    return {
+        "benchmark": "rpc",
+        "environment": environment(),
+        "config": {
+            "replicas": 1,
+            "concurrency": list(concurrency),
+            "slices": slices,
+            "slice_s": slice_s,
+            "pinned": pinned,
+        },
+        "levels": levels,
+        **judge(GOALS, {"whoami_over_health": lowest}),
+    }
+
+
+def run(**options: Any) -> JsonDict:
+    """:func:`measure` from synchronous code."""
+    return asyncio.run(measure(**options))
+
+
+_KIND_LABELS = {"health": "health Check (baseline)", "whoami": "WhoAmI (verified token)"}
+
+
+def level_rows(
+    table: Table, level: Mapping[str, Any], kinds: Sequence[str], labels: Mapping[str, str]
+) -> None:
+    """One row per kind of call at one concurrency: throughput, latency, server CPU."""
+    for kind in kinds:
+        figures = level[kind]
+        latency = figures["latency"]
+        cpu = figures.get("server_cpu_us")
+        errors = sum(figures["errors"].values())
+        table.add_row(
+            str(level["concurrency"]),
+            labels.get(kind, kind),
+            f"{figures['per_second']:,.1f}",
+            f"{latency['p50']:.2f}",
+            f"{latency['p99']:.2f}",
+            "–" if cpu is None else f"{cpu:,.0f}",
+            str(errors) if errors else "",
+        )
+
+
+def rate_table(title: str) -> Table:
+    """The columns rpc and refresh share."""
+    table = Table(title=title)
+    for column, justify in (
+        ("in flight", "right"),
+        ("call", "left"),
+        ("calls/s", "right"),
+        ("p50 ms", "right"),
+        ("p99 ms", "right"),
+        ("server CPU µs/call", "right"),
+        ("errors", "right"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]  # rich's Literal
+    return table
+
+
+def render(result: Mapping[str, Any]) -> Table:
+    """The result of :func:`run` as a table."""
+    config = result["config"]
+    pinned = " (replica and load pinned to separate CPUs)" if config.get("pinned") else ""
+    table = rate_table(
+        f"protected WhoAmI vs health Check on one replica{pinned}, "
+        f"{config['slices']} alternating slices × {config['slice_s']:g} s per call and level"
+    )
+    for level in result["levels"]:
+        level_rows(table, level, ("health", "whoami"), _KIND_LABELS)
+        table.add_row("", "WhoAmI / health", f"{level['whoami_over_health']:.2f}×", "", "", "", "")
+        table.add_section()
+    add_goal_rows(table, result, 5)
+    return table
+
+
+def draw(result: Mapping[str, Any], directory: Path) -> list[Path]:
+    """Charts of :func:`run`'s result: throughput and p99 latency by concurrency."""
+    levels = result["levels"]
+    groups = [f"{level['concurrency']} in flight" for level in levels]
+    throughput = bar_chart(
+        directory / "rpc-throughput.png",
+        title="WhoAmI (verified bearer token) vs health Check, one replica",
+        groups=groups,
+        series={_KIND_LABELS[kind]: [level[kind]["per_second"] for level in levels] for kind in _KIND_LABELS},
+        ylabel="calls per second",
+    )
+    latency = bar_chart(
+        directory / "rpc-latency.png",
+        title="p99 latency, one replica",
+        groups=groups,
+        series={
+            _KIND_LABELS[kind]: [level[kind]["latency"]["p99"] for level in levels] for kind in _KIND_LABELS
+        },
+        ylabel="ms",
+    )
+    return [throughput, latency]
+
+
+def main(
+    json_path: Path | None,
+    plot_dir: Path | None,
+    *,
+    slices: int,
+    slice_s: float,
+    concurrency: Sequence[int] = CONCURRENCY,
+    pin_cpus: bool = False,
+) -> int:
+    """Run the benchmark, print the table, write JSON and charts if asked.
+
+    Returns:
+        The exit status: 0 when the goal is met, 1 otherwise.
+    """
+    if plot_dir is not None:
+        require_matplotlib()
+    console = Console()
+    with console.status("measuring WhoAmI against health…") as spinner:
+        result = run(
+            concurrency=concurrency,
+            slices=slices,
+            slice_s=slice_s,
+            pin_cpus=pin_cpus,
+            progress=lambda text: spinner.update(f"rpc: {text}"),
+        )
+    return finish(console, result, render(result), json_path, plot_dir, draw)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+    worker_main()
