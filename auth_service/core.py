@@ -199,7 +199,11 @@ class AuthCore:
         if result.status != "ok":
             raise InvalidRefreshToken()
         access_token = await self._mint(
-            sub=result.sub, sid=result.sid, scopes=result.scopes, client_id=result.username
+            sub=result.sub,
+            sid=result.sid,
+            scopes=result.scopes,
+            client_id=result.username,
+            active_kid=result.active_kid,
         )
         return self._pair(access_token, successor, result.sid, result.scopes)
 
@@ -444,8 +448,10 @@ class AuthCore:
         self._metrics.revocations.labels("session").inc()
         return result
 
-    async def _mint(self, *, sub: str, sid: str, scopes: tuple[str, ...], client_id: str) -> str:
-        key = await self._keyring.signing_key()
+    async def _mint(
+        self, *, sub: str, sid: str, scopes: tuple[str, ...], client_id: str, active_kid: str | None = None
+    ) -> str:
+        key = await self._keyring.signing_key(active_kid)
         now = self._clock()
         iat = int(now)
         claims = AccessClaims(

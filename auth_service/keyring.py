@@ -136,13 +136,18 @@ class Keyring:
         self._keys = keys
         self._active_kid = active or ""
 
-    async def signing_key(self) -> SigningKey:
+    async def signing_key(self, active: str | None = None) -> SigningKey:
         """The active key, as Redis says now (another replica may have rotated).
+
+        Args:
+            active: The active kid, when the caller has just read it from Redis in a round trip it made
+                anyway (the refresh script returns it); otherwise it is read here.
 
         Raises:
             Unavailable: No active key is stored.
         """
-        active = await self._store.active_kid()
+        if active is None:
+            active = await self._store.active_kid()
         if active is None:
             raise Unavailable("no active signing key", code="KEYS_UNAVAILABLE")
         if active != self._active_kid or active not in self._keys:

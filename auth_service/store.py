@@ -97,9 +97,10 @@ def hash_refresh_token(token: str) -> str:
     return hashlib.sha256(token.encode("ascii", "replace")).hexdigest()
 
 
-# KEYS: refresh(old), refresh(new), outbox, revoked_sessions
+# KEYS: refresh(old), refresh(new), outbox, revoked_sessions, active kid
 # ARGV: now_ms, new_exp_ms, ttl_ms, reuse_event_id, session_prefix
-# Returns {status, sid, sub, scopes, username}; status ok | invalid | revoked | reused.
+# Returns {status, sid, sub, scopes, username, active kid}; status ok | invalid | revoked | reused.
+# The active kid rides along so that minting the new access token needs no second round trip.
 _ROTATE_REFRESH = """
 local old = redis.call('HMGET', KEYS[1], 'sid', 'state', 'exp_ms')
 if not old[1] then return {'invalid'} end
@@ -122,7 +123,7 @@ redis.call('HSET', KEYS[2], 'sid', old[1], 'state', 'live', 'exp_ms', ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('HSET', skey, 'refresh', KEYS[2])
 if redis.call('PTTL', skey) < tonumber(ARGV[3]) then redis.call('PEXPIRE', skey, ARGV[3]) end
-return {'ok', old[1], s[1], s[2], s[3]}
+return {'ok', old[1], s[1], s[2], s[3], redis.call('GET', KEYS[5]) or ''}
 """
 
 # KEYS: session, revoked_sessions, outbox
@@ -237,6 +238,7 @@ class RotationResult:
     sub: str = ""
     scopes: tuple[str, ...] = ()
     username: str = ""
+    active_kid: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,13 +405,15 @@ class AuthStore:
     ) -> RotationResult:
         """Spend a refresh token and store its successor, atomically; detect reuse."""
         result = await self._rotate_refresh(
-            keys=[refresh_key(old_hash), refresh_key(new_hash), OUTBOX, REVOKED_SESSIONS],
+            keys=[refresh_key(old_hash), refresh_key(new_hash), OUTBOX, REVOKED_SESSIONS, ACTIVE_KID],
             args=[now_ms, now_ms + ttl_ms, ttl_ms, reuse_event_id, f"{PREFIX}session:"],
         )
         values = [_text(v) for v in result]
         status = values[0]
         if status == "ok":
-            return RotationResult(status, values[1], values[2], tuple(values[3].split()), values[4])
+            return RotationResult(
+                status, values[1], values[2], tuple(values[3].split()), values[4], values[5] or None
+            )
         if status in ("revoked", "reused"):
             return RotationResult(status, values[1], values[2])
         return RotationResult(status)

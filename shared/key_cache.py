@@ -185,6 +185,11 @@ class KeyCache:
                 self._failures += 1
                 _log.warning("jwks fetch failed", error=type(error).__name__)
                 raise Unavailable("signing keys unavailable", code=KEYS_UNAVAILABLE) from error
+            # The auth service drops a key from its JWK Set only when it is retired or its last token
+            # has expired: a key that disappears is refused as revoked from now on, not re-fetched as
+            # unknown (tokens cached before keep being checked against this).
+            for kid in self._keys.keys() - keys.keys():
+                self.retire(kid)
             # Negative entries stay: a kid listed now is found in _keys before they are consulted.
             self._keys = {kid: key for kid, key in keys.items() if kid not in self._retired}
 

@@ -129,5 +129,5 @@ async def test_a_retirement_whose_events_are_all_lost_takes_effect_at_the_next_k
             fresh = (await auth.login("silent", PASSWORD)).access_token
             assert kid_of(fresh) == rotation.kid
             assert await replica.outcome(fresh) == OK
-            assert await replica.outcome(old) == "KEY_UNKNOWN"
+            assert await replica.outcome(old) == "KEY_REVOKED"  # gone from the JWK Set: refused as revoked
             assert not await auth.active(old)
