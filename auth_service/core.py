@@ -64,6 +64,7 @@ ADMIN_SCOPE = "admin"
 SERVICE_SCOPE = "service"
 REFRESH_TOKEN_PREFIX = "amr_"
 KEY_RELOAD_COOLDOWN_SECONDS = 1.0
+ROTATION_REQUEST_TTL_SECONDS = 600
 _log = structlog.get_logger(__name__)
 
 
@@ -295,8 +296,16 @@ class AuthCore:
         _log.info("user revoked", sub=sub, by=caller.sub, reason=reason)
         return result
 
-    async def rotate_signing_key(self, caller: AccessClaims, retire_previous: bool) -> tuple[str, str]:
+    async def rotate_signing_key(
+        self, caller: AccessClaims, retire_previous: bool, request_id: str = ""
+    ) -> tuple[str, str]:
         """Make a new active signing key; with ``retire_previous`` reject the old key's tokens at once.
+
+        Args:
+            caller: Who asks (an admin).
+            retire_previous: Key compromise: the previous key's tokens die at once.
+            request_id: Optional idempotency key; a repeat completes the first call's broadcast and
+                returns its rotation instead of rotating again.
 
         Returns:
             (new kid, previous kid).
@@ -305,6 +314,14 @@ class AuthCore:
             InsufficientScope: The caller is not an admin.
         """
         self._require_scope(caller, ADMIN_SCOPE)
+        if request_id:
+            validation.identifier(request_id, "request_id")
+            prior = await self._store.rotation(request_id)
+            if prior is not None:
+                kid, previous_kid, prior_events = prior
+                for event_id in prior_events:
+                    await self._publisher.deliver(event_id)
+                return kid, previous_kid
         event_ids: list[str] = []
 
         def events_for(kid: str, previous_kid: str) -> list[tuple[str, str]]:
@@ -317,6 +334,11 @@ class AuthCore:
             return [(event.event_id, to_record(event)) for event in events]
 
         rotation = await self._keyring.rotate(retire_previous=retire_previous, events_for=events_for)
+        if request_id:
+            # Saved before the broadcast, so a retry after UNAVAILABLE finds it.
+            await self._store.save_rotation(
+                request_id, rotation.kid, rotation.previous_kid, event_ids, ROTATION_REQUEST_TTL_SECONDS
+            )
         for event_id in event_ids:
             await self._publisher.deliver(event_id)
         self._metrics.revocations.labels("key" if retire_previous else "rotation").inc()

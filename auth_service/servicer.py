@@ -124,7 +124,9 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     ) -> auth_pb2.RotateSigningKeyResponse:
         """Rotate the signing key."""
         caller = await self._caller(context)
-        kid, previous_kid = await self._core.rotate_signing_key(caller, request.retire_previous)
+        kid, previous_kid = await self._core.rotate_signing_key(
+            caller, request.retire_previous, request.request_id
+        )
         return auth_pb2.RotateSigningKeyResponse(kid=kid, previous_kid=previous_kid)
 
     @unary

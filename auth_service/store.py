@@ -22,6 +22,7 @@ Keys (all prefixed ``am:``)::
     keys:active                the active kid
     outbox                     hash event_id -> event JSON
     login_failures:{username}  failed-login counter for the rate limit
+    rotation:{request_id}      "kid previous_kid event_id…" of a RotateSigningKey, for its retries
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ def revoked_jti_key(jti: str) -> str:
 def key_record_key(kid: str) -> str:
     """A signing key record."""
     return f"{PREFIX}key:{kid}"
+
+
+def rotation_key(request_id: str) -> str:
+    """The outcome of a RotateSigningKey call, by its idempotency key."""
+    return f"{PREFIX}rotation:{request_id}"
 
 
 def login_failures_key(username: str) -> str:
@@ -580,6 +586,22 @@ class AuthStore:
             args=args,
         )
         return _text(result[0]) == "ok"
+
+    async def save_rotation(
+        self, request_id: str, kid: str, previous_kid: str, event_ids: list[str], ttl_s: int
+    ) -> None:
+        """Remember a rotation's outcome under its idempotency key."""
+        await self._redis.set(
+            rotation_key(request_id), " ".join([kid, previous_kid or "-", *event_ids]), ex=ttl_s
+        )
+
+    async def rotation(self, request_id: str) -> tuple[str, str, list[str]] | None:
+        """A remembered rotation: (kid, previous kid, event ids)."""
+        raw = await self._redis.get(rotation_key(request_id))
+        if raw is None:
+            return None
+        kid, previous_kid, *event_ids = _text(raw).split(" ")
+        return kid, "" if previous_kid == "-" else previous_kid, event_ids
 
     async def delete_key(self, kid: str) -> None:
         """Forget a key whose last token has expired."""

@@ -504,3 +504,16 @@ async def test_snapshot_is_for_services_and_admins_only(auth: tuple[AuthApp, Aut
         async for _ in stream:
             pass
     assert info.value.code() == PERMISSION_DENIED
+
+
+async def test_a_rotation_repeated_with_the_same_request_id_rotates_once(
+    auth: tuple[AuthApp, AuthClient],
+) -> None:
+    _, client = auth
+    admin = bearer(await client.admin_token())
+    request = auth_pb2.RotateSigningKeyRequest(request_id="rotation-42")
+    first = await client.stub.RotateSigningKey(request, metadata=admin)
+    again = await client.stub.RotateSigningKey(request, metadata=admin)
+    assert (again.kid, again.previous_kid) == (first.kid, first.previous_kid)
+    other = await client.stub.RotateSigningKey(auth_pb2.RotateSigningKeyRequest(), metadata=admin)
+    assert other.kid != first.kid

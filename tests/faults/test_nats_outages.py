@@ -225,21 +225,16 @@ async def test_a_revocation_made_while_nats_is_down_is_unavailable_and_its_retry
         assert not await auth.active(pair.access_token)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RotateSigningKey is not idempotent: the call refused with BROKER_UNAVAILABLE has already "
-    "installed a new key in Redis, so its retry installs a second one (auth_service/core.py "
-    "rotate_signing_key; no request id to recognise the retry)",
-)
 async def test_a_key_rotation_retried_after_a_broker_outage_makes_exactly_one_new_key(
     redis_url: str, own_nats: NatsServer
 ) -> None:
-    """Invariant: a rotation refused with ``UNAVAILABLE`` and retried leaves exactly one new key."""
+    """Invariant: a rotation refused with ``UNAVAILABLE`` and retried (with the same ``request_id``, the
+    call's idempotency key) leaves exactly one new key."""
     async with running_auth(auth_settings(redis_url, [own_nats.url])) as (_, client):
         auth = Auth(client.channel)
         admin = await auth.admin()
         before = await auth.jwks_kids()
-        request = auth_pb2.RotateSigningKeyRequest(retire_previous=False)
+        request = auth_pb2.RotateSigningKeyRequest(retire_previous=False, request_id="rotate-after-outage")
         await own_nats.stop()
         first, _ = await outcome(client.stub.RotateSigningKey(request, metadata=admin, timeout=10))
         assert first == "BROKER_UNAVAILABLE"

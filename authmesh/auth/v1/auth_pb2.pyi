@@ -220,16 +220,22 @@ class RotateSigningKeyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RETIRE_PREVIOUS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     retire_previous: _builtins.bool
     """Reject every token the previous key signed at once (key compromise)."""
+    request_id: _builtins.str
+    """Optional idempotency key: a call repeated with the same id within ten minutes (a retry after
+    UNAVAILABLE, say) completes and returns the first call's rotation instead of rotating again.
+    """
     def __init__(
         self,
         *,
         retire_previous: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["retire_previous", b"retire_previous"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "retire_previous", b"retire_previous"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
