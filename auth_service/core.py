@@ -164,7 +164,7 @@ class AuthCore:
             SessionRecord(
                 sid=sid, sub=user.sub, username=username, scopes=granted, created_ms=now_ms, revoked_ms=0
             ),
-            _hash(refresh_token),
+            hash_refresh_token(refresh_token),
             now_ms + ttl_ms,
             ttl_ms,
         )
@@ -183,8 +183,8 @@ class AuthCore:
         successor = _new_refresh_token()
         reuse_event_id = new_uuid7(self._now_ms())
         result = await self._store.rotate_refresh(
-            _hash(refresh_token),
-            _hash(successor),
+            hash_refresh_token(refresh_token),
+            hash_refresh_token(successor),
             self._now_ms(),
             self._settings.refresh_token_ttl * 1000,
             reuse_event_id,
@@ -215,7 +215,7 @@ class AuthCore:
             InvalidRefreshToken: The token is unknown.
         """
         validation.token(refresh_token, "refresh_token")
-        sid = await self._store.session_of_refresh(_hash(refresh_token))
+        sid = await self._store.session_of_refresh(hash_refresh_token(refresh_token))
         if sid is None:
             raise InvalidRefreshToken()
         session = await self._store.get_session(sid)
@@ -252,7 +252,7 @@ class AuthCore:
             self._metrics.revocations.labels("token").inc()
             _log.info("token revoked", jti=claims.jti, by=caller.sub, reason=reason)
             return result
-        sid = await self._store.session_of_refresh(_hash(token))
+        sid = await self._store.session_of_refresh(hash_refresh_token(token))
         session = await self._store.get_session(sid) if sid else None
         if session is None:
             raise InvalidRefreshToken()
@@ -522,7 +522,3 @@ class AuthCore:
 
 def _new_refresh_token() -> str:
     return REFRESH_TOKEN_PREFIX + secrets.token_urlsafe(32)
-
-
-def _hash(refresh_token: str) -> str:
-    return hash_refresh_token(refresh_token)

@@ -182,10 +182,6 @@ class Keyring:
             raise KeyRevoked()
         return key.public_key
 
-    def knows(self, kid: str) -> bool:
-        """Whether ``kid`` is loaded."""
-        return kid in self._keys
-
     def public_keys(self) -> dict[str, ec.EllipticCurvePublicKey]:
         """The keys whose tokens are still accepted: what the JWK Set publishes."""
         at = now_ms()

@@ -614,10 +614,3 @@ class AuthStore:
 def now_ms() -> int:
     """The current Unix time in milliseconds."""
     return int(time.time() * 1000)
-
-
-def require_session(session: SessionRecord | None) -> SessionRecord:
-    """The session, or NotFound."""
-    if session is None:
-        raise NotFound("session not found", code="SESSION_NOT_FOUND")
-    return session

@@ -38,7 +38,6 @@ import grpc
 import nats
 import redis.asyncio as redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rich.console import Console
 from rich.table import Table
 
 from auth_service.keyring import Keyring, KeySealer
@@ -49,9 +48,8 @@ from authmesh.bench.common import (
     add_goal_rows,
     bar_chart,
     environment,
-    finish,
     judge,
-    require_matplotlib,
+    measure_and_report,
 )
 from authmesh.processes import LOOPBACK, free_ports
 from authmesh.stack import ChildProcess, LocalStack, authmesh_command
@@ -378,15 +376,18 @@ def main(
     Returns:
         The exit status: 0 when the goal is met, 1 otherwise.
     """
-    if plot_dir is not None:
-        require_matplotlib()
-    console = Console()
-    with console.status("measuring replica catch-up…") as spinner:
-        result = run(
+    return measure_and_report(
+        "catchup",
+        "measuring replica catch-up…",
+        lambda progress: run(
             event_counts=event_counts,
             paths=paths,
             rounds=rounds,
             stream_rounds=stream_rounds,
-            progress=lambda text: spinner.update(f"catchup: {text}"),
-        )
-    return finish(console, result, render(result), json_path, plot_dir, draw)
+            progress=progress,
+        ),
+        render,
+        draw,
+        json_path,
+        plot_dir,
+    )

@@ -248,6 +248,37 @@ def finish(
     return 0 if result.get("ok", True) else 1
 
 
+def measure_and_report(
+    name: str,
+    doing: str,
+    measure: Callable[[Callable[[str], None]], Mapping[str, Any]],
+    render: Callable[[Mapping[str, Any]], Table],
+    draw: Callable[[Mapping[str, Any], Path], list[Path]],
+    json_path: Path | None,
+    plot_dir: Path | None,
+) -> int:
+    """Run one benchmark under a spinner, then :func:`finish` it.
+
+    Args:
+        name: The bench's name, prefixed to progress messages.
+        doing: What the spinner says while it measures.
+        measure: Runs the bench, given a progress callback; returns its result.
+        render: The result as a table.
+        draw: The result as charts.
+        json_path: Where to write the result as JSON, if anywhere.
+        plot_dir: Where to draw charts, if anywhere (checked before measuring).
+
+    Returns:
+        0 when every goal is met, 1 otherwise.
+    """
+    if plot_dir is not None:
+        require_matplotlib()
+    console = Console()
+    with console.status(doing) as spinner:
+        result = measure(lambda text: spinner.update(f"{name}: {text}"))
+    return finish(console, result, render(result), json_path, plot_dir, draw)
+
+
 def require_matplotlib() -> None:
     """Fail before measuring when a chart is asked for but cannot be drawn.
 

@@ -32,7 +32,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from authmesh.bench.common import (
@@ -42,9 +41,8 @@ from authmesh.bench.common import (
     add_goal_rows,
     bar_chart,
     environment,
-    finish,
     judge,
-    require_matplotlib,
+    measure_and_report,
     serve_worker,
 )
 from shared.claims import AccessClaims
@@ -295,12 +293,15 @@ def main(json_path: Path | None, plot_dir: Path | None, *, entries: int) -> int:
     Returns:
         The exit status: 0 when the goal is met, 1 otherwise.
     """
-    if plot_dir is not None:
-        require_matplotlib()
-    console = Console()
-    with console.status("measuring denylist memory…") as spinner:
-        result = run(entries=entries, progress=lambda text: spinner.update(f"memory: {text}"))
-    return finish(console, result, render(result), json_path, plot_dir, draw)
+    return measure_and_report(
+        "memory",
+        "measuring denylist memory…",
+        lambda progress: run(entries=entries, progress=progress),
+        render,
+        draw,
+        json_path,
+        plot_dir,
+    )
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:

@@ -51,7 +51,6 @@ import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
-from rich.console import Console
 from rich.table import Table
 
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -64,9 +63,8 @@ from authmesh.bench.common import (
     bar_chart,
     cpus,
     environment,
-    finish,
     judge,
-    require_matplotlib,
+    measure_and_report,
     serve_worker,
 )
 from authmesh.client import AuthApi
@@ -873,20 +871,23 @@ def main(
     Returns:
         The exit status: 0 when the goal is met, 1 otherwise.
     """
-    if plot_dir is not None:
-        require_matplotlib()
-    console = Console()
-    with console.status("measuring revocation propagation…") as spinner:
-        result = run(
+    return measure_and_report(
+        "propagation",
+        "measuring revocation propagation…",
+        lambda progress: run(
             replica_counts=replica_counts,
             revocations=revocations,
             interval_ms=interval_ms,
             probers=probers,
             with_floor=with_floor,
             check_at_ms=check_at_ms,
-            progress=lambda text: spinner.update(f"propagation: {text}"),
-        )
-    return finish(console, result, render(result), json_path, plot_dir, draw)
+            progress=progress,
+        ),
+        render,
+        draw,
+        json_path,
+        plot_dir,
+    )
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:

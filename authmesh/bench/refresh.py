@@ -20,7 +20,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from authmesh.bench.common import (
@@ -30,10 +29,9 @@ from authmesh.bench.common import (
     add_goal_rows,
     bar_chart,
     environment,
-    finish,
     judge,
+    measure_and_report,
     ratio,
-    require_matplotlib,
 )
 from authmesh.bench.rpc import CONCURRENCY, alternate, level_rows, paired_ratio, pin_apart, rate_table
 from authmesh.client import AuthApi, Tokens
@@ -232,16 +230,19 @@ def main(
     Returns:
         The exit status: 0 when the goal is met, 1 otherwise.
     """
-    if plot_dir is not None:
-        require_matplotlib()
-    console = Console()
-    with console.status("measuring Refresh and Login…") as spinner:
-        result = run(
+    return measure_and_report(
+        "refresh",
+        "measuring Refresh and Login…",
+        lambda progress: run(
             concurrency=concurrency,
             slices=slices,
             slice_s=slice_s,
             login_s=login_s,
             pin_cpus=pin_cpus,
-            progress=lambda text: spinner.update(f"refresh: {text}"),
-        )
-    return finish(console, result, render(result), json_path, plot_dir, draw)
+            progress=progress,
+        ),
+        render,
+        draw,
+        json_path,
+        plot_dir,
+    )

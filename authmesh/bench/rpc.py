@@ -31,7 +31,6 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rich.console import Console
 from rich.table import Table
 
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -43,13 +42,12 @@ from authmesh.bench.common import (
     add_goal_rows,
     bar_chart,
     environment,
-    finish,
     judge,
+    measure_and_report,
     median,
     pin,
     process_cpu_seconds,
     ratio,
-    require_matplotlib,
     serve_worker,
     split_cpus,
 )
@@ -495,18 +493,21 @@ def main(
     Returns:
         The exit status: 0 when the goal is met, 1 otherwise.
     """
-    if plot_dir is not None:
-        require_matplotlib()
-    console = Console()
-    with console.status("measuring WhoAmI against health…") as spinner:
-        result = run(
+    return measure_and_report(
+        "rpc",
+        "measuring WhoAmI against health…",
+        lambda progress: run(
             concurrency=concurrency,
             slices=slices,
             slice_s=slice_s,
             pin_cpus=pin_cpus,
-            progress=lambda text: spinner.update(f"rpc: {text}"),
-        )
-    return finish(console, result, render(result), json_path, plot_dir, draw)
+            progress=progress,
+        ),
+        render,
+        draw,
+        json_path,
+        plot_dir,
+    )
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
