@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -14,11 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from shared.errors import ConfigurationError, InvalidRequest
 from shared.grpc_errors import abort_with_error
-
-if TYPE_CHECKING:  # the stubs make the handler generic; grpc's runtime class is not subscriptable
-    RpcHandler = grpc.RpcMethodHandler[Any, Any]
-else:
-    RpcHandler = grpc.RpcMethodHandler
+from shared.grpc_handlers import RpcHandler, WrappedHandlers, replace_handler
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # Requests are a few short strings; anything near this size is hostile and refused unread.
@@ -52,6 +48,9 @@ class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
     deserialiser of unary requests so such a call is refused as the bad input it is.
     """
 
+    def __init__(self) -> None:
+        self._wrapped = WrappedHandlers(_tolerant)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[RpcHandler | None]],
@@ -61,39 +60,45 @@ class UndecodableRequestInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler
-        deserialize = handler.request_deserializer
-        behavior = cast(Callable[..., Any], handler.unary_unary or handler.unary_stream)
+        return self._wrapped.get(handler, handler_call_details.method)
 
-        def tolerant(data: bytes) -> Any:
-            try:
-                return deserialize(data)
-            except (DecodeError, UnicodeDecodeError):
-                return _Undecodable()
 
-        error = InvalidRequest("request is not a valid message", code="MALFORMED_REQUEST")
-        serialize = handler.response_serializer
-        if handler.response_streaming:
+def _tolerant(handler: RpcHandler, method: str) -> RpcHandler:
+    """``handler`` with a deserialiser that cannot fail and a behaviour that refuses what did not parse."""
+    deserialize = handler.request_deserializer
+    assert deserialize is not None  # checked by the interceptor
+    behavior = cast(Callable[..., Any], handler.unary_unary or handler.unary_stream)
+    error = InvalidRequest("request is not a valid message", code="MALFORMED_REQUEST")
 
-            async def guarded_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                if isinstance(request, _Undecodable):
-                    await abort_with_error(context, error)
-                async for response in behavior(request, context):
-                    yield response
+    def tolerant(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except (DecodeError, UnicodeDecodeError):
+            return _Undecodable()
 
-            streaming: RpcHandler = grpc.unary_stream_rpc_method_handler(
-                guarded_stream, request_deserializer=tolerant, response_serializer=serialize
-            )
-            return streaming
+    if handler.response_streaming:
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def guarded_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             if isinstance(request, _Undecodable):
                 await abort_with_error(context, error)
-            return await behavior(request, context)
+            async for response in behavior(request, context):
+                yield response
 
-        unary: RpcHandler = grpc.unary_unary_rpc_method_handler(
-            guarded, request_deserializer=tolerant, response_serializer=serialize
+        return replace_handler(
+            handler,
+            guarded_stream,
+            request_deserializer=tolerant,
+            response_serializer=handler.response_serializer,
         )
-        return unary
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        if isinstance(request, _Undecodable):
+            await abort_with_error(context, error)
+        return await behavior(request, context)
+
+    return replace_handler(
+        handler, guarded, request_deserializer=tolerant, response_serializer=handler.response_serializer
+    )
 
 
 @dataclass(slots=True)

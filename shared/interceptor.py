@@ -24,11 +24,12 @@ from typing import Any
 import grpc
 
 from shared.claims import AccessClaims
-from shared.errors import AuthError, InsufficientScope, TokenMissing, Unavailable, UnknownKey
+from shared.errors import AuthError, InsufficientScope, RateLimited, TokenMissing, Unavailable, UnknownKey
 from shared.grpc_errors import bearer_token, to_grpc_status
+from shared.grpc_handlers import MAX_CACHED_HANDLERS, Continuation, RpcHandler, rebuild_handler
 from shared.jose import decode_compact
 from shared.key_cache import KeyCache
-from shared.metrics import Continuation, RpcHandler, VerificationMetrics, rebuild_handler
+from shared.metrics import VerificationMetrics
 from shared.staleness import REVOCATION_STATE_STALE, IntrospectionFallback, StalenessMonitor
 from shared.verifier import TokenVerifier
 
@@ -152,6 +153,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._required = dict(required_scopes or {})
         self._open = frozenset(open_methods)
         self._open_prefixes = open_prefixes
+        # A refused call is the cheap path an attacker can drive at will: its handler is built once per
+        # handler and reason, not per call.
+        self._refusals: dict[tuple[RpcHandler, type[AuthError], str, str], RpcHandler] = {}
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -168,9 +172,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             if scope is not None and not claims.has_scope(scope):
                 raise InsufficientScope(scope)
         except AuthError as error:
-            return _refusal(handler, error)
+            return self._refusal(handler, error)
         _claims.set(claims)
         return handler
+
+    def _refusal(self, handler: RpcHandler, error: AuthError) -> RpcHandler:
+        if isinstance(error, RateLimited):  # its status carries a per-call retry time
+            return _refusal(handler, error)
+        key = (handler, type(error), error.code, error.message)
+        refusal = self._refusals.get(key)
+        if refusal is None:
+            if len(self._refusals) >= MAX_CACHED_HANDLERS:
+                self._refusals.clear()
+            refusal = self._refusals[key] = _refusal(handler, error)
+        return refusal
 
 
 def _refusal(handler: RpcHandler, error: AuthError) -> RpcHandler:

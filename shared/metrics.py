@@ -16,23 +16,19 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from shared.grpc_handlers import Continuation, RpcHandler, WrappedHandlers, rebuild_handler
 
 # go-grpc-prometheus's default buckets, so dashboards written for Go services work unchanged.
 GRPC_HANDLING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Propagation is expected in milliseconds; the upper buckets catch a replica that fell behind.
 PROPAGATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-if TYPE_CHECKING:  # the stubs make the handler generic; grpc's runtime class is not subscriptable
-    RpcHandler = grpc.RpcMethodHandler[Any, Any]
-else:
-    RpcHandler = grpc.RpcMethodHandler
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["RpcHandler | None"]]
 
 
 def split_method(full_method: str) -> tuple[str, str]:
@@ -120,6 +116,7 @@ class _GrpcInstruments:
 class _GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, instruments: _GrpcInstruments) -> None:
         self._instruments = instruments
+        self._wrapped = WrappedHandlers(self._measured)
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -127,6 +124,10 @@ class _GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        return self._wrapped.get(handler, handler_call_details.method)
+
+    def _measured(self, handler: RpcHandler, full_method: str) -> RpcHandler:
+        """``handler`` with every call counted and timed (built once per handler)."""
         # The stubs type behaviours as synchronous; under grpc.aio they are coroutines or async generators.
         behavior = cast(
             Callable[..., Any] | None,
@@ -134,18 +135,25 @@ class _GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         )
         if behavior is None:
             return handler
-        service, method = split_method(handler_call_details.method)
+        service, method = split_method(full_method)
         labels = (grpc_type(handler), service, method)
         meter = self._instruments
+        # Label lookups take a lock and hash the labels: done once here, not on every call.
+        started_total, seconds = meter.started.labels(*labels), meter.seconds.labels(*labels)
         received, sent = meter.received.labels(*labels), meter.sent.labels(*labels)
+        handled: dict[grpc.StatusCode, Counter] = {}
+        request_streaming = handler.request_streaming
 
         def begin() -> float:
-            meter.started.labels(*labels).inc()
+            started_total.inc()
             return time.perf_counter()
 
         def end(code: grpc.StatusCode, started: float) -> None:
-            meter.handled.labels(*labels, code.name).inc()
-            meter.seconds.labels(*labels).observe(time.perf_counter() - started)
+            counter = handled.get(code)
+            if counter is None:
+                counter = handled[code] = meter.handled.labels(*labels, code.name)
+            counter.inc()
+            seconds.observe(time.perf_counter() - started)
 
         async def count_requests(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
             async for request in requests:
@@ -153,7 +161,7 @@ class _GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 yield request
 
         def counted(request: Any) -> Any:
-            if handler.request_streaming:
+            if request_streaming:
                 return count_requests(request)
             received.inc()
             return request
@@ -203,22 +211,6 @@ def _final_code(context: grpc.aio.ServicerContext[Any, Any], error: BaseExceptio
     return grpc.StatusCode.UNKNOWN
 
 
-def rebuild_handler(handler: RpcHandler, behavior: Callable[..., Any]) -> RpcHandler:
-    """A handler of the same kind and serialisers as ``handler`` with another behaviour."""
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]
-    rebuilt: RpcHandler = make(
-        behavior,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
-    return rebuilt
-
-
 class VerificationMetrics:
     """Token verifications by outcome.
 
@@ -233,18 +225,27 @@ class VerificationMetrics:
             ["result", "reason"],
             registry=registry,
         )
+        self._children: dict[tuple[str, str], Counter] = {}
 
     def accepted(self, degraded: bool) -> None:
         """A token was accepted (``degraded`` when Introspect had to confirm it)."""
-        self._verifications.labels("accepted", "INTROSPECTED" if degraded else "LOCAL").inc()
+        self._child("accepted", "INTROSPECTED" if degraded else "LOCAL").inc()
 
     def rejected(self, reason: str) -> None:
         """A token was rejected with a stable reason code."""
-        self._verifications.labels("rejected", reason).inc()
+        self._child("rejected", reason).inc()
 
     def unavailable(self, reason: str) -> None:
         """A token could not be decided (keys or revocation state unavailable)."""
-        self._verifications.labels("unavailable", reason).inc()
+        self._child("unavailable", reason).inc()
+
+    def _child(self, result: str, reason: str) -> Counter:
+        # Every call counts here: a dict hit is far cheaper than prometheus_client's locked label lookup.
+        # Reasons are the error classes' fixed codes, so the dict stays small.
+        child = self._children.get((result, reason))
+        if child is None:
+            child = self._children[(result, reason)] = self._verifications.labels(result, reason)
+        return child
 
 
 class RevocationMetrics:

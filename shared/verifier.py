@@ -143,12 +143,14 @@ class TokenVerifier:
             self._keys.public_key(cached.kid)
             return cached
         claims = self._verify_uncached(token, now)
-        self._revocations.check(claims)
         if self._cache_size > 0:
+            # Cached before the revocation check: a revoked token replayed again and again (a stolen one,
+            # say) is then refused without a signature check each time. Only validly signed tokens get in.
             cache = self._cache
             cache[token] = claims
             if len(cache) > self._cache_size:
                 cache.popitem(last=False)
+        self._revocations.check(claims)
         return claims
 
     def forget(self) -> None:

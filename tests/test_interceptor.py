@@ -217,6 +217,37 @@ async def test_a_revoked_token_is_refused() -> None:
         )
 
 
+async def test_refusals_for_different_reasons_on_one_method_each_keep_their_own_status() -> None:
+    # Refusal handlers are built once per method and reason and then reused: a reused one must never
+    # answer with another reason's status, nor stop a valid token from getting through.
+    async with serving() as stack:
+        valid = stack.token(sub="alice")
+        revoked = stack.token(sub="mallory")
+        reply = await stack.resource.WhoAmI(resource_pb2.WhoAmIRequest(), metadata=bearer(revoked))
+        stack.denylist.revoke_token(reply.token_id, int(time.time()) + 300)
+        expired = mint_access_token(stack.key, int(time.time()) - 3600)
+        expected = [
+            (revoked, "TOKEN_REVOKED"),
+            (expired, "TOKEN_EXPIRED"),
+            (None, "TOKEN_MISSING"),
+            (valid, None),
+        ]
+        for _ in range(3):
+            for token, reason in expected:
+                call = stack.resource.WhoAmI(
+                    resource_pb2.WhoAmIRequest(), metadata=bearer(token) if token else ()
+                )
+                if reason is None:
+                    assert (await call).subject == "alice"
+                else:
+                    await refused(call, grpc.StatusCode.UNAUTHENTICATED, reason)
+        counted = {
+            reason: stack.metric("authmesh_token_verifications_total", result="rejected", reason=reason)
+            for reason in ("TOKEN_REVOKED", "TOKEN_EXPIRED", "TOKEN_MISSING")
+        }
+        assert counted == {"TOKEN_REVOKED": 3, "TOKEN_EXPIRED": 3, "TOKEN_MISSING": 3}
+
+
 async def test_an_expired_token_is_refused() -> None:
     async with serving() as stack:
         old = mint_access_token(stack.key, int(time.time()) - 3600)

@@ -570,15 +570,27 @@ def test_a_cached_token_is_refused_once_its_key_is_retired(
     rejects(verifier, token, KeyRevoked, "KEY_REVOKED")
 
 
-def test_a_token_refused_as_revoked_is_not_cached(
+def test_a_revoked_token_replayed_again_and_again_costs_no_further_signature_check(
     verifier: TokenVerifier, keys: StaticKeys, revocations: SetRevocations, key: SigningKey
 ) -> None:
     token = mint_access_token(key, sid="doomed")
     revocations.sids.add("doomed")
     rejects(verifier, token, TokenRevoked, "SESSION_REVOKED")
-    revocations.sids.clear()
-    verifier.verify(token)
-    assert keys.lookups == [KID, KID]
+    # Were the signature checked again, it would now fail against this other key under the same kid:
+    # the validly signed token was remembered, and each replay is refused on the revocation check alone.
+    keys.add(SigningKey.generate(KID))
+    for _ in range(3):
+        rejects(verifier, token, TokenRevoked, "SESSION_REVOKED")
+    assert revocations.checks == 4
+
+
+def test_a_badly_signed_token_is_never_remembered(
+    verifier: TokenVerifier, keys: StaticKeys, key: SigningKey, attacker: SigningKey
+) -> None:
+    forged = mint_access_token(attacker, header={"kid": KID})
+    rejects(verifier, forged, BadSignature, "BAD_SIGNATURE")
+    keys.add(SigningKey(KID, attacker.private_key))
+    assert verifier.verify(forged).kid == KID, "verified afresh against the key now served"
 
 
 def test_the_cache_is_bounded_and_evicts_the_oldest_first(
