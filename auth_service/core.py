@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
+from prometheus_client import Counter
 
 from auth_service import validation
 from auth_service.keyring import Keyring
@@ -120,6 +121,7 @@ class AuthCore:
         self._metrics = metrics
         self._clock = clock
         self._last_key_reload = -KEY_RELOAD_COOLDOWN_SECONDS
+        self._refresh_counters: dict[str, Counter] = {}
         self._verifier = TokenVerifier(
             keyring,
             NoRevocations(),
@@ -181,19 +183,29 @@ class AuthCore:
         """
         validation.token(refresh_token, "refresh_token")
         successor = _new_refresh_token()
-        reuse_event_id = new_uuid7(self._now_ms())
+        now = self._clock()
+        now_ms = int(now * 1000)
+        reuse_event_id = new_uuid7(now_ms)
         result = await self._store.rotate_refresh(
             hash_refresh_token(refresh_token),
             hash_refresh_token(successor),
-            self._now_ms(),
+            now_ms,
             self._settings.refresh_token_ttl * 1000,
             reuse_event_id,
         )
-        self._metrics.refreshes.labels(result.status).inc()
+        self._count_refresh(result.status)
         if result.status == "reused":
             _log.warning("refresh token reuse: session revoked", sid=result.sid, sub=result.sub)
+            # The event exactly as the script wrote it to the outbox (without an origin).
+            event = SecurityEvent(
+                event_id=reuse_event_id,
+                issuer=self._settings.issuer,
+                issued_at=now_ms // 1000,
+                occurred_at_ms=now_ms,
+                body=SessionRevokedEvent(sid=result.sid, sub=result.sub),
+            )
             try:
-                await self._publisher.deliver(reuse_event_id)
+                await self._publisher.deliver_written(event, result.active_kid)
             except Unavailable:
                 _log.warning("reuse event queued: broker unavailable", sid=result.sid)
             raise RefreshTokenReused()
@@ -205,6 +217,7 @@ class AuthCore:
             scopes=result.scopes,
             client_id=result.username,
             active_kid=result.active_kid,
+            now=now,
         )
         return self._pair(access_token, successor, result.sid, result.scopes)
 
@@ -248,7 +261,7 @@ class AuthCore:
             result = await self._store.revoke_token(
                 claims.jti, claims.exp, now_ms, event.event_id, to_record(event), keep_ms
             )
-            await self._publisher.deliver(result.event_id)
+            await self._broadcast(event, result)
             self._metrics.revocations.labels("token").inc()
             _log.info("token revoked", jti=claims.jti, by=caller.sub, reason=reason)
             return result
@@ -291,7 +304,7 @@ class AuthCore:
         now_ms = self._now_ms()
         event = self._event(UserRevokedEvent(sub=sub, not_before_ms=now_ms), now_ms)
         result = await self._store.revoke_user(sub, now_ms, event.event_id, to_record(event))
-        await self._publisher.deliver(result.event_id)
+        await self._broadcast(event, result)
         self._metrics.revocations.labels("user").inc()
         _log.info("user revoked", sub=sub, by=caller.sub, reason=reason)
         return result
@@ -322,25 +335,28 @@ class AuthCore:
                 for event_id in prior_events:
                     await self._publisher.deliver(event_id)
                 return kid, previous_kid
-        event_ids: list[str] = []
+        written: list[SecurityEvent] = []
 
         def events_for(kid: str, previous_kid: str) -> list[tuple[str, str]]:
             now_ms = self._now_ms()
             bodies: list[EventBody] = [KeyRotatedEvent(kid=kid, previous_kid=previous_kid)]
             if retire_previous and previous_kid:
                 bodies.append(KeyRevokedEvent(kid=previous_kid))
-            events = [self._event(body, now_ms) for body in bodies]
-            event_ids[:] = [event.event_id for event in events]
-            return [(event.event_id, to_record(event)) for event in events]
+            written[:] = [self._event(body, now_ms) for body in bodies]
+            return [(event.event_id, to_record(event)) for event in written]
 
         rotation = await self._keyring.rotate(retire_previous=retire_previous, events_for=events_for)
         if request_id:
             # Saved before the broadcast, so a retry after UNAVAILABLE finds it.
             await self._store.save_rotation(
-                request_id, rotation.kid, rotation.previous_kid, event_ids, ROTATION_REQUEST_TTL_SECONDS
+                request_id,
+                rotation.kid,
+                rotation.previous_kid,
+                [event.event_id for event in written],
+                ROTATION_REQUEST_TTL_SECONDS,
             )
-        for event_id in event_ids:
-            await self._publisher.deliver(event_id)
+        for event in written:
+            await self._publisher.deliver_written(event)
         self._metrics.revocations.labels("key" if retire_previous else "rotation").inc()
         if retire_previous:
             self._verifier.forget()
@@ -466,15 +482,33 @@ class AuthCore:
         now_ms = self._now_ms()
         event = self._event(SessionRevokedEvent(sid=session.sid, sub=session.sub), now_ms)
         result = await self._store.revoke_session(session.sid, now_ms, event.event_id, to_record(event))
-        await self._publisher.deliver(result.event_id)
+        await self._broadcast(event, result)
         self._metrics.revocations.labels("session").inc()
         return result
 
+    async def _broadcast(self, event: SecurityEvent, result: RevocationResult) -> None:
+        """Publish a revocation's event; return once JetStream has acknowledged it."""
+        if result.event_id == event.event_id:
+            # Stored by this call: publish the event in hand rather than read it back.
+            await self._publisher.deliver_written(event, result.active_kid)
+        else:
+            # Revoked earlier: that event stays in the outbox until JetStream has acknowledged it.
+            await self._publisher.deliver(result.event_id, result.active_kid)
+
     async def _mint(
-        self, *, sub: str, sid: str, scopes: tuple[str, ...], client_id: str, active_kid: str | None = None
+        self,
+        *,
+        sub: str,
+        sid: str,
+        scopes: tuple[str, ...],
+        client_id: str,
+        active_kid: str | None = None,
+        now: float | None = None,
     ) -> str:
+        """Sign an access token; ``now`` when the caller has just read the clock."""
         key = await self._keyring.signing_key(active_kid)
-        now = self._clock()
+        if now is None:
+            now = self._clock()
         iat = int(now)
         claims = AccessClaims(
             iss=self._settings.issuer,
@@ -500,6 +534,13 @@ class AuthCore:
             session_id=sid,
             scopes=scopes,
         )
+
+    def _count_refresh(self, status: str) -> None:
+        # labels() takes a lock and validates the label values on every call; its child never changes.
+        counter = self._refresh_counters.get(status)
+        if counter is None:
+            counter = self._refresh_counters[status] = self._metrics.refreshes.labels(status)
+        counter.inc()
 
     def _event(self, body: EventBody, now_ms: int) -> SecurityEvent:
         return SecurityEvent.new(body, self._settings.issuer, self._settings.instance, now_ms)

@@ -61,13 +61,24 @@ class EventPublisher:
         self._heartbeat_seq = 0
         self._published = published
 
-    async def publish(self, event: SecurityEvent, *, use_cached_key: bool = False) -> int:
+    async def publish(
+        self, event: SecurityEvent, *, use_cached_key: bool = False, active_kid: str | None = None
+    ) -> int:
         """Sign and publish one event; return its stream sequence.
+
+        Args:
+            event: The event.
+            use_cached_key: Sign with the key last loaded, without asking Redis (heartbeats).
+            active_kid: The active kid, when the caller has just read it from Redis; otherwise it is
+                read here.
 
         Raises:
             Unavailable: NATS is down or JetStream did not acknowledge in time.
         """
-        key = self._keyring.cached_signing_key() if use_cached_key else await self._keyring.signing_key()
+        if use_cached_key:
+            key = self._keyring.cached_signing_key()
+        else:
+            key = await self._keyring.signing_key(active_kid)
         payload = encode_event(event, key.private_key, key.kid)
         if not self._nc.is_connected:
             raise Unavailable("event broker unavailable", code="BROKER_UNAVAILABLE")
@@ -83,8 +94,12 @@ class EventPublisher:
         self._published.labels(event.type.value).inc()
         return int(ack.seq)
 
-    async def deliver(self, event_id: str) -> None:
+    async def deliver(self, event_id: str, active_kid: str | None = None) -> None:
         """Publish an outbox entry and remove it once acknowledged (no-op if already delivered).
+
+        Args:
+            event_id: The entry.
+            active_kid: The active kid, when the caller has just read it from Redis.
 
         Raises:
             Unavailable: NATS is down; the entry stays in the outbox.
@@ -92,8 +107,25 @@ class EventPublisher:
         record = await self._store.outbox_entry(event_id)
         if record is None:
             return
-        await self.publish(from_record(record, self._issuer))
+        await self.publish(from_record(record, self._issuer), active_kid=active_kid)
         await self._store.outbox_done(event_id)
+
+    async def deliver_written(self, event: SecurityEvent, active_kid: str | None = None) -> None:
+        """Publish an event the caller has just written to the outbox, and remove it once acknowledged.
+
+        The same as :meth:`deliver` without reading the entry back, so only for this call's own event:
+        should the heartbeat have delivered it meanwhile, JetStream drops the second copy by its
+        ``Nats-Msg-Id``.
+
+        Args:
+            event: The event, exactly as written (its outbox record rebuilds the same event).
+            active_kid: The active kid, when the caller has just read it from Redis.
+
+        Raises:
+            Unavailable: NATS is down; the entry stays in the outbox.
+        """
+        await self.publish(event, active_kid=active_kid)
+        await self._store.outbox_done(event.event_id)
 
     async def flush_outbox(self) -> int:
         """Deliver every pending outbox entry, oldest first; return how many went out."""

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as redis
-from redis.commands.core import AsyncScript
 
+from auth_service.redis_scripts import LuaScript, ScriptRunner
 from shared.errors import NotFound
 
 PREFIX = "am:"
@@ -105,8 +105,9 @@ def hash_refresh_token(token: str) -> str:
 
 # KEYS: refresh(old), refresh(new), outbox, revoked_sessions, active kid
 # ARGV: now_ms, new_exp_ms, ttl_ms, reuse_event_id, session_prefix
-# Returns {status, sid, sub, scopes, username, active kid}; status ok | invalid | revoked | reused.
-# The active kid rides along so that minting the new access token needs no second round trip.
+# Returns {status, sid, sub, scopes, username, active kid}, {reused, sid, sub, active kid},
+# {revoked, sid, sub} or {invalid}. The active kid rides along so that minting the new access token, or
+# signing the reuse event, needs no second round trip.
 _ROTATE_REFRESH = """
 local old = redis.call('HMGET', KEYS[1], 'sid', 'state', 'exp_ms')
 if not old[1] then return {'invalid'} end
@@ -122,7 +123,7 @@ if old[2] ~= 'live' then
   local event = cjson.encode({id = ARGV[4], ms = ARGV[1], type = 'revoked.session',
                               body = {sid = old[1], sub = s[1]}})
   redis.call('HSET', KEYS[3], ARGV[4], event)
-  return {'reused', old[1], s[1]}
+  return {'reused', old[1], s[1], redis.call('GET', KEYS[5]) or ''}
 end
 redis.call('HSET', KEYS[1], 'state', 'spent')
 redis.call('HSET', KEYS[2], 'sid', old[1], 'state', 'live', 'exp_ms', ARGV[2])
@@ -132,35 +133,43 @@ if redis.call('PTTL', skey) < tonumber(ARGV[3]) then redis.call('PEXPIRE', skey,
 return {'ok', old[1], s[1], s[2], s[3], redis.call('GET', KEYS[5]) or ''}
 """
 
-# KEYS: session, revoked_sessions, outbox
+# The revocation scripts return {status, revoked_ms, event_id, active kid}: the event that broadcasts the
+# revocation (this call's, or an earlier one's when already revoked) and the kid to sign it with, so
+# publishing it needs no further round trip.
+
+# KEYS: session, revoked_sessions, outbox, active kid
 # ARGV: now_ms, event_id, event_json, sid
-# Returns {status, revoked_ms, event_id}; status ok | already | missing.
+# status ok | already | missing.
 _REVOKE_SESSION = """
 local s = redis.call('HMGET', KEYS[1], 'sub', 'revoked_ms', 'revoke_event')
 if not s[1] then return {'missing'} end
-if s[2] ~= '0' then return {'already', s[2], s[3]} end
+local active = redis.call('GET', KEYS[4]) or ''
+if s[2] ~= '0' then return {'already', s[2], s[3], active} end
 redis.call('HSET', KEYS[1], 'revoked_ms', ARGV[1], 'revoke_event', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[4] .. ' ' .. s[1])
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
-return {'ok', ARGV[1], ARGV[2]}
+return {'ok', ARGV[1], ARGV[2], active}
 """
 
-# KEYS: revoked_jti, revoked_jtis, outbox
+# KEYS: revoked_jti, revoked_jtis, outbox, active kid
 # ARGV: now_ms, event_id, event_json, jti, exp (s), ttl_ms
+# status ok | already.
 _REVOKE_TOKEN = """
+local active = redis.call('GET', KEYS[4]) or ''
 local existing = redis.call('GET', KEYS[1])
 if existing then
   local sep = string.find(existing, ' ')
-  return {'already', string.sub(existing, 1, sep - 1), string.sub(existing, sep + 1)}
+  return {'already', string.sub(existing, 1, sep - 1), string.sub(existing, sep + 1), active}
 end
 redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2], 'PX', ARGV[6])
 redis.call('ZADD', KEYS[2], ARGV[5], ARGV[4])
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
-return {'ok', ARGV[1], ARGV[2]}
+return {'ok', ARGV[1], ARGV[2], active}
 """
 
-# KEYS: user_nbf, user_sessions, revoked_users, outbox, revoked_sessions
+# KEYS: user_nbf, user_sessions, revoked_users, outbox, revoked_sessions, active kid
 # ARGV: now_ms, event_id, event_json, sub, nbf_ttl_ms, session_prefix
+# status ok.
 _REVOKE_USER = """
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[1], ARGV[4])
@@ -173,7 +182,7 @@ for _, sid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
 end
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
-return {'ok', ARGV[1], ARGV[2]}
+return {'ok', ARGV[1], ARGV[2], redis.call('GET', KEYS[6]) or ''}
 """
 
 # KEYS: active, keys set, new key record, previous key record, outbox, retired_keys
@@ -237,6 +246,7 @@ class RotationResult:
 
     ``status`` is ``ok`` (rotated), ``invalid`` (unknown or expired), ``revoked`` (its session is
     revoked) or ``reused`` (a spent token: the session has just been revoked, its event is in the outbox).
+    ``active_kid`` comes with ``ok`` and ``reused``.
     """
 
     status: str
@@ -249,11 +259,22 @@ class RotationResult:
 
 @dataclass(frozen=True, slots=True)
 class RevocationResult:
-    """The outcome of a revocation write: when it took effect and the event that broadcasts it."""
+    """The outcome of a revocation write: when it took effect and the event that broadcasts it.
+
+    ``active_kid`` is the signing kid read in the same step (None when unknown).
+    """
 
     revoked_at_ms: int
     event_id: str
     already: bool
+    active_kid: str | None = None
+
+
+def _revocation(reply: Any) -> RevocationResult:
+    status, revoked_ms, event_id, active_kid = (_text(v) for v in reply)
+    return RevocationResult(
+        int(revoked_ms), event_id, already=status == "already", active_kid=active_kid or None
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,11 +311,12 @@ class AuthStore:
         self._redis = client
         self._expiry_margin_ms = int((leeway + 60) * 1000)
         self._revocation_horizon_ms = int(access_ttl * 1000) + self._expiry_margin_ms
-        self._rotate_refresh: AsyncScript = client.register_script(_ROTATE_REFRESH)
-        self._revoke_session: AsyncScript = client.register_script(_REVOKE_SESSION)
-        self._revoke_token: AsyncScript = client.register_script(_REVOKE_TOKEN)
-        self._revoke_user: AsyncScript = client.register_script(_REVOKE_USER)
-        self._rotate_key: AsyncScript = client.register_script(_ROTATE_KEY)
+        self._scripts = ScriptRunner(client.connection_pool)
+        self._rotate_refresh = LuaScript.of(_ROTATE_REFRESH)
+        self._revoke_session = LuaScript.of(_REVOKE_SESSION)
+        self._revoke_token = LuaScript.of(_REVOKE_TOKEN)
+        self._revoke_user = LuaScript.of(_REVOKE_USER)
+        self._rotate_key = LuaScript.of(_ROTATE_KEY)
 
     @property
     def redis(self) -> redis.Redis:
@@ -410,7 +432,8 @@ class AuthStore:
         self, old_hash: str, new_hash: str, now_ms: int, ttl_ms: int, reuse_event_id: str
     ) -> RotationResult:
         """Spend a refresh token and store its successor, atomically; detect reuse."""
-        result = await self._rotate_refresh(
+        result = await self._scripts.run(
+            self._rotate_refresh,
             keys=[refresh_key(old_hash), refresh_key(new_hash), OUTBOX, REVOKED_SESSIONS, ACTIVE_KID],
             args=[now_ms, now_ms + ttl_ms, ttl_ms, reuse_event_id, f"{PREFIX}session:"],
         )
@@ -420,7 +443,9 @@ class AuthStore:
             return RotationResult(
                 status, values[1], values[2], tuple(values[3].split()), values[4], values[5] or None
             )
-        if status in ("revoked", "reused"):
+        if status == "reused":
+            return RotationResult(status, values[1], values[2], active_kid=values[3] or None)
+        if status == "revoked":
             return RotationResult(status, values[1], values[2])
         return RotationResult(status)
 
@@ -432,33 +457,41 @@ class AuthStore:
         Raises:
             NotFound: No such session.
         """
-        result = await self._revoke_session(
-            keys=[session_key(sid), REVOKED_SESSIONS, OUTBOX], args=[now_ms, event_id, event_json, sid]
+        result = await self._scripts.run(
+            self._revoke_session,
+            keys=[session_key(sid), REVOKED_SESSIONS, OUTBOX, ACTIVE_KID],
+            args=[now_ms, event_id, event_json, sid],
         )
-        values = [_text(v) for v in result]
-        if values[0] == "missing":
+        if _text(result[0]) == "missing":
             raise NotFound("session not found", code="SESSION_NOT_FOUND")
-        return RevocationResult(int(values[1]), values[2], already=values[0] == "already")
+        return _revocation(result)
 
     async def revoke_token(
         self, jti: str, exp: int, now_ms: int, event_id: str, event_json: str, keep_ms: int
     ) -> RevocationResult:
         """Record an access token as revoked and queue its event; idempotent."""
-        result = await self._revoke_token(
-            keys=[revoked_jti_key(jti), REVOKED_JTIS, OUTBOX],
+        result = await self._scripts.run(
+            self._revoke_token,
+            keys=[revoked_jti_key(jti), REVOKED_JTIS, OUTBOX, ACTIVE_KID],
             args=[now_ms, event_id, event_json, jti, exp, max(keep_ms, 1)],
         )
-        values = [_text(v) for v in result]
-        return RevocationResult(int(values[1]), values[2], already=values[0] == "already")
+        return _revocation(result)
 
     async def revoke_user(self, sub: str, now_ms: int, event_id: str, event_json: str) -> RevocationResult:
         """Revoke every session of a user and every token issued up to ``now_ms``."""
-        result = await self._revoke_user(
-            keys=[user_nbf_key(sub), user_sessions_key(sub), REVOKED_USERS, OUTBOX, REVOKED_SESSIONS],
+        result = await self._scripts.run(
+            self._revoke_user,
+            keys=[
+                user_nbf_key(sub),
+                user_sessions_key(sub),
+                REVOKED_USERS,
+                OUTBOX,
+                REVOKED_SESSIONS,
+                ACTIVE_KID,
+            ],
             args=[now_ms, event_id, event_json, sub, self._revocation_horizon_ms, f"{PREFIX}session:"],
         )
-        values = [_text(v) for v in result]
-        return RevocationResult(int(values[1]), values[2], already=False)
+        return _revocation(result)
 
     async def revocation_reason(
         self, jti: str, sid: str, sub: str, issued_at_ms: int, kid: str
@@ -574,7 +607,8 @@ class AuthStore:
         ]
         for event_id, event_json in events:
             args += [event_id, event_json]
-        result = await self._rotate_key(
+        result = await self._scripts.run(
+            self._rotate_key,
             keys=[
                 ACTIVE_KID,
                 KEYS_SET,

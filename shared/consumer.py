@@ -153,6 +153,7 @@ class RevocationConsumer:
         self._connected = False
         self._applied = 0
         self._rejected = 0
+        self._last_message_at = time.monotonic()
 
     @property
     def ready(self) -> bool:
@@ -210,6 +211,7 @@ class RevocationConsumer:
         js = client.jetstream(timeout=_JETSTREAM_TIMEOUT_SECONDS)
         delay = _RETRY_INITIAL_SECONDS
         while True:
+            _raise_if_cancelled()
             try:
                 await self._follow(js)
             except _Resubscribe:
@@ -253,9 +255,24 @@ class RevocationConsumer:
             after = self._last_sequence = first - 1
         if after is not None and after >= last:
             self._mark_ready()  # nothing newer than what we hold
+        # A callback subscription: nats-py hands each message straight to it, in order, where next_msg()
+        # would cost two tasks and a timer per message. What the callback cannot handle (a gap, a bug)
+        # ends this subscription through ``outcome``.
+        outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def on_message(message: Msg) -> None:
+            if outcome.done():
+                return  # leaving: the next subscription starts after the last sequence applied
+            try:
+                await self._on_message(message)
+            except Exception as error:  # _follow_forever decides what it means, as for any other failure
+                outcome.set_exception(error)
+
+        self._last_message_at = time.monotonic()
         subscription = await js.subscribe(
             STREAM_SUBJECTS[0],
             stream=STREAM_NAME,
+            cb=on_message,
             ordered_consumer=True,
             idle_heartbeat=_CONSUMER_IDLE_HEARTBEAT_SECONDS,
             config=_consumer_config(after, self._since()),
@@ -266,40 +283,48 @@ class RevocationConsumer:
                 delivered = consumer.delivered.consumer_seq if consumer.delivered else 0
                 if not consumer.num_pending and not delivered:
                     self._mark_ready()  # nothing at all to replay
-            await self._drain(js, subscription)
+            await self._watch(js, outcome)
         finally:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
+            if not outcome.done():
+                outcome.cancel()
+            elif not outcome.cancelled():
+                outcome.exception()  # retrieved, so asyncio does not log it as never retrieved
 
-    async def _drain(self, js: JetStreamContext, subscription: JetStreamContext.PushSubscription) -> None:
-        idle_since = time.monotonic()
+    async def _watch(self, js: JetStreamContext, outcome: asyncio.Future[None]) -> None:
+        """Until the subscription must end: a reconnect, a quiet spell that finds it stuck, or ``outcome``."""
         while True:
+            _raise_if_cancelled()
             if self._reconnected.is_set():
                 raise _Resubscribe()
-            try:
-                message = await subscription.next_msg(timeout=_POLL_SECONDS)
-            except nats.errors.TimeoutError:
-                if time.monotonic() - idle_since >= _IDLE_CHECK_SECONDS:
-                    await self._check_subscription(js)
-                    idle_since = time.monotonic()
-                continue
-            idle_since = time.monotonic()
-            metadata = message.metadata
-            sequence = metadata.sequence.stream
-            last = self._last_sequence
-            if last is not None and sequence <= last:
-                continue  # already applied
-            if last is not None and sequence > last + 1:
-                self._observer.gap_detected()
-                _log.warning("event stream gap", expected=last + 1, got=sequence)
-                if self._snapshot is not None and not self._gap_tolerated:
-                    self._synchronised = False
-                    raise _Resubscribe()
-            self._gap_tolerated = False
-            await self._handle(message, live=self._ready.is_set() or metadata.num_pending == 0)
-            self._last_sequence = sequence
-            if metadata.num_pending == 0:
-                self._mark_ready()
+            done, _ = await asyncio.wait({outcome}, timeout=_POLL_SECONDS)
+            if done:
+                outcome.result()  # raises what ended the subscription
+                return
+            if time.monotonic() - self._last_message_at >= _IDLE_CHECK_SECONDS:
+                await self._check_subscription(js)
+                self._last_message_at = time.monotonic()
+
+    async def _on_message(self, message: Msg) -> None:
+        """Apply one message in stream order; a jump in sequence ends the subscription."""
+        self._last_message_at = time.monotonic()
+        metadata = message.metadata
+        sequence = metadata.sequence.stream
+        last = self._last_sequence
+        if last is not None and sequence <= last:
+            return  # already applied
+        if last is not None and sequence > last + 1:
+            self._observer.gap_detected()
+            _log.warning("event stream gap", expected=last + 1, got=sequence)
+            if self._snapshot is not None and not self._gap_tolerated:
+                self._synchronised = False
+                raise _Resubscribe()
+        self._gap_tolerated = False
+        await self._handle(message, live=self._ready.is_set() or metadata.num_pending == 0)
+        self._last_sequence = sequence
+        if metadata.num_pending == 0:
+            self._mark_ready()
 
     async def _check_subscription(self, js: JetStreamContext) -> None:
         """After a quiet spell, make sure the subscription is not stuck on a stream that moved on.
@@ -453,6 +478,19 @@ def _consumer_config(after_sequence: int | None, since: float) -> ConsumerConfig
 def _rejection_reason(error: EventRejected) -> str:
     """A stable metric label for why an event was dropped (``wrong_subject``, ``bad_signature``, …)."""
     return error.code.lower().removeprefix("event_")
+
+
+def _raise_if_cancelled() -> None:
+    """Honour a cancellation that was requested but swallowed on the way.
+
+    On Python 3.11 ``asyncio.wait_for`` (inside nats-py's requests) returns its result instead of
+    raising when the cancellation and the result arrive together (CPython gh-86296); the task then
+    runs on with the request still counted by ``Task.cancelling()``, and a shutdown would wait forever.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        _log.debug("cancellation swallowed by a library; honouring it")
+        raise asyncio.CancelledError()
 
 
 async def _backoff(delay: float) -> float:

@@ -286,12 +286,21 @@ class RevocationMetrics:
             buckets=PROPAGATION_BUCKETS,
             registry=registry,
         )
+        self._by_type: dict[str, tuple[Counter, Histogram]] = {}
 
     def event_applied(self, event_type: str, lag_seconds: float | None) -> None:
         """An event was verified and applied; ``lag_seconds`` for a live revocation, else None."""
-        self._applied.labels(event_type).inc()
+        # Every event passes here: a dict hit is far cheaper than prometheus_client's locked label lookup.
+        children = self._by_type.get(event_type)
+        if children is None:
+            children = self._by_type[event_type] = (
+                self._applied.labels(event_type),
+                self._lag.labels(event_type),
+            )
+        applied, lag = children
+        applied.inc()
         if lag_seconds is not None:
-            self._lag.labels(event_type).observe(max(0.0, lag_seconds))
+            lag.observe(max(0.0, lag_seconds))
 
     def event_rejected(self, reason: str) -> None:
         """An event was dropped."""

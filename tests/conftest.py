@@ -8,6 +8,7 @@ those shared servers; a test that restarts or kills a server starts its own with
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import nats
 import pytest
@@ -63,3 +64,17 @@ async def nats_url(nats_server: NatsServer) -> str:
     finally:
         await client.close()
     return nats_server.url
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    """A Redis of the test's own, which it may kill, pause and restart (append-only persistence on)."""
+    async with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def own_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    """A NATS of the test's own, which it may stop and restart."""
+    async with NatsServer(tmp_path / "nats") as server:
+        yield server

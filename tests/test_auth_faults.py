@@ -6,13 +6,10 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import nats
 import pytest
-import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -45,20 +42,6 @@ from tests.waiting import eventually
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 DEADLINE_SECONDS = 20.0
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    """A Redis this test may kill and restart (append-only persistence on)."""
-    async with RedisServer(tmp_path / "redis") as server:
-        yield server
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def own_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    """A NATS this test may stop and restart."""
-    async with NatsServer(tmp_path / "nats") as server:
-        yield server
 
 
 async def introspect(client: AuthClient, token: str) -> auth_pb2.IntrospectResponse:

@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
 import pytest
-import pytest_asyncio
 
 from authmesh.auth.v1 import auth_pb2
 from authmesh.processes import NatsCluster, NatsServer
@@ -46,13 +45,6 @@ BROKER_DOWN = {"BROKER_UNAVAILABLE"}
 # A refused revocation is retried after this pause (the answer comes at once while NATS is down).
 RETRY_PAUSE_SECONDS = 0.05
 PACE_SECONDS = 0.01
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def own_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
-    """A NATS this test may kill and restart."""
-    async with NatsServer(tmp_path / "nats") as server:
-        yield server
 
 
 def bodies_on(events: list[StoredEvent], subject: str) -> list[dict[str, object]]:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from authmesh.auth.v1 import auth_pb2
 from authmesh.processes import RedisServer
@@ -25,13 +23,6 @@ BEFORE = 3
 DURING = 5
 ROTATIONS = 6
 STORE_DOWN = {"STORE_UNAVAILABLE"}
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def own_redis(tmp_path: Path) -> AsyncIterator[RedisServer]:
-    """A Redis this test may kill and restart (append-only persistence on)."""
-    async with RedisServer(tmp_path / "redis") as server:
-        yield server
 
 
 @dataclass
