@@ -188,6 +188,21 @@ return {'ok', ARGV[1], ARGV[2], redis.call('GET', KEYS[6]) or ''}
 # KEYS: active, keys set, new key record, previous key record, outbox, retired_keys
 # ARGV: expected previous kid, new kid, sealed, now_ms, previous state, previous not_after_ms,
 #       then pairs of (event_id, event_json)
+# KEYS: revoked_jti, session, user_nbf, key record
+# Returns {jti revoked (0|1), session revoked_ms, user nbf_ms, key state}, '' for what is not stored. A
+# script rather than a pipeline: this check guards every authenticated call and Introspect, and a script
+# call costs the client less than half the CPU of redis-py's pipeline (about 130 µs against 350 µs).
+_REVOCATION_STATE = """
+return {redis.call('EXISTS', KEYS[1]), redis.call('HGET', KEYS[2], 'revoked_ms') or '',
+        redis.call('GET', KEYS[3]) or '', redis.call('HGET', KEYS[4], 'state') or ''}
+"""
+
+# KEYS: outbox
+# ARGV: event_id
+_OUTBOX_DONE = """
+return redis.call('HDEL', KEYS[1], ARGV[1])
+"""
+
 _ROTATE_KEY = """
 local current = redis.call('GET', KEYS[1]) or ''
 if current ~= ARGV[1] then return {'conflict', current} end
@@ -317,6 +332,8 @@ class AuthStore:
         self._revoke_token = LuaScript.of(_REVOKE_TOKEN)
         self._revoke_user = LuaScript.of(_REVOKE_USER)
         self._rotate_key = LuaScript.of(_ROTATE_KEY)
+        self._revocation_state = LuaScript.of(_REVOCATION_STATE)
+        self._outbox_done = LuaScript.of(_OUTBOX_DONE)
 
     @property
     def redis(self) -> redis.Redis:
@@ -497,19 +514,20 @@ class AuthStore:
         self, jti: str, sid: str, sub: str, issued_at_ms: int, kid: str
     ) -> str | None:
         """Why a token is revoked (a stable code), or None if it is not."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.exists(revoked_jti_key(jti))
-            pipe.hget(session_key(sid), "revoked_ms")
-            pipe.get(user_nbf_key(sub))
-            pipe.hget(key_record_key(kid), "state")
-            jti_revoked, session_revoked_ms, user_nbf, key_state = await pipe.execute()
+        reply = await self._scripts.run(
+            self._revocation_state,
+            keys=[revoked_jti_key(jti), session_key(sid), user_nbf_key(sub), key_record_key(kid)],
+            args=[],
+        )
+        jti_revoked = int(reply[0])
+        session_revoked_ms, user_nbf, key_state = (_text(value) for value in reply[1:])
         if jti_revoked:
             return "TOKEN_REVOKED"
-        if user_nbf is not None and issued_at_ms <= int(user_nbf):
+        if user_nbf and issued_at_ms <= int(user_nbf):
             return "USER_REVOKED"
-        if session_revoked_ms is not None and int(session_revoked_ms) > 0:
+        if session_revoked_ms and int(session_revoked_ms) > 0:
             return "SESSION_REVOKED"
-        if key_state is None or _text(key_state) == "retired":
+        if not key_state or key_state == "retired":
             return "KEY_REVOKED"
         return None
 
@@ -547,7 +565,7 @@ class AuthStore:
 
     async def outbox_done(self, event_id: str) -> None:
         """JetStream acknowledged the event."""
-        await self._redis.hdel(OUTBOX, event_id)
+        await self._scripts.run(self._outbox_done, keys=[OUTBOX], args=[event_id])
 
     # signing keys
 

@@ -197,6 +197,12 @@ async def test_propagation_bench_times_each_revocation_to_the_last_replica_and_t
         assert check["rounds"] == 4
         assert 0 <= check["all_refused_share"] <= 1
         assert check["asked"]["p50"] > 0
+        cpu = level["cpu_ms_per_round"]
+        assert set(cpu) == {"auth", "nats", "redis", "replicas", "probers", "driver", "total"}
+        assert cpu["total"] == pytest.approx(sum(value for part, value in cpu.items() if part != "total"))
+        assert cpu["total"] > 0
+        assert all(value >= 0 for value in cpu.values())
+        assert level["cpu_floor_ms"] == pytest.approx(cpu["total"] / result["environment"]["cpus"])
     # No level with 10 replicas: the goal cannot be judged, so it is not met.
     assert result["goals"]["p99_ms_at_10"]["value"] is None
     assert result["ok"] is False

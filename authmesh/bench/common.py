@@ -361,6 +361,40 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class CpuAccount:
+    """CPU seconds used by named processes (and this one) over one or more timed windows.
+
+    Args:
+        pids: Process name → pid. This process is counted too, as :attr:`SELF`.
+    """
+
+    SELF = "driver"
+
+    def __init__(self, pids: Mapping[str, int]) -> None:
+        self._pids = dict(pids)
+        self._began: dict[str, float] = {}
+        self.used: dict[str, float] = {}
+        self.windows = 0
+
+    def _now(self) -> dict[str, float]:
+        readings = {name: process_cpu_seconds(pid) for name, pid in self._pids.items()}
+        now = {name: seconds for name, seconds in readings.items() if seconds is not None}
+        now[self.SELF] = time.process_time()
+        return now
+
+    def begin(self) -> None:
+        """Open a window."""
+        self._began = self._now()
+
+    def end(self) -> None:
+        """Close the window and add what each process used in it to :attr:`used` (seconds by name)."""
+        now = self._now()
+        for name, began in self._began.items():
+            if name in now:
+                self.used[name] = self.used.get(name, 0.0) + now[name] - began
+        self.windows += 1
+
+
 def cpus() -> list[int]:
     """The CPUs this process may run on, lowest first."""
     affinity = getattr(os, "sched_getaffinity", None)

@@ -55,6 +55,7 @@ from rich.table import Table
 
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.bench.common import (
+    CpuAccount,
     Goal,
     JsonDict,
     Latency,
@@ -412,6 +413,7 @@ async def _propagation_rounds(
     floor: _Floor | None,
     progress: Callable[[str], None],
     label: str,
+    account: CpuAccount | None = None,
 ) -> list[Round]:
     rounds = []
     arm = {"op": "arm", "interval_ms": interval_ms, "deadline_s": DEADLINE_SECONDS}
@@ -424,10 +426,15 @@ async def _propagation_rounds(
                 if answer["primed"]:
                     await prober.request({"op": "report"}, timeout=DEADLINE_SECONDS + 10)
             continue
+        if account is not None:
+            account.begin()
         started, returned = await revoker.revoke(victim)
         reports = await asyncio.gather(
             *(prober.request({"op": "report"}, timeout=DEADLINE_SECONDS + 10) for prober in probers)
         )
+        if account is not None:
+            # From the revoking call to the last refusal reported: what the spread itself cost.
+            account.end()
         replicas = [replica for report in reports for replica in report["replicas"]]
         seen = [report["seen_ns"] for report in reports if report["seen_ns"] is not None]
         rejected = [replica["rejected_ns"] for replica in replicas]
@@ -591,6 +598,18 @@ class _Floor:
         return result
 
 
+def _cpu_per_round(used: Mapping[str, float], rounds: int) -> dict[str, float]:
+    """CPU milliseconds per revocation by part of the system: auth, NATS, Redis, replicas, probers, driver."""
+    parts = {"auth": 0.0, "nats": 0.0, "redis": 0.0, "replicas": 0.0, "probers": 0.0, "driver": 0.0}
+    for name, seconds in used.items():
+        part = {"authmesh-nats": "nats", CpuAccount.SELF: "driver"}.get(name, name.split("-", 1)[0])
+        part = {"resource": "replicas", "prober": "probers"}.get(part, part)
+        if part in parts:
+            parts[part] += seconds * 1000 / max(rounds, 1)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
 def _summary(rounds: Sequence[Round], attempted: int) -> JsonDict:
     arrived = [round_.last_ms for round_ in rounds if round_.last_ms is not None]
     lower = [round_.last_lower_ms for round_ in rounds if round_.last_lower_ms is not None]
@@ -688,6 +707,9 @@ async def measure(
                         sampler = await level_resources.enter_async_context(
                             _Floor(subscribers[:count], floor_nats.url, level_index)
                         )
+                    account = CpuAccount(
+                        {**stack.pids(), **{f"prober-{i}": prober.pid for i, prober in enumerate(active)}}
+                    )
                     rounds = await _propagation_rounds(
                         active,
                         revoker,
@@ -697,7 +719,9 @@ async def measure(
                         sampler if with_floor else None,
                         progress,
                         f"{count} replicas",
+                        account,
                     )
+                    cpu_per_round = _cpu_per_round(account.used, account.windows)
                     if with_floor:
                         floor = await sampler.results()
                 after = await _replica_histograms([replica.http for replica in replicas])
@@ -724,6 +748,11 @@ async def measure(
                         },
                         "floor": floor,
                         "unperturbed": unperturbed,
+                        # Every process's CPU from the revoking call to the last refusal (the RPC, the
+                        # event's delivery and application, the probes), and the wall time that much CPU
+                        # takes at the least on this machine's CPUs.
+                        "cpu_ms_per_round": cpu_per_round,
+                        "cpu_floor_ms": cpu_per_round["total"] / len(cpus()),
                     }
                 )
     levels.sort(key=lambda level: level["replicas"])
@@ -815,6 +844,20 @@ def render(result: Mapping[str, Any]) -> Table:
                 "",
                 f"{check['all_refused_share']:.1%} of {check['rounds']} (asked at p50 "
                 f"{check['asked']['p50']:.1f}, max {check['asked']['max']:.1f} ms)",
+            )
+        cpu = level.get("cpu_ms_per_round")
+        if cpu is not None:
+            table.add_row(
+                "",
+                f"CPU per revocation, all processes: {cpu['total']:.1f} ms; on "
+                f"{result['environment'].get('cpus', '?')} CPUs it needs ≥ {level['cpu_floor_ms']:.1f} ms",
+                "",
+                "",
+                "",
+                ", ".join(
+                    f"{part} {cpu[part]:.1f}"
+                    for part in ("auth", "nats", "redis", "replicas", "probers", "driver")
+                ),
             )
         for mode, label in (
             ("jetstream", "floor: JetStream publish → last subscriber"),
