@@ -197,6 +197,7 @@ async def test_propagation_bench_times_each_revocation_to_the_last_replica_and_t
         assert check["rounds"] == 4
         assert 0 <= check["all_refused_share"] <= 1
         assert check["asked"]["p50"] > 0
+        assert set(check["replica_view_within"]) == {"2.5", "5", "10", "25"}
         cpu = level["cpu_ms_per_round"]
         assert set(cpu) == {"auth", "nats", "redis", "replicas", "probers", "driver", "total"}
         assert cpu["total"] == pytest.approx(sum(value for part, value in cpu.items() if part != "total"))

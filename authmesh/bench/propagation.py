@@ -736,6 +736,13 @@ async def measure(
                         progress,
                         f"{count} replicas",
                     )
+                    # The replicas' own view of these rounds, in which nothing probed them before the
+                    # deadline: when each applied the event, without the observer's load.
+                    quiet = await _replica_histograms([replica.http for replica in replicas])
+                    unperturbed["replica_view_within"] = {
+                        f"{bound * 1000:g}": _share_within(after, quiet, bound)
+                        for bound in REPLICA_VIEW_BOUNDS
+                    }
                 levels.append(
                     {
                         "replicas": count,
@@ -845,6 +852,21 @@ def render(result: Mapping[str, Any]) -> Table:
                 f"{check['all_refused_share']:.1%} of {check['rounds']} (asked at p50 "
                 f"{check['asked']['p50']:.1f}, max {check['asked']['max']:.1f} ms)",
             )
+            quiet_view = check.get("replica_view_within") or {}
+            quiet_shown = [
+                f"{share:.0%} ≤ {bound} ms"
+                for bound, share in quiet_view.items()
+                if share is not None and bound in ("5", "10")
+            ]
+            if quiet_shown:
+                table.add_row(
+                    "",
+                    "no probe before: replicas' own view (slowest replica applied)",
+                    "",
+                    "",
+                    "",
+                    ", ".join(quiet_shown),
+                )
         cpu = level.get("cpu_ms_per_round")
         if cpu is not None:
             table.add_row(
