@@ -178,13 +178,15 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
                 _log.exception("unexpected error", method="SnapshotRevocations")
                 raise
             await abort_with_error(context, mapped)
-        tokens = [auth_pb2.RevokedToken(jti=jti, exp=exp) for jti, exp in snapshot.tokens]
+        tokens = snapshot.tokens
         chunks = max(1, -(-len(tokens) // SNAPSHOT_CHUNK))
         for index in range(chunks):
-            chunk = auth_pb2.RevocationSnapshotChunk(
-                tokens=tokens[index * SNAPSHOT_CHUNK : (index + 1) * SNAPSHOT_CHUNK],
-                stream_sequence=sequence,
-            )
+            chunk = auth_pb2.RevocationSnapshotChunk(stream_sequence=sequence)
+            # Added in place: building the messages first and copying them into the chunk costs three
+            # times as much, for up to hundreds of thousands of entries.
+            add_token = chunk.tokens.add
+            for jti, exp in tokens[index * SNAPSHOT_CHUNK : (index + 1) * SNAPSHOT_CHUNK]:
+                add_token(jti=jti, exp=exp)
             if index == 0:
                 chunk.sessions.extend(
                     auth_pb2.RevokedSession(sid=sid, sub=sub, revoked_at_unix_ms=revoked_ms)
