@@ -24,7 +24,7 @@ import structlog
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from shared.denylist import SnapshotChunk
 from shared.errors import Unavailable
-from shared.events import SessionRevokedEvent, TokenRevokedEvent, UserRevokedEvent
+from shared.events import SessionRevokedEvent, UserRevokedEvent
 from shared.staleness import Introspection
 
 AUTH_UNAVAILABLE = "AUTH_UNAVAILABLE"
@@ -259,7 +259,8 @@ def _unavailable(method: str, error: grpc.aio.AioRpcError) -> Unavailable:
 
 def _chunk(chunk: auth_pb2.RevocationSnapshotChunk) -> SnapshotChunk:
     return SnapshotChunk(
-        tokens=tuple(TokenRevokedEvent(jti=token.jti, exp=token.exp) for token in chunk.tokens),
+        # The wire messages themselves (they have jti and exp): 100k value objects would cost 0.2 s.
+        tokens=chunk.tokens,
         sessions=tuple(SessionRevokedEvent(sid=session.sid, sub=session.sub) for session in chunk.sessions),
         session_revoked_at_ms={
             session.sid: session.revoked_at_unix_ms

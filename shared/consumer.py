@@ -345,14 +345,20 @@ class RevocationConsumer:
             raise _Resubscribe()
 
     async def _synchronise(self) -> None:
-        """Fetch keys, then load the snapshot (or settle for a replay of the stream)."""
-        await self._keys.refresh()
-        sequence: int | None = None
-        if self._snapshot is not None:
-            try:
-                sequence = await self._load_snapshot(self._snapshot)
-            except (Unavailable, OSError, TimeoutError) as error:
-                _log.warning("revocation snapshot unavailable; replaying the stream", error=str(error))
+        """Fetch keys and load the snapshot, side by side (or settle for a replay of the stream).
+
+        Both are needed before the first event is read, neither needs the other (a key the snapshot
+        retires stays refused whatever the fetch brings), and a starting replica serves nothing until
+        both are done.
+        """
+        fetched, loaded = await asyncio.gather(
+            self._keys.refresh(), self._try_snapshot(), return_exceptions=True
+        )
+        if isinstance(fetched, BaseException):
+            raise fetched
+        if isinstance(loaded, BaseException):
+            raise loaded
+        sequence = loaded
         if sequence is None:
             # Without a snapshot a gap cannot be filled: the next one is accepted, not chased again.
             self._gap_tolerated = True
@@ -361,6 +367,16 @@ class RevocationConsumer:
             self._observer.resynchronised("snapshot")
             self._last_sequence = sequence
         self._synchronised = True
+
+    async def _try_snapshot(self) -> int | None:
+        """The snapshot's stream sequence once loaded; None without a snapshot or when it failed."""
+        if self._snapshot is None:
+            return None
+        try:
+            return await self._load_snapshot(self._snapshot)
+        except (Unavailable, OSError, TimeoutError) as error:
+            _log.warning("revocation snapshot unavailable; replaying the stream", error=str(error))
+            return None
 
     async def _load_snapshot(self, source: SnapshotSource) -> int:
         sequence = 0

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from shared.claims import AccessClaims
 from shared.errors import KeyRevoked, TokenRevoked
@@ -60,12 +61,28 @@ def jti_key(jti: str) -> Hashable:
     return jti
 
 
+class RevokedTokenEntry(Protocol):
+    """One revoked access token of a snapshot: a :class:`~shared.events.TokenRevokedEvent`, or any
+    record with the same two fields (the snapshot's wire messages as they arrived)."""
+
+    @property
+    def jti(self) -> str:
+        """The token's ``jti``."""
+        ...
+
+    @property
+    def exp(self) -> int:
+        """The token's expiry (seconds since the epoch)."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class SnapshotChunk:
     """A part of the auth service's revocation snapshot, as plain values.
 
     Attributes:
-        tokens: Revoked access tokens.
+        tokens: Revoked access tokens. A snapshot holds up to hundreds of thousands, so the client hands
+            them over as the records it received rather than building a value object for each.
         sessions: Revoked sessions.
         users: Revoked users.
         retired_key_ids: Retired signing keys.
@@ -73,7 +90,7 @@ class SnapshotChunk:
         session_revoked_at_ms: When each session was revoked, by the issuer's clock, where known.
     """
 
-    tokens: tuple[TokenRevokedEvent, ...] = ()
+    tokens: Sequence[RevokedTokenEntry] = ()
     sessions: tuple[SessionRevokedEvent, ...] = ()
     users: tuple[UserRevokedEvent, ...] = ()
     retired_key_ids: tuple[str, ...] = ()
