@@ -23,6 +23,7 @@ from auth_service.outbox import from_record
 from auth_service.store import AuthStore
 from shared.errors import AuthError, Unavailable
 from shared.events import STREAM_NAME, HeartbeatEvent, SecurityEvent, encode_event
+from shared.lifecycle import raise_if_cancelled
 
 PUBLISH_TIMEOUT_SECONDS = 2.0
 _log = structlog.get_logger(__name__)
@@ -153,6 +154,7 @@ class EventPublisher:
     async def run_heartbeat(self, interval: float) -> None:
         """Every ``interval``: deliver what the outbox holds, then a heartbeat. Runs until cancelled."""
         while True:
+            raise_if_cancelled()
             try:
                 await self.flush_outbox()
             except (AuthError, RedisError, OSError) as error:
@@ -164,4 +166,5 @@ class EventPublisher:
                 await self.publish(event, use_cached_key=True)
             except Unavailable:
                 _log.debug("heartbeat not published: broker unavailable")
+            raise_if_cancelled()
             await asyncio.sleep(interval)

@@ -25,6 +25,7 @@ from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from shared.denylist import SnapshotChunk
 from shared.errors import Unavailable
 from shared.events import SessionRevokedEvent, UserRevokedEvent
+from shared.lifecycle import raise_if_cancelled
 from shared.staleness import Introspection
 
 AUTH_UNAVAILABLE = "AUTH_UNAVAILABLE"
@@ -175,6 +176,7 @@ class AuthClient:
             return
         delay = _RETRY_INITIAL_SECONDS
         while True:
+            raise_if_cancelled()
             token = self._token
             wait = 0.0 if token is None else token.renew_at - self._clock()
             if wait > 0:

@@ -48,6 +48,7 @@ from shared.events import (
 )
 from shared.jose import decode_compact
 from shared.key_cache import KeyCache
+from shared.lifecycle import raise_if_cancelled
 from shared.nats_wiring import connect_nats
 from shared.settings import CommonSettings
 from shared.staleness import StalenessMonitor
@@ -188,6 +189,7 @@ class RevocationConsumer:
         """Connect, catch up and follow the stream until cancelled; every failure is retried."""
         delay = _RETRY_INITIAL_SECONDS
         while True:
+            raise_if_cancelled()
             try:
                 client = await connect_nats(
                     self._settings,
@@ -211,7 +213,7 @@ class RevocationConsumer:
         js = client.jetstream(timeout=_JETSTREAM_TIMEOUT_SECONDS)
         delay = _RETRY_INITIAL_SECONDS
         while True:
-            _raise_if_cancelled()
+            raise_if_cancelled()
             try:
                 await self._follow(js)
             except _Resubscribe:
@@ -295,7 +297,7 @@ class RevocationConsumer:
     async def _watch(self, js: JetStreamContext, outcome: asyncio.Future[None]) -> None:
         """Until the subscription must end: a reconnect, a quiet spell that finds it stuck, or ``outcome``."""
         while True:
-            _raise_if_cancelled()
+            raise_if_cancelled()
             if self._reconnected.is_set():
                 raise _Resubscribe()
             done, _ = await asyncio.wait({outcome}, timeout=_POLL_SECONDS)
@@ -455,6 +457,7 @@ class RevocationConsumer:
         """
         delay = _RETRY_INITIAL_SECONDS
         while True:
+            raise_if_cancelled()
             try:
                 await self._keys.refresh_for(kid)
                 return
@@ -494,19 +497,6 @@ def _consumer_config(after_sequence: int | None, since: float) -> ConsumerConfig
 def _rejection_reason(error: EventRejected) -> str:
     """A stable metric label for why an event was dropped (``wrong_subject``, ``bad_signature``, …)."""
     return error.code.lower().removeprefix("event_")
-
-
-def _raise_if_cancelled() -> None:
-    """Honour a cancellation that was requested but swallowed on the way.
-
-    On Python 3.11 ``asyncio.wait_for`` (inside nats-py's requests) returns its result instead of
-    raising when the cancellation and the result arrive together (CPython gh-86296); the task then
-    runs on with the request still counted by ``Task.cancelling()``, and a shutdown would wait forever.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        _log.debug("cancellation swallowed by a library; honouring it")
-        raise asyncio.CancelledError()
 
 
 async def _backoff(delay: float) -> float:

@@ -8,6 +8,22 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 
+def raise_if_cancelled() -> None:
+    """Honour a cancellation of the current task that was requested but swallowed on the way.
+
+    Every loop that runs until cancelled calls this once per turn. On Python 3.11
+    ``asyncio.wait_for`` (which nats-py's requests use) returns its result instead of raising when the
+    cancellation and the result arrive together (CPython gh-86296); the task then runs on, the request
+    still counted by ``Task.cancelling()``, and whoever awaits it after cancelling waits forever.
+
+    Raises:
+        asyncio.CancelledError: The current task has a cancellation pending.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError()
+
+
 def run_until_signalled(app: Callable[[], AbstractAsyncContextManager[object]]) -> None:
     """Enter the app (started when entered, stopped gracefully when left) and wait for a signal.
 
