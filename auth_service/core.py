@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
-from prometheus_client import Counter
 
 from auth_service import validation
 from auth_service.keyring import Keyring
@@ -58,6 +57,7 @@ from shared.events import (
     UserRevokedEvent,
 )
 from shared.jose import sign_compact
+from shared.metrics import LabelledChildren
 from shared.settings import AuthSettings
 from shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
 
@@ -121,7 +121,7 @@ class AuthCore:
         self._metrics = metrics
         self._clock = clock
         self._last_key_reload = -KEY_RELOAD_COOLDOWN_SECONDS
-        self._refresh_counters: dict[str, Counter] = {}
+        self._refreshes = LabelledChildren(metrics.refreshes)
         self._verifier = TokenVerifier(
             keyring,
             NoRevocations(),
@@ -193,7 +193,7 @@ class AuthCore:
             self._settings.refresh_token_ttl * 1000,
             reuse_event_id,
         )
-        self._count_refresh(result.status)
+        self._refreshes(result.status).inc()
         if result.status == "reused":
             _log.warning("refresh token reuse: session revoked", sid=result.sid, sub=result.sub)
             # The event exactly as the script wrote it to the outbox (without an origin).
@@ -534,13 +534,6 @@ class AuthCore:
             session_id=sid,
             scopes=scopes,
         )
-
-    def _count_refresh(self, status: str) -> None:
-        # labels() takes a lock and validates the label values on every call; its child never changes.
-        counter = self._refresh_counters.get(status)
-        if counter is None:
-            counter = self._refresh_counters[status] = self._metrics.refreshes.labels(status)
-        counter.inc()
 
     def _event(self, body: EventBody, now_ms: int) -> SecurityEvent:
         return SecurityEvent.new(body, self._settings.issuer, self._settings.instance, now_ms)

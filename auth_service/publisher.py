@@ -108,15 +108,14 @@ class EventPublisher:
         record = await self._store.outbox_entry(event_id)
         if record is None:
             return
-        await self.publish(from_record(record, self._issuer), active_kid=active_kid)
-        await self._store.outbox_done(event_id)
+        await self.deliver_written(from_record(record, self._issuer), active_kid)
 
     async def deliver_written(self, event: SecurityEvent, active_kid: str | None = None) -> None:
-        """Publish an event the caller has just written to the outbox, and remove it once acknowledged.
+        """Publish an event that is in the outbox, and remove it once acknowledged.
 
-        The same as :meth:`deliver` without reading the entry back, so only for this call's own event:
-        should the heartbeat have delivered it meanwhile, JetStream drops the second copy by its
-        ``Nats-Msg-Id``.
+        :meth:`deliver` without reading the entry back: for the caller's own, just written event (should
+        the heartbeat have delivered it meanwhile, JetStream drops the second copy by its
+        ``Nats-Msg-Id``) and for entries already read.
 
         Args:
             event: The event, exactly as written (its outbox record rebuilds the same event).
@@ -134,8 +133,7 @@ class EventPublisher:
         delivered = 0
         # Event ids are UUIDv7, so sorting them orders the events by time.
         for event_id in sorted(entries):
-            await self.publish(from_record(entries[event_id], self._issuer))
-            await self._store.outbox_done(event_id)
+            await self.deliver_written(from_record(entries[event_id], self._issuer))
             delivered += 1
         return delivered
 

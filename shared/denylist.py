@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from shared.claims import AccessClaims
 from shared.errors import KeyRevoked, TokenRevoked
@@ -41,6 +41,8 @@ from shared.events import (
     UserRevokedEvent,
 )
 from shared.verifier import Clock
+
+_Generation = TypeVar("_Generation", bound=Sized)
 
 # Generations per access-token lifetime: more means tighter expiry and more lookups per check.
 GENERATIONS_PER_LIFETIME = 8
@@ -113,34 +115,25 @@ class DenylistSizes:
         return self.tokens + self.sessions + self.users + self.keys
 
 
-class _ExpiringSet:
-    """Members that expire at a given time, kept in generations of ``width`` seconds."""
+class _Generations(Generic[_Generation]):
+    """Entries kept in generations of ``width`` seconds by expiry, so whole generations expire at once."""
 
-    __slots__ = ("_generations", "_live", "_width")
+    __slots__ = ("_generations", "_live", "_new", "_width")
 
-    def __init__(self, width: float) -> None:
+    def __init__(self, width: float, new: Callable[[], _Generation]) -> None:
         self._width = width
-        self._generations: dict[int, set[Hashable]] = {}
+        self._new = new
+        self._generations: dict[int, _Generation] = {}
         # The generations as a list, for the lookup loop (rebuilt only when one is added or dropped).
-        self._live: list[set[Hashable]] = []
+        self._live: list[_Generation] = []
 
-    def add(self, member: Hashable, expires_at: float) -> bool:
+    def _generation(self, expires_at: float) -> _Generation:
         index = math.floor(expires_at / self._width)
         generation = self._generations.get(index)
         if generation is None:
-            generation = self._generations[index] = set()
+            generation = self._generations[index] = self._new()
             self._live = list(self._generations.values())
-        if member in generation:
-            return False
-        generation.add(member)
-        return True
-
-    def __contains__(self, member: Hashable) -> bool:
-        # A plain loop: any() with a generator costs several times more, and this runs per request.
-        for generation in self._live:  # noqa: SIM110
-            if member in generation:
-                return True
-        return False
+        return generation
 
     def __len__(self) -> int:
         return sum(len(generation) for generation in self._live)
@@ -153,22 +146,39 @@ class _ExpiringSet:
             self._live = list(self._generations.values())
 
 
-class _ExpiringMax:
-    """A map to the largest value given for each key, whose entries expire, in generations."""
+class _ExpiringSet(_Generations[set[Hashable]]):
+    """Members that expire at a given time."""
 
-    __slots__ = ("_generations", "_live", "_width")
+    __slots__ = ()
 
     def __init__(self, width: float) -> None:
-        self._width = width
-        self._generations: dict[int, dict[str, int]] = {}
-        self._live: list[dict[str, int]] = []
+        super().__init__(width, set)
+
+    def add(self, member: Hashable, expires_at: float) -> bool:
+        generation = self._generation(expires_at)
+        if member in generation:
+            return False
+        generation.add(member)
+        return True
+
+    def __contains__(self, member: Hashable) -> bool:
+        # A plain loop: any() with a generator costs several times more, and this runs per request.
+        for generation in self._live:  # noqa: SIM110
+            if member in generation:
+                return True
+        return False
+
+
+class _ExpiringMax(_Generations[dict[str, int]]):
+    """A map to the largest value given for each key, whose entries expire."""
+
+    __slots__ = ()
+
+    def __init__(self, width: float) -> None:
+        super().__init__(width, dict)
 
     def put(self, key: str, value: int, expires_at: float) -> bool:
-        index = math.floor(expires_at / self._width)
-        generation = self._generations.get(index)
-        if generation is None:
-            generation = self._generations[index] = {}
-            self._live = list(self._generations.values())
+        generation = self._generation(expires_at)
         previous = generation.get(key)
         if previous is not None and previous >= value:
             return False
@@ -182,16 +192,6 @@ class _ExpiringMax:
             if value is not None and (found is None or value > found):
                 found = value
         return found
-
-    def __len__(self) -> int:
-        return sum(len(generation) for generation in self._live)
-
-    def purge(self, now: float) -> None:
-        expired = [index for index in self._generations if (index + 1) * self._width <= now]
-        for index in expired:
-            del self._generations[index]
-        if expired:
-            self._live = list(self._generations.values())
 
 
 class Denylist:

@@ -8,7 +8,7 @@ depends only on the handler it wraps: :class:`WrappedHandlers` builds it once pe
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import grpc
 
@@ -21,6 +21,9 @@ Continuation = Callable[[grpc.HandlerCallDetails], Awaitable["RpcHandler | None"
 # Handlers come from the registered services (a few dozen methods) and from per-reason refusals; more
 # than this means something builds a fresh handler per call, and the cache starts over rather than grow.
 MAX_CACHED_HANDLERS = 1024
+
+_Key = TypeVar("_Key")
+_Value = TypeVar("_Value")
 
 
 def rebuild_handler(handler: RpcHandler, behavior: Callable[..., Any]) -> RpcHandler:
@@ -53,6 +56,29 @@ def replace_handler(
     return rebuilt
 
 
+class BoundedCache(Generic[_Key, _Value]):
+    """Values built once per key; past ``limit`` keys it starts over rather than grow.
+
+    Args:
+        limit: How many keys it holds at the most.
+    """
+
+    def __init__(self, limit: int = MAX_CACHED_HANDLERS) -> None:
+        self._limit = limit
+        self._values: dict[_Key, _Value] = {}
+
+    def get(self, key: _Key) -> _Value | None:
+        """The value kept for ``key``, if any."""
+        return self._values.get(key)
+
+    def keep(self, key: _Key, value: _Value) -> _Value:
+        """Keep ``value`` for ``key``; returns it."""
+        if len(self._values) >= self._limit:
+            self._values.clear()
+        self._values[key] = value
+        return value
+
+
 class WrappedHandlers:
     """Wrapped handlers by the handler they wrap, built once each.
 
@@ -63,14 +89,12 @@ class WrappedHandlers:
 
     def __init__(self, wrap: Callable[[RpcHandler, str], RpcHandler]) -> None:
         self._wrap = wrap
-        self._wrapped: dict[tuple[str, RpcHandler], RpcHandler] = {}
+        self._wrapped: BoundedCache[tuple[str, RpcHandler], RpcHandler] = BoundedCache()
 
     def get(self, handler: RpcHandler, method: str) -> RpcHandler:
         """The wrapper of ``handler`` (serving ``method``), built now if it is new."""
         key = (method, handler)
         wrapped = self._wrapped.get(key)
         if wrapped is None:
-            if len(self._wrapped) >= MAX_CACHED_HANDLERS:
-                self._wrapped.clear()
-            wrapped = self._wrapped[key] = self._wrap(handler, method)
+            wrapped = self._wrapped.keep(key, self._wrap(handler, method))
         return wrapped

@@ -26,7 +26,7 @@ import grpc
 from shared.claims import AccessClaims
 from shared.errors import AuthError, InsufficientScope, RateLimited, TokenMissing, Unavailable, UnknownKey
 from shared.grpc_errors import bearer_token, to_grpc_status
-from shared.grpc_handlers import MAX_CACHED_HANDLERS, Continuation, RpcHandler, rebuild_handler
+from shared.grpc_handlers import BoundedCache, Continuation, RpcHandler, rebuild_handler
 from shared.jose import decode_compact
 from shared.key_cache import KeyCache
 from shared.metrics import VerificationMetrics
@@ -39,6 +39,9 @@ OPEN_SERVICE_PREFIXES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
+
+# A refusal's handler depends on the handler it stands in for and on the error's class, code and text.
+_RefusalKey = tuple[RpcHandler, type[AuthError], str, str]
 
 _claims: ContextVar[AccessClaims | None] = ContextVar("authmesh_claims", default=None)
 
@@ -155,7 +158,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._open_prefixes = open_prefixes
         # A refused call is the cheap path an attacker can drive at will: its handler is built once per
         # handler and reason, not per call.
-        self._refusals: dict[tuple[RpcHandler, type[AuthError], str, str], RpcHandler] = {}
+        self._refusals: BoundedCache[tuple[RpcHandler, type[AuthError], str, str], RpcHandler] = (
+            BoundedCache()
+        )
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -182,9 +187,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         key = (handler, type(error), error.code, error.message)
         refusal = self._refusals.get(key)
         if refusal is None:
-            if len(self._refusals) >= MAX_CACHED_HANDLERS:
-                self._refusals.clear()
-            refusal = self._refusals[key] = _refusal(handler, error)
+            refusal = self._refusals.keep(key, _refusal(handler, error))
         return refusal
 
 

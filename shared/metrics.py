@@ -18,12 +18,14 @@ import inspect
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Generic, TypeVar, cast
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shared.grpc_handlers import Continuation, RpcHandler, WrappedHandlers, rebuild_handler
+
+_Metric = TypeVar("_Metric", Counter, Histogram)
 
 # go-grpc-prometheus's default buckets, so dashboards written for Go services work unchanged.
 GRPC_HANDLING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -46,6 +48,29 @@ def grpc_type(handler: RpcHandler) -> str:
     if handler.response_streaming:
         return "server_stream"
     return "unary"
+
+
+class LabelledChildren(Generic[_Metric]):
+    """A labelled metric's children, each looked up once.
+
+    ``labels()`` takes a lock and validates the label values on every call; on paths that count every
+    call or event, a dict hit is far cheaper. The label values must come from a small fixed set (codes,
+    types), since every one seen is kept.
+
+    Args:
+        metric: The labelled counter or histogram.
+    """
+
+    def __init__(self, metric: _Metric) -> None:
+        self._metric: _Metric = metric
+        self._children: dict[tuple[str, ...], _Metric] = {}
+
+    def __call__(self, *labels: str) -> _Metric:
+        """The child for ``labels``."""
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
 
 
 class ServiceMetrics:
@@ -141,7 +166,7 @@ class _GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         # Label lookups take a lock and hash the labels: done once here, not on every call.
         started_total, seconds = meter.started.labels(*labels), meter.seconds.labels(*labels)
         received, sent = meter.received.labels(*labels), meter.sent.labels(*labels)
-        handled: dict[grpc.StatusCode, Counter] = {}
+        handled = LabelledChildren(meter.handled)
         request_streaming = handler.request_streaming
 
         def begin() -> float:
@@ -149,10 +174,7 @@ class _GrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             return time.perf_counter()
 
         def end(code: grpc.StatusCode, started: float) -> None:
-            counter = handled.get(code)
-            if counter is None:
-                counter = handled[code] = meter.handled.labels(*labels, code.name)
-            counter.inc()
+            handled(*labels, code.name).inc()
             seconds.observe(time.perf_counter() - started)
 
         async def count_requests(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -225,7 +247,7 @@ class VerificationMetrics:
             ["result", "reason"],
             registry=registry,
         )
-        self._children: dict[tuple[str, str], Counter] = {}
+        self._child = LabelledChildren(self._verifications)
 
     def accepted(self, degraded: bool) -> None:
         """A token was accepted (``degraded`` when Introspect had to confirm it)."""
@@ -238,14 +260,6 @@ class VerificationMetrics:
     def unavailable(self, reason: str) -> None:
         """A token could not be decided (keys or revocation state unavailable)."""
         self._child("unavailable", reason).inc()
-
-    def _child(self, result: str, reason: str) -> Counter:
-        # Every call counts here: a dict hit is far cheaper than prometheus_client's locked label lookup.
-        # Reasons are the error classes' fixed codes, so the dict stays small.
-        child = self._children.get((result, reason))
-        if child is None:
-            child = self._children[(result, reason)] = self._verifications.labels(result, reason)
-        return child
 
 
 class RevocationMetrics:
@@ -286,21 +300,14 @@ class RevocationMetrics:
             buckets=PROPAGATION_BUCKETS,
             registry=registry,
         )
-        self._by_type: dict[str, tuple[Counter, Histogram]] = {}
+        self._applied_by_type = LabelledChildren(self._applied)
+        self._lag_by_type = LabelledChildren(self._lag)
 
     def event_applied(self, event_type: str, lag_seconds: float | None) -> None:
         """An event was verified and applied; ``lag_seconds`` for a live revocation, else None."""
-        # Every event passes here: a dict hit is far cheaper than prometheus_client's locked label lookup.
-        children = self._by_type.get(event_type)
-        if children is None:
-            children = self._by_type[event_type] = (
-                self._applied.labels(event_type),
-                self._lag.labels(event_type),
-            )
-        applied, lag = children
-        applied.inc()
+        self._applied_by_type(event_type).inc()
         if lag_seconds is not None:
-            lag.observe(max(0.0, lag_seconds))
+            self._lag_by_type(event_type).observe(max(0.0, lag_seconds))
 
     def event_rejected(self, reason: str) -> None:
         """An event was dropped."""

@@ -76,6 +76,8 @@ from shared.events import STREAM_NAME, TokenRevokedEvent
 from shared.jose import b64url_decode
 
 GOAL_P99_MS = 10.0
+# How the CPU account groups the run's processes.
+CPU_PARTS = ("auth", "nats", "redis", "replicas", "probers", "driver")
 REPLICA_COUNTS = (10, 3, 1)
 VICTIM_USER = "bench-victim"
 # A revocation that has not reached every replica by then counts as missing (and fails the goal).
@@ -600,14 +602,26 @@ class _Floor:
 
 def _cpu_per_round(used: Mapping[str, float], rounds: int) -> dict[str, float]:
     """CPU milliseconds per revocation by part of the system: auth, NATS, Redis, replicas, probers, driver."""
-    parts = {"auth": 0.0, "nats": 0.0, "redis": 0.0, "replicas": 0.0, "probers": 0.0, "driver": 0.0}
+    parts = dict.fromkeys(CPU_PARTS, 0.0)
     for name, seconds in used.items():
-        part = {"authmesh-nats": "nats", CpuAccount.SELF: "driver"}.get(name, name.split("-", 1)[0])
-        part = {"resource": "replicas", "prober": "probers"}.get(part, part)
+        part = _cpu_part(name)
         if part in parts:
             parts[part] += seconds * 1000 / max(rounds, 1)
-    parts["total"] = sum(parts.values())
+    parts["total"] = sum(parts[part] for part in CPU_PARTS)
     return parts
+
+
+def _cpu_part(process: str) -> str:
+    """The part of the system a process of the run belongs to (a name of :data:`CPU_PARTS`)."""
+    if process == CpuAccount.SELF:
+        return "driver"
+    if process == "authmesh-nats":
+        return "nats"
+    if process.startswith("resource-"):
+        return "replicas"
+    if process.startswith("prober-"):
+        return "probers"
+    return process  # auth, redis
 
 
 def _summary(rounds: Sequence[Round], attempted: int) -> JsonDict:
@@ -813,13 +827,8 @@ def render(result: Mapping[str, Any]) -> Table:
     for level in result["levels"]:
         last = level["last_replica"]
         missing = f"{level['missing']} never refused" if level["missing"] else ""
-        view = level.get("replica_view_within") or {}
-        shown = [
-            f"{share:.0%} ≤ {bound} ms"
-            for bound, share in view.items()
-            if share is not None and bound in ("5", "10")
-        ]
-        note = f"replicas' own view: {', '.join(shown)}" if shown else ""
+        shown = _view_shares(level.get("replica_view_within"))
+        note = f"replicas' own view: {shown}" if shown else ""
         table.add_row(
             str(level["replicas"]),
             "authmesh: last replica refusing",
@@ -852,12 +861,7 @@ def render(result: Mapping[str, Any]) -> Table:
                 f"{check['all_refused_share']:.1%} of {check['rounds']} (asked at p50 "
                 f"{check['asked']['p50']:.1f}, max {check['asked']['max']:.1f} ms)",
             )
-            quiet_view = check.get("replica_view_within") or {}
-            quiet_shown = [
-                f"{share:.0%} ≤ {bound} ms"
-                for bound, share in quiet_view.items()
-                if share is not None and bound in ("5", "10")
-            ]
+            quiet_shown = _view_shares(check.get("replica_view_within"))
             if quiet_shown:
                 table.add_row(
                     "",
@@ -865,7 +869,7 @@ def render(result: Mapping[str, Any]) -> Table:
                     "",
                     "",
                     "",
-                    ", ".join(quiet_shown),
+                    quiet_shown,
                 )
         cpu = level.get("cpu_ms_per_round")
         if cpu is not None:
@@ -876,10 +880,7 @@ def render(result: Mapping[str, Any]) -> Table:
                 "",
                 "",
                 "",
-                ", ".join(
-                    f"{part} {cpu[part]:.1f}"
-                    for part in ("auth", "nats", "redis", "replicas", "probers", "driver")
-                ),
+                ", ".join(f"{part} {cpu[part]:.1f}" for part in CPU_PARTS),
             )
         for mode, label in (
             ("jetstream", "floor: JetStream publish → last subscriber"),
@@ -896,6 +897,15 @@ def render(result: Mapping[str, Any]) -> Table:
         table.add_section()
     add_goal_rows(table, result, 4)
     return table
+
+
+def _view_shares(view: Mapping[str, float | None] | None) -> str:
+    """A replicas'-own-view entry as text: the slowest replica's shares within 5 and 10 ms."""
+    return ", ".join(
+        f"{share:.0%} ≤ {bound} ms"
+        for bound, share in (view or {}).items()
+        if share is not None and bound in ("5", "10")
+    )
 
 
 def draw(result: Mapping[str, Any], directory: Path) -> list[Path]:
