@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from types import TracebackType
-from typing import Self
 
 import redis.asyncio as redis
 import structlog
@@ -25,7 +23,7 @@ from auth_service.store import AuthStore
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from shared.grpc_server import RunningServer, start_grpc_server
 from shared.http_server import HttpServer, join_host_port, split_host_port
-from shared.lifecycle import run_until_signalled
+from shared.lifecycle import Startable, run_until_signalled
 from shared.logs import configure_logging
 from shared.metrics import ServiceMetrics
 from shared.nats_wiring import connect_nats, ensure_stream
@@ -35,7 +33,7 @@ SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 _log = structlog.get_logger(__name__)
 
 
-class AuthApp:
+class AuthApp(Startable):
     """The running auth service.
 
     Args:
@@ -64,19 +62,6 @@ class AuthApp:
     def http_address(self) -> str:
         """Where HTTP listens (real port)."""
         return self._http.address if self._http else self.settings.http_listen
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self._start()
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     async def _start(self) -> None:
         settings = self.settings

@@ -36,8 +36,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -54,6 +53,7 @@ from authmesh.processes import (
 )
 from shared.errors import ConfigurationError
 from shared.events import STREAM_NAME, STREAM_SUBJECTS
+from shared.lifecycle import Startable
 
 AUTH_NATS_USER = "auth"
 RESOURCE_NATS_USER = "resource"
@@ -518,7 +518,7 @@ class LinkProxy:
             return
 
 
-class LocalStack:
+class LocalStack(Startable):
     """NATS, Redis, the auth service and N resource replicas as local processes (an async context manager).
 
     Args:
@@ -710,19 +710,6 @@ class LocalStack:
             link.restore()
 
     # --- life cycle ---------------------------------------------------------------------------------
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self._start()
-        except BaseException:
-            await self.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Stop everything in reverse order; remove the data directory if it was a temporary one."""

@@ -15,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from types import TracebackType
-from typing import Self
 
 import structlog
 from aiohttp import web
@@ -32,7 +30,7 @@ from shared.grpc_server import RunningServer, start_grpc_server
 from shared.http_server import HttpServer, join_host_port, split_host_port
 from shared.interceptor import Authenticator, AuthInterceptor
 from shared.key_cache import KeyCache
-from shared.lifecycle import run_until_signalled
+from shared.lifecycle import Startable, run_until_signalled
 from shared.logs import configure_logging
 from shared.metrics import RevocationMetrics, ServiceMetrics, VerificationMetrics, gauge_function
 from shared.settings import ResourceSettings, credentials
@@ -42,7 +40,7 @@ from shared.verifier import TokenVerifier, VerifierPolicy
 _log = structlog.get_logger(__name__)
 
 
-class ResourceApp:
+class ResourceApp(Startable):
     """A running resource-service replica (an async context manager).
 
     Args:
@@ -94,19 +92,6 @@ class ResourceApp:
     def ready(self) -> bool:
         """Whether the revocation state has caught up and calls are served."""
         return self.consumer.ready
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self._start()
-        except BaseException:
-            await self._stack.aclose()
-            raise
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         """Graceful stop: health NOT_SERVING, drain gRPC, stop the loops, close connections."""

@@ -6,6 +6,36 @@ import asyncio
 import signal
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from types import TracebackType
+from typing import Self
+
+
+class Startable:
+    """An async context manager that starts on entry and stops with :meth:`aclose` on exit.
+
+    A start that fails half-way is undone at once: whatever ``_start`` had set up is closed before the
+    error propagates.
+    """
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def _start(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Stop and release everything (safe after a partial start)."""
+        raise NotImplementedError
 
 
 def raise_if_cancelled() -> None:
