@@ -12,22 +12,22 @@ import redis.asyncio as redis
 import structlog
 from nats.aio.client import Client as NatsClient
 
-from auth_service.core import ADMIN_SCOPE, SERVICE_SCOPE, AuthCore
-from auth_service.http_routes import http_routes
-from auth_service.keyring import Keyring, KeySealer
-from auth_service.metrics import AuthMetrics
-from auth_service.passwords import PasswordChecker
-from auth_service.publisher import EventPublisher
-from auth_service.servicer import AuthServicer
-from auth_service.store import AuthStore
+from authmesh._auth_service.core import ADMIN_SCOPE, SERVICE_SCOPE, AuthCore
+from authmesh._auth_service.http_routes import http_routes
+from authmesh._auth_service.keyring import Keyring, KeySealer
+from authmesh._auth_service.metrics import AuthMetrics
+from authmesh._auth_service.passwords import PasswordChecker
+from authmesh._auth_service.publisher import EventPublisher
+from authmesh._auth_service.servicer import AuthServicer
+from authmesh._auth_service.store import AuthStore
+from authmesh._shared.grpc_server import RunningServer, start_grpc_server
+from authmesh._shared.http_server import HttpServer, join_host_port, split_host_port
+from authmesh._shared.lifecycle import Startable, run_until_signalled
+from authmesh._shared.logs import configure_logging
+from authmesh._shared.metrics import ServiceMetrics
+from authmesh._shared.nats_wiring import connect_nats, ensure_stream
+from authmesh._shared.settings import AuthSettings, credentials
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
-from shared.grpc_server import RunningServer, start_grpc_server
-from shared.http_server import HttpServer, join_host_port, split_host_port
-from shared.lifecycle import Startable, run_until_signalled
-from shared.logs import configure_logging
-from shared.metrics import ServiceMetrics
-from shared.nats_wiring import connect_nats, ensure_stream
-from shared.settings import AuthSettings, credentials
 
 SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 _log = structlog.get_logger(__name__)

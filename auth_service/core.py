@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import structlog
 
-from auth_service import validation
-from auth_service.keyring import Keyring
-from auth_service.metrics import AuthMetrics
-from auth_service.outbox import to_record
-from auth_service.passwords import PasswordChecker
-from auth_service.publisher import EventPublisher
-from auth_service.store import (
+from authmesh._auth_service import validation
+from authmesh._auth_service.keyring import Keyring
+from authmesh._auth_service.metrics import AuthMetrics
+from authmesh._auth_service.outbox import to_record
+from authmesh._auth_service.passwords import PasswordChecker
+from authmesh._auth_service.publisher import EventPublisher
+from authmesh._auth_service.store import (
     AuthStore,
     RevocationResult,
     RevocationSnapshot,
@@ -28,8 +28,8 @@ from auth_service.store import (
     UserRecord,
     hash_refresh_token,
 )
-from shared.claims import ACCESS_TOKEN_TYPE, AccessClaims, new_uuid7
-from shared.errors import (
+from authmesh._shared.claims import ACCESS_TOKEN_TYPE, AccessClaims, new_uuid7
+from authmesh._shared.errors import (
     AlreadyExists,
     InsufficientScope,
     InvalidCredentials,
@@ -47,7 +47,7 @@ from shared.errors import (
     Unavailable,
     UnknownKey,
 )
-from shared.events import (
+from authmesh._shared.events import (
     EventBody,
     KeyRevokedEvent,
     KeyRotatedEvent,
@@ -56,10 +56,10 @@ from shared.events import (
     TokenRevokedEvent,
     UserRevokedEvent,
 )
-from shared.jose import sign_compact
-from shared.metrics import LabelledChildren
-from shared.settings import AuthSettings
-from shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
+from authmesh._shared.jose import sign_compact
+from authmesh._shared.metrics import LabelledChildren
+from authmesh._shared.settings import AuthSettings
+from authmesh._shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
 
 ADMIN_SCOPE = "admin"
 SERVICE_SCOPE = "service"

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from auth_service.core import AuthCore
-from shared.settings import AuthSettings
+from authmesh._auth_service.core import AuthCore
+from authmesh._shared.settings import AuthSettings
 
 JWKS_PATH = "/.well-known/jwks.json"
 METADATA_PATH = "/.well-known/oauth-authorization-server"

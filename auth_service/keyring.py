@@ -19,10 +19,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from auth_service.store import AuthStore, now_ms
-from shared.claims import new_uuid7
-from shared.errors import ConfigurationError, KeyRevoked, Unavailable, UnknownKey
-from shared.keys import jwks_json
+from authmesh._auth_service.store import AuthStore, now_ms
+from authmesh._shared.claims import new_uuid7
+from authmesh._shared.errors import ConfigurationError, KeyRevoked, Unavailable, UnknownKey
+from authmesh._shared.keys import jwks_json
 
 _HKDF_INFO = b"authmesh signing keys v1"
 _NONCE_BYTES = 12
@@ -97,7 +97,7 @@ class Rotation:
 class Keyring:
     """The signing keys, cached in memory and reloaded from Redis when they change.
 
-    Implements :class:`shared.verifier.KeySource` over the keys it has loaded.
+    Implements :class:`authmesh._shared.verifier.KeySource` over the keys it has loaded.
 
     Args:
         store: The Redis store.

@@ -1,4 +1,4 @@
-"""The auth service's own Prometheus metrics (the gRPC ones come from ``shared.metrics``)."""
+"""The auth service's own Prometheus metrics (the gRPC ones come from ``authmesh._shared.metrics``)."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from shared.errors import EventRejected
-from shared.events import (
+from authmesh._shared.errors import EventRejected
+from authmesh._shared.events import (
     EventBody,
     EventType,
     HeartbeatEvent,

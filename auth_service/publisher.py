@@ -18,12 +18,12 @@ from nats.js import JetStreamContext
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
-from auth_service.keyring import Keyring
-from auth_service.outbox import from_record
-from auth_service.store import AuthStore
-from shared.errors import AuthError, Unavailable
-from shared.events import STREAM_NAME, HeartbeatEvent, SecurityEvent, encode_event
-from shared.lifecycle import raise_if_cancelled
+from authmesh._auth_service.keyring import Keyring
+from authmesh._auth_service.outbox import from_record
+from authmesh._auth_service.store import AuthStore
+from authmesh._shared.errors import AuthError, Unavailable
+from authmesh._shared.events import STREAM_NAME, HeartbeatEvent, SecurityEvent, encode_event
+from authmesh._shared.lifecycle import raise_if_cancelled
 
 PUBLISH_TIMEOUT_SECONDS = 2.0
 _log = structlog.get_logger(__name__)

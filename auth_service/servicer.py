@@ -10,11 +10,11 @@ import grpc
 import structlog
 from redis.exceptions import RedisError
 
-from auth_service.core import AuthCore, IssuedTokens
-from auth_service.store import RevocationResult
+from authmesh._auth_service.core import AuthCore, IssuedTokens
+from authmesh._auth_service.store import RevocationResult
+from authmesh._shared.errors import AuthError, Unavailable
+from authmesh._shared.grpc_errors import abort_with_error, bearer_token
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
-from shared.errors import AuthError, Unavailable
-from shared.grpc_errors import abort_with_error, bearer_token
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")

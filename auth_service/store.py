@@ -36,8 +36,8 @@ from typing import Any
 
 import redis.asyncio as redis
 
-from auth_service.redis_scripts import LuaScript, ScriptRunner
-from shared.errors import NotFound
+from authmesh._auth_service.redis_scripts import LuaScript, ScriptRunner
+from authmesh._shared.errors import NotFound
 
 PREFIX = "am:"
 OUTBOX = PREFIX + "outbox"

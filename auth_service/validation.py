@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from shared.errors import InvalidRequest
+from authmesh._shared.errors import InvalidRequest
 
 MAX_USERNAME = 128
 MAX_PASSWORD = 1024

@@ -1,1 +1,97 @@
-"""authmesh: the command-line front door, and (under auth/ and resource/) the generated gRPC code."""
+"""authmesh: verify authmesh tokens locally in any Python gRPC service, and learn of every revocation.
+
+A service builds a :class:`KeyCache` (public keys from the auth service), a :class:`Denylist` fed by a
+:class:`RevocationConsumer` (signed events from NATS JetStream), a :class:`TokenVerifier` over both, and
+adds an :class:`AuthInterceptor` to its ``grpc.aio`` server; handlers read :func:`current_claims`.
+Everything not listed in ``__all__`` is private: the modules under ``authmesh._shared``,
+``authmesh._auth_service`` and ``authmesh._resource_service`` may change without notice.
+"""
+
+from authmesh._shared.auth_client import AuthClient
+from authmesh._shared.claims import AccessClaims
+from authmesh._shared.consumer import RevocationConsumer
+from authmesh._shared.denylist import Denylist, SnapshotChunk
+from authmesh._shared.errors import (
+    AuthError,
+    BadSignature,
+    ConfigurationError,
+    EventRejected,
+    InsufficientScope,
+    InvalidClaim,
+    InvalidRequest,
+    KeyRevoked,
+    MalformedToken,
+    PermissionDenied,
+    TokenExpired,
+    TokenMissing,
+    TokenNotYetValid,
+    TokenRejected,
+    TokenRevoked,
+    TokenTooLarge,
+    Unavailable,
+    UnknownKey,
+    UnsupportedAlgorithm,
+    WrongAudience,
+    WrongIssuer,
+    WrongTokenType,
+)
+from authmesh._shared.events import EventType, SecurityEvent, decode_event, encode_event
+from authmesh._shared.grpc_errors import bearer_token, error_reason, to_grpc_status
+from authmesh._shared.interceptor import Authenticator, AuthInterceptor, current_claims
+from authmesh._shared.key_cache import KeyCache
+from authmesh._shared.metrics import ServiceMetrics
+from authmesh._shared.settings import AuthSettings, CommonSettings, ResourceSettings
+from authmesh._shared.staleness import IntrospectionFallback, StalenessMonitor
+from authmesh._shared.verifier import KeySource, NoRevocations, RevocationCheck, TokenVerifier, VerifierPolicy
+
+__all__ = [
+    "AccessClaims",
+    "AuthClient",
+    "AuthError",
+    "AuthInterceptor",
+    "AuthSettings",
+    "Authenticator",
+    "BadSignature",
+    "CommonSettings",
+    "ConfigurationError",
+    "Denylist",
+    "EventRejected",
+    "EventType",
+    "InsufficientScope",
+    "IntrospectionFallback",
+    "InvalidClaim",
+    "InvalidRequest",
+    "KeyCache",
+    "KeyRevoked",
+    "KeySource",
+    "MalformedToken",
+    "NoRevocations",
+    "PermissionDenied",
+    "ResourceSettings",
+    "RevocationCheck",
+    "RevocationConsumer",
+    "SecurityEvent",
+    "ServiceMetrics",
+    "SnapshotChunk",
+    "StalenessMonitor",
+    "TokenExpired",
+    "TokenMissing",
+    "TokenNotYetValid",
+    "TokenRejected",
+    "TokenRevoked",
+    "TokenTooLarge",
+    "TokenVerifier",
+    "Unavailable",
+    "UnknownKey",
+    "UnsupportedAlgorithm",
+    "VerifierPolicy",
+    "WrongAudience",
+    "WrongIssuer",
+    "WrongTokenType",
+    "bearer_token",
+    "current_claims",
+    "decode_event",
+    "encode_event",
+    "error_reason",
+    "to_grpc_status",
+]

@@ -10,9 +10,9 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from authmesh import client_commands, demo_commands, soak_commands, stack_commands
+from authmesh._shared.errors import AuthError
+from authmesh._shared.settings import AuthSettings, CommonSettings, ResourceSettings
 from authmesh.bench import commands as bench_commands
-from shared.errors import AuthError
-from shared.settings import AuthSettings, CommonSettings, ResourceSettings
 
 SettingsT = TypeVar("SettingsT", bound=CommonSettings)
 # Server commands take every AUTHMESH_* setting as a --flag too; pydantic-settings parses them.
@@ -42,7 +42,7 @@ def load_settings(kind: type[SettingsT], args: list[str], prog: str) -> Settings
 @app.command("auth-server", context_settings=PASSTHROUGH)
 def auth_server(ctx: typer.Context) -> None:
     """Run the auth service (gRPC and HTTP). Every AUTHMESH_* variable is also a --flag (see --help)."""
-    from auth_service.app import run
+    from authmesh._auth_service.app import run
 
     settings = load_settings(AuthSettings, ctx.args, "authmesh auth-server")
     _run_service(lambda: run(settings))
@@ -51,7 +51,7 @@ def auth_server(ctx: typer.Context) -> None:
 @app.command("resource-server", context_settings=PASSTHROUGH)
 def resource_server(ctx: typer.Context) -> None:
     """Run one resource-service replica. Every AUTHMESH_* variable is also a --flag (see --help)."""
-    from resource_service.app import run
+    from authmesh._resource_service.app import run
 
     settings = load_settings(ResourceSettings, ctx.args, "authmesh resource-server")
     _run_service(lambda: run(settings))

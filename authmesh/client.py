@@ -28,11 +28,11 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from authmesh._shared.auth_client import channel_options
+from authmesh._shared.errors import ConfigurationError
+from authmesh._shared.grpc_errors import error_reason
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
-from shared.auth_client import channel_options
-from shared.errors import ConfigurationError
-from shared.grpc_errors import error_reason
 
 DEFAULT_AUTH_TARGET = "127.0.0.1:50051"
 DEFAULT_RESOURCE_TARGET = "127.0.0.1:50061"

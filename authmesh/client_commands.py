@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from authmesh._shared.errors import ConfigurationError
 from authmesh.client import (
     DEFAULT_AUTH_TARGET,
     DEFAULT_RESOURCE_TARGET,
@@ -41,7 +42,6 @@ from authmesh.client import (
     check_health,
     default_token_path,
 )
-from shared.errors import ConfigurationError
 
 T = TypeVar("T")
 EXIT_FAILURE = 1

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from authmesh._shared.errors import AuthError, ConfigurationError
 from authmesh.demo import (
     LOCAL_STALENESS_BOUND,
     ActResult,
@@ -32,7 +33,6 @@ from authmesh.demo import (
     run_demo,
     run_local_demo,
 )
-from shared.errors import AuthError, ConfigurationError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

@@ -14,8 +14,8 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
+from authmesh._shared.errors import ConfigurationError
 from authmesh.demo import DemoReport
-from shared.errors import ConfigurationError
 
 INSTALL_HINT = "pip install 'authmesh[plot]'"
 _AUTH_LANE = "auth service"

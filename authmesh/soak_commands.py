@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.errors import AuthError
+from authmesh._shared.errors import AuthError
 
 EXIT_FAILURE = 1
 

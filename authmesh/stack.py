@@ -41,6 +41,9 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from authmesh._shared.errors import ConfigurationError
+from authmesh._shared.events import STREAM_NAME, STREAM_SUBJECTS
+from authmesh._shared.lifecycle import Startable
 from authmesh.processes import (
     LOOPBACK,
     START_TIMEOUT_SECONDS,
@@ -51,9 +54,6 @@ from authmesh.processes import (
     ServerProcess,
     free_ports,
 )
-from shared.errors import ConfigurationError
-from shared.events import STREAM_NAME, STREAM_SUBJECTS
-from shared.lifecycle import Startable
 
 AUTH_NATS_USER = "auth"
 RESOURCE_NATS_USER = "resource"

@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from authmesh._shared.errors import AuthError
 from authmesh.stack import LocalStack, StackSecrets, grpc_health_status, new_password
-from shared.errors import AuthError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

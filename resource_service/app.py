@@ -20,22 +20,22 @@ import structlog
 from aiohttp import web
 from prometheus_client import Gauge
 
+from authmesh._resource_service.documents import sample_documents
+from authmesh._resource_service.servicer import REQUIRED_SCOPES, SERVICE_NAME, ResourceServicer
+from authmesh._shared.auth_client import AuthClient
+from authmesh._shared.consumer import RevocationConsumer
+from authmesh._shared.denylist import Denylist
+from authmesh._shared.grpc_server import RunningServer, start_grpc_server
+from authmesh._shared.http_server import HttpServer, join_host_port, split_host_port
+from authmesh._shared.interceptor import Authenticator, AuthInterceptor
+from authmesh._shared.key_cache import KeyCache
+from authmesh._shared.lifecycle import Startable, run_until_signalled
+from authmesh._shared.logs import configure_logging
+from authmesh._shared.metrics import RevocationMetrics, ServiceMetrics, VerificationMetrics, gauge_function
+from authmesh._shared.settings import ResourceSettings, credentials
+from authmesh._shared.staleness import IntrospectionFallback, StalenessMonitor
+from authmesh._shared.verifier import TokenVerifier, VerifierPolicy
 from authmesh.resource.v1 import resource_pb2_grpc
-from resource_service.documents import sample_documents
-from resource_service.servicer import REQUIRED_SCOPES, SERVICE_NAME, ResourceServicer
-from shared.auth_client import AuthClient
-from shared.consumer import RevocationConsumer
-from shared.denylist import Denylist
-from shared.grpc_server import RunningServer, start_grpc_server
-from shared.http_server import HttpServer, join_host_port, split_host_port
-from shared.interceptor import Authenticator, AuthInterceptor
-from shared.key_cache import KeyCache
-from shared.lifecycle import Startable, run_until_signalled
-from shared.logs import configure_logging
-from shared.metrics import RevocationMetrics, ServiceMetrics, VerificationMetrics, gauge_function
-from shared.settings import ResourceSettings, credentials
-from shared.staleness import IntrospectionFallback, StalenessMonitor
-from shared.verifier import TokenVerifier, VerifierPolicy
 
 _log = structlog.get_logger(__name__)
 

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from shared.errors import NotFound
+from authmesh._shared.errors import NotFound
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,11 +6,11 @@ from typing import Any
 
 import grpc
 
+from authmesh._resource_service.documents import DocumentStore
+from authmesh._shared.errors import AuthError, InvalidRequest
+from authmesh._shared.grpc_errors import abort_with_error
+from authmesh._shared.interceptor import current_claims
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
-from resource_service.documents import DocumentStore
-from shared.errors import AuthError, InvalidRequest
-from shared.grpc_errors import abort_with_error
-from shared.interceptor import current_claims
 
 SERVICE_NAME = resource_pb2.DESCRIPTOR.services_by_name["ResourceService"].full_name
 GET_DOCUMENT = f"/{SERVICE_NAME}/GetDocument"

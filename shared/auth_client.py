@@ -3,8 +3,8 @@
 ``GetJwks`` is open to anyone. ``Introspect`` and ``SnapshotRevocations`` need a token with scope
 ``service``: the client logs in with the configured service account when it first needs one and keeps
 the token fresh with ``Refresh`` (logging in again when the refresh token is refused). Every failure to
-reach the auth service or to get an answer from it is an :class:`~shared.errors.Unavailable`, so callers
-fail closed on one exception type.
+reach the auth service or to get an answer from it is an
+:class:`~authmesh._shared.errors.Unavailable`, so callers fail closed on one exception type.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from typing import Self
 import grpc
 import structlog
 
+from authmesh._shared.denylist import SnapshotChunk
+from authmesh._shared.errors import Unavailable
+from authmesh._shared.events import SessionRevokedEvent, UserRevokedEvent
+from authmesh._shared.lifecycle import raise_if_cancelled
+from authmesh._shared.staleness import Introspection
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
-from shared.denylist import SnapshotChunk
-from shared.errors import Unavailable
-from shared.events import SessionRevokedEvent, UserRevokedEvent
-from shared.lifecycle import raise_if_cancelled
-from shared.staleness import Introspection
 
 AUTH_UNAVAILABLE = "AUTH_UNAVAILABLE"
 SERVICE_SCOPE = "service"

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, fields
 from typing import Any
 
-from shared.errors import InvalidClaim
+from authmesh._shared.errors import InvalidClaim
 
 ACCESS_TOKEN_TYPE = "at+jwt"
 REQUIRED_CLAIMS = ("iss", "sub", "aud", "exp", "iat", "nbf", "jti", "sid", "scope", "client_id")

@@ -13,7 +13,7 @@ How a replica gets and stays in step:
    counted. A jump in stream sequence means events were missed: the state is reloaded from a snapshot
    when one is available. A reconnect resubscribes from the last sequence applied; a stream that went
    backwards (recreated) starts over.
-5. **Heartbeats** tell the :class:`~shared.staleness.StalenessMonitor` how fresh the state is.
+5. **Heartbeats** tell the :class:`~authmesh._shared.staleness.StalenessMonitor` how fresh the state is.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
-from shared.denylist import Denylist, SnapshotChunk
-from shared.errors import AuthError, EventRejected, Unavailable, UnknownKey
-from shared.events import (
+from authmesh._shared.denylist import Denylist, SnapshotChunk
+from authmesh._shared.errors import AuthError, EventRejected, Unavailable, UnknownKey
+from authmesh._shared.events import (
     MAX_EVENT_BYTES,
     STREAM_NAME,
     STREAM_SUBJECTS,
@@ -46,12 +46,12 @@ from shared.events import (
     SecurityEvent,
     decode_event,
 )
-from shared.jose import decode_compact
-from shared.key_cache import KeyCache
-from shared.lifecycle import raise_if_cancelled
-from shared.nats_wiring import connect_nats
-from shared.settings import CommonSettings
-from shared.staleness import StalenessMonitor
+from authmesh._shared.jose import decode_compact
+from authmesh._shared.key_cache import KeyCache
+from authmesh._shared.lifecycle import raise_if_cancelled
+from authmesh._shared.nats_wiring import connect_nats
+from authmesh._shared.settings import CommonSettings
+from authmesh._shared.staleness import StalenessMonitor
 
 _RETRY_INITIAL_SECONDS = 0.25
 _RETRY_MAX_SECONDS = 5.0
@@ -111,8 +111,8 @@ class _Resubscribe(Exception):  # control flow, not an error
 
 
 class RevocationConsumer:
-    """Keeps a :class:`~shared.denylist.Denylist` and a :class:`~shared.key_cache.KeyCache` in step with
-    ``AUTH_EVENTS``.
+    """Keeps a :class:`Denylist` and a :class:`KeyCache`
+    in step with ``AUTH_EVENTS``.
 
     Args:
         settings: NATS location, issuer, token lifetime, leeway and staleness bound.

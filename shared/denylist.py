@@ -30,9 +30,9 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence, Siz
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from shared.claims import AccessClaims
-from shared.errors import KeyRevoked, TokenRevoked
-from shared.events import (
+from authmesh._shared.claims import AccessClaims
+from authmesh._shared.errors import KeyRevoked, TokenRevoked
+from authmesh._shared.events import (
     EventBody,
     KeyRevokedEvent,
     SecurityEvent,
@@ -40,7 +40,7 @@ from shared.events import (
     TokenRevokedEvent,
     UserRevokedEvent,
 )
-from shared.verifier import Clock
+from authmesh._shared.verifier import Clock
 
 _Generation = TypeVar("_Generation", bound=Sized)
 
@@ -64,7 +64,7 @@ def jti_key(jti: str) -> Hashable:
 
 
 class RevokedTokenEntry(Protocol):
-    """One revoked access token of a snapshot: a :class:`~shared.events.TokenRevokedEvent`, or any
+    """One revoked access token of a snapshot: a :class:`~authmesh._shared.events.TokenRevokedEvent`, or any
     record with the same two fields (the snapshot's wire messages as they arrived)."""
 
     @property
@@ -195,7 +195,7 @@ class _ExpiringMax(_Generations[dict[str, int]]):
 
 
 class Denylist:
-    """Revoked tokens, sessions, users and keys; a :class:`shared.verifier.RevocationCheck`.
+    """Revoked tokens, sessions, users and keys; a :class:`authmesh._shared.verifier.RevocationCheck`.
 
     Args:
         access_token_ttl: Longest access-token lifetime, seconds (must match the auth service's).

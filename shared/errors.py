@@ -2,7 +2,7 @@
 
 Every error carries a stable UPPER_SNAKE ``code`` (the ``ErrorInfo.reason`` on the wire) and a message
 that says what was wrong without echoing a token, a password or a key. The gRPC edge maps each class to
-a status code in one table (``shared.grpc_errors``).
+a status code in one table (``authmesh._shared.grpc_errors``).
 
 ::
 

@@ -15,10 +15,10 @@ from typing import Any, ClassVar
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared.claims import new_uuid7
-from shared.errors import EventRejected, KeyRevoked, TokenRejected, UnknownKey
-from shared.jose import decode_compact, sign_compact, verify_signature
-from shared.verifier import KeySource
+from authmesh._shared.claims import new_uuid7
+from authmesh._shared.errors import EventRejected, KeyRevoked, TokenRejected, UnknownKey
+from authmesh._shared.jose import decode_compact, sign_compact, verify_signature
+from authmesh._shared.verifier import KeySource
 
 STREAM_NAME = "AUTH_EVENTS"
 SUBJECT_PREFIX = "auth.events."

@@ -12,9 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from shared.errors import ConfigurationError, InvalidRequest
-from shared.grpc_errors import abort_with_error
-from shared.grpc_handlers import RpcHandler, WrappedHandlers, replace_handler
+from authmesh._shared.errors import ConfigurationError, InvalidRequest
+from authmesh._shared.grpc_errors import abort_with_error
+from authmesh._shared.grpc_handlers import RpcHandler, WrappedHandlers, replace_handler
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # Requests are a few short strings; anything near this size is hostile and refused unread.

@@ -13,7 +13,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from shared.errors import ConfigurationError
+from authmesh._shared.errors import ConfigurationError
 
 
 def split_host_port(address: str) -> tuple[str, int]:

@@ -4,15 +4,16 @@ Every call outside the open services (health, reflection, and any the service na
 ``authorization: Bearer <access token>``. The :class:`Authenticator` decides:
 
 1. refuse everything (``UNAVAILABLE``) until the revocation state has caught up with the stream;
-2. verify the token with :class:`~shared.verifier.TokenVerifier` (signature with cached keys, claims,
-   denylist); a ``kid`` the cache does not know triggers one shared key refetch and a second try, and
+2. verify the token with :class:`~authmesh._shared.verifier.TokenVerifier` (signature with cached
+   keys, claims, denylist); a ``kid`` the cache does not know triggers one shared key refetch and a
+   second try, and
    when that refetch fails the call is ``UNAVAILABLE`` (``KEYS_UNAVAILABLE``), not ``UNAUTHENTICATED``;
 3. when the revocation state is stale, confirm the token with ``Introspect``
-   (:class:`~shared.staleness.IntrospectionFallback`).
+   (:class:`~authmesh._shared.staleness.IntrospectionFallback`).
 
 The interceptor then checks the method's required scope and hands the verified claims to the handler
 through a context variable (:func:`current_claims`); each call runs in its own task, so the variable
-never leaks from one call to another. Errors become statuses through :mod:`shared.grpc_errors`.
+never leaks from one call to another. Errors become statuses through :mod:`authmesh._shared.grpc_errors`.
 """
 
 from __future__ import annotations
@@ -23,15 +24,22 @@ from typing import Any
 
 import grpc
 
-from shared.claims import AccessClaims
-from shared.errors import AuthError, InsufficientScope, RateLimited, TokenMissing, Unavailable, UnknownKey
-from shared.grpc_errors import bearer_token, to_grpc_status
-from shared.grpc_handlers import BoundedCache, Continuation, RpcHandler, rebuild_handler
-from shared.jose import decode_compact
-from shared.key_cache import KeyCache
-from shared.metrics import VerificationMetrics
-from shared.staleness import REVOCATION_STATE_STALE, IntrospectionFallback, StalenessMonitor
-from shared.verifier import TokenVerifier
+from authmesh._shared.claims import AccessClaims
+from authmesh._shared.errors import (
+    AuthError,
+    InsufficientScope,
+    RateLimited,
+    TokenMissing,
+    Unavailable,
+    UnknownKey,
+)
+from authmesh._shared.grpc_errors import bearer_token, to_grpc_status
+from authmesh._shared.grpc_handlers import BoundedCache, Continuation, RpcHandler, rebuild_handler
+from authmesh._shared.jose import decode_compact
+from authmesh._shared.key_cache import KeyCache
+from authmesh._shared.metrics import VerificationMetrics
+from authmesh._shared.staleness import REVOCATION_STATE_STALE, IntrospectionFallback, StalenessMonitor
+from authmesh._shared.verifier import TokenVerifier
 
 # Methods of these services never need a token: load balancers and tools call them unauthenticated.
 OPEN_SERVICE_PREFIXES = (

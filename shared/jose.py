@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from shared.errors import BadSignature, MalformedToken, TokenTooLarge, UnsupportedAlgorithm
+from authmesh._shared.errors import BadSignature, MalformedToken, TokenTooLarge, UnsupportedAlgorithm
 
 MAX_TOKEN_BYTES = 8192
 MAX_HEADER_BYTES = 1024

@@ -1,4 +1,4 @@
-"""The auth service's public keys, cached by ``kid``: a :class:`shared.verifier.KeySource`.
+"""The auth service's public keys, cached by ``kid``: a :class:`authmesh._shared.verifier.KeySource`.
 
 Lookups are synchronous and never do I/O, so the verifier's hot path stays pure. Fetching is async
 and deliberately scarce:
@@ -23,8 +23,8 @@ from collections.abc import Awaitable, Callable, Iterable
 import structlog
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared.errors import KeyRevoked, Unavailable, UnknownKey
-from shared.keys import parse_jwks
+from authmesh._shared.errors import KeyRevoked, Unavailable, UnknownKey
+from authmesh._shared.keys import parse_jwks
 
 JwksFetcher = Callable[[], Awaitable[str]]
 """Returns the auth service's JWK Set as JSON text."""

@@ -7,8 +7,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared.errors import MalformedToken
-from shared.jose import ALGORITHM, KID_PATTERN, b64url_decode, b64url_encode, parse_json_object
+from authmesh._shared.errors import MalformedToken
+from authmesh._shared.jose import ALGORITHM, KID_PATTERN, b64url_decode, b64url_encode, parse_json_object
 
 MAX_JWKS_BYTES = 256 * 1024
 # The prime of the P-256 base field: coordinates lie in [0, p-1].

@@ -23,7 +23,7 @@ from typing import Any, Generic, TypeVar, cast
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from shared.grpc_handlers import Continuation, RpcHandler, WrappedHandlers, rebuild_handler
+from authmesh._shared.grpc_handlers import Continuation, RpcHandler, WrappedHandlers, rebuild_handler
 
 _Metric = TypeVar("_Metric", Counter, Histogram)
 

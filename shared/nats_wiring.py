@@ -10,8 +10,8 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
-from shared.events import STREAM_NAME, STREAM_SUBJECTS
-from shared.settings import CommonSettings
+from authmesh._shared.events import STREAM_NAME, STREAM_SUBJECTS
+from authmesh._shared.settings import CommonSettings
 
 Callback = Callable[[], Awaitable[None]]
 ErrorCallback = Callable[[Exception], Awaitable[None]]

@@ -12,7 +12,7 @@ from typing import Annotated, Self
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from shared.errors import ConfigurationError
+from authmesh._shared.errors import ConfigurationError
 
 
 def _split_urls(value: object) -> object:

@@ -18,8 +18,8 @@ from typing import Protocol
 
 import structlog
 
-from shared.claims import AccessClaims
-from shared.errors import KeyRevoked, TokenExpired, TokenRejected, TokenRevoked, Unavailable
+from authmesh._shared.claims import AccessClaims
+from authmesh._shared.errors import KeyRevoked, TokenExpired, TokenRejected, TokenRevoked, Unavailable
 
 REVOCATION_STATE_STALE = "REVOCATION_STATE_STALE"
 _REVOKED_REASONS = frozenset({"TOKEN_REVOKED", "SESSION_REVOKED", "USER_REVOKED"})

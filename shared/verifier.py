@@ -1,7 +1,7 @@
 """Local access-token verification: pure, no I/O, clock injected.
 
-``TokenVerifier.verify`` decodes a compact JWS strictly (:mod:`shared.jose`), checks the ES256 signature
-against a :class:`KeySource`, every RFC 9068 claim against the settings and the clock, and the
+``TokenVerifier.verify`` decodes a compact JWS strictly (:mod:`authmesh._shared.jose`), checks the ES256
+signature against a :class:`KeySource`, every RFC 9068 claim against the settings and the clock, and the
 :class:`RevocationCheck`. A repeated token skips the signature (a bounded cache keyed by the exact token
 string), but every hit still checks expiry and revocation, so a revocation applies to cached tokens too.
 """
@@ -16,8 +16,8 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared.claims import ACCESS_TOKEN_TYPE, AccessClaims
-from shared.errors import (
+from authmesh._shared.claims import ACCESS_TOKEN_TYPE, AccessClaims
+from authmesh._shared.errors import (
     TokenExpired,
     TokenNotYetValid,
     TokenTooLarge,
@@ -25,7 +25,7 @@ from shared.errors import (
     WrongIssuer,
     WrongTokenType,
 )
-from shared.jose import MAX_TOKEN_BYTES, decode_compact, verify_signature
+from authmesh._shared.jose import MAX_TOKEN_BYTES, decode_compact, verify_signature
 
 Clock = Callable[[], float]
 # RFC 9068 §4: a resource server accepts exactly these two spellings of the access-token type.
@@ -128,7 +128,7 @@ class TokenVerifier:
             The verified claims.
 
         Raises:
-            TokenRejected: One subclass per reason (see :mod:`shared.errors`).
+            TokenRejected: One subclass per reason (see :mod:`authmesh._shared.errors`).
         """
         # The size cap comes first, before the token is even hashed for the cache lookup.
         if len(token) > self._max_bytes:

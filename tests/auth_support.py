@@ -9,10 +9,10 @@ from typing import Any
 import grpc
 import pytest
 
-from auth_service.app import AuthApp
+from authmesh._auth_service.app import AuthApp
+from authmesh._shared.grpc_errors import error_reason
+from authmesh._shared.settings import AuthSettings
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
-from shared.grpc_errors import error_reason
-from shared.settings import AuthSettings
 
 ADMIN = ("admin", "admin-password-1")
 SERVICE = ("svc-resource", "service-password-1")

@@ -20,10 +20,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
-from shared.claims import ACCESS_TOKEN_TYPE, AccessClaims, new_uuid7
-from shared.errors import KeyRevoked, TokenRevoked, UnknownKey
-from shared.jose import P256_ORDER, b64url_encode
-from shared.verifier import KeySource, RevocationCheck, TokenVerifier, VerifierPolicy
+from authmesh._shared.claims import ACCESS_TOKEN_TYPE, AccessClaims, new_uuid7
+from authmesh._shared.errors import KeyRevoked, TokenRevoked, UnknownKey
+from authmesh._shared.jose import P256_ORDER, b64url_encode
+from authmesh._shared.verifier import KeySource, RevocationCheck, TokenVerifier, VerifierPolicy
 
 ISSUER = "authmesh"
 AUDIENCE = "authmesh-resources"
@@ -71,7 +71,7 @@ class SigningKey:
 
 
 class StaticKeys:
-    """A :class:`shared.verifier.KeySource` over a fixed set of keys; records every lookup.
+    """A :class:`authmesh._shared.verifier.KeySource` over a fixed set of keys; records every lookup.
 
     Args:
         keys: The keys to serve.
@@ -142,7 +142,7 @@ class FrozenClock:
 
 @dataclass(slots=True)
 class SetRevocations:
-    """A :class:`shared.verifier.RevocationCheck` over plain sets; counts its calls.
+    """A :class:`authmesh._shared.verifier.RevocationCheck` over plain sets; counts its calls.
 
     Attributes:
         jtis: Revoked token ids.

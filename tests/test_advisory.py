@@ -11,7 +11,7 @@ import json
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from shared.errors import (
+from authmesh._shared.errors import (
     BadSignature,
     EventRejected,
     MalformedToken,
@@ -21,10 +21,10 @@ from shared.errors import (
     UnsupportedAlgorithm,
     WrongTokenType,
 )
-from shared.events import EventType, SecurityEvent, TokenRevokedEvent, decode_event, encode_event
-from shared.jose import P256_ORDER, b64url_encode
-from shared.keys import public_jwk
-from shared.verifier import TokenVerifier
+from authmesh._shared.events import EventType, SecurityEvent, TokenRevokedEvent, decode_event, encode_event
+from authmesh._shared.jose import P256_ORDER, b64url_encode
+from authmesh._shared.keys import public_jwk
+from authmesh._shared.verifier import TokenVerifier
 from tests.helpers_tokens import (
     ISSUER,
     KID,

@@ -13,11 +13,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from auth_service.app import AuthApp
-from authmesh.auth.v1 import auth_pb2
-from authmesh.processes import NatsServer, RedisServer, free_port
-from shared.errors import ConfigurationError
-from shared.events import (
+from authmesh._auth_service.app import AuthApp
+from authmesh._shared.errors import ConfigurationError
+from authmesh._shared.events import (
     STREAM_NAME,
     EventType,
     HeartbeatEvent,
@@ -27,8 +25,10 @@ from shared.events import (
     UserRevokedEvent,
     decode_event,
 )
-from shared.jose import decode_compact
-from shared.keys import parse_jwks
+from authmesh._shared.jose import decode_compact
+from authmesh._shared.keys import parse_jwks
+from authmesh.auth.v1 import auth_pb2
+from authmesh.processes import NatsServer, RedisServer, free_port
 from tests.auth_support import (
     SERVICE,
     AuthClient,

@@ -16,12 +16,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from auth_service.store import OUTBOX, AuthStore, RotationResult
+from authmesh._auth_service.store import OUTBOX, AuthStore, RotationResult
+from authmesh._shared.events import EventType, SessionRevokedEvent, TokenRevokedEvent, decode_event
+from authmesh._shared.jose import decode_compact
+from authmesh._shared.keys import parse_jwks
 from authmesh.auth.v1 import auth_pb2
 from authmesh.processes import NatsServer, RedisServer
-from shared.events import EventType, SessionRevokedEvent, TokenRevokedEvent, decode_event
-from shared.jose import decode_compact
-from shared.keys import parse_jwks
 from tests.auth_support import auth_settings, bearer, expect_error, running_auth
 from tests.faults import stream_events
 from tests.waiting import eventually

@@ -13,12 +13,12 @@ import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from auth_service.app import AuthApp
+from authmesh._auth_service.app import AuthApp
+from authmesh._shared.errors import UnknownKey
+from authmesh._shared.jose import decode_compact
+from authmesh._shared.keys import parse_jwks
+from authmesh._shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
 from authmesh.auth.v1 import auth_pb2
-from shared.errors import UnknownKey
-from shared.jose import decode_compact
-from shared.keys import parse_jwks
-from shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
 from tests.auth_support import (
     SERVICE,
     AuthClient,

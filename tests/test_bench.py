@@ -17,9 +17,9 @@ from rich.console import Console
 from rich.table import Table
 from typer.testing import CliRunner
 
+from authmesh._shared.errors import ConfigurationError
 from authmesh.bench import catchup, common, memory, propagation, refresh, rpc
 from authmesh.bench.commands import bench_app
-from shared.errors import ConfigurationError
 
 LATENCY_KEYS = {"count", "p50", "p99", "max", "mean"}
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.claims import (
+from authmesh._shared.claims import (
     MAX_AUDIENCES,
     MAX_NUMERIC_DATE,
     MAX_SCOPES,
@@ -19,7 +19,7 @@ from shared.claims import (
     new_uuid7,
     uuid7_ms,
 )
-from shared.errors import InvalidClaim
+from authmesh._shared.errors import InvalidClaim
 from tests.helpers_tokens import NOW, OMIT, claims_payload
 
 STRING_CLAIMS = ("iss", "sub", "jti", "sid", "client_id")

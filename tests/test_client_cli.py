@@ -22,12 +22,12 @@ import typer
 from pydantic import SecretStr
 from typer.testing import CliRunner, Result
 
-from auth_service.app import AuthApp
+from authmesh._auth_service.app import AuthApp
+from authmesh._resource_service.app import ResourceApp
+from authmesh._shared.settings import ResourceSettings
 from authmesh.client import StoredLogin, TokenFile, Tokens
 from authmesh.client_commands import register
 from authmesh.processes import LOOPBACK, free_port
-from resource_service.app import ResourceApp
-from shared.settings import ResourceSettings
 from tests.auth_support import ADMIN, SERVICE, AuthClient, auth_settings, running_auth
 
 ALICE = ("alice", "alice-password-1")

@@ -28,6 +28,8 @@ import pytest_asyncio
 import redis.asyncio as redis
 import typer
 
+from authmesh._shared.events import STREAM_NAME
+from authmesh._shared.settings import AuthSettings, CommonSettings, ResourceSettings
 from authmesh.processes import find_nats_server, find_redis_server, free_ports
 from authmesh.stack import (
     ChildProcess,
@@ -38,8 +40,6 @@ from authmesh.stack import (
 )
 from authmesh.stack_commands import compose_environment
 from scripts.check_compose import compose_command, compose_env
-from shared.events import STREAM_NAME
-from shared.settings import AuthSettings, CommonSettings, ResourceSettings
 from tests.test_stack import USER_PASSWORD, StackClient
 from tests.waiting import eventually
 

@@ -14,12 +14,11 @@ import nats
 import pytest
 from nats.js import JetStreamContext
 
-from authmesh.processes import NatsServer
-from shared.claims import AccessClaims, new_uuid7
-from shared.consumer import RevocationConsumer
-from shared.denylist import Denylist, SnapshotChunk
-from shared.errors import KeyRevoked, TokenRevoked, Unavailable
-from shared.events import (
+from authmesh._shared.claims import AccessClaims, new_uuid7
+from authmesh._shared.consumer import RevocationConsumer
+from authmesh._shared.denylist import Denylist, SnapshotChunk
+from authmesh._shared.errors import KeyRevoked, TokenRevoked, Unavailable
+from authmesh._shared.events import (
     STREAM_NAME,
     EventBody,
     EventType,
@@ -32,11 +31,12 @@ from shared.events import (
     UserRevokedEvent,
     encode_event,
 )
-from shared.key_cache import KeyCache
-from shared.keys import jwks_json
-from shared.nats_wiring import ensure_stream
-from shared.settings import ResourceSettings
-from shared.staleness import StalenessMonitor
+from authmesh._shared.key_cache import KeyCache
+from authmesh._shared.keys import jwks_json
+from authmesh._shared.nats_wiring import ensure_stream
+from authmesh._shared.settings import ResourceSettings
+from authmesh._shared.staleness import StalenessMonitor
+from authmesh.processes import NatsServer
 from tests.helpers_tokens import ISSUER, SigningKey, sign_json, unsigned_token
 
 DEADLINE = 15.0

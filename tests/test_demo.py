@@ -21,11 +21,11 @@ import pytest_asyncio
 import typer
 from typer.testing import CliRunner, Result
 
-from auth_service.app import AuthApp
+from authmesh._auth_service.app import AuthApp
+from authmesh._resource_service.app import ResourceApp
 from authmesh.demo import DemoReport, DemoTarget, ReplicaTarget, run_demo
 from authmesh.demo_commands import register
 from authmesh.processes import LOOPBACK, free_port
-from resource_service.app import ResourceApp
 from tests.auth_support import ADMIN, auth_settings, running_auth
 from tests.test_client_cli import running_replica
 

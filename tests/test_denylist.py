@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared.claims import AccessClaims, new_uuid7
-from shared.denylist import Denylist, SnapshotChunk, jti_key
-from shared.errors import KeyRevoked, TokenRevoked
-from shared.events import (
+from authmesh._shared.claims import AccessClaims, new_uuid7
+from authmesh._shared.denylist import Denylist, SnapshotChunk, jti_key
+from authmesh._shared.errors import KeyRevoked, TokenRevoked
+from authmesh._shared.events import (
     EventBody,
     HeartbeatEvent,
     KeyRevokedEvent,

@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.errors import EventRejected, Unavailable, UnknownKey
-from shared.events import (
+from authmesh._shared.errors import EventRejected, Unavailable, UnknownKey
+from authmesh._shared.events import (
     EVENT_URI_PREFIX,
     MAX_EVENT_BYTES,
     SET_TYPE,

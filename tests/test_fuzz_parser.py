@@ -1,6 +1,6 @@
 """Property tests: whatever bytes arrive, the parsers answer with their own rejections and nothing else.
 
-``decode_compact`` and ``TokenVerifier.verify`` may only raise :class:`shared.errors.TokenRejected`
+``decode_compact`` and ``TokenVerifier.verify`` may only raise :class:`authmesh._shared.errors.TokenRejected`
 subclasses; ``decode_event`` only ``EventRejected`` or ``UnknownKey``; ``parse_jwks`` only
 ``InvalidJwk``. A stray ``KeyError`` or ``TypeError`` would surface as an INTERNAL gRPC error (or kill
 an event consumer), so the inputs go from random text, through mutations of valid tokens, to
@@ -17,12 +17,19 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from shared.claims import REQUIRED_CLAIMS
-from shared.errors import EventRejected, TokenRejected, UnknownKey
-from shared.events import SET_TYPE, EventType, HeartbeatEvent, SecurityEvent, decode_event, encode_event
-from shared.jose import b64url_encode, decode_compact
-from shared.keys import InvalidJwk, parse_jwks
-from shared.verifier import TokenVerifier
+from authmesh._shared.claims import REQUIRED_CLAIMS
+from authmesh._shared.errors import EventRejected, TokenRejected, UnknownKey
+from authmesh._shared.events import (
+    SET_TYPE,
+    EventType,
+    HeartbeatEvent,
+    SecurityEvent,
+    decode_event,
+    encode_event,
+)
+from authmesh._shared.jose import b64url_encode, decode_compact
+from authmesh._shared.keys import InvalidJwk, parse_jwks
+from authmesh._shared.verifier import TokenVerifier
 from tests.helpers_tokens import (
     ISSUER,
     KID,

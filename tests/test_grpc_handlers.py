@@ -6,7 +6,7 @@ from typing import Any
 
 import grpc
 
-from shared.grpc_handlers import MAX_CACHED_HANDLERS, RpcHandler, WrappedHandlers, rebuild_handler
+from authmesh._shared.grpc_handlers import MAX_CACHED_HANDLERS, RpcHandler, WrappedHandlers, rebuild_handler
 
 
 async def _behavior(request: Any, context: Any) -> Any:

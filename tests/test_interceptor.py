@@ -15,18 +15,18 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 from prometheus_client import generate_latest
 
+from authmesh._resource_service.documents import sample_documents
+from authmesh._resource_service.servicer import REQUIRED_SCOPES, SERVICE_NAME, ResourceServicer
+from authmesh._shared.denylist import Denylist
+from authmesh._shared.errors import TokenMissing
+from authmesh._shared.grpc_errors import error_reason
+from authmesh._shared.interceptor import OPEN_SERVICE_PREFIXES, Authenticator, AuthInterceptor, current_claims
+from authmesh._shared.key_cache import KeyCache
+from authmesh._shared.keys import jwks_json
+from authmesh._shared.metrics import ServiceMetrics, VerificationMetrics
+from authmesh._shared.staleness import Introspection, IntrospectionFallback, StalenessMonitor
+from authmesh._shared.verifier import TokenVerifier, VerifierPolicy
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
-from resource_service.documents import sample_documents
-from resource_service.servicer import REQUIRED_SCOPES, SERVICE_NAME, ResourceServicer
-from shared.denylist import Denylist
-from shared.errors import TokenMissing
-from shared.grpc_errors import error_reason
-from shared.interceptor import OPEN_SERVICE_PREFIXES, Authenticator, AuthInterceptor, current_claims
-from shared.key_cache import KeyCache
-from shared.keys import jwks_json
-from shared.metrics import ServiceMetrics, VerificationMetrics
-from shared.staleness import Introspection, IntrospectionFallback, StalenessMonitor
-from shared.verifier import TokenVerifier, VerifierPolicy
 from tests.helpers_tokens import AUDIENCE, ISSUER, SigningKey, mint_access_token
 
 DEADLINE = 10.0

@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.errors import BadSignature, MalformedToken, TokenTooLarge, UnsupportedAlgorithm
-from shared.jose import (
+from authmesh._shared.errors import BadSignature, MalformedToken, TokenTooLarge, UnsupportedAlgorithm
+from authmesh._shared.jose import (
     MAX_KID_LENGTH,
     MAX_TOKEN_BYTES,
     P256_ORDER,

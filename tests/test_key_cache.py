@@ -9,9 +9,9 @@ from collections.abc import Callable
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared.errors import KeyRevoked, Unavailable, UnknownKey
-from shared.key_cache import KEYS_UNAVAILABLE, KeyCache
-from shared.keys import jwks_json
+from authmesh._shared.errors import KeyRevoked, Unavailable, UnknownKey
+from authmesh._shared.key_cache import KEYS_UNAVAILABLE, KeyCache
+from authmesh._shared.keys import jwks_json
 
 DEADLINE = 10.0
 

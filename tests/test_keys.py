@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from shared.errors import MalformedToken
-from shared.jose import b64url_encode
-from shared.keys import (
+from authmesh._shared.errors import MalformedToken
+from authmesh._shared.jose import b64url_encode
+from authmesh._shared.keys import (
     MAX_JWKS_BYTES,
     P256_FIELD_PRIME,
     InvalidJwk,

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from shared.lifecycle import raise_if_cancelled
+from authmesh._shared.lifecycle import raise_if_cancelled
 
 DEADLINE_SECONDS = 5.0
 

@@ -20,6 +20,7 @@ from nats.js.api import StorageType
 from nats.js.errors import APIError, NoStreamResponseError
 
 from authmesh import processes
+from authmesh._shared.errors import ConfigurationError
 from authmesh.processes import (
     NatsCluster,
     NatsServer,
@@ -28,7 +29,6 @@ from authmesh.processes import (
     find_redis_server,
     free_ports,
 )
-from shared.errors import ConfigurationError
 
 _GONE_TIMEOUT_SECONDS = 10.0
 

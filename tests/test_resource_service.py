@@ -22,11 +22,9 @@ import nats
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
-from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
-from resource_service.app import ResourceApp
-from shared.claims import new_uuid7
-from shared.events import (
+from authmesh._resource_service.app import ResourceApp
+from authmesh._shared.claims import new_uuid7
+from authmesh._shared.events import (
     EventBody,
     HeartbeatEvent,
     SecurityEvent,
@@ -35,10 +33,12 @@ from shared.events import (
     UserRevokedEvent,
     encode_event,
 )
-from shared.grpc_errors import bearer_token, error_reason
-from shared.keys import jwks_json
-from shared.nats_wiring import ensure_stream
-from shared.settings import ResourceSettings
+from authmesh._shared.grpc_errors import bearer_token, error_reason
+from authmesh._shared.keys import jwks_json
+from authmesh._shared.nats_wiring import ensure_stream
+from authmesh._shared.settings import ResourceSettings
+from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 from tests.helpers_tokens import ISSUER, SigningKey, mint_access_token
 
 DEADLINE = 15.0

@@ -20,11 +20,11 @@ import pytest_asyncio
 from nats.aio.client import Client as NatsClient
 from nats.js.errors import NotFoundError
 
+from authmesh._shared.events import STREAM_NAME, EventType
+from authmesh._shared.grpc_errors import error_reason
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 from authmesh.stack import LocalStack, authmesh_command, grpc_health_status
-from shared.events import STREAM_NAME, EventType
-from shared.grpc_errors import error_reason
 from tests.waiting import eventually
 
 # Cheap password hashing and quick heartbeats and shutdowns: the stack is the subject, not Argon2.

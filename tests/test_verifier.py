@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from shared.errors import (
+from authmesh._shared.errors import (
     BadSignature,
     InvalidClaim,
     KeyRevoked,
@@ -28,10 +28,10 @@ from shared.errors import (
     WrongIssuer,
     WrongTokenType,
 )
-from shared.events import HeartbeatEvent, SecurityEvent, encode_event
-from shared.jose import MAX_TOKEN_BYTES, P256_ORDER, b64url_encode
-from shared.keys import public_jwk
-from shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
+from authmesh._shared.events import HeartbeatEvent, SecurityEvent, encode_event
+from authmesh._shared.jose import MAX_TOKEN_BYTES, P256_ORDER, b64url_encode
+from authmesh._shared.keys import public_jwk
+from authmesh._shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
 from tests.helpers_tokens import (
     AUDIENCE,
     ISSUER,

@@ -6,18 +6,18 @@ required: if they are missing, collection fails with an error instead of skippin
 How each file is run:
 
 * ``ecdsa_secp256r1_sha256_p1363_test.json``: raw ``r‖s`` signatures (the JWS encoding) through
-  :func:`shared.jose.verify_signature`; valid ones verify, invalid ones raise ``BadSignature``.
+  :func:`authmesh._shared.jose.verify_signature`; valid ones verify, invalid ones raise ``BadSignature``.
 * ``ecdsa_secp256r1_sha256_test.json``: the same in DER, which is never a JWS signature: every one,
   valid as DER or not, raises ``BadSignature``.
 * ``json_web_signature_test.json``, the groups that concern an ES256-only verifier (``es256``,
   ``SpecialCaseEs256``, ``hs256``, ``base64``): each JWS goes through the strict decoder's JWS layer,
-  :func:`shared.jose.decode_compact_raw` (every header and signature rule of ``decode_compact``; the
+  :func:`authmesh._shared.jose.decode_compact_raw` (every header and signature rule of ``decode_compact``; the
   vectors' payloads are the bytes ``foo``, not JSON objects), then ``verify_signature`` with the group's
   public key whatever the ``kid`` says (every vector here has a ``kid``; answering every ``kid`` with
   the key makes a tampered ``kid`` fail on the signature rather than on the lookup, the stricter test).
   Only ES256 vectors labelled valid may pass: the valid HS256 ones are refused as
   ``UnsupportedAlgorithm``, and the five mislabelled tcIds of the README are expected to be refused.
-* ``json_web_key_test.json``: each key set through :func:`shared.keys.parse_jwks`, then its JWS as
+* ``json_web_key_test.json``: each key set through :func:`authmesh._shared.keys.parse_jwks`, then its JWS as
   above with the parsed keys by ``kid``. Every vector that applies to P-256 (an ES256 JWS) is labelled
   invalid, and its signature is in fact good for the point: the rejection must come from the key.
 """
@@ -36,10 +36,16 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from shared.errors import BadSignature, MalformedToken, TokenRejected, UnknownKey, UnsupportedAlgorithm
-from shared.jose import b64url_decode, decode_compact_raw, verify_signature
-from shared.keys import InvalidJwk, parse_jwk, parse_jwks
-from shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
+from authmesh._shared.errors import (
+    BadSignature,
+    MalformedToken,
+    TokenRejected,
+    UnknownKey,
+    UnsupportedAlgorithm,
+)
+from authmesh._shared.jose import b64url_decode, decode_compact_raw, verify_signature
+from authmesh._shared.keys import InvalidJwk, parse_jwk, parse_jwks
+from authmesh._shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
 from tests.helpers_tokens import AnyKidKeys
 
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors" / "wycheproof"

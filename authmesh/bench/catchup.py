@@ -40,8 +40,11 @@ import redis.asyncio as redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.table import Table
 
-from auth_service.keyring import Keyring, KeySealer
-from auth_service.store import REVOKED_JTIS, AuthStore, revoked_jti_key
+from authmesh._auth_service.keyring import Keyring, KeySealer
+from authmesh._auth_service.store import REVOKED_JTIS, AuthStore, revoked_jti_key
+from authmesh._shared.claims import new_uuid7
+from authmesh._shared.events import SecurityEvent, TokenRevokedEvent, encode_event
+from authmesh._shared.settings import AuthSettings
 from authmesh.bench.common import (
     Goal,
     JsonDict,
@@ -53,9 +56,6 @@ from authmesh.bench.common import (
 )
 from authmesh.processes import LOOPBACK, free_ports
 from authmesh.stack import ChildProcess, LocalStack, authmesh_command
-from shared.claims import new_uuid7
-from shared.events import SecurityEvent, TokenRevokedEvent, encode_event
-from shared.settings import AuthSettings
 
 GOAL_SECONDS_AT_100K = 2.0
 EVENT_COUNTS = (10_000, 100_000)

@@ -29,7 +29,7 @@ from typing import Any, Self
 from rich.console import Console
 from rich.table import Table
 
-from shared.errors import ConfigurationError
+from authmesh._shared.errors import ConfigurationError
 
 # A worker answers each command within this long unless the command says otherwise.
 WORKER_REPLY_TIMEOUT_SECONDS = 120.0

@@ -1,6 +1,6 @@
 """``authmesh bench memory``: what one revoked token costs a replica in memory, at a million of them.
 
-Contender: :class:`shared.denylist.Denylist` holding ``entries`` revoked tokens (``revoke_token(jti,
+Contender: :class:`authmesh._shared.denylist.Denylist` holding ``entries`` revoked tokens (``revoke_token(jti,
 exp)``, exactly what applying a ``revoked.token`` event does). Baseline: a plain ``dict`` of jti (the
 36-character string) → exp (an int), the obvious way to write a denylist in Python.
 
@@ -34,6 +34,10 @@ from typing import Any
 
 from rich.table import Table
 
+from authmesh._shared.claims import AccessClaims
+from authmesh._shared.denylist import Denylist
+from authmesh._shared.errors import TokenRevoked
+from authmesh._shared.settings import CommonSettings
 from authmesh.bench.common import (
     Goal,
     JsonDict,
@@ -45,10 +49,6 @@ from authmesh.bench.common import (
     measure_and_report,
     serve_worker,
 )
-from shared.claims import AccessClaims
-from shared.denylist import Denylist
-from shared.errors import TokenRevoked
-from shared.settings import CommonSettings
 
 GOAL_BYTES_PER_ENTRY = 80.0
 ENTRIES = 1_000_000

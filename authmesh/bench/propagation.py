@@ -53,6 +53,8 @@ from nats.aio.msg import Msg
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from rich.table import Table
 
+from authmesh._shared.events import STREAM_NAME, TokenRevokedEvent
+from authmesh._shared.jose import b64url_decode
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.bench.common import (
     CpuAccount,
@@ -72,8 +74,6 @@ from authmesh.client import AuthApi
 from authmesh.processes import NatsServer
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 from authmesh.stack import LocalStack
-from shared.events import STREAM_NAME, TokenRevokedEvent
-from shared.jose import b64url_decode
 
 GOAL_P99_MS = 10.0
 # How the CPU account groups the run's processes.

@@ -22,6 +22,7 @@ from typing import Any
 
 from rich.table import Table
 
+from authmesh._shared.settings import AuthSettings
 from authmesh.bench.common import (
     Goal,
     JsonDict,
@@ -36,7 +37,6 @@ from authmesh.bench.common import (
 from authmesh.bench.rpc import CONCURRENCY, alternate, level_rows, paired_ratio, pin_apart, rate_table
 from authmesh.client import AuthApi, Tokens
 from authmesh.stack import LocalStack
-from shared.settings import AuthSettings
 
 GOAL_REFRESH_OVER_HEALTH = 0.5
 USER_PREFIX = "bench-login-"

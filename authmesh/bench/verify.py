@@ -4,7 +4,7 @@ Everything runs in one process, pinned to one CPU where the platform allows it:
 
 * **raw**: ``cryptography``'s ES256 verify of a precomputed DER signature over the signing input,
   the floor no JWT verifier in Python can go below;
-* **cold**: :meth:`shared.verifier.TokenVerifier.verify` on distinct tokens (an empty cache): strict
+* **cold**: :meth:`authmesh._shared.verifier.TokenVerifier.verify` on distinct tokens (an empty cache): strict
   decoding, signature, every claim;
 * **warm**: the same verifier on tokens it has verified before (cache hits: time and revocation are
   still checked on every call);
@@ -39,10 +39,10 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from rich.console import Console
 from rich.table import Table
 
-from shared.claims import new_uuid7
-from shared.errors import UnknownKey
-from shared.jose import b64url_decode, sign_compact
-from shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
+from authmesh._shared.claims import new_uuid7
+from authmesh._shared.errors import UnknownKey
+from authmesh._shared.jose import b64url_decode, sign_compact
+from authmesh._shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
 
 GOAL_COLD_OVER_RAW = 0.8
 GOAL_WARM_OVER_PYJWT = 100.0
@@ -62,7 +62,7 @@ REQUIRED = ["iss", "sub", "aud", "exp", "iat", "nbf", "jti"]
 
 
 class _OneKey:
-    """A :class:`shared.verifier.KeySource` holding one key (a dict lookup, like the key cache)."""
+    """A :class:`authmesh._shared.verifier.KeySource` holding one key (a dict lookup, like the key cache)."""
 
     def __init__(self, kid: str, public_key: ec.EllipticCurvePublicKey) -> None:
         self._keys = {kid: public_key}

@@ -32,13 +32,13 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from authmesh._shared.claims import AccessClaims
+from authmesh._shared.grpc_errors import error_reason
+from authmesh._shared.jose import decode_compact
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.processes import LOOPBACK, free_ports
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 from authmesh.stack import ServiceProcess
-from shared.claims import AccessClaims
-from shared.grpc_errors import error_reason
-from shared.jose import decode_compact
 from tests.auth_support import ADMIN, SERVICE, bearer
 from tests.faults import auth_process, clean_environment
 

@@ -26,7 +26,7 @@ import pytest_asyncio
 from google.protobuf.descriptor import FieldDescriptor, MethodDescriptor
 from google.protobuf.message import DecodeError
 
-from auth_service.app import AuthApp
+from authmesh._auth_service.app import AuthApp
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.processes import NatsServer, RedisServer
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc

@@ -29,17 +29,17 @@ from nats.js.api import StreamInfo
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 from prometheus_client.parser import text_string_to_metric_families
 
-from auth_service.keyring import KeySealer
-from auth_service.store import AuthStore
+from authmesh._auth_service.keyring import KeySealer
+from authmesh._auth_service.store import AuthStore
+from authmesh._resource_service.app import ResourceApp
+from authmesh._shared.events import STREAM_NAME, STREAM_SUBJECTS
+from authmesh._shared.grpc_errors import error_reason
+from authmesh._shared.jose import decode_compact
+from authmesh._shared.settings import ResourceSettings
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.processes import LOOPBACK, free_ports
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 from authmesh.stack import ServiceProcess
-from resource_service.app import ResourceApp
-from shared.events import STREAM_NAME, STREAM_SUBJECTS
-from shared.grpc_errors import error_reason
-from shared.jose import decode_compact
-from shared.settings import ResourceSettings
 from tests.auth_support import ADMIN, SERVICE, TEST_KEK, bearer
 from tests.waiting import eventually
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import redis.asyncio as redis
 
-from auth_service.store import OUTBOX
+from authmesh._auth_service.store import OUTBOX
 from authmesh.auth.v1 import auth_pb2
 from tests.faults import (
     OK,

@@ -1,8 +1,9 @@
 """Clocks that disagree by more than the leeway: issuer ahead of or behind a replica by ``leeway + 5`` s.
 
 A process clock cannot be skewed in a test, so the replica's decision path (the interceptor's
-:class:`~shared.interceptor.Authenticator` over the verifier and the denylist) runs here on an injected
-clock, against tokens and events stamped by an issuer whose clock is offset from it. Each test sweeps the
+:class:`~authmesh._shared.interceptor.Authenticator` over the verifier and the denylist) runs here on an
+injected clock, against tokens and events stamped by an issuer whose clock is offset from it.
+Each test sweeps the
 replica's clock across a token's whole life in small steps.
 """
 
@@ -10,14 +11,14 @@ from __future__ import annotations
 
 import pytest
 
-from shared.claims import AccessClaims
-from shared.denylist import Denylist, SnapshotChunk
-from shared.errors import TokenRejected
-from shared.events import SessionRevokedEvent, TokenRevokedEvent, UserRevokedEvent
-from shared.interceptor import Authenticator
-from shared.key_cache import KeyCache
-from shared.keys import jwks_json
-from shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
+from authmesh._shared.claims import AccessClaims
+from authmesh._shared.denylist import Denylist, SnapshotChunk
+from authmesh._shared.errors import TokenRejected
+from authmesh._shared.events import SessionRevokedEvent, TokenRevokedEvent, UserRevokedEvent
+from authmesh._shared.interceptor import Authenticator
+from authmesh._shared.key_cache import KeyCache
+from authmesh._shared.keys import jwks_json
+from authmesh._shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
 from tests.helpers_tokens import (
     AUDIENCE,
     ISSUER,

@@ -2,7 +2,8 @@
 
 The staleness bound is the whole promise (a revoked token is refused within it), so the age a replica
 believes its state has must never be less than the age of the newest heartbeat it has applied. Each test
-runs one :class:`~shared.consumer.RevocationConsumer` on a real NATS with heartbeats signed by a test key.
+runs one :class:`~authmesh._shared.consumer.RevocationConsumer`
+on a real NATS with heartbeats signed by a test key.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from dataclasses import dataclass
 import nats
 import pytest
 
-from shared.consumer import RevocationConsumer
-from shared.denylist import Denylist
-from shared.events import HeartbeatEvent, SecurityEvent, encode_event
-from shared.key_cache import KeyCache
-from shared.keys import jwks_json
-from shared.nats_wiring import ensure_stream
-from shared.settings import ResourceSettings
-from shared.staleness import StalenessMonitor
+from authmesh._shared.consumer import RevocationConsumer
+from authmesh._shared.denylist import Denylist
+from authmesh._shared.events import HeartbeatEvent, SecurityEvent, encode_event
+from authmesh._shared.key_cache import KeyCache
+from authmesh._shared.keys import jwks_json
+from authmesh._shared.nats_wiring import ensure_stream
+from authmesh._shared.settings import ResourceSettings
+from authmesh._shared.staleness import StalenessMonitor
 from tests.helpers_tokens import ISSUER, SigningKey
 from tests.waiting import eventually
 

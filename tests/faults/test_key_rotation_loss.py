@@ -1,7 +1,8 @@
 """Key-rotation events that never reach a replica.
 
-The rotations are made on the auth service's Redis through :class:`~auth_service.keyring.Keyring` itself
-(the same code ``RotateSigningKey`` runs), choosing which of their events to write to the outbox: that is
+The rotations are made on the auth service's Redis through :class:`~authmesh._auth_service.keyring.Keyring`
+itself (the same code ``RotateSigningKey`` runs), choosing which of their events to write to the
+outbox: that is
 an event lost for good, not merely late. The auth service and the replicas run in this process.
 """
 
@@ -12,10 +13,10 @@ from collections.abc import AsyncIterator
 import pytest_asyncio
 import redis.asyncio as redis
 
-from auth_service.keyring import Keyring, KeySealer
-from auth_service.outbox import to_record
-from auth_service.store import AuthStore
-from shared.events import EventType, KeyRotatedEvent, SecurityEvent
+from authmesh._auth_service.keyring import Keyring, KeySealer
+from authmesh._auth_service.outbox import to_record
+from authmesh._auth_service.store import AuthStore
+from authmesh._shared.events import EventType, KeyRotatedEvent, SecurityEvent
 from tests.auth_support import TEST_KEK, auth_settings, running_auth
 from tests.faults import OK, Auth, in_process_replicas, kid_of, stream_events
 from tests.waiting import eventually

@@ -17,10 +17,10 @@ from pathlib import Path
 import nats
 import pytest
 
+from authmesh._shared.events import EventType
+from authmesh._shared.jose import decode_compact
 from authmesh.auth.v1 import auth_pb2
 from authmesh.processes import NatsCluster, NatsServer
-from shared.events import EventType
-from shared.jose import decode_compact
 from tests.auth_support import auth_settings, running_auth
 from tests.faults import (
     OK,

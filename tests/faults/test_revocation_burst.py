@@ -19,11 +19,11 @@ import nats
 import pytest
 import pytest_asyncio
 
+from authmesh._shared.claims import new_uuid7
+from authmesh._shared.events import STREAM_NAME, EventType, SecurityEvent, TokenRevokedEvent, encode_event
 from authmesh.auth.v1 import auth_pb2
 from authmesh.client import ResourceApi
 from authmesh.stack import LocalStack
-from shared.claims import new_uuid7
-from shared.events import STREAM_NAME, EventType, SecurityEvent, TokenRevokedEvent, encode_event
 from tests.faults import (
     FAST_AUTH_ENV,
     OK,

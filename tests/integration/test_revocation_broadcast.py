@@ -22,11 +22,11 @@ import aiohttp
 import grpc
 import pytest
 
-from auth_service.app import AuthApp
+from authmesh._auth_service.app import AuthApp
+from authmesh._shared.grpc_errors import error_reason
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.processes import LOOPBACK, NatsServer, ServerProcess, free_ports
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
-from shared.grpc_errors import error_reason
 from tests.auth_support import ADMIN, SERVICE, auth_settings
 
 pytestmark = pytest.mark.slow
