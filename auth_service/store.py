@@ -23,6 +23,7 @@ Keys (all prefixed ``am:``)::
     outbox                     hash event_id -> event JSON
     login_failures:{username}  failed-login counter for the rate limit
     rotation:{request_id}      "kid previous_kid event_id…" of a RotateSigningKey, for its retries
+    users                      zset of usernames, all with score 0 (listed in username order)
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ REVOKED_JTIS = PREFIX + "revoked_jtis"
 REVOKED_SESSIONS = PREFIX + "revoked_sessions"
 REVOKED_USERS = PREFIX + "revoked_users"
 RETIRED_KEYS = PREFIX + "retired_keys"
+USERS = PREFIX + "users"
+# SCAN batch of the start-up user index backfill.
+_USER_SCAN_BATCH = 1000
 
 
 def user_key(username: str) -> str:
@@ -261,6 +265,17 @@ class UserRecord:
     created_ms: int
 
 
+def _user(username: str, raw: bytes | str) -> UserRecord:
+    data = json.loads(raw)
+    return UserRecord(
+        username=username,
+        sub=data["sub"],
+        password_hash=data["password_hash"],
+        scopes=tuple(data["scopes"]),
+        created_ms=int(data["created_ms"]),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class SessionRecord:
     """A stored session."""
@@ -383,22 +398,39 @@ class AuthStore:
         created = await self._redis.set(user_key(user.username), record, nx=True)
         if not created:
             return False
-        await self._redis.set(sub_key(user.sub), user.username)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(sub_key(user.sub), user.username)
+            pipe.zadd(USERS, {user.username: 0})
+            await pipe.execute()
         return True
+
+    async def index_users(self) -> int:
+        """Add every stored user to the username index (users stored before it existed); how many."""
+        prefix = user_key("")
+        added = 0
+        async for key in self._redis.scan_iter(match=f"{prefix}*", count=_USER_SCAN_BATCH):
+            added += int(await self._redis.zadd(USERS, {_text(key)[len(prefix) :]: 0}, nx=True) or 0)
+        return added
+
+    async def list_users(self, *, after: str, prefix: str, limit: int) -> tuple[list[UserRecord], bool]:
+        """Up to ``limit`` users named after ``after`` (exclusive) and starting with ``prefix``.
+
+        Returns:
+            The users in username order, and whether more follow.
+        """
+        low = f"({after}" if after and after >= prefix else (f"[{prefix}" if prefix else "-")
+        # Usernames are ASCII, so every name that starts with the prefix sorts below prefix + 0xff.
+        high = b"[" + prefix.encode() + b"\xff" if prefix else b"+"
+        names = await self._redis.zrangebylex(USERS, low, high, start=0, num=limit + 1)
+        page = [_text(name) for name in names[:limit]]
+        records = await self._redis.mget([user_key(name) for name in page]) if page else []
+        users = [_user(name, raw) for name, raw in zip(page, records, strict=True) if raw is not None]
+        return users, len(names) > limit
 
     async def get_user(self, username: str) -> UserRecord | None:
         """A user by name."""
         raw = await self._redis.get(user_key(username))
-        if raw is None:
-            return None
-        data = json.loads(raw)
-        return UserRecord(
-            username=username,
-            sub=data["sub"],
-            password_hash=data["password_hash"],
-            scopes=tuple(data["scopes"]),
-            created_ms=int(data["created_ms"]),
-        )
+        return None if raw is None else _user(username, raw)
 
     async def user_exists(self, sub: str) -> bool:
         """Whether a subject names a user."""

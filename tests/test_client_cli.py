@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -75,9 +76,9 @@ class Services:
 
 @asynccontextmanager
 async def running_replica(
-    auth: AuthApp, nats_url: str, instance: str = "replica-cli"
+    auth: AuthApp, nats_url: str, instance: str = "replica-cli", **overrides: Any
 ) -> AsyncIterator[ResourceApp]:
-    """A resource replica in process, once it serves."""
+    """A resource replica in process, once it serves (``overrides`` are further settings)."""
     settings = ResourceSettings(
         nats_urls=[nats_url],
         auth_target=auth.grpc_address,
@@ -87,6 +88,7 @@ async def running_replica(
         instance=instance,
         shutdown_grace=0.2,
         log_level="warning",
+        **overrides,
     )
     async with ResourceApp(settings) as replica:
         deadline = time.monotonic() + READY_DEADLINE

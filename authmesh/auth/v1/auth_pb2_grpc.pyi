@@ -59,6 +59,8 @@ class AuthServiceStub:
     """Adds a user."""
     SnapshotRevocations: _grpc.UnaryStreamMultiCallable[_auth_pb2.SnapshotRevocationsRequest, _auth_pb2.RevocationSnapshotChunk]
     """Every revocation still in force, and the AUTH_EVENTS stream sequence it reflects."""
+    ListUsers: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListUsersRequest, _auth_pb2.ListUsersResponse]
+    """The users, in username order, one page at a time (admin)."""
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -91,6 +93,8 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """Adds a user."""
     SnapshotRevocations: _aio.UnaryStreamMultiCallable[_auth_pb2.SnapshotRevocationsRequest, _auth_pb2.RevocationSnapshotChunk]  # type: ignore[assignment]
     """Every revocation still in force, and the AUTH_EVENTS stream sequence it reflects."""
+    ListUsers: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListUsersRequest, _auth_pb2.ListUsersResponse]  # type: ignore[assignment]
+    """The users, in username order, one page at a time (admin)."""
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """AuthService issues, rotates and revokes tokens, and manages signing keys and users.
@@ -186,5 +190,13 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_auth_pb2.RevocationSnapshotChunk], _abc.AsyncIterator[_auth_pb2.RevocationSnapshotChunk]]:
         """Every revocation still in force, and the AUTH_EVENTS stream sequence it reflects."""
+
+    @_abc_1.abstractmethod
+    def ListUsers(
+        self,
+        request: _auth_pb2.ListUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ListUsersResponse, _abc.Awaitable[_auth_pb2.ListUsersResponse]]:
+        """The users, in username order, one page at a time (admin)."""
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
