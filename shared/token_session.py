@@ -34,7 +34,7 @@ from typing import Any, NamedTuple, Self, TypedDict, Unpack
 import grpc
 import structlog
 
-from authmesh._shared.auth_api import AuthApi, Tokens
+from authmesh._shared.auth_api import AuthApi, Revocation, Tokens
 from authmesh._shared.auth_client import channel_options
 from authmesh._shared.errors import ConfigurationError, SessionEnded, TokenMissing, Unavailable
 from authmesh._shared.grpc_errors import bearer_token, error_reason
@@ -172,6 +172,13 @@ class _Session:
         """The current tokens, if the session has any yet."""
         return None if self._grant is None else self._grant.tokens
 
+    def _held(self) -> _Grant:
+        if self._ended is not None:
+            raise self._ended
+        if self._grant is None:
+            raise SessionEnded("not logged in", code="NOT_LOGGED_IN")
+        return self._grant
+
     def _fresh(self) -> _Grant | None:
         if self._ended is not None:
             raise self._ended
@@ -212,7 +219,10 @@ class _Session:
             )
             _log.warning("session ended", method=method, reason=reason)
             return self._ended
-        return Unavailable(f"auth service {method} failed ({code.name})", code="AUTH_UNAVAILABLE")
+        return Unavailable(
+            f"auth service {self.auth_target} did not answer {method} ({code.name}: {error.details()})",
+            code="AUTH_UNAVAILABLE",
+        )
 
 
 def _with_token(metadata: Iterable[tuple[str, Any]] | None, token: str) -> list[tuple[str, Any]]:
@@ -275,12 +285,15 @@ class TokenSession(_Session, Startable):
         """Renew now, whatever the token's age; returns the new pair."""
         return (await self._renew(self._grant)).tokens
 
-    async def logout(self) -> None:
-        """Revoke the session at the auth service; the session cannot be used afterwards."""
-        grant = self._grant
-        if grant is not None:
-            await self._api.logout(grant.tokens.refresh_token)
+    async def logout(self) -> Revocation:
+        """Revoke the session at the auth service; the session cannot be used afterwards.
+
+        Raises:
+            grpc.aio.AioRpcError: The auth service refused (the session had ended) or was unreachable.
+        """
+        revocation = await self._api.logout(self._held().tokens.refresh_token)
         self._ended = SessionEnded("logged out", code="LOGGED_OUT")
+        return revocation
 
     def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
         """Client interceptors that attach the token to every call (and renew it on ``TOKEN_EXPIRED``)."""
@@ -373,14 +386,17 @@ class SyncTokenSession(_Session):
         """Renew now, whatever the token's age; returns the new pair."""
         return self._renew(self._grant).tokens
 
-    def logout(self) -> None:
-        """Revoke the session at the auth service; the session cannot be used afterwards."""
-        grant = self._grant
-        if grant is not None:
-            self._api().Logout(
-                auth_pb2.LogoutRequest(refresh_token=grant.tokens.refresh_token), timeout=self._timeout
-            )
+    def logout(self) -> Revocation:
+        """Revoke the session at the auth service; the session cannot be used afterwards.
+
+        Raises:
+            grpc.RpcError: The auth service refused (the session had ended) or was unreachable.
+        """
+        response = self._api().Logout(
+            auth_pb2.LogoutRequest(refresh_token=self._held().tokens.refresh_token), timeout=self._timeout
+        )
         self._ended = SessionEnded("logged out", code="LOGGED_OUT")
+        return Revocation(revoked_at_unix_ms=response.revoked_at_unix_ms, event_id=response.event_id)
 
     def interceptor(self) -> _SyncInterceptor:
         """A client interceptor for ``grpc.intercept_channel`` that attaches and renews the token."""

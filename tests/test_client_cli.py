@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import pytest_asyncio
 import typer
@@ -26,10 +27,11 @@ from typer.testing import CliRunner, Result
 from authmesh._auth_service.app import AuthApp
 from authmesh._resource_service.app import ResourceApp
 from authmesh._shared.settings import ResourceSettings
+from authmesh.auth.v1 import auth_pb2
 from authmesh.client import StoredLogin, TokenFile, Tokens
 from authmesh.client_commands import register
 from authmesh.processes import LOOPBACK, free_port
-from tests.auth_support import ADMIN, SERVICE, AuthClient, auth_settings, running_auth
+from tests.auth_support import ADMIN, SERVICE, AuthClient, auth_settings, expect_error, running_auth
 
 ALICE = ("alice", "alice-password-1")
 READY_DEADLINE = 15.0
@@ -376,3 +378,69 @@ async def test_login_refuses_two_password_sources(services: Services, flags: lis
     result = await services.run("login", ALICE[0], *flags, *services.common(), stdin="x\n")
 
     assert_failed_with(result, "either --password or --password-stdin", exit_code=2)
+
+
+async def test_an_admin_creates_and_lists_users(services: Services) -> None:
+    await services.login(*ADMIN, "--scope", "admin")
+
+    created = await services.run(
+        "user", "create", "bob", "--password-stdin", "--scope", "docs:read", "--scope", "docs:write",
+        *services.common(), stdin="bob-password-1\n",
+    )  # fmt: skip
+    listed = await services.run("user", "list", "--json", *services.common())
+    bobs = await services.run("user", "list", "--prefix", "bo", *services.common())
+
+    assert created.exit_code == 0, created.output
+    assert "Created user bob" in created.stdout
+    assert listed.exit_code == 0, listed.output
+    users = {user["username"]: user for user in json.loads(listed.stdout)["users"]}
+    assert {"alice", "bob", ADMIN[0]} <= set(users)
+    assert users["bob"]["scopes"] == ["docs:read", "docs:write"]
+    assert bobs.exit_code == 0, bobs.output
+    assert "bob" in bobs.stdout
+    assert "alice" not in bobs.stdout
+    assert (await services.client.login("bob", "bob-password-1")).access_token
+
+
+async def test_user_commands_need_an_admin(services: Services) -> None:
+    await services.login(*ALICE)
+
+    listed = await services.run("user", "list", *services.common())
+    created = await services.run("user", "create", "eve", "--password", "eve-password-1", *services.common())
+
+    assert_failed_with(listed, "PERMISSION_DENIED", "INSUFFICIENT_SCOPE")
+    assert_failed_with(created, "PERMISSION_DENIED", "INSUFFICIENT_SCOPE")
+
+
+async def test_revoke_by_username_refuses_every_token_of_that_user(services: Services) -> None:
+    victim = await services.client.login(*ALICE)
+    await services.login(*ADMIN, "--scope", "admin")
+
+    result = await services.run("revoke", "--username", ALICE[0], *services.common())
+    unknown = await services.run("revoke", "--username", "nobody", *services.common())
+
+    assert result.exit_code == 0, result.output
+    assert "every token of alice" in result.stdout
+    assert_failed_with(unknown, "no user is named nobody")
+    await expect_error(
+        services.client.stub.Refresh(auth_pb2.RefreshRequest(refresh_token=victim.refresh_token), timeout=10),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
+
+
+async def test_a_stored_session_the_auth_service_refuses_to_renew_is_reported_once(
+    services: Services,
+) -> None:
+    await services.login(*ALICE)
+    stored = services.stored()
+    await services.run("revoke", "--session", stored.tokens.session_id, *services.common())
+    due = Tokens(
+        stored.tokens.access_token, stored.tokens.refresh_token, stored.tokens.session_id,
+        stored.tokens.scopes, time.time() - 1, stored.tokens.refresh_expires_at,
+    )  # fmt: skip
+    TokenFile(services.token_file).save(stored.with_tokens(due))
+
+    result = await services.run("whoami", "--resource", services.replica.grpc_address, *services.common())
+
+    assert_failed_with(result, "UNAUTHENTICATED", "REFRESH_TOKEN_INVALID")
+    assert services.stored().tokens == due
