@@ -79,6 +79,16 @@ TokenFileOption = Annotated[
 TimeoutOption = Annotated[
     float, typer.Option("--timeout", min=0.1, max=300.0, help="Deadline of each call, seconds.")
 ]
+PasswordOption = Annotated[
+    str | None,
+    typer.Option(
+        "--password",
+        help="The password (visible to other local users in the process list: prefer the prompt).",
+    ),
+]
+PasswordStdinOption = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
+]
 ShowTokenOption = Annotated[
     bool, typer.Option("--show-token", help="Also print the tokens (they are secrets: mind your terminal).")
 ]
@@ -102,16 +112,8 @@ def register(app: typer.Typer) -> None:
 
 def login(
     username: Annotated[str, typer.Argument(help="Who to log in as.")],
-    password: Annotated[
-        str | None,
-        typer.Option(
-            "--password",
-            help="The password (visible to other local users in the process list: prefer the prompt).",
-        ),
-    ] = None,
-    password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
-    ] = False,
+    password: PasswordOption = None,
+    password_stdin: PasswordStdinOption = False,
     scopes: Annotated[
         list[str] | None,
         typer.Option("--scope", help="A scope to ask for (repeat for several; default: all the user holds)."),
@@ -323,16 +325,8 @@ def rotate_key(
 
 def user_create(
     username: Annotated[str, typer.Argument(help="The new user's name.")],
-    password: Annotated[
-        str | None,
-        typer.Option(
-            "--password",
-            help="The password (visible to other local users in the process list: prefer the prompt).",
-        ),
-    ] = None,
-    password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
-    ] = False,
+    password: PasswordOption = None,
+    password_stdin: PasswordStdinOption = False,
     scopes: Annotated[
         list[str] | None, typer.Option("--scope", help="A scope the user holds (repeat for several).")
     ] = None,
@@ -516,9 +510,9 @@ def _run(work: Callable[[], Awaitable[T]], where: str) -> T:
         _err().print(f"[red]error[/red]: {escape(error.message)}")
         raise typer.Exit(EXIT_FAILURE) from None
     except AuthError as error:
-        problem = f"{status_code_for(error).name} ({error.code}): {error.message}"
+        described = f"{status_code_for(error).name} ({error.code}): {error.message}"
         unreachable = f"cannot reach {where}: " if isinstance(error, Unavailable) else ""
-        _err().print(f"[red]error[/red]: {escape(unreachable + problem)}")
+        _err().print(f"[red]error[/red]: {escape(unreachable + described)}")
         raise typer.Exit(EXIT_FAILURE) from None
 
 
@@ -531,11 +525,6 @@ def _require_login(store: TokenFile) -> StoredLogin:
         stored = store.load()
     except ConfigurationError as error:
         _err().print(f"[red]error[/red]: {escape(error.message)}")
-        raise typer.Exit(EXIT_FAILURE) from None
-    except AuthError as error:
-        problem = f"{status_code_for(error).name} ({error.code}): {error.message}"
-        unreachable = f"cannot reach {where}: " if isinstance(error, Unavailable) else ""
-        _err().print(f"[red]error[/red]: {escape(unreachable + problem)}")
         raise typer.Exit(EXIT_FAILURE) from None
     if stored is None:
         _err().print(
