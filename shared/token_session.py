@@ -45,6 +45,9 @@ DEFAULT_RENEW_MARGIN_SECONDS = 30.0
 DEFAULT_TIMEOUT_SECONDS = 10.0
 TOKEN_EXPIRED = "TOKEN_EXPIRED"
 AUTHORIZATION = "authorization"
+AUTH_TARGET_VARIABLE = "AUTHMESH_AUTH_TARGET"
+CLIENT_ACCOUNT_VARIABLE = "AUTHMESH_CLIENT_ACCOUNT"
+CLIENT_SCOPES_VARIABLE = "AUTHMESH_CLIENT_SCOPES"
 _log = structlog.get_logger(__name__)
 
 
@@ -150,16 +153,23 @@ class _Session:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], **options: Unpack[SessionOptions]) -> Self:
-        """A service account's session from ``AUTHMESH_AUTH_TARGET`` and ``AUTHMESH_SERVICE_ACCOUNT``.
+        """A session configured by the environment, for twelve-factor services and scripts.
+
+        Reads ``AUTHMESH_AUTH_TARGET`` (``host:port`` of the auth service), ``AUTHMESH_CLIENT_ACCOUNT``
+        (``username:password`` of the account the program calls as) and, if set,
+        ``AUTHMESH_CLIENT_SCOPES`` (space-separated scopes to ask for; unset: every scope it holds).
 
         Raises:
             ConfigurationError: A variable is missing or malformed.
         """
-        target, account = environ.get("AUTHMESH_AUTH_TARGET"), environ.get("AUTHMESH_SERVICE_ACCOUNT")
+        target, account = environ.get(AUTH_TARGET_VARIABLE), environ.get(CLIENT_ACCOUNT_VARIABLE)
         if not target or not account:
             raise ConfigurationError(
-                "set AUTHMESH_AUTH_TARGET and AUTHMESH_SERVICE_ACCOUNT (username:password)"
+                f"set {AUTH_TARGET_VARIABLE} (host:port) and {CLIENT_ACCOUNT_VARIABLE} (username:password)"
             )
+        scopes = environ.get(CLIENT_SCOPES_VARIABLE)
+        if scopes is not None and "scopes" not in options:
+            options["scopes"] = tuple(scopes.split())
         return cls.from_service_account(target, account, **options)
 
     @classmethod
