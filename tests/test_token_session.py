@@ -10,6 +10,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import grpc
@@ -26,7 +27,7 @@ from authmesh import (
 )
 from authmesh._auth_service.app import AuthApp
 from authmesh._resource_service.app import ResourceApp
-from authmesh._shared.grpc_errors import error_reason
+from authmesh._shared.grpc_errors import bearer_token, error_reason
 from authmesh.auth.v1 import auth_pb2
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 from tests.auth_support import ADMIN, AuthClient, auth_settings, bearer, running_auth
@@ -38,6 +39,8 @@ ALICE = ("alice", "alice-password-1")
 # end of a second (iat is whole seconds) still lives through the calls that follow it.
 ACCESS_TTL = 3
 AUTH_SERVICE = "authmesh.auth.v1.AuthService"
+LOCAL_TCP = grpc.LocalConnectionType.LOCAL_TCP
+LOCAL_TCP = LOCAL_TCP
 
 
 @dataclass
@@ -359,3 +362,36 @@ async def _no_user(stack: Stack, username: str) -> bool:
     admin_session = TokenSession.login(stack.auth.grpc_address, *ADMIN, scopes=("admin",))
     async with admin_session as session, AdminClient(session) as admin:
         return await admin.find_user(username) is None
+
+
+async def test_sync_call_credentials_carry_the_token_on_a_secure_channel(stack: Stack) -> None:
+    def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return (bearer_token(context.invocation_metadata()) or "").encode()
+
+    def calls() -> tuple[bytes, str]:
+        server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        server.add_generic_rpc_handlers(
+            [
+                grpc.method_handlers_generic_handler(
+                    "test.Echo", {"Call": grpc.unary_unary_rpc_method_handler(echo)}
+                )
+            ]
+        )
+        port = server.add_secure_port("127.0.0.1:0", grpc.local_server_credentials(LOCAL_TCP))
+        server.start()
+        try:
+            with SyncTokenSession.login(stack.auth.grpc_address, *ALICE) as session:
+                credentials = grpc.composite_channel_credentials(
+                    grpc.local_channel_credentials(LOCAL_TCP),
+                    session.call_credentials(),
+                )
+                with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+                    call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary("/test.Echo/Call")
+                    echoed = call(b"", timeout=10)
+                return echoed, current(session).access_token
+        finally:
+            server.stop(None)
+
+    echoed, token = await asyncio.to_thread(calls)
+
+    assert echoed == token.encode()
