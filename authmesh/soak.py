@@ -33,6 +33,7 @@ import grpc
 
 from authmesh._shared.errors import ConfigurationError
 from authmesh._shared.jose import decode_compact
+from authmesh.bench.common import percentile
 from authmesh.client import AuthApi, ResourceApi
 
 USER_SCOPES = ("docs:read",)
@@ -132,12 +133,8 @@ class Percentiles:
         """The percentiles of ``values_ms``; None for an empty sample."""
         if not values_ms:
             return None
-        ordered = sorted(values_ms)
-
-        def rank(quantile: float) -> float:
-            return round(ordered[min(len(ordered) - 1, int(quantile * len(ordered)))], 3)
-
-        return cls(len(ordered), rank(0.50), rank(0.90), rank(0.99), round(ordered[-1], 3))
+        p50, p90, p99 = (round(percentile(values_ms, q), 3) for q in (50, 90, 99))
+        return cls(len(values_ms), p50, p90, p99, round(max(values_ms), 3))
 
 
 @dataclass(frozen=True, slots=True)
