@@ -55,7 +55,6 @@ from rich.table import Table
 
 from authmesh._shared.events import STREAM_NAME, TokenRevokedEvent
 from authmesh._shared.jose import b64url_decode
-from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.bench.common import (
     CpuAccount,
     Goal,
@@ -383,21 +382,20 @@ class _Revoker:
     """Makes the revoking calls, from the driving process (an async context manager)."""
 
     def __init__(self, auth_target: str, caller: str) -> None:
-        self._channel = grpc.aio.insecure_channel(auth_target)
-        self._revoke = auth_pb2_grpc.AuthServiceStub(self._channel).RevokeToken
-        self._caller = (("authorization", f"Bearer {caller}"),)
+        self._auth = AuthApi(auth_target, timeout=DEADLINE_SECONDS)
+        self._caller = caller
 
     async def __aenter__(self) -> _Revoker:
+        self._auth.open()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self._channel.close(grace=None)
+        await self._auth.aclose()
 
     def start(self, token: str) -> tuple[int, Awaitable[Any]]:
         """Start revoking ``token``; the ``monotonic_ns`` just before the call, and the call to await."""
-        request = auth_pb2.RevokeTokenRequest(token=token, reason="benchmark")
         started = time.monotonic_ns()
-        return started, self._revoke(request, metadata=self._caller, timeout=DEADLINE_SECONDS)
+        return started, asyncio.ensure_future(self._auth.revoke_token(self._caller, token, "benchmark"))
 
     async def revoke(self, token: str) -> tuple[int, int]:
         """Revoke ``token``; the ``monotonic_ns`` just before the call and at its answer."""
