@@ -71,6 +71,7 @@ from authmesh.bench.common import (
 )
 from authmesh.client import AuthApi
 from authmesh.processes import NatsServer
+from authmesh.refusal_watch import ACCEPTED, NO_ANSWER, REFUSED, Answer, watch_until_refused
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 from authmesh.stack import LocalStack
 
@@ -171,17 +172,12 @@ class Prober:
         stop_at = time.monotonic_ns() + int(deadline * 1e9)
 
         async def watch(whoami: Any) -> JsonDict:
-            probes = 0
-            accepted_ns: int | None = None
-            while (sent := time.monotonic_ns()) < stop_at:
-                answer = await accepts(whoami)
-                probes += 1
-                if answer is False:
-                    return {"rejected_ns": time.monotonic_ns(), "accepted_ns": accepted_ns, "probes": probes}
-                if answer is True:
-                    accepted_ns = sent
-                await asyncio.sleep(interval)
-            return {"rejected_ns": None, "accepted_ns": accepted_ns, "probes": probes}
+            watched = await watch_until_refused(
+                lambda: accepts(whoami), until=stop_at, clock=time.monotonic_ns, interval=interval
+            )
+            refused = None if watched.refused_at is None else int(watched.refused_at)
+            accepted = None if watched.last_accepted_sent is None else int(watched.last_accepted_sent)
+            return {"rejected_ns": refused, "accepted_ns": accepted, "probes": watched.probes}
 
         async def follow() -> JsonDict:
             try:
@@ -198,10 +194,10 @@ class Prober:
         self._armed = asyncio.ensure_future(follow())
         return {"primed": True}
 
-    async def _prime(self, accepts: Callable[[Any], Awaitable[bool | None]]) -> bool:
+    async def _prime(self, accepts: Callable[[Any], Awaitable[Answer]]) -> bool:
         """Whether every replica accepts the token now (which also caches its verification there)."""
         primed = await asyncio.gather(*(accepts(whoami) for whoami in self._replicas))
-        return all(answer is True for answer in primed)
+        return all(answer.accepted for answer in primed)
 
     async def prime(self, command: JsonDict) -> JsonDict:
         """Ask every replica once with ``victim``; ``primed`` says whether all of them accepted it."""
@@ -223,7 +219,7 @@ class Prober:
             sent = time.monotonic_ns()
             answer = await accepts(whoami)
             return {
-                "refused": None if answer is None else not answer,
+                "refused": answer.refused if answer.accepted or answer.refused else None,
                 "sent_ns": sent,
                 "answered_ns": time.monotonic_ns(),
             }
@@ -249,17 +245,17 @@ class Prober:
                 await client.close()
 
 
-def _asker(token: str) -> Callable[[Any], Awaitable[bool | None]]:
-    """Asks one replica's ``WhoAmI`` with ``token``: True accepted, False refused, None no answer."""
+def _asker(token: str) -> Callable[[Any], Awaitable[Answer]]:
+    """Asks one replica's ``WhoAmI`` with ``token``: accepted, refused (``UNAUTHENTICATED``) or no answer."""
     metadata = (("authorization", f"Bearer {token}"),)
     request = resource_pb2.WhoAmIRequest()
 
-    async def accepts(whoami: Any) -> bool | None:
+    async def accepts(whoami: Any) -> Answer:
         try:
             await whoami(request, metadata=metadata, timeout=PROBE_TIMEOUT_SECONDS)
         except grpc.aio.AioRpcError as error:
-            return False if error.code() == grpc.StatusCode.UNAUTHENTICATED else None
-        return True
+            return REFUSED if error.code() == grpc.StatusCode.UNAUTHENTICATED else NO_ANSWER
+        return ACCEPTED
 
     return accepts
 
