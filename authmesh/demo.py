@@ -60,20 +60,6 @@ LOCAL_STALENESS_BOUND = 1.0
 HEARTBEATS_PER_BOUND = 5
 
 
-class ReplicaEndpoint(Protocol):
-    """Where one resource replica listens (``LocalStack`` replicas have this shape)."""
-
-    @property
-    def name(self) -> str:
-        """The replica's instance name."""
-        ...
-
-    @property
-    def grpc(self) -> str:
-        """Its gRPC ``host:port``."""
-        ...
-
-
 class NatsLink(Protocol):
     """A stack that can cut a replica off from NATS and reconnect it (``LocalStack`` can)."""
 
@@ -179,14 +165,6 @@ class Propagation:
             and timing.label in self.expected
             and not timing.rejected_before_action
             for timing in self.replicas
-        )
-
-    @property
-    def slowest_ms(self) -> float | None:
-        """The last replica's latency, when all rejected."""
-        latencies = [timing.first_rejected_ms for timing in self.replicas]
-        return (
-            None if any(value is None for value in latencies) else max(v for v in latencies if v is not None)
         )
 
 

@@ -56,10 +56,6 @@ class Tokens:
             refresh_expires_at=now + pair.refresh_expires_in,
         )
 
-    def access_expired(self, now: float, margin: float = 5.0) -> bool:
-        """Whether the access token has expired, or will within ``margin`` seconds."""
-        return now + margin >= self.expires_at
-
 
 @dataclass(frozen=True, slots=True)
 class Revocation:

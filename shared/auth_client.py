@@ -86,11 +86,6 @@ class AuthClient:
         self._renew_lock = asyncio.Lock()
         self._renewed = asyncio.Event()
 
-    @property
-    def has_service_account(self) -> bool:
-        """Whether ``Introspect`` and ``SnapshotRevocations`` can be called at all."""
-        return self._account is not None
-
     async def __aenter__(self) -> Self:
         self._channel = grpc.aio.insecure_channel(self._target, options=channel_options())
         self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
