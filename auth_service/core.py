@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import structlog
 
 from authmesh._auth_service import validation
+from authmesh._auth_service.grants import ADMIN_SCOPE, SERVICE_SCOPE, Audiences, Grant
 from authmesh._auth_service.keyring import Keyring
 from authmesh._auth_service.metrics import AuthMetrics
 from authmesh._auth_service.outbox import to_record
@@ -31,13 +32,10 @@ from authmesh._auth_service.store import (
 from authmesh._shared.claims import ACCESS_TOKEN_TYPE, AccessClaims, new_uuid7
 from authmesh._shared.errors import (
     AlreadyExists,
-    InsufficientScope,
     InvalidCredentials,
     InvalidRefreshToken,
-    InvalidRequest,
     KeyRevoked,
     NotFound,
-    NotOwner,
     RateLimited,
     RefreshTokenReused,
     TokenExpired,
@@ -46,6 +44,7 @@ from authmesh._shared.errors import (
     TokenRevoked,
     Unavailable,
     UnknownKey,
+    WrongAudience,
 )
 from authmesh._shared.events import (
     EventBody,
@@ -61,8 +60,6 @@ from authmesh._shared.metrics import LabelledChildren
 from authmesh._shared.settings import AuthSettings
 from authmesh._shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
 
-ADMIN_SCOPE = "admin"
-SERVICE_SCOPE = "service"
 REFRESH_TOKEN_PREFIX = "amr_"
 KEY_RELOAD_COOLDOWN_SECONDS = 1.0
 ROTATION_REQUEST_TTL_SECONDS = 600
@@ -122,11 +119,15 @@ class AuthCore:
         self._clock = clock
         self._last_key_reload = -KEY_RELOAD_COOLDOWN_SECONDS
         self._refreshes = LabelledChildren(metrics.refreshes)
-        self._verifier = TokenVerifier(
-            keyring,
-            NoRevocations(),
-            VerifierPolicy(issuer=settings.issuer, audience=settings.audience, leeway=settings.leeway),
-            clock,
+        self._audiences = Audiences(auth=settings.auth_audience, resource=settings.audience)
+        self._resource_verifier, self._auth_verifier = (
+            TokenVerifier(
+                keyring,
+                NoRevocations(),
+                VerifierPolicy(issuer=settings.issuer, audience=audience, leeway=settings.leeway),
+                clock,
+            )
+            for audience in (settings.audience, settings.auth_audience)
         )
 
     def _now_ms(self) -> int:
@@ -155,9 +156,8 @@ class AuthCore:
             raise InvalidCredentials()
         assert user is not None  # verify() never matches without a stored hash
         await self._store.release_login_attempt(username)
-        if not set(requested) <= set(user.scopes):
-            raise InvalidRequest("a requested scope is not granted to this user", code="INVALID_SCOPE")
-        granted = requested or user.scopes
+        grant = self._audiences.grant(requested, user.scopes)
+        granted = grant.scopes
         sid = new_uuid7(self._now_ms())
         refresh_token = _new_refresh_token()
         ttl_ms = self._settings.refresh_token_ttl * 1000
@@ -170,7 +170,7 @@ class AuthCore:
             now_ms + ttl_ms,
             ttl_ms,
         )
-        access_token = await self._mint(sub=user.sub, sid=sid, scopes=granted, client_id=username)
+        access_token = await self._mint(sub=user.sub, sid=sid, grant=grant, client_id=username)
         self._metrics.logins.labels("ok").inc()
         return self._pair(access_token, refresh_token, sid, granted)
 
@@ -211,15 +211,16 @@ class AuthCore:
             raise RefreshTokenReused()
         if result.status != "ok":
             raise InvalidRefreshToken()
+        grant = self._audiences.of_session(result.scopes)
         access_token = await self._mint(
             sub=result.sub,
             sid=result.sid,
-            scopes=result.scopes,
+            grant=grant,
             client_id=result.username,
             active_kid=result.active_kid,
             now=now,
         )
-        return self._pair(access_token, successor, result.sid, result.scopes)
+        return self._pair(access_token, successor, result.sid, grant.scopes)
 
     async def logout(self, refresh_token: str) -> RevocationResult:
         """Revoke the session a refresh token belongs to.
@@ -250,11 +251,11 @@ class AuthCore:
         validation.reason(reason)
         if token.count(".") == 2:
             try:
-                claims = await self._verify_signed(token)
+                claims = await self._verify_signed(token, any_audience=True)
             except (TokenExpired, KeyRevoked):
                 # Already dead everywhere: nothing to broadcast.
                 return RevocationResult(self._now_ms(), "", already=True)
-            self._require_owner(caller, claims.sub)
+            self._audiences.require_owner(caller, claims.sub)
             now_ms = self._now_ms()
             event = self._event(TokenRevokedEvent(jti=claims.jti, exp=claims.exp), now_ms)
             keep_ms = int((claims.exp + self._settings.leeway) * 1000) - now_ms + 60_000
@@ -269,7 +270,7 @@ class AuthCore:
         session = await self._store.get_session(sid) if sid else None
         if session is None:
             raise InvalidRefreshToken()
-        self._require_owner(caller, session.sub)
+        self._audiences.require_owner(caller, session.sub)
         return await self._revoke_session(session)
 
     async def revoke_session(self, caller: AccessClaims, sid: str, reason: str) -> RevocationResult:
@@ -284,7 +285,7 @@ class AuthCore:
         session = await self._store.get_session(sid)
         if session is None:
             raise NotFound("session not found", code="SESSION_NOT_FOUND")
-        self._require_owner(caller, session.sub)
+        self._audiences.require_owner(caller, session.sub)
         result = await self._revoke_session(session)
         _log.info("session revoked", sid=sid, by=caller.sub, reason=reason)
         return result
@@ -293,10 +294,11 @@ class AuthCore:
         """Revoke every session and token of a user issued up to now.
 
         Raises:
+            WrongAudience: The caller's token is not for the auth audience.
             InsufficientScope: The caller is not an admin.
             NotFound: No such user.
         """
-        self._require_scope(caller, ADMIN_SCOPE)
+        self._audiences.require_auth_scope(caller, ADMIN_SCOPE)
         validation.identifier(sub, "subject")
         validation.reason(reason)
         if not await self._store.user_exists(sub):
@@ -324,9 +326,10 @@ class AuthCore:
             (new kid, previous kid).
 
         Raises:
+            WrongAudience: The caller's token is not for the auth audience.
             InsufficientScope: The caller is not an admin.
         """
-        self._require_scope(caller, ADMIN_SCOPE)
+        self._audiences.require_auth_scope(caller, ADMIN_SCOPE)
         if request_id:
             validation.identifier(request_id, "request_id")
             prior = await self._store.rotation(request_id)
@@ -359,7 +362,8 @@ class AuthCore:
             await self._publisher.deliver_written(event)
         self._metrics.revocations.labels("key" if retire_previous else "rotation").inc()
         if retire_previous:
-            self._verifier.forget()
+            self._resource_verifier.forget()
+            self._auth_verifier.forget()
         _log.info(
             "signing key rotated",
             kid=rotation.kid,
@@ -375,9 +379,10 @@ class AuthCore:
         """Whether a token is active, from Redis state.
 
         Raises:
+            WrongAudience: The caller's token is not for the auth audience.
             InsufficientScope: The caller is neither a service nor an admin.
         """
-        self._require_any_scope(caller, SERVICE_SCOPE, ADMIN_SCOPE)
+        self._audiences.require_auth_scope(caller, SERVICE_SCOPE, ADMIN_SCOPE)
         validation.token(token)
         try:
             claims = await self._verify_fresh(token)
@@ -391,7 +396,7 @@ class AuthCore:
         The sequence is read before Redis: every event up to it was written to Redis before it was
         published, so the snapshot holds at least its effect.
         """
-        self._require_any_scope(caller, SERVICE_SCOPE, ADMIN_SCOPE)
+        self._audiences.require_auth_scope(caller, SERVICE_SCOPE, ADMIN_SCOPE)
         sequence = await self._publisher.stream_sequence()
         return await self._store.snapshot(self._now_ms()), sequence
 
@@ -406,10 +411,11 @@ class AuthCore:
         """Add a user; returns its subject.
 
         Raises:
+            WrongAudience: The caller's token is not for the auth audience.
             InsufficientScope: The caller is not an admin.
             AlreadyExists: The username is taken.
         """
-        self._require_scope(caller, ADMIN_SCOPE)
+        self._audiences.require_auth_scope(caller, ADMIN_SCOPE)
         return await self.add_user(username, password, scopes)
 
     async def add_user(self, username: str, password: str, scopes: list[str] | tuple[str, ...]) -> str:
@@ -451,22 +457,36 @@ class AuthCore:
         """
         if bearer is None:
             raise TokenMissing()
-        return await self._verify_fresh(bearer)
+        return await self._verify_fresh(bearer, any_audience=True)
 
-    async def _verify_signed(self, token: str) -> AccessClaims:
-        """Signature and claims, reloading the keys once for a kid another replica just made."""
+    async def _verify_signed(self, token: str, *, any_audience: bool = False) -> AccessClaims:
+        """Signature and claims, reloading the keys once for a kid another replica just made.
+
+        Args:
+            token: The access token.
+            any_audience: Accept the auth audience as well as the resource audience (a caller's own
+                token, or a token to revoke); otherwise the resource audience only.
+        """
         try:
-            return self._verifier.verify(token)
+            return self._verify_audiences(token, any_audience)
         except UnknownKey:
             # Garbage kids must not each cost a Redis reload: at most one per cooldown.
             if time.monotonic() - self._last_key_reload < KEY_RELOAD_COOLDOWN_SECONDS:
                 raise
             self._last_key_reload = time.monotonic()
             await self._keyring.reload()
-            return self._verifier.verify(token)
+            return self._verify_audiences(token, any_audience)
 
-    async def _verify_fresh(self, token: str) -> AccessClaims:
-        claims = await self._verify_signed(token)
+    def _verify_audiences(self, token: str, any_audience: bool) -> AccessClaims:
+        if not any_audience:
+            return self._resource_verifier.verify(token)
+        try:
+            return self._auth_verifier.verify(token)
+        except WrongAudience:
+            return self._resource_verifier.verify(token)
+
+    async def _verify_fresh(self, token: str, *, any_audience: bool = False) -> AccessClaims:
+        claims = await self._verify_signed(token, any_audience=any_audience)
         reason = await self._store.revocation_reason(
             claims.jti, claims.sid, claims.sub, claims.issued_at_ms, claims.kid
         )
@@ -500,7 +520,7 @@ class AuthCore:
         *,
         sub: str,
         sid: str,
-        scopes: tuple[str, ...],
+        grant: Grant,
         client_id: str,
         active_kid: str | None = None,
         now: float | None = None,
@@ -513,13 +533,13 @@ class AuthCore:
         claims = AccessClaims(
             iss=self._settings.issuer,
             sub=sub,
-            aud=(self._settings.audience,),
+            aud=(grant.audience,),
             exp=iat + self._settings.access_token_ttl,
             iat=iat,
             nbf=iat,
             jti=new_uuid7(int(now * 1000)),
             sid=sid,
-            scopes=scopes,
+            scopes=grant.scopes,
             client_id=client_id,
             kid=key.kid,
         )
@@ -537,21 +557,6 @@ class AuthCore:
 
     def _event(self, body: EventBody, now_ms: int) -> SecurityEvent:
         return SecurityEvent.new(body, self._settings.issuer, self._settings.instance, now_ms)
-
-    @staticmethod
-    def _require_owner(caller: AccessClaims, owner_sub: str) -> None:
-        if caller.sub != owner_sub and not caller.has_scope(ADMIN_SCOPE):
-            raise NotOwner()
-
-    @staticmethod
-    def _require_scope(caller: AccessClaims, scope: str) -> None:
-        if not caller.has_scope(scope):
-            raise InsufficientScope(scope)
-
-    @staticmethod
-    def _require_any_scope(caller: AccessClaims, *scopes: str) -> None:
-        if not any(caller.has_scope(scope) for scope in scopes):
-            raise InsufficientScope(" or ".join(scopes))
 
 
 def _new_refresh_token() -> str:

@@ -27,7 +27,7 @@ from authmesh._shared.grpc_errors import error_reason
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.processes import LOOPBACK, NatsServer, ServerProcess, free_ports
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
-from tests.auth_support import ADMIN, SERVICE, auth_settings
+from tests.auth_support import SERVICE, admin_login, auth_settings, service_login
 
 pytestmark = pytest.mark.slow
 
@@ -169,7 +169,7 @@ class Mesh:
         return await self.auth.Login(auth_pb2.LoginRequest(username=username, password=password), timeout=10)
 
     async def admin(self) -> tuple[tuple[str, str]]:
-        return bearer((await self.login(*ADMIN)).access_token)
+        return bearer((await self.auth.Login(admin_login(), timeout=10)).access_token)
 
     async def create_user(self, username: str, password: str) -> str:
         reply = await self.auth.CreateUser(
@@ -326,3 +326,18 @@ async def test_a_replica_stops_gracefully_on_sigterm(tmp_path: Path, redis_url: 
         log = process.log_path.read_text()
         assert "Traceback" not in log
         assert "resource service started" in log
+
+
+async def test_replicas_refuse_admin_and_service_tokens_yet_serve_with_their_service_account(
+    tmp_path: Path, redis_url: str
+) -> None:
+    async with mesh_with_replicas(tmp_path, redis_url, 1) as mesh:
+        await mesh.create_user(*USER)
+        (replica,) = mesh.replicas
+        admin = await mesh.auth.Login(admin_login(), timeout=10)
+        service = await mesh.auth.Login(service_login(), timeout=10)
+        assert await replica.outcome(admin.access_token) == "WRONG_AUDIENCE"
+        assert await replica.outcome(service.access_token) == "WRONG_AUDIENCE"
+        # The replica loaded its snapshot with its own service login (it would not be serving otherwise),
+        # and an ordinary user's resource token works.
+        assert await replica.outcome((await mesh.login(*USER)).access_token) == "OK"
