@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+import redis.asyncio as redis
 
 from authmesh._auth_service.app import AuthApp
 from authmesh._shared.grpc_errors import error_reason
@@ -78,6 +79,12 @@ class AuthClient:
         """A service token (auth audience) of the service account."""
         return (await self.stub.Login(service_login(), timeout=10)).access_token
 
+    async def introspect(self, token: str) -> auth_pb2.IntrospectResponse:
+        """``Introspect`` as the service account."""
+        return await self.stub.Introspect(
+            auth_pb2.IntrospectRequest(token=token), metadata=bearer(await self.service_token()), timeout=10
+        )
+
     async def create_user(
         self, username: str, password: str, scopes: tuple[str, ...] = ("docs:read",)
     ) -> str:
@@ -107,6 +114,16 @@ async def running_auth(settings: AuthSettings) -> AsyncIterator[tuple[AuthApp, A
     """An in-process auth service and a client for it."""
     async with AuthApp(settings) as app, auth_client(app.grpc_address) as client:
         yield app, client
+
+
+@asynccontextmanager
+async def redis_client(url: str) -> AsyncIterator[redis.Redis]:
+    """A client of the auth service's Redis, to look at (and break) what it stored."""
+    client = redis.Redis.from_url(url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 async def expect_error(call: Any, code: grpc.StatusCode, reason: str | None = None) -> grpc.aio.AioRpcError:
