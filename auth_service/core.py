@@ -6,6 +6,7 @@ then has the publisher deliver the event, and returns only once JetStream acknow
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 import uuid
@@ -42,8 +43,8 @@ from authmesh._shared.errors import (
     TokenMissing,
     TokenRejected,
     TokenRevoked,
-    Unavailable,
     UnknownKey,
+    UserDisabled,
     WrongAudience,
 )
 from authmesh._shared.events import (
@@ -142,6 +143,7 @@ class AuthCore:
             InvalidRequest: Malformed fields, or scopes the user does not hold.
             RateLimited: Too many failed attempts for this username.
             InvalidCredentials: Unknown user or wrong password.
+            UserDisabled: The account is disabled.
         """
         validation.username(username)
         validation.password(password)
@@ -157,34 +159,38 @@ class AuthCore:
         assert user is not None  # verify() never matches without a stored hash
         await self._store.release_login_attempt(username)
         grant = self._audiences.grant(requested, user.scopes)
-        granted = grant.scopes
-        sid = new_uuid7(self._now_ms())
-        refresh_token = _new_refresh_token()
-        ttl_ms = self._settings.refresh_token_ttl * 1000
+        await self._rehash_if_outdated(user, password)
         now_ms = self._now_ms()
-        await self._store.open_session(
+        sid = new_uuid7(now_ms)
+        refresh_token = _new_refresh_token()
+        # The token is dated by the instant the session was written with, never by a later clock read:
+        # a RevokeUser between the two would otherwise revoke the session in Redis and yet not cover the
+        # token at the replicas.
+        issued_ms = await self._store.open_session(
             SessionRecord(
-                sid=sid, sub=user.sub, username=username, scopes=granted, created_ms=now_ms, revoked_ms=0
+                sid=sid, sub=user.sub, username=username, scopes=grant.scopes, created_ms=now_ms, revoked_ms=0
             ),
             hash_refresh_token(refresh_token),
-            now_ms + ttl_ms,
-            ttl_ms,
+            self._settings.refresh_token_ttl * 1000,
         )
-        access_token = await self._mint(sub=user.sub, sid=sid, grant=grant, client_id=username)
+        access_token = await self._mint(
+            sub=user.sub, sid=sid, grant=grant, client_id=username, issued_ms=issued_ms
+        )
         self._metrics.logins.labels("ok").inc()
-        return self._pair(access_token, refresh_token, sid, granted)
+        return self._pair(access_token, refresh_token, sid, grant.scopes)
 
     async def refresh(self, refresh_token: str) -> IssuedTokens:
         """Spend a refresh token and issue a new pair in the same session.
 
         Raises:
-            InvalidRefreshToken: Unknown, expired, or its session is revoked.
+            InvalidRefreshToken: Unknown, expired, or its session or its user is revoked.
             RefreshTokenReused: A spent token: the session is now revoked and broadcast.
+            UserDisabled: The account is disabled.
+            Unavailable: The reuse (or an earlier one's) event could not be broadcast yet.
         """
         validation.token(refresh_token, "refresh_token")
         successor = _new_refresh_token()
-        now = self._clock()
-        now_ms = int(now * 1000)
+        now_ms = self._now_ms()
         reuse_event_id = new_uuid7(now_ms)
         result = await self._store.rotate_refresh(
             hash_refresh_token(refresh_token),
@@ -204,11 +210,15 @@ class AuthCore:
                 occurred_at_ms=now_ms,
                 body=SessionRevokedEvent(sid=result.sid, sub=result.sub),
             )
-            try:
-                await self._publisher.deliver_written(event, result.active_kid)
-            except Unavailable:
-                _log.warning("reuse event queued: broker unavailable", sid=result.sid)
+            # Like every revocation, answered only once JetStream has the event: when NATS is down the
+            # client gets UNAVAILABLE, and its retry finds the session revoked and delivers it then.
+            await self._publisher.deliver_written(event, result.active_kid)
             raise RefreshTokenReused()
+        if result.status == "revoked" and result.revoke_event:
+            # Revoked by an event that may still be in the outbox (a reuse answered UNAVAILABLE).
+            await self._publisher.deliver(result.revoke_event)
+        if result.status == "disabled":
+            raise UserDisabled()
         if result.status != "ok":
             raise InvalidRefreshToken()
         grant = self._audiences.of_session(result.scopes)
@@ -218,7 +228,7 @@ class AuthCore:
             grant=grant,
             client_id=result.username,
             active_kid=result.active_kid,
-            now=now,
+            issued_ms=result.issued_ms,
         )
         return self._pair(access_token, successor, result.sid, grant.scopes)
 
@@ -236,6 +246,13 @@ class AuthCore:
         if session is None:
             raise InvalidRefreshToken()
         return await self._revoke_session(session)
+
+    async def _rehash_if_outdated(self, user: UserRecord, password: str) -> None:
+        """Store a hash made with the current Argon2 parameters when the stored one was made with others."""
+        if self._passwords.needs_rehash(user.password_hash):
+            fresh = await self._passwords.hash(password)
+            if await self._store.replace_password_hash(user.username, user.password_hash, fresh):
+                _log.info("password rehashed with the current parameters", username=user.username)
 
     # revocation
 
@@ -298,6 +315,37 @@ class AuthCore:
             InsufficientScope: The caller is not an admin.
             NotFound: No such user.
         """
+        return await self._cut_user(caller, sub, reason, disable=False)
+
+    async def disable_user(self, caller: AccessClaims, sub: str, reason: str) -> RevocationResult:
+        """Disable an account: no login or refresh until enabled again; every session is revoked.
+
+        Raises:
+            WrongAudience: The caller's token is not for the auth audience.
+            InsufficientScope: The caller is not an admin.
+            NotFound: No such user.
+        """
+        return await self._cut_user(caller, sub, reason, disable=True)
+
+    async def enable_user(self, caller: AccessClaims, sub: str) -> None:
+        """Let a disabled account log in again (its revoked sessions stay revoked).
+
+        Raises:
+            WrongAudience: The caller's token is not for the auth audience.
+            InsufficientScope: The caller is not an admin.
+            NotFound: No such user.
+        """
+        self._audiences.require_auth_scope(caller, ADMIN_SCOPE)
+        validation.identifier(sub, "subject")
+        if not await self._store.user_exists(sub):
+            raise NotFound("user not found", code="USER_NOT_FOUND")
+        await self._store.enable_user(sub)
+        _log.info("user enabled", sub=sub, by=caller.sub)
+
+    async def _cut_user(
+        self, caller: AccessClaims, sub: str, reason: str, *, disable: bool
+    ) -> RevocationResult:
+        """Revoke every session and token of a user (and disable it) and broadcast it, as an admin."""
         self._audiences.require_auth_scope(caller, ADMIN_SCOPE)
         validation.identifier(sub, "subject")
         validation.reason(reason)
@@ -305,10 +353,18 @@ class AuthCore:
             raise NotFound("user not found", code="USER_NOT_FOUND")
         now_ms = self._now_ms()
         event = self._event(UserRevokedEvent(sub=sub, not_before_ms=now_ms), now_ms)
-        result = await self._store.revoke_user(sub, now_ms, event.event_id, to_record(event))
-        await self._broadcast(event, result)
+        result = await self._store.revoke_user(
+            sub,
+            now_ms,
+            event.event_id,
+            to_record(event),
+            disable_reason=(reason or "disabled") if disable else "",
+        )
+        # The script moves the cut past every token already issued to the user: the event carries it.
+        cut = dataclasses.replace(event, body=UserRevokedEvent(sub=sub, not_before_ms=result.revoked_at_ms))
+        await self._broadcast(cut, result)
         self._metrics.revocations.labels("user").inc()
-        _log.info("user revoked", sub=sub, by=caller.sub, reason=reason)
+        _log.info("user disabled" if disable else "user revoked", sub=sub, by=caller.sub, reason=reason)
         return result
 
     async def rotate_signing_key(
@@ -522,14 +578,12 @@ class AuthCore:
         sid: str,
         grant: Grant,
         client_id: str,
+        issued_ms: int,
         active_kid: str | None = None,
-        now: float | None = None,
     ) -> str:
-        """Sign an access token; ``now`` when the caller has just read the clock."""
+        """Sign an access token issued at ``issued_ms``, the instant Redis dated it by."""
         key = await self._keyring.signing_key(active_kid)
-        if now is None:
-            now = self._clock()
-        iat = int(now)
+        iat = issued_ms // 1000
         claims = AccessClaims(
             iss=self._settings.issuer,
             sub=sub,
@@ -537,7 +591,7 @@ class AuthCore:
             exp=iat + self._settings.access_token_ttl,
             iat=iat,
             nbf=iat,
-            jti=new_uuid7(int(now * 1000)),
+            jti=new_uuid7(issued_ms),
             sid=sid,
             scopes=grant.scopes,
             client_id=client_id,

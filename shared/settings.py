@@ -46,7 +46,7 @@ class CommonSettings(BaseSettings):
     )
     access_token_ttl: int = Field(default=300, ge=1, le=86_400, description="access-token lifetime, s")
     refresh_token_ttl: int = Field(
-        default=1_209_600, ge=60, le=31_536_000, description="refresh-token lifetime, s"
+        default=1_209_600, ge=1, le=31_536_000, description="refresh-token lifetime, s"
     )
     leeway: float = Field(default=5.0, ge=0, le=300, description="clock leeway for exp/nbf, s")
     staleness_bound: float = Field(
