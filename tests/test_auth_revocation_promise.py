@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import nats
 import pytest
 import pytest_asyncio
 import redis.asyncio as redis
@@ -21,10 +22,11 @@ import redis.asyncio as redis
 from authmesh._auth_service.app import AuthApp
 from authmesh._auth_service.store import sub_key, user_key
 from authmesh._shared.claims import AccessClaims
+from authmesh._shared.events import STREAM_NAME
 from authmesh._shared.grpc_errors import error_reason
 from authmesh._shared.jose import decode_compact
 from authmesh.auth.v1 import auth_pb2
-from authmesh.processes import NatsServer
+from authmesh.processes import NatsServer, RedisServer
 from tests.auth_support import AuthClient, auth_settings, bearer, expect_error, redis_client, running_auth
 from tests.waiting import eventually
 
@@ -189,3 +191,24 @@ async def test_a_disabled_account_cannot_log_in_or_refresh_and_its_sessions_are_
         grpc.StatusCode.NOT_FOUND,
         "USER_NOT_FOUND",
     )
+
+
+async def test_heartbeats_go_on_while_redis_is_down_and_no_event_is_undelivered(
+    own_redis: RedisServer, nats_url: str
+) -> None:
+    # Heartbeats are withheld while an event is known to be undelivered, not while the outbox merely
+    # cannot be read: with Redis down nothing can be revoked, and replicas keep serving from their state.
+    async with running_auth(auth_settings(own_redis.url, [nats_url])):
+        client = await nats.connect(servers=[nats_url], connect_timeout=2, max_reconnect_attempts=0)
+        try:
+            js = client.jetstream(timeout=5)
+            own_redis.kill()
+            killed_at = (await js.stream_info(STREAM_NAME)).state.last_seq
+
+            async def heartbeats_flow() -> bool:
+                return (await js.stream_info(STREAM_NAME)).state.last_seq >= killed_at + 3
+
+            await eventually(heartbeats_flow, within=RECONNECT_DEADLINE, what="heartbeats with Redis down")
+        finally:
+            await client.close()
+            await own_redis.restart()
