@@ -29,6 +29,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authmesh._shared.auth_api import (
+    ADMIN_SCOPE,
     DEFAULT_TIMEOUT_SECONDS,
     AuthApi,
     KeyRotation,
@@ -48,6 +49,7 @@ TOKEN_FILE_VERSION = 1
 ACCEPTED = "OK"
 __all__ = [
     "ACCEPTED",
+    "ADMIN_SCOPE",
     "DEFAULT_AUTH_TARGET",
     "DEFAULT_RESOURCE_TARGET",
     "DEFAULT_TIMEOUT_SECONDS",

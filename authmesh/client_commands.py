@@ -30,7 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from authmesh._shared.admin_client import AdminClient
-from authmesh._shared.auth_api import User
+from authmesh._shared.auth_api import KeyRotation, User
 from authmesh._shared.errors import AuthError, ConfigurationError, SessionEnded, Unavailable
 from authmesh._shared.grpc_errors import status_code_for
 from authmesh._shared.token_session import TokenSession
@@ -107,6 +107,8 @@ def register(app: typer.Typer) -> None:
     users = typer.Typer(help="Manage users (admin only).", no_args_is_help=True)
     users.command("create")(user_create)
     users.command("list")(user_list)
+    users.command("disable")(user_disable)
+    users.command("enable")(user_enable)
     app.add_typer(users, name="user")
 
 
@@ -116,7 +118,13 @@ def login(
     password_stdin: PasswordStdinOption = False,
     scopes: Annotated[
         list[str] | None,
-        typer.Option("--scope", help="A scope to ask for (repeat for several; default: all the user holds)."),
+        typer.Option(
+            "--scope",
+            help=(
+                "A scope to ask for (repeat for several; default: the user's resource scopes). "
+                "--scope admin logs in for the admin commands (revoke --user, rotate-key)."
+            ),
+        ),
     ] = None,
     target: TargetOption = None,
     token_file: TokenFileOption = None,
@@ -274,9 +282,7 @@ def revoke(
             elif user is not None:
                 done, what = await admin.revoke_user(user, reason), f"every token of {user}"
             elif username is not None:
-                found = await admin.find_user(username)
-                if found is None:
-                    _fail(f"no user is named {username}")
+                found = await _named(admin, username)
                 done = await admin.revoke_user(found.subject, reason)
                 what = f"every token of {username} ({found.subject})"
             elif token is not None:
@@ -304,23 +310,19 @@ def rotate_key(
     timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
 ) -> None:
     """Make a new signing key active (admin only)."""
-    store = _token_file(token_file)
-    stored = _require_login(store)
 
-    async def work() -> None:
-        async with _admin(store, stored, target, timeout) as (_, admin):
-            rotation = await admin.rotate_signing_key(retire_previous=retire_previous)
+    async def act(admin: AdminClient) -> KeyRotation:
+        return await admin.rotate_signing_key(retire_previous=retire_previous)
+
+    rotation = _run_as_admin(token_file, target, timeout, act)
+    _out().print(
+        f"New signing key [bold]{escape(rotation.kid)}[/bold] (previous: {escape(rotation.previous_kid)})."
+    )
+    if retire_previous:
         _out().print(
-            f"New signing key [bold]{escape(rotation.kid)}[/bold] "
-            f"(previous: {escape(rotation.previous_kid)})."
+            f"Key {escape(rotation.previous_kid)} is retired: every token it signed is now rejected "
+            "(yours too, if it was: log in again)."
         )
-        if retire_previous:
-            _out().print(
-                f"Key {escape(rotation.previous_kid)} is retired: every token it signed is now rejected "
-                "(yours too, if it was: log in again)."
-            )
-
-    _run(work, target or stored.auth_target)
 
 
 def user_create(
@@ -336,18 +338,15 @@ def user_create(
 ) -> None:
     """Add a user (as the logged-in admin)."""
     password = _read_password(password, password_stdin, f"Password for {username}", confirm=True)
-    store = _token_file(token_file)
-    stored = _require_login(store)
 
-    async def work() -> None:
-        async with _admin(store, stored, target, timeout) as (_, admin):
-            subject = await admin.create_user(username, password, tuple(scopes or ()))
-        _out().print(
-            f"Created user [bold]{escape(username)}[/bold] ({escape(subject)}) "
-            f"with scopes {escape(' '.join(scopes or ()) or '(none)')}."
-        )
+    async def act(admin: AdminClient) -> str:
+        return await admin.create_user(username, password, tuple(scopes or ()))
 
-    _run(work, target or stored.auth_target)
+    subject = _run_as_admin(token_file, target, timeout, act)
+    _out().print(
+        f"Created user [bold]{escape(username)}[/bold] ({escape(subject)}) "
+        f"with scopes {escape(' '.join(scopes or ()) or '(none)')}."
+    )
 
 
 def user_list(
@@ -358,26 +357,62 @@ def user_list(
     timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
 ) -> None:
     """List the users in username order (as the logged-in admin)."""
-    store = _token_file(token_file)
-    stored = _require_login(store)
 
-    async def work() -> None:
-        async with _admin(store, stored, target, timeout) as (_, admin):
-            users = [user async for user in admin.users(username_prefix=prefix)]
-        if as_json:
-            typer.echo(json.dumps({"users": [_user_json(user) for user in users]}, indent=2))
-            return
-        table = Table("username", "subject", "scopes", "created")
-        for user in users:
-            table.add_row(
-                escape(user.username),
-                escape(user.subject),
-                escape(" ".join(user.scopes)),
-                _instant(user.created_at_unix_ms),
-            )
-        _out().print(table)
+    async def act(admin: AdminClient) -> list[User]:
+        return [user async for user in admin.users(username_prefix=prefix)]
 
-    _run(work, target or stored.auth_target)
+    users = _run_as_admin(token_file, target, timeout, act)
+    if as_json:
+        typer.echo(json.dumps({"users": [_user_json(user) for user in users]}, indent=2))
+        return
+    table = Table("username", "subject", "scopes", "created", "state")
+    for user in users:
+        table.add_row(
+            escape(user.username),
+            escape(user.subject),
+            escape(" ".join(user.scopes)),
+            _instant(user.created_at_unix_ms),
+            "[red]disabled[/red]" if user.disabled else "active",
+        )
+    _out().print(table)
+
+
+def user_disable(
+    username: Annotated[str, typer.Argument(help="Who to disable.")],
+    reason: Annotated[
+        str, typer.Option("--reason", help="Why (recorded with the revocation).")
+    ] = "disabled with the authmesh command-line client",
+    target: TargetOption = None,
+    token_file: TokenFileOption = None,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
+) -> None:
+    """Disable a user: no login or refresh until enabled; every session and token of it is revoked."""
+
+    async def act(admin: AdminClient) -> tuple[User, Revocation]:
+        found = await _named(admin, username)
+        return found, await admin.disable_user(found.subject, reason)
+
+    found, done = _run_as_admin(token_file, target, timeout, act)
+    _out().print(
+        f"Disabled {escape(username)} ({escape(found.subject)}); its tokens were revoked {_when(done)}."
+    )
+
+
+def user_enable(
+    username: Annotated[str, typer.Argument(help="Who to enable again.")],
+    target: TargetOption = None,
+    token_file: TokenFileOption = None,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
+) -> None:
+    """Let a disabled user log in again (what was revoked stays revoked)."""
+
+    async def act(admin: AdminClient) -> User:
+        found = await _named(admin, username)
+        await admin.enable_user(found.subject)
+        return found
+
+    found = _run_as_admin(token_file, target, timeout, act)
+    _out().print(f"Enabled {escape(username)} ({escape(found.subject)}): it may log in again.")
 
 
 def jwks(
@@ -472,6 +507,31 @@ async def _admin(
         yield session, admin
 
 
+def _run_as_admin(
+    token_file: Path | None,
+    target: str | None,
+    call_timeout: float,
+    act: Callable[[AdminClient], Awaitable[T]],
+) -> T:
+    """Run ``act`` with an admin client acting as the stored login; exit 1 on any failure."""
+    store = _token_file(token_file)
+    stored = _require_login(store)
+
+    async def work() -> T:
+        async with _admin(store, stored, target, call_timeout) as (_, admin):
+            return await act(admin)
+
+    return _run(work, target or stored.auth_target)
+
+
+async def _named(admin: AdminClient, username: str) -> User:
+    """The user called ``username``; exits 1 when there is none."""
+    found = await admin.find_user(username)
+    if found is None:
+        _fail(f"no user is named {username}")
+    return found
+
+
 def _read_password(password: str | None, from_stdin: bool, prompt: str, *, confirm: bool = False) -> str:
     if password is not None and from_stdin:
         _usage("give either --password or --password-stdin, not both")
@@ -505,6 +565,8 @@ def _run(work: Callable[[], Awaitable[T]], where: str) -> T:
             _err().print(f"[red]error[/red]: cannot reach {escape(where)}: {escape(str(problem))}")
         else:
             _err().print(f"[red]error[/red]: {escape(str(problem))}")
+        if problem.reason == "WRONG_AUDIENCE":
+            _err().print("admin commands need an admin login: authmesh login USER --scope admin")
         raise typer.Exit(EXIT_FAILURE) from None
     except ConfigurationError as error:
         _err().print(f"[red]error[/red]: {escape(error.message)}")
@@ -577,6 +639,7 @@ def _user_json(user: User) -> dict[str, object]:
         "subject": user.subject,
         "scopes": list(user.scopes),
         "created_at": _instant(user.created_at_unix_ms),
+        "disabled": user.disabled,
     }
 
 

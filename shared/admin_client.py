@@ -2,7 +2,7 @@
 
 ::
 
-    async with TokenSession.login(auth, "admin", password, scopes=("admin",)) as session:
+    async with TokenSession.login(auth, "admin", password, scopes=("admin",)) as session:  # auth audience
         async with AdminClient(session) as admin:
             subject = await admin.create_user("bob", "bob-password-1", ("docs:read",))
             await admin.revoke_user(subject, reason="left the company")
@@ -75,6 +75,14 @@ class AdminClient(Startable):
     async def revoke_user(self, subject: str, reason: str = "") -> Revocation:
         """Revoke every session and token of a user issued up to now."""
         return await self._api.revoke_user(None, subject, reason)
+
+    async def disable_user(self, subject: str, reason: str = "") -> Revocation:
+        """Disable a user: no login or refresh until enabled; every session and token of it is revoked."""
+        return await self._api.disable_user(None, subject, reason)
+
+    async def enable_user(self, subject: str) -> None:
+        """Let a disabled user log in again (what was revoked stays revoked)."""
+        await self._api.enable_user(None, subject)
 
     async def revoke_session(self, session_id: str, reason: str = "") -> Revocation:
         """Revoke one session."""

@@ -22,6 +22,8 @@ from authmesh._shared.lifecycle import Startable
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
+# The scope of administrative tokens: they are for the auth service's own audience only.
+ADMIN_SCOPE = "admin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +94,14 @@ class User:
         subject: ``sub`` of its tokens.
         scopes: The scopes it holds.
         created_at_unix_ms: When it was created.
+        disabled: Whether it is disabled (``DisableUser``).
     """
 
     username: str
     subject: str
     scopes: tuple[str, ...]
     created_at_unix_ms: int
+    disabled: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,10 +209,14 @@ class AuthApi(Startable):
         return self._auth_stub
 
     async def login(self, username: str, password: str, scopes: tuple[str, ...] = ()) -> Tokens:
-        """Log in; an empty ``scopes`` asks for every scope the user holds."""
+        """Log in; an empty ``scopes`` asks for the user's resource scopes (never ``admin``)."""
         request = auth_pb2.LoginRequest(username=username, password=password, scopes=list(scopes))
         pair = await self._stub.Login(request, timeout=self.timeout)
         return Tokens.from_pair(pair, self._clock())
+
+    async def admin_login(self, username: str, password: str) -> Tokens:
+        """Log in for the administrative RPCs: scope ``admin``, for the auth service's audience."""
+        return await self.login(username, password, (ADMIN_SCOPE,))
 
     async def refresh(self, refresh_token: str) -> Tokens:
         """Spend a refresh token for a new pair in the same session."""
@@ -250,6 +258,21 @@ class AuthApi(Startable):
             timeout=self.timeout,
         )
         return _revocation(response)
+
+    async def disable_user(self, caller: str | None, subject: str, reason: str = "") -> Revocation:
+        """Disable a user (no login or refresh until enabled; all it holds revoked), as ``caller`` (admin)."""
+        response = await self._stub.DisableUser(
+            auth_pb2.DisableUserRequest(subject=subject, reason=reason),
+            metadata=_as(caller),
+            timeout=self.timeout,
+        )
+        return _revocation(response)
+
+    async def enable_user(self, caller: str | None, subject: str) -> None:
+        """Let a disabled user log in again, as ``caller`` (an admin); what was revoked stays revoked."""
+        await self._stub.EnableUser(
+            auth_pb2.EnableUserRequest(subject=subject), metadata=_as(caller), timeout=self.timeout
+        )
 
     async def rotate_signing_key(self, caller: str | None, *, retire_previous: bool = False) -> KeyRotation:
         """Make a new signing key active, as ``caller`` (an admin); ``retire_previous`` for a compromise."""
@@ -309,6 +332,7 @@ class AuthApi(Startable):
                     subject=user.subject,
                     scopes=tuple(user.scopes),
                     created_at_unix_ms=user.created_at_unix_ms,
+                    disabled=user.disabled,
                 )
                 for user in response.users
             ),

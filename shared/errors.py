@@ -25,6 +25,7 @@ a status code in one table (``authmesh._shared.grpc_errors``).
     │   ├── InvalidCredentials            INVALID_CREDENTIALS
     │   ├── InvalidRefreshToken           REFRESH_TOKEN_INVALID
     │   ├── RefreshTokenReused            REFRESH_TOKEN_REUSED
+    │   ├── UserDisabled                  USER_DISABLED
     │   └── SessionEnded                  the auth service's reason (a client's session cannot renew)
     ├── PermissionDenied                  PERMISSION_DENIED
     │   ├── InsufficientScope             INSUFFICIENT_SCOPE
@@ -201,6 +202,13 @@ class RefreshTokenReused(TokenRejected):
 
     code = "REFRESH_TOKEN_REUSED"
     default_message = "refresh token reused; session revoked"
+
+
+class UserDisabled(TokenRejected):
+    """The account is disabled: it can neither log in nor refresh until an admin enables it again."""
+
+    code = "USER_DISABLED"
+    default_message = "account disabled"
 
 
 class SessionEnded(TokenRejected):

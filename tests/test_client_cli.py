@@ -31,7 +31,15 @@ from authmesh.auth.v1 import auth_pb2
 from authmesh.client import StoredLogin, TokenFile, Tokens
 from authmesh.client_commands import register
 from authmesh.processes import LOOPBACK, free_port
-from tests.auth_support import ADMIN, SERVICE, AuthClient, auth_settings, expect_error, running_auth
+from tests.auth_support import (
+    ADMIN,
+    ADMIN_SCOPE,
+    SERVICE,
+    AuthClient,
+    auth_settings,
+    expect_error,
+    running_auth,
+)
 
 ALICE = ("alice", "alice-password-1")
 READY_DEADLINE = 15.0
@@ -68,6 +76,10 @@ class Services:
         return await self.run(
             "login", username, "--password-stdin", *self.common(), *extra, stdin=f"{password}\n"
         )
+
+    async def admin_login(self) -> Result:
+        """``authmesh login admin --scope admin``: the login the admin commands need."""
+        return await self.login(*ADMIN, "--scope", ADMIN_SCOPE)
 
     def stored(self) -> StoredLogin:
         """What the token file holds now."""
@@ -296,12 +308,22 @@ async def test_revoking_a_user_needs_an_admin(services: Services) -> None:
 
     result = await services.run("revoke", "--user", "someone", *services.common())
 
-    assert_failed_with(result, "PERMISSION_DENIED")
+    assert_failed_with(result, "UNAUTHENTICATED", "WRONG_AUDIENCE", "--scope admin")
+
+
+async def test_an_admin_logged_in_without_the_admin_scope_gets_no_admin_power(services: Services) -> None:
+    plain = await services.login(*ADMIN)
+    assert plain.exit_code == 0, plain.output
+    assert "scopes (none)" in plain.stdout
+
+    result = await services.run("revoke", "--user", "someone", *services.common())
+
+    assert_failed_with(result, "UNAUTHENTICATED", "WRONG_AUDIENCE")
 
 
 async def test_revoke_reads_a_token_from_stdin(services: Services) -> None:
     victim = await services.client.login(*ALICE)
-    await services.login(*ADMIN)
+    await services.admin_login()
 
     result = await services.run(
         "revoke", "--token", "-", *services.common(), stdin=f"{victim.access_token}\n"
@@ -316,11 +338,11 @@ async def test_rotate_key_needs_an_admin(services: Services) -> None:
 
     result = await services.run("rotate-key", *services.common())
 
-    assert_failed_with(result, "PERMISSION_DENIED", "INSUFFICIENT_SCOPE")
+    assert_failed_with(result, "UNAUTHENTICATED", "WRONG_AUDIENCE")
 
 
 async def test_rotate_key_with_retire_previous_rejects_tokens_of_the_old_key(services: Services) -> None:
-    await services.login(*ADMIN)
+    await services.admin_login()
     keys_before = json.loads((await services.run("jwks", *services.common())).stdout)
 
     result = await services.run("rotate-key", "--retire-previous", *services.common())
@@ -408,8 +430,8 @@ async def test_user_commands_need_an_admin(services: Services) -> None:
     listed = await services.run("user", "list", *services.common())
     created = await services.run("user", "create", "eve", "--password", "eve-password-1", *services.common())
 
-    assert_failed_with(listed, "PERMISSION_DENIED", "INSUFFICIENT_SCOPE")
-    assert_failed_with(created, "PERMISSION_DENIED", "INSUFFICIENT_SCOPE")
+    assert_failed_with(listed, "UNAUTHENTICATED", "WRONG_AUDIENCE", "--scope admin")
+    assert_failed_with(created, "UNAUTHENTICATED", "WRONG_AUDIENCE", "--scope admin")
 
 
 async def test_revoke_by_username_refuses_every_token_of_that_user(services: Services) -> None:
@@ -444,3 +466,23 @@ async def test_a_stored_session_the_auth_service_refuses_to_renew_is_reported_on
 
     assert_failed_with(result, "UNAUTHENTICATED", "REFRESH_TOKEN_INVALID")
     assert services.stored().tokens == due
+
+
+async def test_an_admin_disables_and_enables_a_user_by_name(services: Services) -> None:
+    await services.login(*ADMIN, "--scope", "admin")
+
+    disabled = await services.run("user", "disable", ALICE[0], *services.common())
+    listed = await services.run("user", "list", "--json", *services.common())
+    elsewhere = ["--target", services.auth.grpc_address, "--token-file", str(services.token_file) + ".alice"]
+    refused = await services.run("login", ALICE[0], "--password-stdin", *elsewhere, stdin=f"{ALICE[1]}\n")
+    enabled = await services.run("user", "enable", ALICE[0], *services.common())
+    unknown = await services.run("user", "disable", "nobody", *services.common())
+
+    assert disabled.exit_code == 0, disabled.output
+    assert "Disabled alice" in disabled.stdout
+    users = {user["username"]: user for user in json.loads(listed.stdout)["users"]}
+    assert users["alice"]["disabled"] is True
+    assert_failed_with(refused, "UNAUTHENTICATED", "USER_DISABLED")
+    assert enabled.exit_code == 0, enabled.output
+    assert (await services.client.login(*ALICE)).access_token
+    assert_failed_with(unknown, "no user is named nobody")

@@ -9,7 +9,16 @@ import redis.asyncio as redis
 
 from authmesh._auth_service.store import USERS
 from authmesh.auth.v1 import auth_pb2
-from tests.auth_support import ADMIN, SERVICE, AuthClient, auth_settings, bearer, expect_error, running_auth
+from tests.auth_support import (
+    ADMIN,
+    SERVICE,
+    AuthClient,
+    auth_settings,
+    bearer,
+    expect_error,
+    running_auth,
+    service_login,
+)
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -74,7 +83,12 @@ async def test_only_an_admin_may_list_users(redis_url: str, nats_url: str) -> No
         await client.create_user("alice", "alice-password-1")
         alice = (await client.login("alice", "alice-password-1")).access_token
 
-        await expect_error(list_users(client, alice), grpc.StatusCode.PERMISSION_DENIED, "INSUFFICIENT_SCOPE")
+        service = (await client.stub.Login(service_login(), timeout=10)).access_token
+
+        await expect_error(list_users(client, alice), grpc.StatusCode.UNAUTHENTICATED, "WRONG_AUDIENCE")
+        await expect_error(
+            list_users(client, service), grpc.StatusCode.PERMISSION_DENIED, "INSUFFICIENT_SCOPE"
+        )
         await expect_error(
             client.stub.ListUsers(auth_pb2.ListUsersRequest(), timeout=10),
             grpc.StatusCode.UNAUTHENTICATED,

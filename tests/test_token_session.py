@@ -253,26 +253,36 @@ async def test_a_handler_forwards_its_callers_token_downstream(stack: Stack) -> 
     assert refused.value.code() == grpc.StatusCode.UNKNOWN  # the handler raised TokenMissing
 
 
-async def test_the_admin_client_creates_lists_and_revokes_users(stack: Stack) -> None:
+async def test_the_admin_client_creates_lists_disables_enables_and_revokes_users(stack: Stack) -> None:
+    carol = ("carol", "carol-password-1")
     admin_session = TokenSession.login(stack.auth.grpc_address, *ADMIN, scopes=("admin",))
     async with admin_session as session, AdminClient(session) as admin:
-        subject = await admin.create_user("carol", "carol-password-1", ("docs:read",))
-        listed = [user async for user in admin.users()]
-        carol = await admin.find_user("carol")
-        status = await admin.introspect(current(session).access_token)
-        async with TokenSession.login(stack.auth.grpc_address, "carol", "carol-password-1") as hers:
-            await admin.revoke_user(subject, reason="test")
-            with pytest.raises(SessionEnded) as ended:
+        subject = await admin.create_user(*carol, ("docs:read",))
+        async with TokenSession.login(stack.auth.grpc_address, *carol) as hers:
+            status = await admin.introspect(current(hers).access_token)
+            await admin.disable_user(subject, reason="test")
+            with pytest.raises(SessionEnded) as disabled:
                 await hers.renew()
+        listed = [user async for user in admin.users()]
+        found = await admin.find_user("carol")
+        with pytest.raises(SessionEnded) as refused_login:
+            async with TokenSession.login(stack.auth.grpc_address, *carol):
+                pass
+        await admin.enable_user(subject)
+        async with TokenSession.login(stack.auth.grpc_address, *carol) as again:
+            await admin.revoke_user(subject, reason="test")
+            with pytest.raises(SessionEnded) as revoked:
+                await again.renew()
 
     assert [user.username for user in listed] == sorted(user.username for user in listed)
     assert {"alice", "carol", ADMIN[0]} <= {user.username for user in listed}
-    assert carol is not None
-    assert (carol.subject, carol.scopes) == (subject, ("docs:read",))
+    assert found is not None
+    assert (found.subject, found.scopes, found.disabled) == (subject, ("docs:read",), True)
     assert await _no_user(stack, "nobody")
-    assert status.active
-    assert status.session_id == current(session).session_id
-    assert ended.value.code in {"REFRESH_TOKEN_INVALID", "USER_REVOKED"}
+    assert (status.active, status.subject) == (True, subject)
+    assert disabled.value.code in {"REFRESH_TOKEN_INVALID", "USER_DISABLED"}
+    assert refused_login.value.code == "USER_DISABLED"
+    assert revoked.value.code == "REFRESH_TOKEN_INVALID"
 
 
 async def test_a_sync_session_renews_before_expiry_and_when_refused_as_expired(stack: Stack) -> None:
