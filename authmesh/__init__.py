@@ -42,13 +42,16 @@ from authmesh._shared.errors import (
     WrongTokenType,
 )
 from authmesh._shared.events import EventType, SecurityEvent, decode_event, encode_event
+from authmesh._shared.forwarding import forward_token
 from authmesh._shared.grpc_errors import bearer_token, error_reason, to_grpc_status
 from authmesh._shared.interceptor import Authenticator, AuthInterceptor, current_claims
 from authmesh._shared.key_cache import KeyCache
 from authmesh._shared.metrics import ServiceMetrics
+from authmesh._shared.session_rules import SessionOptions
 from authmesh._shared.settings import AuthSettings, CommonSettings, ResourceSettings
 from authmesh._shared.staleness import IntrospectionFallback, StalenessMonitor
-from authmesh._shared.token_session import SessionOptions, SyncTokenSession, TokenSession, forward_token
+from authmesh._shared.sync_token_session import SyncTokenSession
+from authmesh._shared.token_session import TokenSession
 from authmesh._shared.verifier import KeySource, NoRevocations, RevocationCheck, TokenVerifier, VerifierPolicy
 
 __all__ = [
