@@ -280,7 +280,7 @@ async def test_ecdsa_malleability_does_not_dodge_a_revocation_at_the_auth_servic
         await client.create_user("mallory", "mallory-password-1")
         pairs = [await client.login("mallory", "mallory-password-1") for _ in range(4)]
         by_token, by_session, untouched, by_user = (pair.access_token for pair in pairs)
-        service = bearer((await client.login(*SERVICE)).access_token)
+        service = bearer((await client.login(*SERVICE, ("service",))).access_token)
 
         async def introspect(token: str) -> auth_pb2.IntrospectResponse:
             return await client.stub.Introspect(auth_pb2.IntrospectRequest(token=token), metadata=service)

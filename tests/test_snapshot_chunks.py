@@ -131,7 +131,6 @@ def replica_settings(nats_url: str, auth_address: str, **overrides: Any) -> Reso
     return ResourceSettings(**values)
 
 
-@pytest.mark.slow
 async def test_a_replica_loads_a_snapshot_of_100000_revoked_sessions_in_chunks_under_the_receive_limit(
     redis_url: str, nats_url: str
 ) -> None:
@@ -146,7 +145,7 @@ async def test_a_replica_loads_a_snapshot_of_100000_revoked_sessions_in_chunks_u
         others = [(new_uuid7(), f"usr_{uuid.uuid4().hex}") for _ in range(REVOKED_SESSION_COUNT - 1)]
         await write_revoked_sessions(redis_url, [(alice.session_id, alice_sub), *others])
 
-        service = await client.login(*SERVICE)
+        service = await client.login(*SERVICE, ("service",))
         chunks = [
             chunk
             async for chunk in client.stub.SnapshotRevocations(
