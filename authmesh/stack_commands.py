@@ -161,6 +161,9 @@ def print_stack(console: Console, description: dict[str, Any]) -> None:
         f"admin: [bold]{escape(admin['username'])}[/bold] / [bold]{escape(admin['password'])}[/bold]",
         soft_wrap=True,
     )
+    console.print(
+        f"  (admin commands: authmesh login {escape(admin['username'])} --scope admin)", soft_wrap=True
+    )
     console.print("client environment:")
     for name, value in description["client_env"].items():
         console.print(f"  export {name}={escape(value)}", soft_wrap=True)

@@ -265,12 +265,13 @@ def test_header_parameters_that_choose_keys_or_processing_are_refused(
         decode_compact(token)
 
 
-@pytest.mark.parametrize(("parameter", "error"), [("typ", WrongTokenType), ("cty", MalformedToken)])
+@pytest.mark.parametrize(("parameter", "error"), [("typ", WrongTokenType), ("cty", UnsupportedAlgorithm)])
 @pytest.mark.parametrize("value", [None, 1, ["at+jwt"], {"a": "b"}, True], ids=repr)
 def test_registered_string_header_parameters_of_another_type_are_refused(
     parameter: str, error: type[TokenRejected], value: Any, key: SigningKey
 ) -> None:
-    # Found by the joserfc differential below: {"cty": null} passed here, and joserfc refuses it.
+    # Found by the joserfc differential below: {"cty": null} and {"typ": null} passed the JWS layer
+    # here, and joserfc refuses them. typ must be a string; cty is refused in any form (no nested JWT).
     token = sign_json(access_header(key.kid, **{parameter: value}), claims_payload(), key)
     with pytest.raises(error):
         decode_compact_raw(token)

@@ -28,6 +28,7 @@ from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 from authmesh.stack import LocalStack, authmesh_command, grpc_health_status
 from authmesh.stack_commands import print_stack
+from tests.auth_support import admin_login
 from tests.legible import assert_legible
 from tests.waiting import eventually
 
@@ -80,7 +81,7 @@ class StackClient:
 
     async def admin_token(self) -> str:
         """An access token of the bootstrap admin."""
-        return (await self.login(*self._admin)).access_token
+        return (await self.auth.Login(admin_login(self._admin), timeout=10)).access_token
 
     async def create_user(self, username: str, password: str = USER_PASSWORD) -> str:
         """Add a user with scope ``docs:read``; returns its subject."""
