@@ -118,21 +118,25 @@ def hash_refresh_token(token: str) -> str:
 
 # KEYS: refresh(old), refresh(new), outbox, revoked_sessions, active kid
 # ARGV: now_ms, new_exp_ms, ttl_ms, reuse_event_id, session_prefix, user_nbf prefix,
-#       user_disabled prefix, user_sessions prefix
-# Returns {ok, sid, sub, scopes, username, active kid, issue ms}, {reused, sid, sub, active kid},
+#       user_disabled prefix, user_sessions prefix, the jkt of the request's DPoP proof ('' for none)
+# Returns {ok, sid, sub, scopes, username, active kid, issue ms, jkt}, {reused, sid, sub, active kid},
 # {revoked, sid, sub, the event that revoked it}, {disabled, sid, sub} or {invalid}. The active kid
 # rides along so that minting the new access token, or signing the reuse event, needs no second round
 # trip. A session opened at or before its user's cut is revoked whatever the per-user set remembers,
 # and the new token's issue instant is after that cut: Redis decides both in one step, so a replica
-# (which knows only the cut) and Introspect (which reads the session) always agree.
+# (which knows only the cut) and Introspect (which reads the session) always agree. A session bound to
+# a DPoP key is refused ({key_mismatch}) before anything else, spent or not, unless the request proves
+# that key: a stolen refresh token without the key neither rotates nor revokes anything.
 _ROTATE_REFRESH = """
 local old = redis.call('HMGET', KEYS[1], 'sid', 'state', 'exp_ms')
 if not old[1] then return {'invalid'} end
 local now = tonumber(ARGV[1])
 if tonumber(old[3]) <= now then return {'invalid'} end
 local skey = ARGV[5] .. old[1]
-local s = redis.call('HMGET', skey, 'sub', 'scopes', 'username', 'revoked_ms', 'created_ms', 'revoke_event')
+local s = redis.call('HMGET', skey, 'sub', 'scopes', 'username', 'revoked_ms', 'created_ms', 'revoke_event',
+                     'jkt')
 if not s[1] then return {'invalid'} end
+if (s[7] or '') ~= ARGV[9] then return {'key_mismatch', old[1], s[1]} end
 if s[4] ~= '0' then return {'revoked', old[1], s[1], s[6] or ''} end
 local cut = tonumber(redis.call('GET', ARGV[6] .. s[1]) or '0')
 if cut >= tonumber(s[5]) then return {'revoked', old[1], s[1], ''} end
@@ -154,11 +158,12 @@ redis.call('HSET', skey, 'refresh', KEYS[2], 'last_ms', string.format('%d', issu
 if redis.call('PTTL', skey) < tonumber(ARGV[3]) then redis.call('PEXPIRE', skey, ARGV[3]) end
 local sessions = ARGV[8] .. s[1]
 if redis.call('PTTL', sessions) < tonumber(ARGV[3]) then redis.call('PEXPIRE', sessions, ARGV[3]) end
-return {'ok', old[1], s[1], s[2], s[3], redis.call('GET', KEYS[5]) or '', string.format('%d', issued)}
+return {'ok', old[1], s[1], s[2], s[3], redis.call('GET', KEYS[5]) or '', string.format('%d', issued),
+        s[7] or ''}
 """
 
 # KEYS: session, refresh, user_sessions, user_nbf, user_disabled
-# ARGV: now_ms, ttl_ms, sid, sub, username, scopes
+# ARGV: now_ms, ttl_ms, sid, sub, username, scopes, jkt of the DPoP key the session is bound to ('' for none)
 # Returns {ok, issue ms} or {disabled}. The session is born after its user's latest cut (its issue
 # instant is moved past the cut when this clock is behind the one that made it), so a Login racing a
 # RevokeUser either lands before the cut (and is revoked with everything else) or after it.
@@ -170,7 +175,7 @@ if issued <= cut then issued = cut + 1 end
 local ms = string.format('%d', issued)
 local ttl = tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'sub', ARGV[4], 'username', ARGV[5], 'scopes', ARGV[6], 'created_ms', ms,
-           'last_ms', ms, 'refresh', KEYS[2], 'revoked_ms', '0', 'revoke_event', '')
+           'last_ms', ms, 'refresh', KEYS[2], 'revoked_ms', '0', 'revoke_event', '', 'jkt', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('HSET', KEYS[2], 'sid', ARGV[3], 'state', 'live', 'exp_ms', string.format('%d', issued + ttl))
 redis.call('PEXPIRE', KEYS[2], ttl)
@@ -368,6 +373,7 @@ class SessionRecord:
     scopes: tuple[str, ...]
     created_ms: int
     revoked_ms: int
+    jkt: str | None = None
 
     @property
     def revoked(self) -> bool:
@@ -380,10 +386,12 @@ class RotationResult:
     """What a refresh-token rotation found.
 
     ``status`` is ``ok`` (rotated), ``invalid`` (unknown or expired), ``revoked`` (its session or its
-    user is revoked), ``disabled`` (its user is disabled) or ``reused`` (a spent token: the session has
-    just been revoked, its event is in the outbox). ``active_kid`` and ``issued_ms`` (the issue instant
-    of the new access token) come with ``ok``, ``active_kid`` with ``reused``; ``revoke_event`` is the
-    event that revoked the session, when a session revocation did.
+    user is revoked), ``disabled`` (its user is disabled), ``key_mismatch`` (the session is bound to a
+    DPoP key the request did not prove, or the request proved a key the session is not bound to) or
+    ``reused`` (a spent token: the session has just been revoked, its event is in the outbox).
+    ``active_kid`` and ``issued_ms`` (the issue instant of the new access token) and ``jkt`` (the
+    session's DPoP key) come with ``ok``, ``active_kid`` with ``reused``; ``revoke_event`` is the event
+    that revoked the session, when a session revocation did.
     """
 
     status: str
@@ -394,6 +402,7 @@ class RotationResult:
     active_kid: str | None = None
     issued_ms: int = 0
     revoke_event: str = ""
+    jkt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -584,6 +593,7 @@ class AuthStore:
                 session.sub,
                 session.username,
                 " ".join(session.scopes),
+                session.jkt or "",
             ],
         )
         if _text(reply[0]) == "disabled":
@@ -603,6 +613,7 @@ class AuthStore:
             scopes=tuple(data["scopes"].split()),
             created_ms=int(data["created_ms"]),
             revoked_ms=int(data["revoked_ms"]),
+            jkt=data.get("jkt") or None,
         )
 
     async def session_of_refresh(self, refresh_hash: str) -> str | None:
@@ -611,9 +622,18 @@ class AuthStore:
         return _text(sid) if sid is not None else None
 
     async def rotate_refresh(
-        self, old_hash: str, new_hash: str, now_ms: int, ttl_ms: int, reuse_event_id: str
+        self,
+        old_hash: str,
+        new_hash: str,
+        now_ms: int,
+        ttl_ms: int,
+        reuse_event_id: str,
+        jkt: str | None = None,
     ) -> RotationResult:
-        """Spend a refresh token and store its successor, atomically; detect reuse."""
+        """Spend a refresh token and store its successor, atomically; detect reuse.
+
+        ``jkt`` is the key the request proved possession of (DPoP): it must be the session's binding.
+        """
         result = await self._scripts.run(
             self._rotate_refresh,
             keys=[refresh_key(old_hash), refresh_key(new_hash), OUTBOX, REVOKED_SESSIONS, ACTIVE_KID],
@@ -626,6 +646,7 @@ class AuthStore:
                 f"{PREFIX}user_nbf:",
                 f"{PREFIX}user_disabled:",
                 f"{PREFIX}user_sessions:",
+                jkt or "",
             ],
         )
         values = [_text(v) for v in result]
@@ -639,12 +660,13 @@ class AuthStore:
                 values[4],
                 values[5] or None,
                 issued_ms=int(values[6]),
+                jkt=values[7] or None,
             )
         if status == "reused":
             return RotationResult(status, values[1], values[2], active_kid=values[3] or None)
         if status == "revoked":
             return RotationResult(status, values[1], values[2], revoke_event=values[3])
-        if status == "disabled":
+        if status in ("disabled", "key_mismatch"):
             return RotationResult(status, values[1], values[2])
         return RotationResult(status)
 

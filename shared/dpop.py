@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
@@ -58,10 +59,10 @@ from authmesh._shared.jose import (
     verify_signature,
 )
 from authmesh._shared.keys import ec_public_jwk
+from authmesh._shared.settings import CommonSettings
 
 Clock = Callable[[], float]
 DPOP_METADATA_KEY = "dpop"
-DPOP_NONCE_METADATA_KEY = "dpop-nonce"
 DPOP_SCHEME = "DPoP"
 PROOF_TYPE = "dpop+jwt"
 HTTP_METHOD = "POST"
@@ -465,3 +466,87 @@ def proof_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> s
                 raise DpopRejected("exactly one DPoP proof per call")
             found = value
     return found
+
+
+class DpopMode(StrEnum):
+    """A service's DPoP policy (``AUTHMESH_DPOP``)."""
+
+    REQUIRE = "require"
+    """Every call carries a key-bound token and a proof; bearer tokens are refused."""
+    ACCEPT = "accept"
+    """Key-bound tokens with proofs, and bearer tokens."""
+    OFF = "off"
+    """Bearer tokens only: proofs are refused, and so (by the verifier) are key-bound tokens."""
+
+
+class ProofGate:
+    """A service's DPoP decision for one call: which key, if any, the call proved.
+
+    Args:
+        mode: The service's policy.
+        proofs: The proof verifier; required unless ``mode`` is off.
+
+    Raises:
+        ConfigurationError: No proof verifier for a mode that takes proofs.
+    """
+
+    def __init__(self, mode: DpopMode, proofs: ProofVerifier | None) -> None:
+        if mode is not DpopMode.OFF and proofs is None:
+            raise ConfigurationError(f"DPoP mode {mode.value!r} needs a proof verifier")
+        self._mode = mode
+        self._proofs = proofs if mode is not DpopMode.OFF else None
+
+    @property
+    def mode(self) -> DpopMode:
+        """The service's policy."""
+        return self._mode
+
+    def proven_key(
+        self, proof: str | None, method: str, *, dpop_scheme: bool = True, access_token: str | None = None
+    ) -> str | None:
+        """The ``jkt`` a call proved, or None for a bearer call the policy allows.
+
+        Args:
+            proof: The ``dpop`` metadata value.
+            method: The gRPC method path.
+            dpop_scheme: Whether the call names the DPoP scheme (``authorization: DPoP …``); calls
+                without an access token (Login, Refresh) pass True when they carry a proof.
+            access_token: The access token the call carries, for ``ath``.
+
+        Raises:
+            DpopRejected: A proof the policy refuses, an invalid proof, or none where one is required.
+            Unavailable: The replay cache is full.
+        """
+        if self._proofs is None:
+            if proof is not None or dpop_scheme:
+                raise DpopRejected("this service does not accept DPoP")
+            return None
+        if not dpop_scheme:
+            if self._mode is DpopMode.REQUIRE:
+                raise DpopProofMissing("this service requires DPoP")
+            return None
+        if proof is None and self._mode is DpopMode.REQUIRE:
+            challenge = self._proofs.challenge()
+            if challenge is not None:
+                raise challenge
+        return self._proofs.verify(proof, method, access_token=access_token).jkt
+
+
+def proof_gate(settings: CommonSettings, grpc_listen: str, audience: str) -> ProofGate:
+    """A service's gate from its settings (``AUTHMESH_DPOP``, ``AUTHMESH_DPOP_ORIGINS``, ...).
+
+    Args:
+        settings: The service's settings.
+        grpc_listen: Where it listens (the default origin).
+        audience: Its audience (binds its nonces to it).
+
+    Raises:
+        ConfigurationError: A malformed origin or a short nonce secret.
+    """
+    mode = DpopMode(settings.dpop)
+    if mode is DpopMode.OFF:
+        return ProofGate(mode, None)
+    secret = settings.dpop_nonce_secret
+    nonces = None if secret is None else NonceSource(secret.get_secret_value().encode(), audience)
+    policy = ProofPolicy(origins=settings.proof_origins(grpc_listen), max_age=settings.dpop_max_age)
+    return ProofGate(mode, ProofVerifier(policy, nonces=nonces))

@@ -14,6 +14,7 @@ from authmesh._shared.errors import (
     AlreadyExists,
     AuthError,
     ConfigurationError,
+    DpopNonceRequired,
     EventRejected,
     InvalidRequest,
     NotFound,
@@ -24,6 +25,8 @@ from authmesh._shared.errors import (
 )
 
 ERROR_DOMAIN = "authmesh"
+# RFC 9449 §8: the nonce a client must put in its next proof (HTTP's DPoP-Nonce header).
+DPOP_NONCE_METADATA_KEY = "dpop-nonce"
 
 # Most specific first: the first class an error is an instance of decides.
 STATUS_BY_ERROR: tuple[tuple[type[AuthError], grpc.StatusCode], ...] = (
@@ -57,7 +60,17 @@ def to_grpc_status(error: AuthError) -> grpc.Status:
     detail.Pack(error_details_pb2.ErrorInfo(reason=error.code, domain=ERROR_DOMAIN, metadata=metadata))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=[detail])
     grpc_status: grpc.Status = rpc_status.to_status(status)
+    if isinstance(error, DpopNonceRequired):
+        return _with_trailer(grpc_status, (DPOP_NONCE_METADATA_KEY, error.nonce))
     return grpc_status
+
+
+def _with_trailer(status: grpc.Status, entry: tuple[str, str]) -> grpc.Status:
+    # rpc_status's Status is a namedtuple: the same status with one more trailing entry.
+    extended: grpc.Status = status._replace(  # type: ignore[attr-defined]
+        trailing_metadata=(*status.trailing_metadata, entry)
+    )
+    return extended
 
 
 async def abort_with_error(context: grpc.aio.ServicerContext[object, object], error: AuthError) -> NoReturn:

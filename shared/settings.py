@@ -54,10 +54,26 @@ class CommonSettings(BaseSettings):
     )
     instance: str = Field(default_factory=_default_instance, min_length=1, description="replica name")
     stream_replicas: int = Field(default=1, ge=1, le=5, description="AUTH_EVENTS replication factor")
+    dpop: str = Field(
+        default="accept",
+        pattern="^(require|accept|off)$",
+        description="DPoP (RFC 9449): require proofs, accept bound and bearer tokens, or bearer only (off)",
+    )
+    dpop_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="this service's names for DPoP htu, scheme://host:port, comma-separated "
+        "(default http://<grpc_listen>)",
+    )
+    dpop_max_age: float = Field(
+        default=60.0, gt=0, le=600, description="how long a DPoP proof is accepted, s"
+    )
+    dpop_nonce_secret: SecretStr | None = Field(
+        default=None, description="shared by a service's replicas: when set, proofs need a server nonce"
+    )
     log_level: str = Field(default="info", description="debug, info, warning or error")
     log_format: str = Field(default="console", pattern="^(console|json)$", description="console or json")
 
-    _split_nats_urls = field_validator("nats_urls", mode="before")(_split_urls)
+    _split_nats_urls = field_validator("nats_urls", "dpop_origins", mode="before")(_split_urls)
 
     @field_validator("nats_urls")
     @classmethod
@@ -65,6 +81,10 @@ class CommonSettings(BaseSettings):
         if not value:
             raise ValueError("at least one NATS URL is required")
         return value
+
+    def proof_origins(self, grpc_listen: str) -> tuple[str, ...]:
+        """The origins a DPoP proof's ``htu`` may name: the configured ones, else ``http://<grpc_listen>``."""
+        return tuple(self.dpop_origins) or (f"http://{grpc_listen}",)
 
     @property
     def stream_max_age(self) -> float:
