@@ -25,6 +25,7 @@ from authmesh._resource_service.servicer import REQUIRED_SCOPES, SERVICE_NAME, R
 from authmesh._shared.auth_client import AuthClient
 from authmesh._shared.consumer import RevocationConsumer
 from authmesh._shared.denylist import Denylist
+from authmesh._shared.dpop import proof_gate
 from authmesh._shared.grpc_server import RunningServer, start_grpc_server
 from authmesh._shared.http_server import HttpServer, join_host_port, split_host_port
 from authmesh._shared.interceptor import Authenticator, AuthInterceptor
@@ -136,6 +137,7 @@ class ResourceApp(Startable):
             fallback=self.fallback,
             ready=lambda: self.consumer.ready,
             metrics=VerificationMetrics(self.metrics.registry),
+            dpop=proof_gate(settings, settings.grpc_listen, settings.audience),
         )
         return AuthInterceptor(authenticator, required_scopes=REQUIRED_SCOPES)
 

@@ -101,3 +101,18 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
     return None
+
+
+def presented_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[str, bool] | None:
+    """The token of the first ``authorization: Bearer …`` or ``authorization: DPoP …`` entry, or None.
+
+    Returns:
+        The token, and whether it came under the DPoP scheme (RFC 9449 §7.1).
+    """
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            scheme = scheme.lower()
+            if scheme in ("bearer", "dpop") and token.strip():
+                return token.strip(), scheme == "dpop"
+    return None

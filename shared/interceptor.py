@@ -11,6 +11,11 @@ Every call outside the open services (health, reflection, and any the service na
 3. when the revocation state is stale, confirm the token with ``Introspect``
    (:class:`~authmesh._shared.staleness.IntrospectionFallback`).
 
+With DPoP (RFC 9449) a call carries ``authorization: DPoP <token>`` and a ``dpop`` proof: the service's
+:class:`~authmesh._shared.dpop.ProofGate` checks the proof against the call's method and the token,
+and the verifier then requires the token to be bound to the proof's key. A key-bound token presented
+as a bearer token is refused whatever the service's policy.
+
 The interceptor then checks the method's required scope and hands the verified claims to the handler
 through a context variable (:func:`current_claims`); each call runs in its own task, so the variable
 never leaks from one call to another. Errors become statuses through :mod:`authmesh._shared.grpc_errors`.
@@ -25,15 +30,17 @@ from typing import Any
 import grpc
 
 from authmesh._shared.claims import AccessClaims
+from authmesh._shared.dpop import DpopMode, ProofGate, proof_from_metadata
 from authmesh._shared.errors import (
     AuthError,
+    DpopNonceRequired,
     InsufficientScope,
     RateLimited,
     TokenMissing,
     Unavailable,
     UnknownKey,
 )
-from authmesh._shared.grpc_errors import bearer_token, to_grpc_status
+from authmesh._shared.grpc_errors import presented_token, to_grpc_status
 from authmesh._shared.grpc_handlers import BoundedCache, Continuation, RpcHandler, rebuild_handler
 from authmesh._shared.jose import decode_compact
 from authmesh._shared.key_cache import KeyCache
@@ -76,6 +83,7 @@ class Authenticator:
         fallback: ``Introspect`` for tokens checked while stale; None refuses them instead.
         ready: Whether the revocation state has caught up (no call is served before).
         metrics: Verification outcomes.
+        dpop: The service's DPoP policy and proof verifier; bearer tokens only when None.
     """
 
     def __init__(
@@ -87,19 +95,26 @@ class Authenticator:
         fallback: IntrospectionFallback | None = None,
         ready: Callable[[], bool] = lambda: True,
         metrics: VerificationMetrics | None = None,
+        dpop: ProofGate | None = None,
     ) -> None:
         self._verifier = verifier
+        self._dpop = dpop if dpop is not None else ProofGate(DpopMode.OFF, None)
         self._keys = keys
         self._staleness = staleness
         self._fallback = fallback
         self._ready = ready
         self._metrics = metrics
 
-    async def authenticate(self, token: str | None) -> AccessClaims:
-        """Verify a bearer token.
+    async def authenticate(
+        self, token: str | None, *, dpop_scheme: bool = False, proof: str | None = None, method: str = ""
+    ) -> AccessClaims:
+        """Verify an access token, and the call's DPoP proof.
 
         Args:
             token: The token from the ``authorization`` metadata, or None when there was none.
+            dpop_scheme: Whether it came as ``authorization: DPoP …`` rather than ``Bearer``.
+            proof: The ``dpop`` metadata value.
+            method: The gRPC method path (what the proof's ``htu`` must name).
 
         Returns:
             The verified claims.
@@ -109,7 +124,7 @@ class Authenticator:
             Unavailable: The service cannot decide now (``UNAVAILABLE``).
         """
         try:
-            claims, degraded = await self._authenticate(token)
+            claims, degraded = await self._authenticate(token, dpop_scheme, proof, method)
         except AuthError as error:
             if self._metrics is not None:
                 if isinstance(error, Unavailable):
@@ -121,18 +136,21 @@ class Authenticator:
             self._metrics.accepted(degraded)
         return claims
 
-    async def _authenticate(self, token: str | None) -> tuple[AccessClaims, bool]:
+    async def _authenticate(
+        self, token: str | None, dpop_scheme: bool, proof: str | None, method: str
+    ) -> tuple[AccessClaims, bool]:
         if not self._ready():
             raise Unavailable("revocation state still loading", code=REVOCATION_STATE_STALE)
         if token is None:
             raise TokenMissing()
+        bound_to = self._dpop.proven_key(proof, method, dpop_scheme=dpop_scheme, access_token=token)
         try:
-            claims = self._verifier.verify(token)
+            claims = self._verifier.verify(token, bound_to=bound_to)
         except UnknownKey:
             # verify() decoded the token before asking for its key, so this cannot fail now.
             if not await self._keys.refresh_for(decode_compact(token).kid):
                 raise
-            claims = self._verifier.verify(token)
+            claims = self._verifier.verify(token, bound_to=bound_to)
         staleness = self._staleness
         if staleness is None or not staleness.degraded:
             return claims, False
@@ -177,9 +195,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or method in self._open or method.startswith(self._open_prefixes):
             return handler
+        metadata = handler_call_details.invocation_metadata
         try:
+            presented = presented_token(metadata)
             claims = await self._authenticator.authenticate(
-                bearer_token(handler_call_details.invocation_metadata)
+                None if presented is None else presented[0],
+                dpop_scheme=presented is not None and presented[1],
+                proof=proof_from_metadata(metadata),
+                method=method,
             )
             scope = self._required.get(method)
             if scope is not None and not claims.has_scope(scope):
@@ -190,7 +213,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _refusal(self, handler: RpcHandler, error: AuthError) -> RpcHandler:
-        if isinstance(error, RateLimited):  # its status carries a per-call retry time
+        if isinstance(error, RateLimited | DpopNonceRequired):  # its status carries a per-call value
             return _refusal(handler, error)
         key = (handler, type(error), error.code, error.message)
         refusal = self._refusals.get(key)

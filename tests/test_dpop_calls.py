@@ -1,0 +1,185 @@
+"""A proof on every call (RFC 9449 §7): a real auth service and real resource replicas, over gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import grpc
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from authmesh._auth_service.app import AuthApp
+from authmesh._auth_service.servicer import LOGIN_METHOD
+from authmesh._resource_service.app import ResourceApp
+from authmesh._shared.dpop import ProofSigner
+from authmesh._shared.settings import ResourceSettings
+from authmesh.auth.v1 import auth_pb2
+from authmesh.processes import free_port
+from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
+from tests.auth_support import SERVICE, AuthClient, auth_settings, expect_error, running_auth
+from tests.waiting import eventually
+
+USER = ("erin", "erin-password-1")
+WHOAMI = "/authmesh.resource.v1.ResourceService/WhoAmI"
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+
+
+class Stack:
+    """The auth service and a way to start resource replicas against it."""
+
+    def __init__(self, auth: AuthApp, client: AuthClient, auth_origin: str, nats_url: str) -> None:
+        self.auth = auth
+        self.client = client
+        self.auth_origin = auth_origin
+        self.nats_url = nats_url
+
+    async def login(self, signer: ProofSigner | None) -> auth_pb2.TokenPair:
+        metadata = () if signer is None else (("dpop", signer.proof(self.auth_origin, LOGIN_METHOD)),)
+        request = auth_pb2.LoginRequest(username=USER[0], password=USER[1])
+        return await self.client.stub.Login(request, metadata=metadata, timeout=10)
+
+    @asynccontextmanager
+    async def replica(self, name: str, **overrides: Any) -> AsyncIterator[Replica]:
+        listen = f"127.0.0.1:{free_port()}"
+        values: dict[str, Any] = {
+            "nats_urls": [self.nats_url],
+            "grpc_listen": listen,
+            "http_listen": "127.0.0.1:0",
+            "auth_target": self.auth.grpc_address,
+            "service_account": ":".join(SERVICE),
+            "instance": name,
+            "shutdown_grace": 0.2,
+            "log_level": "warning",
+        }
+        values.update(overrides)
+        async with (
+            ResourceApp(ResourceSettings(**values)) as app,
+            grpc.aio.insecure_channel(app.grpc_address) as channel,
+        ):
+            replica = Replica(channel, f"http://{listen}")
+            await eventually(replica.serving, within=20, what=f"{name} serving")
+            yield replica
+
+
+class Replica:
+    def __init__(self, channel: grpc.aio.Channel, origin: str) -> None:
+        self.origin = origin
+        self.stub = resource_pb2_grpc.ResourceServiceStub(channel)
+        self.health = health_pb2_grpc.HealthStub(channel)
+
+    async def serving(self) -> bool:
+        reply = await self.health.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    def whoami(
+        self, token: str, *, scheme: str = "DPoP", proof: str | None = None
+    ) -> grpc.aio.UnaryUnaryCall[resource_pb2.WhoAmIRequest, resource_pb2.WhoAmIResponse]:
+        metadata = [("authorization", f"{scheme} {token}")]
+        if proof is not None:
+            metadata.append(("dpop", proof))
+        return self.stub.WhoAmI(resource_pb2.WhoAmIRequest(), metadata=metadata, timeout=5)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def stack(redis_url: str, nats_url: str) -> AsyncIterator[Stack]:
+    listen = f"127.0.0.1:{free_port()}"
+    async with running_auth(auth_settings(redis_url, [nats_url], grpc_listen=listen)) as (app, client):
+        await client.create_user(*USER)
+        yield Stack(app, client, f"http://{listen}", nats_url)
+
+
+async def test_a_bound_token_with_a_proof_is_accepted_and_without_one_refused(stack: Stack) -> None:
+    signer = ProofSigner()
+    token = (await stack.login(signer)).access_token
+    async with stack.replica("replica-a") as replica:
+        answer = await replica.whoami(token, proof=signer.proof(replica.origin, WHOAMI, access_token=token))
+        assert answer.subject
+        await expect_error(replica.whoami(token, scheme="Bearer"), UNAUTHENTICATED, "DPOP_PROOF_MISSING")
+        await expect_error(replica.whoami(token), UNAUTHENTICATED, "DPOP_PROOF_MISSING")
+        # Stolen token, attacker's own key: the proof is valid, the binding is not.
+        thief = ProofSigner()
+        await expect_error(
+            replica.whoami(token, proof=thief.proof(replica.origin, WHOAMI, access_token=token)),
+            UNAUTHENTICATED,
+            "DPOP_KEY_MISMATCH",
+        )
+        # A proof made for another method, or for another token, does not count.
+        for wrong in (
+            signer.proof(
+                replica.origin, "/authmesh.resource.v1.ResourceService/GetDocument", access_token=token
+            ),
+            signer.proof(replica.origin, WHOAMI, access_token=token + "x"),
+            signer.proof(replica.origin, WHOAMI),
+        ):
+            await expect_error(replica.whoami(token, proof=wrong), UNAUTHENTICATED, "DPOP_PROOF_INVALID")
+
+
+async def test_a_proof_is_accepted_once_per_replica(stack: Stack) -> None:
+    signer = ProofSigner()
+    token = (await stack.login(signer)).access_token
+    # Both replicas answer to the same name, as behind one load balancer.
+    async with (
+        stack.replica("replica-b") as first,
+        stack.replica("replica-c", dpop_origins=first.origin) as second,
+    ):
+        proof = signer.proof(first.origin, WHOAMI, access_token=token)
+        await first.whoami(token, proof=proof)
+        await expect_error(first.whoami(token, proof=proof), UNAUTHENTICATED, "DPOP_PROOF_REPLAYED")
+        # The documented bound: once per replica within the window (nonces make it once in all).
+        await second.whoami(token, proof=proof)
+        await expect_error(second.whoami(token, proof=proof), UNAUTHENTICATED, "DPOP_PROOF_REPLAYED")
+
+
+async def test_bearer_tokens_are_accepted_unless_the_service_requires_dpop(stack: Stack) -> None:
+    signer = ProofSigner()
+    bearer_token = (await stack.login(None)).access_token
+    bound_token = (await stack.login(signer)).access_token
+    async with AsyncExitStack() as stack_of_replicas:
+        accepting = await stack_of_replicas.enter_async_context(stack.replica("accepting"))
+        requiring = await stack_of_replicas.enter_async_context(stack.replica("requiring", dpop="require"))
+        bearer_only = await stack_of_replicas.enter_async_context(stack.replica("bearer-only", dpop="off"))
+        assert (await accepting.whoami(bearer_token, scheme="Bearer")).subject
+        assert (await bearer_only.whoami(bearer_token, scheme="Bearer")).subject
+        await expect_error(
+            requiring.whoami(bearer_token, scheme="Bearer"), UNAUTHENTICATED, "DPOP_PROOF_MISSING"
+        )
+        # A bearer token under the DPoP scheme, even with a valid proof, is not bound to that key.
+        await expect_error(
+            accepting.whoami(
+                bearer_token, proof=signer.proof(accepting.origin, WHOAMI, access_token=bearer_token)
+            ),
+            UNAUTHENTICATED,
+            "DPOP_KEY_MISMATCH",
+        )
+        proof = signer.proof(requiring.origin, WHOAMI, access_token=bound_token)
+        assert (await requiring.whoami(bound_token, proof=proof)).subject
+        # Where DPoP is off, a bound token cannot be used at all.
+        await expect_error(
+            bearer_only.whoami(bound_token, scheme="Bearer"), UNAUTHENTICATED, "DPOP_PROOF_MISSING"
+        )
+        proof = signer.proof(bearer_only.origin, WHOAMI, access_token=bound_token)
+        await expect_error(
+            bearer_only.whoami(bound_token, proof=proof), UNAUTHENTICATED, "DPOP_PROOF_INVALID"
+        )
+
+
+async def test_a_service_that_wants_nonces_hands_one_out_in_the_trailers(stack: Stack) -> None:
+    signer = ProofSigner()
+    token = (await stack.login(signer)).access_token
+    secret = "n" * 32
+    async with (
+        stack.replica("nonce-a", dpop_nonce_secret=secret) as first,
+        stack.replica("nonce-b", dpop_nonce_secret=secret, dpop_origins=first.origin) as second,
+    ):
+        error = await expect_error(
+            first.whoami(token, proof=signer.proof(first.origin, WHOAMI, access_token=token)),
+            UNAUTHENTICATED,
+            "DPOP_NONCE_REQUIRED",
+        )
+        nonce = dict(error.trailing_metadata() or ())["dpop-nonce"]
+        assert isinstance(nonce, str)
+        # Another replica of the same service takes it: no state is shared, only the secret.
+        proof = signer.proof(first.origin, WHOAMI, access_token=token, nonce=nonce)
+        assert (await second.whoami(token, proof=proof)).subject
