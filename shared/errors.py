@@ -34,6 +34,7 @@ a status code in one table (``authmesh._shared.grpc_errors``).
     ├── RateLimited                       RESOURCE_EXHAUSTED (RATE_LIMITED)
     ├── Unavailable                       UNAVAILABLE (STORE_UNAVAILABLE, BROKER_UNAVAILABLE,
     │                                     KEYS_UNAVAILABLE, REVOCATION_STATE_STALE, ...)
+    ├── StoreError                        INTERNAL (STORE_ERROR: the store answered a command with an error)
     ├── ConfigurationError                CONFIGURATION_INVALID (raised at start, never on the wire)
     └── EventRejected                     EVENT_* (an event on NATS we cannot trust: EVENT_WRONG_SUBJECT,
                                           EVENT_FOREIGN_ISSUER, EVENT_BAD_SIGNATURE, EVENT_MALFORMED, ...)
@@ -270,6 +271,16 @@ class Unavailable(AuthError):
 
     code = "UNAVAILABLE"
     default_message = "service unavailable"
+
+
+class StoreError(AuthError):
+    """The store answered with an error (a script error, ``WRONGTYPE``, out of memory): not an outage.
+
+    Retrying will not help until an operator acts; the service's log names the command and the reply.
+    """
+
+    code = "STORE_ERROR"
+    default_message = "token store error"
 
 
 class ConfigurationError(AuthError):
