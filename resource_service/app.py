@@ -32,12 +32,15 @@ from authmesh._shared.key_cache import KeyCache
 from authmesh._shared.lifecycle import Startable, run_until_signalled
 from authmesh._shared.logs import configure_logging
 from authmesh._shared.metrics import RevocationMetrics, ServiceMetrics, VerificationMetrics, gauge_function
+from authmesh._shared.nats_wiring import connect_nats
 from authmesh._shared.settings import ResourceSettings, credentials
 from authmesh._shared.staleness import IntrospectionFallback, StalenessMonitor
 from authmesh._shared.verifier import TokenVerifier, VerifierPolicy
 from authmesh.resource.v1 import resource_pb2_grpc
 
 _log = structlog.get_logger(__name__)
+# While a replica is not ready, it says every this many seconds what it is waiting for.
+READY_REPORT_SECONDS = 5.0
 
 
 class ResourceApp(Startable):
@@ -99,6 +102,10 @@ class ResourceApp(Startable):
 
     async def _start(self) -> None:
         settings = self.settings
+        # Fail at start, in one line, when NATS is not reachable within the connect timeout; once up, the
+        # consumer reconnects for ever.
+        probe = await connect_nats(settings, name=f"resource-service {settings.instance} (start)")
+        await probe.close()
         await self._stack.enter_async_context(self.auth)
         self._stack.push_async_callback(self.keys.aclose)
         if self.fallback is not None:
@@ -146,7 +153,13 @@ class ResourceApp(Startable):
             group.create_task(self._serve_when_ready(), name="readiness")
 
     async def _serve_when_ready(self) -> None:
-        await self.consumer.wait_ready()
+        while True:
+            try:
+                async with asyncio.timeout(READY_REPORT_SECONDS):
+                    await self.consumer.wait_ready()
+                break
+            except TimeoutError:
+                _log.warning("resource service not ready yet", waiting_for=self.consumer.waiting_for)
         assert self._grpc is not None  # the loops start after the server
         await self._grpc.set_serving(True)
         _log.info("resource service serving", instance=self.settings.instance)

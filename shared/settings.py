@@ -54,6 +54,12 @@ class CommonSettings(BaseSettings):
     )
     instance: str = Field(default_factory=_default_instance, min_length=1, description="replica name")
     stream_replicas: int = Field(default=1, ge=1, le=5, description="AUTH_EVENTS replication factor")
+    connect_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="seconds a starting service keeps retrying NATS (and Redis) before it exits",
+    )
     log_level: str = Field(default="info", description="debug, info, warning or error")
     log_format: str = Field(default="console", pattern="^(console|json)$", description="console or json")
 
