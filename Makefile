@@ -7,6 +7,7 @@
 #                     (redone only when pyproject.toml or the lock changes)
 #   make test         the test suite (PYTEST_ARGS="-k cluster -x" to narrow it)
 #   make lock         re-resolve requirements/lock.txt to the newest versions pyproject.toml allows
+#   make lock-drift   show which pins `make lock` would change (fails when some would)
 #   make test-latest  the suite in .venv-latest, with the newest allowed versions instead of the lock
 #   make lint         ruff check + ruff format --check
 #   make format       ruff format + ruff check --fix
@@ -37,6 +38,9 @@ BIN := $(VENV)/bin
 EXTRAS := stack,dev,plot
 # Exact versions of everything `make venv` installs; pyproject.toml keeps ranges for library users.
 LOCK := requirements/lock.txt
+# Resolves the lock from pyproject.toml for every platform, from the oldest Python the project supports.
+UV_COMPILE = $(BIN)/uv pip compile pyproject.toml $(foreach extra,$(subst $(comma), ,$(EXTRAS)),--extra $(extra)) \
+  --universal --python-version 3.11 --native-tls --quiet
 LATEST_VENV := .venv-latest
 LATEST_STAMP := $(LATEST_VENV)/.authmesh-installed
 
@@ -47,7 +51,7 @@ BUF := $(BUF_DIR)/node_modules/.bin/buf
 PYTEST_ARGS ?=
 
 .PHONY: help demo up venv test lint format typecheck proto proto-check buf-lint check clean distclean \
-  lock test-latest
+  lock lock-drift latest-venv test-latest
 
 help:
 	@sed -n '1,/^$$/p' $(firstword $(MAKEFILE_LIST)) | sed 's/^# \{0,1\}//'
@@ -76,12 +80,20 @@ test: $(VENV_STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lock: $(VENV_STAMP)
-	$(BIN)/uv pip compile pyproject.toml $(foreach extra,$(subst $(comma), ,$(EXTRAS)),--extra $(extra)) \
-	  --universal --python-version 3.11 --native-tls --upgrade --quiet -o $(LOCK)
+	$(UV_COMPILE) --upgrade -o $(LOCK)
 
-# The versions that differ from the lock are printed first, so a failure names its likely cause.
+# Prints the pins the newest allowed versions would change (diff: < locked, > newest); fails if any.
+lock-drift: $(VENV_STAMP)
+	@newest=$$(mktemp) && trap 'rm -f "$$newest"' EXIT \
+	  && $(UV_COMPILE) --upgrade --no-header -o "$$newest" \
+	  && diff <(grep -E '^[^ #]' $(LOCK)) <(grep -E '^[^ #]' "$$newest") \
+	  && echo "$(LOCK) has the newest versions pyproject.toml allows"
+
+latest-venv: $(LATEST_STAMP)
+
+# What differs from the lock is printed first, so a failure names its likely cause.
 test-latest: $(LATEST_STAMP)
-	$(LATEST_VENV)/bin/python scripts/lock_drift.py $(LOCK) || true
+	$(MAKE) --no-print-directory lock-drift || true
 	$(LATEST_VENV)/bin/pytest $(PYTEST_ARGS)
 
 demo: $(VENV_STAMP)
