@@ -15,7 +15,8 @@ from nats.aio.client import Client as NatsClient
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from authmesh._auth_service.core import ADMIN_SCOPE, SERVICE_SCOPE, AuthCore
+from authmesh._auth_service.core import AuthCore
+from authmesh._auth_service.grants import ADMIN_SCOPE, SERVICE_SCOPE
 from authmesh._auth_service.http_routes import http_routes
 from authmesh._auth_service.keyring import Keyring, KeySealer
 from authmesh._auth_service.metrics import AuthMetrics

@@ -24,7 +24,8 @@ a status code in one table (``authmesh._shared.grpc_errors``).
     │   ├── TokenRevoked                  TOKEN_REVOKED / SESSION_REVOKED / USER_REVOKED
     │   ├── InvalidCredentials            INVALID_CREDENTIALS
     │   ├── InvalidRefreshToken           REFRESH_TOKEN_INVALID
-    │   └── RefreshTokenReused            REFRESH_TOKEN_REUSED
+    │   ├── RefreshTokenReused            REFRESH_TOKEN_REUSED
+    │   └── UserDisabled                  USER_DISABLED
     ├── PermissionDenied                  PERMISSION_DENIED
     │   ├── InsufficientScope             INSUFFICIENT_SCOPE
     │   └── NotOwner                      NOT_OWNER
@@ -32,8 +33,9 @@ a status code in one table (``authmesh._shared.grpc_errors``).
     ├── AlreadyExists                     ALREADY_EXISTS (USER_EXISTS)
     ├── NotFound                          NOT_FOUND (SESSION_NOT_FOUND, USER_NOT_FOUND)
     ├── RateLimited                       RESOURCE_EXHAUSTED (RATE_LIMITED)
-    ├── Unavailable                       UNAVAILABLE (STORE_UNAVAILABLE, BROKER_UNAVAILABLE,
-    │                                     KEYS_UNAVAILABLE, REVOCATION_STATE_STALE, ...)
+    ├── Unavailable                       UNAVAILABLE (BROKER_UNAVAILABLE, KEYS_UNAVAILABLE,
+    │   │                                 REVOCATION_STATE_STALE, ...)
+    │   └── StoreUnavailable              STORE_UNAVAILABLE (the store cannot be reached or timed out)
     ├── StoreError                        INTERNAL (STORE_ERROR: the store answered a command with an error)
     ├── ConfigurationError                CONFIGURATION_INVALID (raised at start, never on the wire)
     └── EventRejected                     EVENT_* (an event on NATS we cannot trust: EVENT_WRONG_SUBJECT,
@@ -203,6 +205,13 @@ class RefreshTokenReused(TokenRejected):
     default_message = "refresh token reused; session revoked"
 
 
+class UserDisabled(TokenRejected):
+    """The account is disabled: it can neither log in nor refresh until an admin enables it again."""
+
+    code = "USER_DISABLED"
+    default_message = "account disabled"
+
+
 class PermissionDenied(AuthError):
     """A valid principal may not do this."""
 
@@ -271,6 +280,13 @@ class Unavailable(AuthError):
 
     code = "UNAVAILABLE"
     default_message = "service unavailable"
+
+
+class StoreUnavailable(Unavailable):
+    """The store could not be reached or did not answer in time."""
+
+    code = "STORE_UNAVAILABLE"
+    default_message = "token store unavailable"
 
 
 class StoreError(AuthError):
