@@ -127,15 +127,13 @@ def _address(port: int) -> dict[str, Any]:
     return {"socket_address": {"address": LOOPBACK, "port_value": port}}
 
 
-def _cluster(name: str, port: int, *, http2: bool) -> dict[str, Any]:
+def _cluster(name: str, *ports: int, http2: bool) -> dict[str, Any]:
+    endpoints = [{"endpoint": {"address": _address(port)}} for port in ports]
     cluster: dict[str, Any] = {
         "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(port)}}]}],
-        },
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]},
     }
     if http2:
         cluster["typed_extension_protocol_options"] = {
@@ -147,6 +145,28 @@ def _cluster(name: str, port: int, *, http2: bool) -> dict[str, Any]:
     return cluster
 
 
+def _listener(
+    name: str, port: int, routes: Sequence[Mapping[str, Any]], http_filters: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    manager = {
+        "@type": _HCM,
+        "stat_prefix": name,
+        "codec_type": "AUTO",
+        "route_config": {"virtual_hosts": [{"name": name, "domains": ["*"], "routes": list(routes)}]},
+        "http_filters": [
+            *http_filters,
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
+        ],
+    }
+    return {
+        "name": name,
+        "address": _address(port),
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
+        ],
+    }
+
+
 def _bootstrap(
     ports: GatewayPorts,
     http_filters: Sequence[Mapping[str, Any]],
@@ -156,38 +176,7 @@ def _bootstrap(
     return {
         "admin": {"address": _address(ports.admin)},
         "static_resources": {
-            "listeners": [
-                {
-                    "name": "gateway",
-                    "address": _address(ports.listen),
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": {
-                                        "@type": _HCM,
-                                        "stat_prefix": "gateway",
-                                        "codec_type": "AUTO",
-                                        "route_config": {
-                                            "virtual_hosts": [
-                                                {"name": "upstream", "domains": ["*"], "routes": list(routes)}
-                                            ]
-                                        },
-                                        "http_filters": [
-                                            *http_filters,
-                                            {
-                                                "name": "envoy.filters.http.router",
-                                                "typed_config": {"@type": _ROUTER},
-                                            },
-                                        ],
-                                    },
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
+            "listeners": [_listener("gateway", ports.listen, routes, http_filters)],
             "clusters": [_cluster("upstream", ports.upstream, http2=ports.upstream_http2), *clusters],
         },
     }
@@ -212,8 +201,8 @@ def ext_authz_filter(cluster: str = "authmesh_authz") -> dict[str, Any]:
     }
 
 
-def ext_authz_config(ports: GatewayPorts, authz_port: int) -> dict[str, Any]:
-    """Envoy guarded by authmesh's ext_authz on ``authz_port`` (a replica's gRPC port)."""
+def ext_authz_config(ports: GatewayPorts, *authz_ports: int) -> dict[str, Any]:
+    """Envoy guarded by authmesh's ext_authz on ``authz_ports`` (replicas' gRPC ports, balanced)."""
     routes = [
         {
             "match": {"prefix": route.prefix},
@@ -228,7 +217,7 @@ def ext_authz_config(ports: GatewayPorts, authz_port: int) -> dict[str, Any]:
         for route in ports.routes
     ]
     return _bootstrap(
-        ports, [ext_authz_filter()], routes, [_cluster("authmesh_authz", authz_port, http2=True)]
+        ports, [ext_authz_filter()], routes, [_cluster("authmesh_authz", *authz_ports, http2=True)]
     )
 
 
@@ -266,6 +255,15 @@ def jwt_authn_config(ports: GatewayPorts, *, jwks_port: int, issuer: str, audien
         for route in ports.routes
     ]
     return _bootstrap(ports, [jwt_filter], routes, [_cluster("authmesh_jwks", jwks_port, http2=False)])
+
+
+def direct_response_config(listen: int, admin: int) -> dict[str, Any]:
+    """An Envoy that answers every request itself with 200 (an upstream that costs next to nothing)."""
+    route = {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}
+    return {
+        "admin": {"address": _address(admin)},
+        "static_resources": {"listeners": [_listener("upstream", listen, [route], [])]},
+    }
 
 
 class EnvoyServer(ServerProcess):

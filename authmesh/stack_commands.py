@@ -21,6 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from authmesh._shared.errors import AuthError
+from authmesh.gateway_stack import GATEWAY_STACK_ENV, LocalGateway
 from authmesh.stack import LocalStack, StackSecrets, grpc_health_status, new_password
 
 EXIT_FAILURE = 1
@@ -58,6 +59,13 @@ def up(
             help="Keep data, logs and secrets here (reused next time); a temporary directory otherwise.",
         ),
     ] = None,
+    gateway: Annotated[
+        bool,
+        typer.Option(
+            "--gateway",
+            help="Also run Envoy with authmesh's ext_authz before an echo service with no authmesh code.",
+        ),
+    ] = False,
 ) -> None:
     """Run NATS (JetStream), Redis, the auth service and N resource replicas until interrupted."""
     err = Console(stderr=True)
@@ -67,7 +75,7 @@ def up(
     if not json_output:
         err.print(f"Starting the stack ({replicas} replica(s), {nats_cluster} NATS node(s))…")
     try:
-        asyncio.run(_serve(replicas, nats_cluster, data_dir, json_output))
+        asyncio.run(_serve(replicas, nats_cluster, data_dir, json_output, gateway))
     except AuthError as error:
         err.print(f"[red]the stack did not start[/red]: {escape(error.message)}")
         raise typer.Exit(EXIT_FAILURE) from None
@@ -75,7 +83,9 @@ def up(
         err.print("Stopped.")
 
 
-async def _serve(replicas: int, nats_cluster: int, data_dir: Path | None, json_output: bool) -> None:
+async def _serve(
+    replicas: int, nats_cluster: int, data_dir: Path | None, json_output: bool, gateway: bool = False
+) -> None:
     """Start the stack, announce it, and stop it on SIGINT or SIGTERM (even while it is starting)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -92,8 +102,17 @@ async def _serve(replicas: int, nats_cluster: int, data_dir: Path | None, json_o
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupt)
     try:
-        async with LocalStack(replicas=replicas, nats_cluster=nats_cluster, base_dir=data_dir) as stack:
-            _announce(stack, json_output)
+        env = GATEWAY_STACK_ENV if gateway else None
+        async with (
+            LocalStack(replicas=replicas, nats_cluster=nats_cluster, base_dir=data_dir, env=env) as stack,
+            contextlib.AsyncExitStack() as extras,
+        ):
+            envoy = (
+                await extras.enter_async_context(LocalGateway(stack, stack.data_dir / "gateway"))
+                if gateway
+                else None
+            )
+            _announce(stack, json_output, envoy)
             announced.set()
             await _watch(stack, stop)
     except asyncio.CancelledError:
@@ -120,11 +139,13 @@ async def _watch(stack: LocalStack, stop: asyncio.Event) -> None:
                 err.print(f"[red]{escape(name)} has exited[/red]; its log: {escape(str(log))}")
 
 
-def _announce(stack: LocalStack, json_output: bool) -> None:
-    if json_output:
-        print(json.dumps(stack.describe()), flush=True)
-        return
+def _announce(stack: LocalStack, json_output: bool, gateway: LocalGateway | None = None) -> None:
     description = stack.describe()
+    if gateway is not None:
+        description["gateway"] = gateway.describe()
+    if json_output:
+        print(json.dumps(description), flush=True)
+        return
     table = Table(title="authmesh stack", title_justify="left")
     # Addresses are copied from here: never wrapped or cut; the notes give way on a narrow terminal.
     for column in ("part", "address", "HTTP"):
@@ -138,6 +159,15 @@ def _announce(stack: LocalStack, json_output: bool) -> None:
     table.add_row("auth", auth["grpc"], auth["http"], "/.well-known/jwks.json")
     for replica in description["replicas"]:
         table.add_row(replica["name"], replica["grpc"], replica["http"], "/healthz, /metrics")
+    if gateway is not None:
+        routes = ", ".join(
+            f"{prefix} {scopes or 'any valid token'}"
+            for prefix, scopes in gateway.describe()["routes"].items()
+        )
+        table.add_row("gateway", gateway.url.removeprefix("http://"), "", f"Envoy + ext_authz: {routes}")
+        table.add_row(
+            "upstream", gateway.describe()["upstream"].removeprefix("http://"), "", "echo, no authmesh code"
+        )
     out = Console()
     out.print(table)
     admin = description["admin"]

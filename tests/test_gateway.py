@@ -30,6 +30,7 @@ from authmesh.envoy_gateway import (
     ext_authz_config,
     find_envoy,
 )
+from authmesh.gateway_stack import LocalGateway
 from authmesh.processes import free_ports
 from authmesh.stack import LocalStack
 from tests.helpers_tokens import SigningKey, sign_json, unsigned_token
@@ -202,6 +203,22 @@ async def test_a_valid_token_passes_and_the_upstream_sees_only_the_verified_iden
     assert seen["x-authmesh-scopes"] == ["docs:read"]
     assert seen["x-authmesh-session-id"] == [tokens.session_id]
     assert seen["x-authmesh-token-id"] == [claims["jti"]]
+
+
+async def test_the_local_gateway_of_authmesh_up_guards_the_echo_service(
+    setup: Setup, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    tokens = await setup.login()
+    async with (
+        LocalGateway(setup.stack, tmp_path_factory.mktemp("local-gateway")) as gateway,
+        aiohttp.ClientSession() as session,
+    ):
+        through = Gateway(session, gateway.port)
+        answer = await through.get("/docs/1", tokens.access_token, FORGED)
+        assert answer.status == 200
+        assert answer.body["headers"]["x-authmesh-subject"] == [setup.subject]
+        assert (await through.get("/docs/1", None)).status == 401
+        assert gateway.describe()["routes"] == {"/docs/": "docs:read", "/": ""}
 
 
 async def test_a_route_whose_scopes_the_token_lacks_answers_403_insufficient_scope(setup: Setup) -> None:
