@@ -9,12 +9,21 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from authmesh._shared.errors import ConfigurationError
 from authmesh._shared.http_server import split_host_port
 from authmesh._shared.lifecycle import Startable
-from authmesh.envoy_gateway import EchoUpstream, EnvoyServer, GatewayPorts, Route, ext_authz_config
+from authmesh.envoy_gateway import (
+    EchoUpstream,
+    EnvoyServer,
+    GatewayPorts,
+    Route,
+    ext_authz_config,
+    find_envoy,
+)
 from authmesh.processes import LOOPBACK, free_ports
 from authmesh.stack import LocalStack
 
@@ -67,3 +76,15 @@ class LocalGateway(Startable):
     async def aclose(self) -> None:
         """Stop Envoy, then the upstream."""
         await self._stack_parts.aclose()
+
+
+@contextlib.asynccontextmanager
+async def gateway_if_available(stack: LocalStack) -> AsyncIterator[str | None]:
+    """A :class:`LocalGateway` on ``stack`` when the Envoy binary is installed; yields its URL, else None."""
+    try:
+        find_envoy()
+    except ConfigurationError:
+        yield None
+        return
+    async with LocalGateway(stack, stack.data_dir / "gateway") as gateway:
+        yield gateway.url
