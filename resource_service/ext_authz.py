@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import grpc
-from google.rpc import code_pb2, status_pb2
+from google.rpc import code_pb2
 
 from authmesh._shared.claims import AccessClaims
 from authmesh._shared.errors import AuthError, InsufficientScope
@@ -44,7 +44,7 @@ TOKEN_ID_HEADER = "x-authmesh-token-id"
 IDENTITY_HEADERS = (SUBJECT_HEADER, SCOPES_HEADER, SESSION_HEADER, TOKEN_ID_HEADER)
 
 _OVERWRITE = ext_authz.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_OK_STATUS = status_pb2.Status(code=code_pb2.OK)
+_OK_STATUS = ext_authz.Status(code=code_pb2.OK)
 
 
 def required_scopes(request: ext_authz.CheckRequest) -> tuple[str, ...]:
@@ -68,7 +68,7 @@ def refused(error: AuthError) -> ext_authz.CheckResponse:
     refusal = http_refusal(error)
     headers = [*refusal.headers, ("content-type", "application/json")]
     return ext_authz.CheckResponse(
-        status=status_pb2.Status(code=status_code_for(error).value[0], message=error.message),
+        status=ext_authz.Status(code=status_code_for(error).value[0], message=error.message),
         denied_response=ext_authz.DeniedHttpResponse(
             status=ext_authz.HttpStatus(code=refusal.status),
             headers=_overwriting(headers),

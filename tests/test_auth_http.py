@@ -116,7 +116,7 @@ async def test_introspection_answers_a_service_and_refuses_a_user(
 ) -> None:
     _, _, http = service
     pat = await http.token("pat", "pat-password-1")
-    service_token = (await http.token(*SERVICE))["access_token"]
+    service_token = (await http.token(*SERVICE, scope="service"))["access_token"]
     status, _, answer = await http.post("/oauth2/introspect", {"token": pat["access_token"]}, service_token)
     assert status == 200
     assert answer["active"] is True
@@ -124,12 +124,16 @@ async def test_introspection_answers_a_service_and_refuses_a_user(
     assert answer["sid"] == pat["session_id"]
     status, _, answer = await http.post("/oauth2/introspect", {"token": "not-a-token"}, service_token)
     assert (status, answer) == (200, {"active": False})
-    # The same rule as the Introspect RPC: a plain user may not introspect.
+    # The same rule as the Introspect RPC: a user's resource token is not for the auth service.
     status, headers, answer = await http.post(
         "/oauth2/introspect", {"token": pat["access_token"]}, pat["access_token"]
     )
-    assert status == 403
-    assert headers["www-authenticate"].startswith('Bearer error="insufficient_scope"')
+    assert (status, answer["reason"]) == (401, "WRONG_AUDIENCE")
+    assert headers["www-authenticate"].startswith('Bearer error="invalid_token"')
+    # An admin token may introspect too.
+    admin = (await http.token(*ADMIN, scope="admin"))["access_token"]
+    status, _, answer = await http.post("/oauth2/introspect", {"token": pat["access_token"]}, admin)
+    assert (status, answer["active"]) == (200, True)
     status, headers, _ = await http.post("/oauth2/introspect", {"token": pat["access_token"]})
     assert status == 401
     assert headers["www-authenticate"].startswith('Bearer error="invalid_token"')
@@ -141,7 +145,7 @@ async def test_revocation_follows_the_rpc_rules_and_shows_in_introspection(
     _, _, http = service
     pat = await http.token("pat", "pat-password-1")
     sam = await http.token("sam", "sam-password-1")
-    service_token = (await http.token(*SERVICE))["access_token"]
+    service_token = (await http.token(*SERVICE, scope="service"))["access_token"]
     # Someone else's token: refused, as RevokeToken refuses it.
     status, _, body = await http.post("/oauth2/revoke", {"token": pat["access_token"]}, sam["access_token"])
     assert (status, body["reason"]) == (403, "NOT_OWNER")

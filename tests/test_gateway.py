@@ -123,7 +123,7 @@ class Setup:
         return await self.auth.login(self.user, PASSWORD)
 
     async def admin_token(self) -> str:
-        return (await self.auth.login(*self.stack.admin_credentials)).access_token
+        return (await self.auth.admin_login(*self.stack.admin_credentials)).access_token
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -178,7 +178,7 @@ async def _gateways(base: Path, grpc_upstream_port: int) -> AsyncIterator[Setup]
             admin_port=grpc_admin,
         )
         async with http_envoy, grpc_envoy:
-            admin_token = (await auth.login(*stack.admin_credentials)).access_token
+            admin_token = (await auth.admin_login(*stack.admin_credentials)).access_token
             user = f"user-{uuid.uuid4().hex[:8]}"
             subject = await auth.create_user(admin_token, user, PASSWORD, ("docs:read",))
             # A second user's token that nothing revokes: it shows expiry at the gateway.

@@ -160,7 +160,7 @@ async def measure(
             )
             progress("starting three Envoys")
             async with upstream, anchor, contender, AuthApi(stack.auth_grpc) as auth:
-                admin = (await auth.login(*stack.admin_credentials)).access_token
+                admin = (await auth.admin_login(*stack.admin_credentials)).access_token
                 await auth.create_user(admin, BENCH_USER, BENCH_PASSWORD, ("docs:read",))
                 urls = {
                     "jwt_authn": f"http://{LOOPBACK}:{ports[2]}/",

@@ -4,7 +4,7 @@ isort:skip_file
 Envoy's external authorization API (envoy.service.auth.v3), reduced to the fields authmesh reads
 and writes. Field numbers, types and the package are Envoy's, so the messages are wire-compatible
 with Envoy's own (fields left out are skipped on decoding); the helper messages Envoy keeps in
-envoy.config.core.v3 and envoy.type.v3 live in this one file. The upstream definitions are
+envoy.config.core.v3, envoy.type.v3 and google.rpc live in this one file. The upstream definitions are
 envoyproxy/envoy api/envoy/service/auth/v3/{external_auth,attribute_context}.proto,
 api/envoy/config/core/v3/base.proto and api/envoy/type/v3/http_status.proto (Apache License 2.0,
 Copyright The Envoy Authors; see LICENSE-envoy beside this file).
@@ -14,11 +14,11 @@ of a top-level `envoy` package.
 """
 
 from collections import abc as _abc
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
-from google.rpc import status_pb2 as _status_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -325,6 +325,34 @@ class OkHttpResponse(_message.Message):
 Global___OkHttpResponse: _TypeAlias = OkHttpResponse  # noqa: Y015
 
 @_typing.final
+class Status(_message.Message):
+    """google.rpc.Status, the same fields and numbers (kept here so the file needs no googleapis import)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    message: _builtins.str
+    @_builtins.property
+    def details(self) -> _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]: ...
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        details: _abc.Iterable[_any_pb2.Any] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Status: _TypeAlias = Status  # noqa: Y015
+
+@_typing.final
 class CheckResponse(_message.Message):
     """Check's answer: `status` OK allows the request; any other code refuses it."""
 
@@ -334,7 +362,7 @@ class CheckResponse(_message.Message):
     DENIED_RESPONSE_FIELD_NUMBER: _builtins.int
     OK_RESPONSE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def status(self) -> _status_pb2.Status: ...
+    def status(self) -> Global___Status: ...
     @_builtins.property
     def denied_response(self) -> Global___DeniedHttpResponse: ...
     @_builtins.property
@@ -342,7 +370,7 @@ class CheckResponse(_message.Message):
     def __init__(
         self,
         *,
-        status: _status_pb2.Status | None = ...,
+        status: Global___Status | None = ...,
         denied_response: Global___DeniedHttpResponse | None = ...,
         ok_response: Global___OkHttpResponse | None = ...,
     ) -> None: ...

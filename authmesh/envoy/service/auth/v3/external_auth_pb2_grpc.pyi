@@ -4,7 +4,7 @@ isort:skip_file
 Envoy's external authorization API (envoy.service.auth.v3), reduced to the fields authmesh reads
 and writes. Field numbers, types and the package are Envoy's, so the messages are wire-compatible
 with Envoy's own (fields left out are skipped on decoding); the helper messages Envoy keeps in
-envoy.config.core.v3 and envoy.type.v3 live in this one file. The upstream definitions are
+envoy.config.core.v3, envoy.type.v3 and google.rpc live in this one file. The upstream definitions are
 envoyproxy/envoy api/envoy/service/auth/v3/{external_auth,attribute_context}.proto,
 api/envoy/config/core/v3/base.proto and api/envoy/type/v3/http_status.proto (Apache License 2.0,
 Copyright The Envoy Authors; see LICENSE-envoy beside this file).
