@@ -8,6 +8,7 @@ standard-library HTTP echo service, one in front of a gRPC service that reports 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import time
 import uuid
@@ -20,6 +21,7 @@ import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
+from rich.console import Console
 
 from authmesh.client import AuthApi, Tokens
 from authmesh.envoy_gateway import (
@@ -33,6 +35,7 @@ from authmesh.envoy_gateway import (
 from authmesh.gateway_stack import LocalGateway
 from authmesh.processes import free_ports
 from authmesh.stack import LocalStack
+from authmesh.stack_commands import print_stack
 from tests.helpers_tokens import SigningKey, sign_json, unsigned_token
 from tests.test_stack import FAST_ENV as STACK_FAST_ENV
 from tests.waiting import eventually
@@ -219,6 +222,11 @@ async def test_the_local_gateway_of_authmesh_up_guards_the_echo_service(
         assert answer.body["headers"]["x-authmesh-subject"] == [setup.subject]
         assert (await through.get("/docs/1", None)).status == 401
         assert gateway.describe()["routes"] == {"/docs/": "docs:read", "/": ""}
+        description = setup.stack.describe()
+        description["gateway"] = gateway.describe()
+        output = io.StringIO()
+        print_stack(Console(file=output, width=200, force_terminal=False), description)
+        assert gateway.url.removeprefix("http://") in output.getvalue()
 
 
 async def test_a_route_whose_scopes_the_token_lacks_answers_403_insufficient_scope(setup: Setup) -> None:
