@@ -3,8 +3,8 @@
 It builds, in order: the auth-service client, the key cache, the denylist, the staleness monitor and the
 ``Introspect`` fallback, the revocation consumer, the verifier and interceptor, the gRPC server (service,
 health, reflection, and with ``ext_authz`` Envoy's ``Authorization/Check`` over the same verifier) and the
-HTTP side (``/metrics``, ``/healthz``). Background loops (the revocation
-consumer, the service-token refresher, the readiness watcher) run under one ``asyncio.TaskGroup``.
+HTTP side (``/metrics``, ``/healthz``). Background loops (the revocation consumer, the service-token
+refresher, the readiness watcher) run under one ``asyncio.TaskGroup``.
 
 Health stays ``NOT_SERVING`` (and every protected call ``UNAVAILABLE``) until the revocation state has
 caught up with the stream. On stop: health ``NOT_SERVING``, gRPC drains for ``shutdown_grace``, then the
