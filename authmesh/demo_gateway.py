@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import aiohttp
 
 from authmesh.client import AuthApi
+from authmesh.refusal_watch import ACCEPTED, NO_ANSWER, Answer, watch_until_refused
 
 # Bounded polling: a refusal that does not come within this long is reported as never.
 GATEWAY_REFUSAL_DEADLINE_SECONDS = 5.0
@@ -99,19 +100,25 @@ async def stolen_token_through_the_gateway(
         await auth.revoke_session(admin_token, tokens.session_id, "token theft")
         return (time.perf_counter() - started) * 1000
 
-    revocation = asyncio.ensure_future(revoke())
-    polls, reason, refused_after_ms = 0, "", None
-    try:
-        while time.perf_counter() - started < GATEWAY_REFUSAL_DEADLINE_SECONDS:
-            polls += 1
+    async def ask() -> Answer:
+        try:
             status, body = await _call(http, url, tokens.access_token)
-            if status == 401:
-                refused_after_ms = (time.perf_counter() - started) * 1000
-                reason = str(body.get("reason", ""))
-                break
+        except (aiohttp.ClientError, TimeoutError):
+            return NO_ANSWER
+        if status == 401:
+            return Answer(accepted=False, refused=True, label=str(body.get("reason", "")))
+        return ACCEPTED if status == 200 else Answer(accepted=False, refused=False, label=f"HTTP {status}")
+
+    revocation = asyncio.ensure_future(revoke())
+    try:
+        watched = await watch_until_refused(
+            ask, until=started + GATEWAY_REFUSAL_DEADLINE_SECONDS, clock=time.perf_counter
+        )
         revoke_ms = await revocation
     finally:
         revocation.cancel()
+    refused_after_ms = None if watched.refused_at is None else (watched.refused_at - started) * 1000
+    reason, polls = watched.label, watched.probes
     step(
         f"the admin revokes the session: the gateway refused the stolen token after "
         f"{refused_after_ms:.1f} ms ({reason}, {polls} polls)"

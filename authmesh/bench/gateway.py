@@ -51,6 +51,7 @@ from authmesh.envoy_gateway import (
     jwt_authn_config,
 )
 from authmesh.processes import LOOPBACK, free_ports
+from authmesh.refusal_watch import ACCEPTED, NO_ANSWER, REFUSED, Answer, watch_until_refused
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 from authmesh.stack import LocalStack
 
@@ -98,12 +99,10 @@ async def _closed_loop(
     return len(latencies), latencies, failures
 
 
-async def _first_refusal(probe: Callable[[], Awaitable[bool]], started: float) -> float:
-    """Milliseconds from ``started`` until ``probe`` first says refused (``inf`` past the cut-off)."""
-    while time.perf_counter() - started < NEVER_AFTER_SECONDS:
-        if await probe():
-            return (time.perf_counter() - started) * 1000
-    return math.inf
+async def _first_refusal(ask: Callable[[], Awaitable[Answer]], started: float) -> float:
+    """Milliseconds from ``started`` until ``ask`` first says refused (``inf`` past the cut-off)."""
+    watched = await watch_until_refused(ask, until=started + NEVER_AFTER_SECONDS, clock=time.perf_counter)
+    return math.inf if watched.refused_at is None else (watched.refused_at - started) * 1000
 
 
 async def measure(
@@ -249,24 +248,24 @@ async def _one_revocation(
     """Revoke ``token``; ms from the RPC's start to the first refusal at ext_authz, jwt_authn, the replica."""
     headers = {"authorization": f"Bearer {token}"}
 
-    def gateway_refuses(url: str) -> Callable[[], Awaitable[bool]]:
-        async def probe() -> bool:
+    def gateway_refuses(url: str) -> Callable[[], Awaitable[Answer]]:
+        async def probe() -> Answer:
             async with session.get(url, headers=headers) as reply:
                 await reply.read()
-                return reply.status == 401
+                return REFUSED if reply.status == 401 else ACCEPTED if reply.status == 200 else NO_ANSWER
 
         return probe
 
-    async def replica_refuses() -> bool:
+    async def replica_refuses() -> Answer:
         try:
             await stub.WhoAmI(resource_pb2.WhoAmIRequest(), metadata=tuple(headers.items()), timeout=1)
         except grpc.aio.AioRpcError as error:
-            return error.code() == grpc.StatusCode.UNAUTHENTICATED
-        return False
+            return REFUSED if error.code() == grpc.StatusCode.UNAUTHENTICATED else NO_ANSWER
+        return ACCEPTED
 
     probes = [gateway_refuses(urls["ext_authz"]), gateway_refuses(urls["jwt_authn"]), replica_refuses]
     for probe in probes:
-        if await probe():
+        if (await probe()).refused:
             raise RuntimeError("a fresh token was refused before its revocation")
     started = time.perf_counter()
     watchers = [asyncio.ensure_future(_first_refusal(probe, started)) for probe in probes]
