@@ -12,7 +12,7 @@
 #   make lint         ruff check + ruff format --check
 #   make format       ruff format + ruff check --fix
 #   make typecheck    mypy --strict (configured in pyproject.toml)
-#   make proto        regenerate authmesh/{auth,resource}/v1 from protos/
+#   make proto        regenerate authmesh/{auth,resource}/v1 and authmesh/envoy from protos/
 #   make proto-check  fail if the generated code is stale
 #   make buf-lint     buf lint on protos/ (buf from npm, installed under node_modules/)
 #   make check        all of the gates above

@@ -148,6 +148,10 @@ class ResourceSettings(CommonSettings):
         default=None, description="username:password used for Introspect and SnapshotRevocations"
     )
     shutdown_grace: float = Field(default=5.0, ge=0, le=120, description="drain time on SIGTERM, s")
+    ext_authz: bool = Field(
+        default=False,
+        description="also answer Envoy's ext_authz Check (envoy.service.auth.v3.Authorization) on gRPC",
+    )
 
 
 def credentials(secret: SecretStr) -> tuple[str, str]:
