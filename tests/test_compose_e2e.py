@@ -1,0 +1,387 @@
+"""docker-compose.yml in real containers: ``make compose-e2e`` (marker ``compose``; not in ``make test``).
+
+Needs a Docker engine, the compose v2 plugin and the base images; ``scripts/compose_e2e.sh`` provides all
+three (and stand-ins for the base images where no registry answers). One compose project with a name of
+its own comes up with ``--wait``, and then, in order: the demo profile passes; it passes again with one
+NATS node killed; revocations acknowledged while Redis is killed and the auth service restarted are all
+still refused by every replica (one of them restarted too); a replica cut from the NATS network refuses a
+token revoked during the cut within its staleness bound. ``docker compose down -v`` runs at the end
+whatever happened. Published ports bind 127.0.0.1 only, on free ports chosen at the start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from authmesh._shared.grpc_errors import error_reason
+from authmesh._shared.settings import ResourceSettings
+from authmesh.auth.v1 import auth_pb2
+from authmesh.processes import free_ports
+from authmesh.stack_commands import compose_environment
+from tests.test_stack import USER_PASSWORD, StackClient
+from tests.waiting import eventually
+
+pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+REPLICAS = ("resource-1", "resource-2", "resource-3")
+AUTH_GRPC_PORT, RESOURCE_GRPC_PORT = 50051, 50061
+AUTH_HTTP_PORT, RESOURCE_HTTP_PORT = 8081, 8091
+# The first `up` builds the authmesh image (pip install from the package index).
+UP_TIMEOUT_SECONDS = 600
+COMMAND_TIMEOUT_SECONDS = 180
+DEMO_TIMEOUT_SECONDS = 300
+# How long a replica may take to see a revocation over NATS, when nothing is cut.
+PROPAGATION_SECONDS = 10.0
+# Beyond the staleness bound: one heartbeat interval, one poll, and a call's own round trip.
+STALENESS_SLACK_SECONDS = 2.0
+# One revocation per this many seconds while Redis and the auth service restart.
+REVOKE_PACE_SECONDS = 0.3
+SESSIONS_TO_REVOKE = 60
+
+SERVICE_PORTS = {
+    "auth": (AUTH_GRPC_PORT, AUTH_HTTP_PORT),
+    **dict.fromkeys(REPLICAS, (RESOURCE_GRPC_PORT, RESOURCE_HTTP_PORT)),
+}
+
+
+def override_publishing(host_ports: dict[tuple[str, int], int]) -> str:
+    """A compose override that publishes each port on loopback only, at the port ``host_ports`` names.
+
+    Ports chosen here, not by the engine: an engine-chosen port changes when its container restarts.
+    The compose file's own (50051, …) may be taken by a stack already running on this machine.
+    """
+    lines = ["services:"]
+    for service, ports in SERVICE_PORTS.items():
+        published = ", ".join(f'"127.0.0.1:{host_ports[(service, port)]}:{port}"' for port in ports)
+        lines += [f"  {service}:", f"    ports: !override [{published}]"]
+    return "\n".join(lines) + "\n"
+
+
+class ComposeError(AssertionError):
+    """A compose command failed; carries its output."""
+
+
+@dataclass(frozen=True, slots=True)
+class ComposeProject:
+    """One compose project of docker-compose.yml: its name, its override file and its secrets."""
+
+    name: str
+    override: Path
+    environment: dict[str, str]
+
+    def command(self, *arguments: str) -> list[str]:
+        """``docker compose`` on this project."""
+        files = ["--file", str(COMPOSE_FILE), "--file", str(self.override)]
+        return [
+            "docker",
+            "compose",
+            "--project-name",
+            self.name,
+            "--project-directory",
+            str(ROOT),
+            *files,
+            *arguments,
+        ]
+
+    async def run(self, *arguments: str, timeout: float = COMMAND_TIMEOUT_SECONDS) -> str:  # noqa: ASYNC109
+        """Run a compose command; its standard output, or ComposeError with everything it said."""
+        return await docker(*self.command(*arguments)[1:], timeout=timeout, environment=self.environment)
+
+    async def container(self, service: str) -> str:
+        """The id of ``service``'s container."""
+        return (await self.run("ps", "--quiet", service)).strip()
+
+    async def wait_healthy(self) -> None:
+        """Start whatever is stopped and wait until every service is healthy."""
+        await self.run("up", "--detach", "--wait", "--no-build", timeout=UP_TIMEOUT_SECONDS)
+
+    def network(self, name: str) -> str:
+        """The engine's name of the compose network ``name``."""
+        return f"{self.name}_{name}"
+
+
+async def docker(
+    *arguments: str,
+    timeout: float = COMMAND_TIMEOUT_SECONDS,  # noqa: ASYNC109
+    environment: dict[str, str] | None = None,
+) -> str:
+    """Run ``docker ARGUMENTS``; its standard output, or ComposeError with everything it said."""
+    process = await asyncio.create_subprocess_exec(
+        "docker",
+        *arguments,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=environment,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            stdout, stderr = await process.communicate()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise ComposeError(f"docker {' '.join(arguments[:6])} … did not finish in {timeout:.0f} s") from None
+    if process.returncode != 0:
+        said = (stdout + stderr).decode(errors="replace")[-6000:]
+        raise ComposeError(f"docker {' '.join(arguments[:6])} … exited {process.returncode}:\n{said}")
+    return stdout.decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Stack:
+    """The running project and where its published ports are."""
+
+    project: ComposeProject
+    auth_target: str
+    replica_targets: list[str]
+    admin: tuple[str, str]
+
+    @contextlib.asynccontextmanager
+    async def client(self) -> AsyncIterator[StackClient]:
+        """A client of the auth service and the three replicas, closed afterwards."""
+        client = StackClient(self.auth_target, self.replica_targets, self.admin)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+
+
+def secret_env() -> dict[str, str]:
+    """This process's environment, without AUTHMESH_* settings of its own, plus fresh secrets."""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("AUTHMESH_")}
+    return environment | compose_environment()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    """The compose file's stack in containers, healthy; taken down with its volumes afterwards."""
+    wanted = [(service, port) for service, ports in SERVICE_PORTS.items() for port in ports]
+    host_ports = dict(zip(wanted, free_ports(len(wanted)), strict=True))
+    override = tmp_path_factory.mktemp("compose-e2e") / "docker-compose.e2e.yml"
+    override.write_text(override_publishing(host_ports))
+    environment = secret_env()
+    project = ComposeProject(f"authmesh-e2e-{secrets.token_hex(4)}", override, environment)
+    try:
+        try:
+            await project.run("up", "--detach", "--wait", timeout=UP_TIMEOUT_SECONDS)
+        except ComposeError as error:
+            logs = await project.run("logs", "--no-color", "--tail", "40")
+            raise ComposeError(f"{error}\n--- logs ---\n{logs}") from None
+        username, _, password = environment["AUTHMESH_BOOTSTRAP_ADMIN"].partition(":")
+        yield Stack(
+            project,
+            f"127.0.0.1:{host_ports[('auth', AUTH_GRPC_PORT)]}",
+            [f"127.0.0.1:{host_ports[(replica, RESOURCE_GRPC_PORT)]}" for replica in REPLICAS],
+            (username, password),
+        )
+    finally:
+        await project.run("down", "--volumes", "--remove-orphans", "--timeout", "10")
+
+
+async def run_demo(stack: Stack) -> str:
+    """The demo profile's service, once, against the running stack (it starts nothing else)."""
+    return await stack.project.run(
+        "--profile", "demo", "run", "--rm", "--no-deps", "demo", timeout=DEMO_TIMEOUT_SECONDS
+    )
+
+
+async def refusal(client: StackClient, replica: int, token: str) -> str | None:
+    """``None`` when the replica accepts ``token``; else the status code and reason it refused with."""
+    try:
+        await client.whoami(replica, token)
+    except grpc.aio.AioRpcError as error:
+        return f"{error.code().name} {error_reason(error)}"
+    return None
+
+
+async def refuses_everywhere(client: StackClient, token: str, reason: str) -> bool:
+    """Whether every replica refuses ``token`` as UNAUTHENTICATED with ``reason``."""
+    return all([await client.rejects(index, token, reason) for index in range(len(REPLICAS))])
+
+
+def staleness_bound() -> float:
+    """The replicas' staleness bound: the compose file leaves the contract's default."""
+    default = ResourceSettings.model_fields["staleness_bound"].default
+    assert isinstance(default, int | float)
+    return float(default)
+
+
+@contextlib.contextmanager
+def timer() -> Iterator[list[float]]:
+    """Seconds spent in the block, in the one-element list it yields."""
+    elapsed = [0.0]
+    started = time.monotonic()
+    try:
+        yield elapsed
+    finally:
+        elapsed[0] = time.monotonic() - started
+
+
+async def test_the_stack_is_healthy_on_its_own_networks_and_publishes_on_loopback_only(stack: Stack) -> None:
+    lines = (await stack.project.run("ps", "--format", "json")).splitlines()
+    services = {entry["Service"]: entry for entry in map(json.loads, filter(None, lines))}
+    redis_id = await stack.project.container("redis")
+    redis_networks = json.loads(
+        await docker("inspect", "--format", "{{json .NetworkSettings.Networks}}", redis_id)
+    )
+    internal = {
+        name: (
+            await docker("network", "inspect", "--format", "{{.Internal}}", stack.project.network(name))
+        ).strip()
+        for name in ("nats", "redis")
+    }
+
+    assert set(services) == {"nats-1", "nats-2", "nats-3", "redis", "auth", *REPLICAS}
+    assert {entry["Health"] for entry in services.values()} == {"healthy"}
+    published = [
+        port for entry in services.values() for port in entry.get("Publishers") or [] if port["PublishedPort"]
+    ]
+    assert {port["URL"] for port in published} == {"127.0.0.1"}
+    assert set(redis_networks) == {stack.project.network("redis")}
+    assert internal == {"nats": "true", "redis": "true"}
+
+
+async def test_the_demo_profile_passes(stack: Stack) -> None:
+    output = await run_demo(stack)
+
+    assert "resource-1" in output
+
+
+async def test_the_demo_passes_with_one_nats_node_killed(stack: Stack) -> None:
+    await stack.project.run("kill", "--signal", "SIGKILL", "nats-2")
+    try:
+        states = await stack.project.run("ps", "--all", "--format", "{{.Service}} {{.State}}", "nats-2")
+        output = await run_demo(stack)
+    finally:
+        await stack.project.wait_healthy()
+
+    assert states.split() == ["nats-2", "exited"]
+    assert "resource-1" in output
+
+
+async def test_no_acknowledged_revocation_is_lost_when_redis_is_killed_and_the_auth_service_restarts(
+    stack: Stack,
+) -> None:
+    async with stack.client() as client:
+        await client.create_user("dora")
+        pairs = [await client.login("dora", USER_PASSWORD) for _ in range(SESSIONS_TO_REVOKE)]
+        # One revocation acknowledged before anything restarts, so the check below is never empty.
+        await client.revoke_session(pairs[0].session_id)
+        acknowledged = [pairs[0]]
+        failed = 0
+        restarted = asyncio.Event()
+
+        async def revoke_until_restarted() -> None:
+            nonlocal failed
+            for pair in pairs[1:]:
+                try:
+                    await client.revoke_session(pair.session_id)
+                except grpc.aio.AioRpcError:
+                    failed += 1
+                else:
+                    acknowledged.append(pair)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(restarted.wait(), REVOKE_PACE_SECONDS)
+                if restarted.is_set():
+                    return
+
+        revoking = asyncio.create_task(revoke_until_restarted())
+        try:
+            await stack.project.run("kill", "--signal", "SIGKILL", "redis")
+            await stack.project.run("start", "redis")
+            await stack.project.run("restart", "auth")
+            await stack.project.wait_healthy()
+        finally:
+            restarted.set()
+            await revoking
+        # A replica that starts now learns the revocations from the snapshot and the stream alone.
+        await stack.project.run("restart", "resource-3")
+        await stack.project.wait_healthy()
+
+        async def all_refused() -> bool:
+            return all(
+                [
+                    await refuses_everywhere(client, pair.access_token, "SESSION_REVOKED")
+                    for pair in acknowledged
+                ]
+            )
+
+        await eventually(
+            all_refused, within=PROPAGATION_SECONDS, what="every acknowledged revocation refused"
+        )
+        refresh_refusals = []
+        for pair in acknowledged:
+            try:
+                await client.auth.Refresh(
+                    auth_pb2.RefreshRequest(refresh_token=pair.refresh_token), timeout=10
+                )
+            except grpc.aio.AioRpcError as error:
+                refresh_refusals.append(error.code())
+            else:
+                refresh_refusals.append(grpc.StatusCode.OK)
+
+    print(f"revocations acknowledged: {len(acknowledged)}, refused during the restarts: {failed}")
+    assert len(acknowledged) > 1
+    assert set(refresh_refusals) == {grpc.StatusCode.UNAUTHENTICATED}
+
+
+async def test_a_replica_cut_from_nats_refuses_a_token_revoked_during_the_cut_within_its_staleness_bound(
+    stack: Stack,
+) -> None:
+    cut, cut_index = "resource-2", REPLICAS.index("resource-2")
+    container = await stack.project.container(cut)
+    network = stack.project.network("nats")
+    bound = staleness_bound()
+    async with stack.client() as client:
+        await client.create_user("eve")
+        stolen = await client.login("eve", USER_PASSWORD)
+        assert await refusal(client, cut_index, stolen.access_token) is None
+
+        await docker("network", "disconnect", network, container)
+        try:
+            await client.revoke_session(stolen.session_id)
+            with timer() as elapsed:
+
+                async def refused_by_the_cut_replica() -> bool:
+                    return await refusal(client, cut_index, stolen.access_token) is not None
+
+                await eventually(
+                    refused_by_the_cut_replica,
+                    within=bound + STALENESS_SLACK_SECONDS,
+                    what=f"{cut}, cut from NATS, to refuse a token revoked during the cut",
+                )
+            answer = await refusal(client, cut_index, stolen.access_token)
+            others = [
+                await refusal(client, index, stolen.access_token)
+                for index in range(len(REPLICAS))
+                if index != cut_index
+            ]
+        finally:
+            await docker("network", "connect", network, container)
+
+        async def caught_up() -> bool:
+            return await client.rejects(cut_index, stolen.access_token, "SESSION_REVOKED")
+
+        await eventually(
+            caught_up, within=PROPAGATION_SECONDS * 3, what=f"{cut} to catch up once reconnected"
+        )
+        fresh = await client.login("eve", USER_PASSWORD)
+        after = await refusal(client, cut_index, fresh.access_token)
+
+    print(f"{cut} refused the token revoked during the cut after {elapsed[0]:.2f} s (bound {bound:.0f} s)")
+    assert answer is not None
+    assert others == ["UNAUTHENTICATED SESSION_REVOKED"] * (len(REPLICAS) - 1)
+    assert after is None
