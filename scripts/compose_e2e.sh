@@ -106,4 +106,5 @@ say "compose: $(docker compose version --short)"
 
 # --- 4. the stack --------------------------------------------------------------------------------------
 # No `exec`: the EXIT trap still has a dockerd to stop.
-"${VENV}/bin/pytest" -m compose tests/test_compose_e2e.py -p no:cacheprovider "$@"
+# -s: the tests print what they measured (failover, revocations acknowledged, time to refuse).
+"${VENV}/bin/pytest" -m compose tests/test_compose_e2e.py -p no:cacheprovider -v -s "$@"
