@@ -32,6 +32,7 @@ from authmesh._shared.settings import ResourceSettings
 from authmesh.auth.v1 import auth_pb2
 from authmesh.processes import free_ports
 from authmesh.stack_commands import compose_environment
+from tests.auth_support import admin_login
 from tests.test_stack import USER_PASSWORD, StackClient, bearer
 from tests.waiting import eventually
 
@@ -252,10 +253,7 @@ async def replicas_current(stack: Stack, since: float) -> bool:
 
 async def admin_token(stack: Stack, client: StackClient) -> str:
     """An access token of the bootstrap admin (valid for minutes, across restarts of the auth service)."""
-    username, password = stack.admin
-    reply = await client.auth.Login(
-        auth_pb2.LoginRequest(username=username, password=password), timeout=CALL_TIMEOUT_SECONDS
-    )
+    reply = await client.auth.Login(admin_login(stack.admin), timeout=CALL_TIMEOUT_SECONDS)
     return reply.access_token
 
 
