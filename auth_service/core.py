@@ -51,6 +51,7 @@ from authmesh._shared.errors import (
 )
 from authmesh._shared.events import (
     EventBody,
+    KeyBindingRevokedEvent,
     KeyRevokedEvent,
     KeyRotatedEvent,
     SecurityEvent,
@@ -159,6 +160,8 @@ class AuthCore:
         validation.username(username)
         validation.password(password)
         requested = validation.scopes(scopes)
+        if jkt is not None and await self._store.key_binding_revoked(jkt):
+            raise TokenRevoked("key binding revoked", code="TOKEN_REVOKED")
         attempts, retry_after = await self._store.reserve_login_attempt(username, self._settings.login_window)
         if attempts > self._settings.login_max_failures:
             self._metrics.logins.labels("rate_limited").inc()
@@ -341,6 +344,27 @@ class AuthCore:
             NotFound: No such user.
         """
         return await self._cut_user(caller, sub, reason, disable=False)
+
+    async def revoke_key_binding(self, caller: AccessClaims, jkt: str, reason: str) -> RevocationResult:
+        """Revoke a DPoP key binding (a lost device): its tokens are refused, its sessions cannot refresh.
+
+        Raises:
+            WrongAudience: The caller's token is not for the auth audience.
+            InsufficientScope: The caller is not an admin.
+            InvalidRequest: ``jkt`` is not a thumbprint.
+        """
+        self._audiences.require_auth_scope(caller, ADMIN_SCOPE)
+        validation.jkt(jkt)
+        validation.reason(reason)
+        now_ms = self._now_ms()
+        event = self._event(KeyBindingRevokedEvent(jkt=jkt), now_ms)
+        result = await self._store.revoke_key_binding(
+            jkt, now_ms, event.event_id, to_record(event), self._settings.refresh_token_ttl * 1000
+        )
+        await self._broadcast(event, result)
+        self._metrics.revocations.labels("key_binding").inc()
+        _log.info("key binding revoked", jkt=jkt, by=caller.sub, reason=reason)
+        return result
 
     async def disable_user(self, caller: AccessClaims, sub: str, reason: str) -> RevocationResult:
         """Disable an account: no login or refresh until enabled again; every session is revoked.
@@ -599,7 +623,7 @@ class AuthCore:
     ) -> AccessClaims:
         claims = await self._verify_signed(token, any_audience=any_audience, ignore_binding=ignore_binding)
         reason = await self._store.revocation_reason(
-            claims.jti, claims.sid, claims.sub, claims.issued_at_ms, claims.kid
+            claims.jti, claims.sid, claims.sub, claims.issued_at_ms, claims.kid, claims.jkt
         )
         if reason == "KEY_REVOKED":
             raise KeyRevoked()

@@ -126,6 +126,14 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         return _revoked(await self._core.revoke_user(caller, request.subject, request.reason))
 
     @unary
+    async def RevokeKeyBinding(
+        self, request: auth_pb2.RevokeKeyBindingRequest, context: Context
+    ) -> auth_pb2.RevokeResponse:
+        """Revoke a DPoP key binding (admin)."""
+        caller = await self._caller(context)
+        return _revoked(await self._core.revoke_key_binding(caller, request.jkt, request.reason))
+
+    @unary
     async def DisableUser(
         self, request: auth_pb2.DisableUserRequest, context: Context
     ) -> auth_pb2.RevokeResponse:

@@ -37,7 +37,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import redis.asyncio as redis
@@ -56,6 +56,7 @@ ACTIVE_KID = PREFIX + "keys:active"
 REVOKED_JTIS = PREFIX + "revoked_jtis"
 REVOKED_SESSIONS = PREFIX + "revoked_sessions"
 REVOKED_USERS = PREFIX + "revoked_users"
+REVOKED_KEY_BINDINGS = PREFIX + "revoked_jkts"
 RETIRED_KEYS = PREFIX + "retired_keys"
 USERS = PREFIX + "users"
 # SCAN batch of the start-up user index backfill.
@@ -203,6 +204,11 @@ def revoked_jti_key(jti: str) -> str:
     return f"{PREFIX}revoked_jti:{jti}"
 
 
+def revoked_jkt_key(jkt: str) -> str:
+    """A revoked DPoP key binding (kept as long as a refresh token lives)."""
+    return f"{PREFIX}revoked_jkt:{jkt}"
+
+
 def key_record_key(kid: str) -> str:
     """A signing key record."""
     return f"{PREFIX}key:{kid}"
@@ -225,7 +231,8 @@ def hash_refresh_token(token: str) -> str:
 
 # KEYS: refresh(old), refresh(new), outbox, revoked_sessions, active kid
 # ARGV: now_ms, new_exp_ms, ttl_ms, reuse_event_id, session_prefix, user_nbf prefix,
-#       user_disabled prefix, user_sessions prefix, the jkt of the request's DPoP proof ('' for none)
+#       user_disabled prefix, user_sessions prefix, the jkt of the request's DPoP proof ('' for none),
+#       revoked_jkt prefix
 # Returns {ok, sid, sub, scopes, username, active kid, issue ms, jkt}, {reused, sid, sub, active kid},
 # {revoked, sid, sub, the event that revoked it}, {disabled, sid, sub} or {invalid}. The active kid
 # rides along so that minting the new access token, or signing the reuse event, needs no second round
@@ -244,6 +251,9 @@ local s = redis.call('HMGET', skey, 'sub', 'scopes', 'username', 'revoked_ms', '
                      'jkt')
 if not s[1] then return {'invalid'} end
 if (s[7] or '') ~= ARGV[9] then return {'key_mismatch', old[1], s[1]} end
+if ARGV[9] ~= '' and redis.call('EXISTS', ARGV[10] .. ARGV[9]) == 1 then
+  return {'revoked', old[1], s[1], ''}
+end
 if s[4] ~= '0' then return {'revoked', old[1], s[1], s[6] or ''} end
 local cut = tonumber(redis.call('GET', ARGV[6] .. s[1]) or '0')
 if cut >= tonumber(s[5]) then return {'revoked', old[1], s[1], ''} end
@@ -326,8 +336,8 @@ redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
 return {'ok', ARGV[1], ARGV[2], active}
 """
 
-# KEYS: revoked_jti, revoked_jtis, outbox, active kid
-# ARGV: now_ms, event_id, event_json, jti, exp (s), ttl_ms
+# KEYS: revoked_jti, revoked_jtis, outbox, active kid (or a DPoP key binding's marker and zset)
+# ARGV: now_ms, event_id, event_json, jti (or jkt), zset score (exp in s, or now_ms), ttl_ms
 # status ok | already.
 _REVOKE_TOKEN = """
 local active = redis.call('GET', KEYS[4]) or ''
@@ -387,13 +397,15 @@ return {'ok', ms, ARGV[2], redis.call('GET', KEYS[6]) or ''}
 # KEYS: active, keys set, new key record, previous key record, outbox, retired_keys
 # ARGV: expected previous kid, new kid, sealed, now_ms, previous state, previous not_after_ms,
 #       then pairs of (event_id, event_json)
-# KEYS: revoked_jti, session, user_nbf, key record
-# Returns {jti revoked (0|1), session revoked_ms, user nbf_ms, key state}, '' for what is not stored. A
+# KEYS: revoked_jti, session, user_nbf, key record, revoked_jkt
+# Returns {jti revoked (0|1), session revoked_ms, user nbf_ms, key state, key binding revoked (0|1)}, ''
+# for what is not stored. A
 # script rather than a pipeline: this check guards every authenticated call and Introspect, and a script
 # call costs the client less than half the CPU of redis-py's pipeline (about 130 µs against 350 µs).
 _REVOCATION_STATE = """
 return {redis.call('EXISTS', KEYS[1]), redis.call('HGET', KEYS[2], 'revoked_ms') or '',
-        redis.call('GET', KEYS[3]) or '', redis.call('HGET', KEYS[4], 'state') or ''}
+        redis.call('GET', KEYS[3]) or '', redis.call('HGET', KEYS[4], 'state') or '',
+        redis.call('EXISTS', KEYS[5])}
 """
 
 # KEYS: outbox
@@ -402,8 +414,8 @@ _OUTBOX_DONE = """
 return redis.call('HDEL', KEYS[1], ARGV[1])
 """
 
-# KEYS: revoked_jtis, revoked_sessions, revoked_users, retired_keys
-# ARGV: expired jtis up to (s), expired sessions and users up to (ms)
+# KEYS: revoked_jtis, revoked_sessions, revoked_users, retired_keys, revoked_key_bindings
+# ARGV: expired jtis up to (s), expired sessions, users and key bindings up to (ms)
 # Drops what can no longer matter, then returns {jti, exp, …}, {"sid sub", revoked_ms, …},
 # {sub, nbf_ms, …} and {kid, …}: flat arrays that hiredis parses in C, where redis-py's pipeline turned
 # every score into a Python float and every member into a tuple: 0.3 to 0.5 s of CPU per 100k tokens
@@ -412,10 +424,12 @@ _SNAPSHOT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[2])
 return {redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'),
         redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES'),
         redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES'),
-        redis.call('ZRANGE', KEYS[4], 0, -1)}
+        redis.call('ZRANGE', KEYS[4], 0, -1),
+        redis.call('ZRANGE', KEYS[5], 0, -1, 'WITHSCORES')}
 """
 
 _ROTATE_KEY = """
@@ -551,6 +565,7 @@ class RevocationSnapshot:
     sessions: list[tuple[str, str, int]]
     users: list[tuple[str, int]]
     retired_key_ids: list[str]
+    key_bindings: list[tuple[str, int]] = field(default_factory=list)
 
 
 class AuthStore:
@@ -778,6 +793,7 @@ class AuthStore:
                 f"{PREFIX}user_disabled:",
                 f"{PREFIX}user_sessions:",
                 jkt or "",
+                f"{PREFIX}revoked_jkt:",
             ],
         )
         values = [_text(v) for v in result]
@@ -832,6 +848,28 @@ class AuthStore:
         return _revocation(result)
 
     @_store_call("EVALSHA revoke_user")
+    @_store_call("EVALSHA revoke_key_binding")
+    async def revoke_key_binding(
+        self, jkt: str, now_ms: int, event_id: str, event_json: str, keep_ms: int
+    ) -> RevocationResult:
+        """Record a DPoP key binding as revoked and queue its event; idempotent.
+
+        The marker (checked by Login, Refresh and Introspect) lives ``keep_ms``, as long as a refresh
+        token; the snapshot's entry, scored by the revocation instant, as long as an access token.
+        """
+        # The token revocation's script: the same marker, zset entry and outbox write.
+        result = await self._scripts.run(
+            self._revoke_token,
+            keys=[revoked_jkt_key(jkt), REVOKED_KEY_BINDINGS, OUTBOX, ACTIVE_KID],
+            args=[now_ms, event_id, event_json, jkt, now_ms, max(keep_ms, 1)],
+        )
+        return _revocation(result)
+
+    @_store_call("EXISTS")
+    async def key_binding_revoked(self, jkt: str) -> bool:
+        """Whether a DPoP key binding has been revoked."""
+        return bool(await self._redis.exists(revoked_jkt_key(jkt)))
+
     async def revoke_user(
         self, sub: str, now_ms: int, event_id: str, event_json: str, *, disable_reason: str = ""
     ) -> RevocationResult:
@@ -873,17 +911,23 @@ class AuthStore:
 
     @_store_call("EVALSHA revocation_state")
     async def revocation_reason(
-        self, jti: str, sid: str, sub: str, issued_at_ms: int, kid: str
+        self, jti: str, sid: str, sub: str, issued_at_ms: int, kid: str, jkt: str | None = None
     ) -> str | None:
         """Why a token is revoked (a stable code), or None if it is not."""
         reply = await self._scripts.run(
             self._revocation_state,
-            keys=[revoked_jti_key(jti), session_key(sid), user_nbf_key(sub), key_record_key(kid)],
+            keys=[
+                revoked_jti_key(jti),
+                session_key(sid),
+                user_nbf_key(sub),
+                key_record_key(kid),
+                revoked_jkt_key(jkt or ""),
+            ],
             args=[],
         )
         jti_revoked = int(reply[0])
-        session_revoked_ms, user_nbf, key_state = (_text(value) for value in reply[1:])
-        if jti_revoked:
+        session_revoked_ms, user_nbf, key_state = (_text(value) for value in reply[1:4])
+        if jti_revoked or (jkt is not None and int(reply[4])):
             return "TOKEN_REVOKED"
         if user_nbf and issued_at_ms <= int(user_nbf):
             return "USER_REVOKED"
@@ -898,9 +942,9 @@ class AuthStore:
         """Every revocation that can still matter (newer than one access-token lifetime)."""
         horizon = now_ms - self._revocation_horizon_ms
         # A revoked jti matters until its token expires (its score is that exp, in seconds).
-        tokens, sessions, users, retired = await self._scripts.run(
+        tokens, sessions, users, retired, key_bindings = await self._scripts.run(
             self._snapshot,
-            keys=[REVOKED_JTIS, REVOKED_SESSIONS, REVOKED_USERS, RETIRED_KEYS],
+            keys=[REVOKED_JTIS, REVOKED_SESSIONS, REVOKED_USERS, RETIRED_KEYS, REVOKED_KEY_BINDINGS],
             args=[(now_ms - self._expiry_margin_ms) // 1000, horizon],
         )
         return RevocationSnapshot(
@@ -908,6 +952,7 @@ class AuthStore:
             sessions=[(*_sid_and_sub(member), int(revoked_ms)) for member, revoked_ms in _pairs(sessions)],
             users=[(_text(sub), int(nbf)) for sub, nbf in _pairs(users)],
             retired_key_ids=[_text(kid) for kid in retired],
+            key_bindings=[(_text(jkt), int(revoked_ms)) for jkt, revoked_ms in _pairs(key_bindings)],
         )
 
     # outbox

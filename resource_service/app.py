@@ -219,7 +219,7 @@ class ResourceApp(Startable):
         entries = Gauge(
             "authmesh_denylist_entries", "Revocations held in memory, by kind.", ["kind"], registry=registry
         )
-        for kind in ("tokens", "sessions", "users", "keys"):
+        for kind in ("tokens", "sessions", "users", "keys", "key_bindings"):
             entries.labels(kind).set_function(self._denylist_size(kind))
         gauge_function(
             registry,

@@ -11,14 +11,15 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authmesh._auth_service.app import AuthApp
-from authmesh._auth_service.servicer import LOGIN_METHOD
+from authmesh._auth_service.servicer import LOGIN_METHOD, REFRESH_METHOD
 from authmesh._resource_service.app import ResourceApp
 from authmesh._shared.dpop import ProofSigner
+from authmesh._shared.grpc_errors import error_reason
 from authmesh._shared.settings import ResourceSettings
 from authmesh.auth.v1 import auth_pb2
 from authmesh.processes import free_port
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
-from tests.auth_support import SERVICE, AuthClient, auth_settings, expect_error, running_auth
+from tests.auth_support import SERVICE, AuthClient, auth_settings, bearer, expect_error, running_auth
 from tests.waiting import eventually
 
 USER = ("erin", "erin-password-1")
@@ -183,3 +184,62 @@ async def test_a_service_that_wants_nonces_hands_one_out_in_the_trailers(stack: 
         # Another replica of the same service takes it: no state is shared, only the secret.
         proof = signer.proof(first.origin, WHOAMI, access_token=token, nonce=nonce)
         assert (await second.whoami(token, proof=proof)).subject
+
+
+async def test_a_revoked_key_binding_is_refused_everywhere_and_cannot_refresh_or_log_in(stack: Stack) -> None:
+    lost, kept = ProofSigner(), ProofSigner()
+    pair = await stack.login(lost)
+    other = (await stack.login(kept)).access_token
+    admin = bearer(await stack.client.admin_token())
+    async with stack.replica("binding-a") as replica:
+        token = pair.access_token
+        assert (
+            await replica.whoami(token, proof=lost.proof(replica.origin, WHOAMI, access_token=token))
+        ).subject
+        await expect_error(
+            stack.client.stub.RevokeKeyBinding(
+                auth_pb2.RevokeKeyBindingRequest(jkt="not-a-thumbprint"), metadata=admin
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "FIELD_INVALID",
+        )
+        await expect_error(
+            stack.client.stub.RevokeKeyBinding(
+                auth_pb2.RevokeKeyBindingRequest(jkt=lost.jkt),
+                metadata=bearer(await stack.client.service_token()),
+            ),
+            grpc.StatusCode.PERMISSION_DENIED,
+        )
+        revoked = await stack.client.stub.RevokeKeyBinding(
+            auth_pb2.RevokeKeyBindingRequest(jkt=lost.jkt, reason="lost laptop"), metadata=admin, timeout=10
+        )
+        assert revoked.event_id
+
+        async def refused() -> bool:
+            try:
+                await replica.whoami(token, proof=lost.proof(replica.origin, WHOAMI, access_token=token))
+            except grpc.aio.AioRpcError as error:
+                return error_reason(error) == "TOKEN_REVOKED"
+            return False
+
+        await eventually(refused, within=10, what="the revoked binding refused")
+        assert (
+            await replica.whoami(other, proof=kept.proof(replica.origin, WHOAMI, access_token=other))
+        ).subject
+    # A replica that starts afterwards learns it from the snapshot.
+    async with stack.replica("binding-b") as late:
+        await expect_error(
+            late.whoami(token, proof=lost.proof(late.origin, WHOAMI, access_token=token)),
+            UNAUTHENTICATED,
+            "TOKEN_REVOKED",
+        )
+    await expect_error(
+        stack.client.stub.Refresh(
+            auth_pb2.RefreshRequest(refresh_token=pair.refresh_token),
+            metadata=(("dpop", lost.proof(stack.auth_origin, REFRESH_METHOD)),),
+        ),
+        UNAUTHENTICATED,
+        "REFRESH_TOKEN_INVALID",
+    )
+    await expect_error(stack.login(lost), UNAUTHENTICATED, "TOKEN_REVOKED")
+    assert (await stack.client.introspect(token)).inactive_reason == "TOKEN_REVOKED"
