@@ -12,7 +12,7 @@ import structlog
 from authmesh._auth_service.core import AuthCore, IssuedTokens
 from authmesh._auth_service.snapshot_chunks import snapshot_chunks
 from authmesh._auth_service.store import RevocationResult
-from authmesh._shared.dpop import DpopMode, ProofGate, proof_from_metadata
+from authmesh._shared.dpop import LOGIN_METHOD, REFRESH_METHOD, DpopMode, ProofGate, proof_from_metadata
 from authmesh._shared.errors import AuthError
 from authmesh._shared.grpc_errors import abort_with_error, bearer_token
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -21,9 +21,6 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 Context = grpc.aio.ServicerContext[Any, Any]
 _log = structlog.get_logger(__name__)
-# The gRPC method paths a DPoP proof's htu names (after the service's origin).
-LOGIN_METHOD = "/authmesh.auth.v1.AuthService/Login"
-REFRESH_METHOD = "/authmesh.auth.v1.AuthService/Refresh"
 
 
 def unary(

@@ -67,6 +67,9 @@ DPOP_SCHEME = "DPoP"
 PROOF_TYPE = "dpop+jwt"
 HTTP_METHOD = "POST"
 MAX_PROOF_BYTES = 2048
+# The auth service's methods that take a proof (their htu is the auth service's origin and this path).
+LOGIN_METHOD = "/authmesh.auth.v1.AuthService/Login"
+REFRESH_METHOD = "/authmesh.auth.v1.AuthService/Refresh"
 MIN_JTI_LENGTH = 16
 MAX_JTI_LENGTH = 256
 MAX_NONCE_LENGTH = 256
@@ -451,6 +454,11 @@ class ProofSigner:
         if nonce is not None:
             claims["nonce"] = nonce
         return sign_compact({"typ": PROOF_TYPE, "jwk": self._jwk}, claims, self._key)
+
+
+def default_origin(target: str, *, secure: bool) -> str:
+    """The origin a client names a ``host:port`` target by: ``https://`` over TLS, else ``http://``."""
+    return ("https://" if secure else "http://") + target
 
 
 def proof_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:

@@ -8,9 +8,8 @@ import grpc
 import pytest_asyncio
 
 from authmesh._auth_service.app import AuthApp
-from authmesh._auth_service.servicer import LOGIN_METHOD, REFRESH_METHOD
 from authmesh._shared.claims import AccessClaims
-from authmesh._shared.dpop import ProofSigner
+from authmesh._shared.dpop import LOGIN_METHOD, REFRESH_METHOD, ProofSigner
 from authmesh._shared.jose import decode_compact
 from authmesh.auth.v1 import auth_pb2
 from authmesh.processes import free_port

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import grpc
+import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authmesh._auth_service.app import AuthApp
-from authmesh._auth_service.servicer import LOGIN_METHOD, REFRESH_METHOD
 from authmesh._resource_service.app import ResourceApp
-from authmesh._shared.dpop import ProofSigner
+from authmesh._shared.dpop import LOGIN_METHOD, REFRESH_METHOD, ProofSigner
+from authmesh._shared.errors import ConfigurationError
 from authmesh._shared.grpc_errors import error_reason
 from authmesh._shared.settings import ResourceSettings
+from authmesh._shared.sync_token_session import SyncTokenSession
+from authmesh._shared.token_session import TokenSession
 from authmesh.auth.v1 import auth_pb2
 from authmesh.processes import free_port
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 from tests.auth_support import SERVICE, AuthClient, auth_settings, bearer, expect_error, running_auth
+from tests.test_dpop_binding import claims_of
 from tests.waiting import eventually
 
 USER = ("erin", "erin-password-1")
@@ -243,3 +248,53 @@ async def test_a_revoked_key_binding_is_refused_everywhere_and_cannot_refresh_or
     )
     await expect_error(stack.login(lost), UNAUTHENTICATED, "TOKEN_REVOKED")
     assert (await stack.client.introspect(token)).inactive_reason == "TOKEN_REVOKED"
+
+
+async def test_the_renewing_session_makes_a_proof_for_every_call_and_takes_nonces(stack: Stack) -> None:
+    signer = ProofSigner()
+    secret = "m" * 32
+    async with (
+        stack.replica("session-a", dpop="require") as plain,
+        stack.replica("session-b", dpop="require", dpop_nonce_secret=secret) as with_nonces,
+        TokenSession.login(
+            stack.auth.grpc_address, *USER, dpop_key=signer, auth_origin=stack.auth_origin, renew_margin=0
+        ) as session,
+    ):
+        assert claims_of(await session.access_token()).jkt == signer.jkt
+        for replica in (plain, with_nonces):
+            target = replica.origin.removeprefix("http://")
+            async with session.channel(target) as channel:
+                stub = resource_pb2_grpc.ResourceServiceStub(channel)
+                for _ in range(3):  # a fresh proof each time: no replay refusals
+                    assert (await stub.WhoAmI(resource_pb2.WhoAmIRequest(), timeout=5)).subject
+        # Refresh carries a proof of the session's key.
+        renewed = await session.renew()
+        assert claims_of(renewed.access_token).jkt == signer.jkt
+        token = renewed.access_token
+        # The token alone, as a bearer token, is refused.
+        await expect_error(plain.whoami(token, scheme="Bearer"), UNAUTHENTICATED, "DPOP_PROOF_MISSING")
+
+
+async def test_the_sync_session_makes_proofs_too(stack: Stack) -> None:
+    signer = ProofSigner()
+
+    def calls(target: str) -> list[str]:
+        # The servers run on this test's event loop: the blocking client runs in a thread.
+        with (
+            SyncTokenSession.login(
+                stack.auth.grpc_address, *USER, dpop_key=signer, auth_origin=stack.auth_origin
+            ) as session,
+            session.channel(target) as channel,
+        ):
+            stub = resource_pb2_grpc.ResourceServiceStub(channel)
+            subjects = [stub.WhoAmI(resource_pb2.WhoAmIRequest(), timeout=5).subject for _ in range(2)]
+            session.renew()
+            subjects.append(stub.WhoAmI(resource_pb2.WhoAmIRequest(), timeout=5).subject)
+            with pytest.raises(ConfigurationError):
+                session.call_credentials()
+            return subjects
+
+    async with stack.replica("sync-a", dpop="require", dpop_nonce_secret="s" * 32) as replica:
+        subjects = await asyncio.to_thread(calls, replica.origin.removeprefix("http://"))
+    assert len(subjects) == 3
+    assert all(subjects)
