@@ -9,14 +9,17 @@ How a replica gets and stays in step:
 3. **Ready** once it has applied everything up to the stream's tip: until then the service must serve
    nothing (health ``NOT_SERVING``).
 4. **Follow** the live copy the stream republishes (core NATS, each message with its stream sequence),
-   and read history with batched direct gets (:mod:`~authmesh._shared.stream_reader`): the replica's
-   NATS user needs no consumer, so it can change nothing another replica receives. Each message is a
+   and read history with batched direct gets (:mod:`~authmesh._shared.stream_reader`) over a second
+   connection, so that replies never wait behind a burst of live messages: the replica's NATS user
+   needs no consumer, so it can change nothing another replica receives. Each message is a
    SET, verified (an unknown ``kid`` triggers one key refetch and a second try) and applied
    idempotently, in stream order; anything that does not verify is dropped and counted. A jump in the
    live sequence is filled from the stream. Events gone from the stream are never passed over
    silently: the state is reloaded from a snapshot when one is available, and otherwise the replica
-   stays degraded until every token they could have revoked has expired. A reconnect catches up from
-   the last sequence applied; a stream that went backwards (recreated) starts over.
+   stays degraded until every token they could have revoked has expired. A read that fails keeps the
+   live subscription and is tried again a moment later (live messages that need it wait, so the state
+   turns stale rather than skip anything). A reconnect catches up from the last sequence applied; a
+   stream that went backwards (recreated) starts over.
 5. **Heartbeats** tell the :class:`~authmesh._shared.staleness.StalenessMonitor` how fresh the state is.
 """
 
@@ -59,7 +62,10 @@ _RETRY_MAX_SECONDS = 5.0
 _POLL_SECONDS = 0.25
 # Heartbeats arrive every second: this long without any message is worth a look at the stream.
 _IDLE_CHECK_SECONDS = 2.5
+# A failed read of the stream (to fill a gap in the live sequence) is tried again after this long.
+_READ_RETRY_SECONDS = 1.0
 _FLUSH_TIMEOUT_SECONDS = 2
+_READ_FAILURES = (nats.errors.Error, OSError, TimeoutError, AuthError)
 # Live messages wait here while history is read; beyond it nats-py drops them (a gap, filled later).
 _LIVE_PENDING_MESSAGES = 262_144
 _log = structlog.get_logger(__name__)
@@ -157,6 +163,7 @@ class RevocationConsumer:
         self._resynchronised_for: int | None = None
         self._unfilled_through: int | None = None
         self._applying = asyncio.Lock()
+        self._read_again_at = 0.0
         self._connected = False
         self._applied = 0
         self._rejected = 0
@@ -196,27 +203,30 @@ class RevocationConsumer:
         delay = _RETRY_INITIAL_SECONDS
         while True:
             raise_if_cancelled()
-            try:
-                client = await connect_nats(
-                    self._settings,
-                    name=self._name,
-                    disconnected=self._on_disconnected,
-                    reconnected=self._on_reconnected,
-                )
-            except (nats.errors.Error, OSError, TimeoutError) as error:
-                _log.warning("nats connect failed", error=type(error).__name__)
-                delay = await _backoff(delay)
-                continue
-            self._connected = True
-            try:
-                await self._follow_forever(client)
-            finally:
-                self._connected = False
-                with contextlib.suppress(Exception):
-                    await client.close()
+            async with contextlib.AsyncExitStack() as connections:
+                try:
+                    live = await connect_nats(
+                        self._settings,
+                        name=self._name,
+                        disconnected=self._on_disconnected,
+                        reconnected=self._on_reconnected,
+                    )
+                    connections.push_async_callback(_close, live)
+                    # Reads go over a connection of their own: on the live one their replies would
+                    # wait behind a burst of live messages (which has no flow control).
+                    reads = await connect_nats(self._settings, name=f"{self._name} reads")
+                    connections.push_async_callback(_close, reads)
+                except (nats.errors.Error, OSError, TimeoutError) as error:
+                    _log.warning("nats connect failed", error=type(error).__name__)
+                    delay = await _backoff(delay)
+                    continue
+                self._connected = True
+                try:
+                    await self._follow_forever(live, StreamReader(reads))
+                finally:
+                    self._connected = False
 
-    async def _follow_forever(self, client: NatsClient) -> None:
-        reader = StreamReader(client)
+    async def _follow_forever(self, client: NatsClient, reader: StreamReader) -> None:
         delay = _RETRY_INITIAL_SECONDS
         while True:
             raise_if_cancelled()
@@ -224,7 +234,7 @@ class RevocationConsumer:
                 await self._follow(client, reader)
             except _Resubscribe:
                 delay = _RETRY_INITIAL_SECONDS
-            except (nats.errors.Error, OSError, TimeoutError, AuthError) as error:
+            except _READ_FAILURES as error:
                 _log.warning("revocation stream interrupted", error=type(error).__name__, detail=str(error))
                 delay = await self._pause(delay)
             except Exception:
@@ -255,6 +265,8 @@ class RevocationConsumer:
             try:
                 async with self._applying:
                     await self._on_live(reader, live_message(message))
+            except _READ_FAILURES as error:
+                self._read_failed(error)  # the subscription stays; the message is read again later
             except Exception as error:  # _follow_forever decides what it means, as for any other failure
                 outcome.set_exception(error)
 
@@ -262,7 +274,10 @@ class RevocationConsumer:
             LIVE_SUBJECTS[0], cb=on_message, pending_msgs_limit=_LIVE_PENDING_MESSAGES
         )
         try:
-            await client.flush(timeout=_FLUSH_TIMEOUT_SECONDS)  # live from here on: catch up to here
+            # The subscription in place before the catch-up reads the stream's end; should the flush time
+            # out, a message missed in between shows as a gap at the next live one and is read then.
+            with contextlib.suppress(nats.errors.TimeoutError):
+                await client.flush(timeout=_FLUSH_TIMEOUT_SECONDS)
             self._last_message_at = time.monotonic()
             async with self._applying:
                 await self._catch_up(reader)
@@ -286,8 +301,11 @@ class RevocationConsumer:
                 outcome.result()  # raises what ended the subscription
                 return
             if time.monotonic() - self._last_message_at >= _IDLE_CHECK_SECONDS:
-                async with self._applying:
-                    await self._catch_up(reader)
+                try:
+                    async with self._applying:
+                        await self._catch_up(reader)
+                except _READ_FAILURES as error:
+                    self._read_failed(error)
                 self._last_message_at = time.monotonic()
 
     async def _catch_up(self, reader: StreamReader) -> None:
@@ -313,6 +331,9 @@ class RevocationConsumer:
         if last is not None and message.sequence <= last:
             return  # already applied (or a stream that went backwards: the quiet check finds it)
         if last is not None and message.sequence > last + 1:
+            if time.monotonic() < self._read_again_at:
+                return  # a read just failed: this one waits for the next try (heartbeats too, so the
+                # state turns stale rather than skip what is missing)
             await self._catch_up(reader)
             if self._last_sequence is not None and self._last_sequence >= message.sequence:
                 return
@@ -329,6 +350,11 @@ class RevocationConsumer:
         if last is not None and message.sequence > last + 1:
             self._missed(last + 1, message)
         await self._apply(message, live=self._ready.is_set() or message.pending == 0)
+
+    def _read_failed(self, error: Exception) -> None:
+        """A read of the stream failed: try again after a pause, keeping the live subscription."""
+        self._read_again_at = time.monotonic() + _READ_RETRY_SECONDS
+        _log.warning("revocation stream read failed", error=type(error).__name__, detail=str(error))
 
     def _missed(self, expected: int, message: StreamMessage) -> None:
         """Events ``expected`` … before ``message`` are gone from the stream: never let that pass silently.
@@ -410,6 +436,10 @@ class RevocationConsumer:
         self._last_message_at = time.monotonic()
         await self._handle(message, live=live)
         self._last_sequence = message.sequence
+        # Let nats-py read the socket between messages: the live copy has no flow control, and a
+        # replica working through a burst without reading would be cut off by the server as a slow
+        # consumer (and its replies would wait behind the burst).
+        await asyncio.sleep(0)
 
     async def _handle(self, message: StreamMessage, *, live: bool) -> None:
         event = await self._verify(message)
@@ -495,6 +525,11 @@ class RevocationConsumer:
     async def _on_reconnected(self) -> None:
         self._connected = True
         self._reconnected.set()
+
+
+async def _close(client: NatsClient) -> None:
+    with contextlib.suppress(Exception):
+        await client.close()
 
 
 def _rejection_reason(error: EventRejected) -> str:
