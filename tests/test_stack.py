@@ -38,6 +38,7 @@ from authmesh.stack import (
     stack_nats_cluster,
     stack_nats_config,
 )
+from tests.auth_support import admin_login
 from tests.nats_routes import intruder_joins, route_count
 from tests.waiting import eventually
 
@@ -90,7 +91,7 @@ class StackClient:
 
     async def admin_token(self) -> str:
         """An access token of the bootstrap admin."""
-        return (await self.login(*self._admin)).access_token
+        return (await self.auth.Login(admin_login(self._admin), timeout=10)).access_token
 
     async def create_user(self, username: str, password: str = USER_PASSWORD) -> str:
         """Add a user with scope ``docs:read``; returns its subject."""
