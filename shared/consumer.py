@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
@@ -37,6 +37,7 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from authmesh._shared.backoff import backoff
 from authmesh._shared.denylist import Denylist, SnapshotChunk
 from authmesh._shared.errors import AuthError, EventRejected, Unavailable, UnknownKey
 from authmesh._shared.events import (
@@ -52,20 +53,21 @@ from authmesh._shared.events import (
 from authmesh._shared.jose import decode_compact
 from authmesh._shared.key_cache import KeyCache
 from authmesh._shared.lifecycle import raise_if_cancelled
-from authmesh._shared.nats_wiring import connect_nats
+from authmesh._shared.nats_wiring import Callback, connect_nats
 from authmesh._shared.settings import CommonSettings
 from authmesh._shared.staleness import StalenessMonitor
 from authmesh._shared.stream_reader import StreamMessage, StreamReader, live_message
 
-_RETRY_INITIAL_SECONDS = 0.25
-_RETRY_MAX_SECONDS = 5.0
+# Retries of the stream are quicker than the library's default: every second of them is staleness.
+_retrying = functools.partial(backoff, initial=0.25, maximum=5.0)
+_NATS_ERRORS = (nats.errors.Error, OSError, TimeoutError)
 _POLL_SECONDS = 0.25
 # Heartbeats arrive every second: this long without any message is worth a look at the stream.
 _IDLE_CHECK_SECONDS = 2.5
 # A failed read of the stream (to fill a gap in the live sequence) is tried again after this long.
 _READ_RETRY_SECONDS = 1.0
 _FLUSH_TIMEOUT_SECONDS = 2
-_READ_FAILURES = (nats.errors.Error, OSError, TimeoutError, AuthError)
+_READ_FAILURES = (*_NATS_ERRORS, AuthError)
 # Live messages wait here while history is read; beyond it nats-py drops them (a gap, filled later).
 _LIVE_PENDING_MESSAGES = 262_144
 _log = structlog.get_logger(__name__)
@@ -200,54 +202,71 @@ class RevocationConsumer:
 
     async def run(self) -> None:
         """Connect, catch up and follow the stream until cancelled; every failure is retried."""
-        delay = _RETRY_INITIAL_SECONDS
-        while True:
-            raise_if_cancelled()
-            async with contextlib.AsyncExitStack() as connections:
-                try:
-                    live = await connect_nats(
-                        self._settings,
-                        name=self._name,
-                        disconnected=self._on_disconnected,
-                        reconnected=self._on_reconnected,
-                    )
-                    connections.push_async_callback(_close, live)
-                    # Reads go over a connection of their own: on the live one their replies would
-                    # wait behind a burst of live messages (which has no flow control).
-                    reads = await connect_nats(self._settings, name=f"{self._name} reads")
-                    connections.push_async_callback(_close, reads)
-                except (nats.errors.Error, OSError, TimeoutError) as error:
-                    _log.warning("nats connect failed", error=type(error).__name__)
-                    delay = await _backoff(delay)
-                    continue
-                self._connected = True
-                try:
-                    await self._follow_forever(live, StreamReader(reads))
-                finally:
-                    self._connected = False
+        async with contextlib.AsyncExitStack() as connections:
+            live = await self._connect(
+                connections,
+                name=self._name,
+                disconnected=self._on_disconnected,
+                reconnected=self._on_reconnected,
+            )
+            # Reads go over a connection of their own: on the live one their replies would wait behind a
+            # burst of live messages (which has no flow control).
+            reads = await self._connect(connections, name=f"{self._name} reads")
+            self._connected = True
+            try:
+                await self._follow_forever(live, StreamReader(reads))
+            finally:
+                self._connected = False
+
+    async def _connect(
+        self,
+        connections: contextlib.AsyncExitStack,
+        *,
+        name: str,
+        disconnected: Callback | None = None,
+        reconnected: Callback | None = None,
+    ) -> NatsClient:
+        """A connection, retried until it is made; closed when ``connections`` closes."""
+        async for attempt in _retrying(_NATS_ERRORS, what="nats connect"):
+            with attempt:
+                raise_if_cancelled()
+                client = await connect_nats(
+                    self._settings, name=name, disconnected=disconnected, reconnected=reconnected
+                )
+        connections.push_async_callback(_close, client)
+        return client
 
     async def _follow_forever(self, client: NatsClient, reader: StreamReader) -> None:
-        delay = _RETRY_INITIAL_SECONDS
         while True:
             raise_if_cancelled()
-            try:
-                await self._follow(client, reader)
-            except _Resubscribe:
-                delay = _RETRY_INITIAL_SECONDS
-            except _READ_FAILURES as error:
-                _log.warning("revocation stream interrupted", error=type(error).__name__, detail=str(error))
-                delay = await self._pause(delay)
-            except Exception:
-                # A bug must not silently end revocation updates; the state turns stale meanwhile.
-                _log.exception("revocation consumer failed")
-                delay = await self._pause(delay)
+            # A resubscription starts afresh, without a wait; a failure waits (less once NATS is back).
+            with contextlib.suppress(_Resubscribe):
+                retrying = _retrying(
+                    Exception,
+                    what="revocation stream",
+                    unless=(_Resubscribe,),
+                    sleep=self._pause,
+                )
+                async for attempt in retrying:
+                    with attempt:
+                        raise_if_cancelled()
+                        await self._follow_logged(client, reader)
 
-    async def _pause(self, delay: float) -> float:
-        """Back off ``delay`` seconds (with jitter), ending early when the connection comes back."""
+    async def _follow_logged(self, client: NatsClient, reader: StreamReader) -> None:
+        try:
+            await self._follow(client, reader)
+        except (*_READ_FAILURES, _Resubscribe):
+            raise
+        except Exception:
+            # A bug must not silently end revocation updates; the state turns stale meanwhile.
+            _log.exception("revocation consumer failed")
+            raise
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, ending early when the connection comes back."""
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay * random.uniform(0.5, 1.0)):  # noqa: S311  # jitter
+            async with asyncio.timeout(seconds):
                 await self._reconnected.wait()
-        return min(delay * 2, _RETRY_MAX_SECONDS)
 
     async def _follow(self, client: NatsClient, reader: StreamReader) -> None:
         """One subscription's life: (re)synchronise if needed, subscribe, catch up, apply until it ends."""
@@ -500,14 +519,13 @@ class RevocationConsumer:
         auth service is briefly unreachable would lose a revocation, so the consumer waits instead (and
         the state turns stale meanwhile, which makes the service fall back to Introspect).
         """
-        delay = _RETRY_INITIAL_SECONDS
-        while True:
-            raise_if_cancelled()
-            try:
+        async for attempt in _retrying(
+            Unavailable,
+            what="key refetch for an event",
+        ):
+            with attempt:
+                raise_if_cancelled()
                 await self._keys.refresh_for(kid)
-                return
-            except Unavailable:
-                delay = await _backoff(delay)
 
     def _reject(self, reason: str) -> None:
         self._rejected += 1
@@ -535,9 +553,3 @@ async def _close(client: NatsClient) -> None:
 def _rejection_reason(error: EventRejected) -> str:
     """A stable metric label for why an event was dropped (``wrong_subject``, ``bad_signature``, …)."""
     return error.code.lower().removeprefix("event_")
-
-
-async def _backoff(delay: float) -> float:
-    """Sleep ``delay`` with jitter; return the next, doubled, delay."""
-    await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311  # jitter, not a secret
-    return min(delay * 2, _RETRY_MAX_SECONDS)

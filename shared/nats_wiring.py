@@ -87,6 +87,9 @@ async def connect_nats(
     )
 
 
+DUPLICATE_WINDOW_SECONDS = 120.0
+
+
 def stream_config(settings: CommonSettings) -> StreamConfig:
     """The ``AUTH_EVENTS`` stream as the contract describes it."""
     return StreamConfig(
@@ -97,7 +100,7 @@ def stream_config(settings: CommonSettings) -> StreamConfig:
         max_age=settings.stream_max_age,
         discard=DiscardPolicy.OLD,
         num_replicas=settings.stream_replicas,
-        # NATS refuses a duplicate window longer than the stream keeps messages (short token lifetimes).
+        # JetStream refuses a window longer than the stream keeps messages (short token lifetimes).
         duplicate_window=min(DUPLICATE_WINDOW_SECONDS, settings.stream_max_age),
         allow_direct=True,
         republish=RePublish(src=STREAM_SUBJECTS[0], dest=LIVE_SUBJECTS[0]),
