@@ -7,10 +7,10 @@ from collections.abc import Callable
 from aiohttp import web
 
 from authmesh._auth_service.core import AuthCore
+from authmesh._shared.auth_metadata import METADATA_PATH, server_metadata_extensions
 from authmesh._shared.settings import AuthSettings
 
 JWKS_PATH = "/.well-known/jwks.json"
-METADATA_PATH = "/.well-known/oauth-authorization-server"
 
 
 def http_routes(core: AuthCore, settings: AuthSettings, public_base: Callable[[], str]) -> list[web.RouteDef]:
@@ -40,6 +40,8 @@ def http_routes(core: AuthCore, settings: AuthSettings, public_base: Callable[[]
                 "revocation_endpoint_auth_methods_supported": ["none"],
                 "introspection_endpoint_auth_methods_supported": ["none"],
                 "code_challenge_methods_supported": ["S256"],
+                # What a resource service must enforce, so it is read from here instead of copied.
+                **server_metadata_extensions(settings),
             }
         )
 

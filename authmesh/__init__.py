@@ -1,8 +1,11 @@
 """authmesh: verify authmesh tokens locally in any Python gRPC service, and learn of every revocation.
 
-A service builds a :class:`KeyCache` (public keys from the auth service), a :class:`Denylist` fed by a
-:class:`RevocationConsumer` (signed events from NATS JetStream), a :class:`TokenVerifier` over both, and
-adds an :class:`AuthInterceptor` to its ``grpc.aio`` server; handlers read :func:`current_claims`.
+A service builds one :class:`ResourceGuard` (``ResourceGuard.from_env()``), adds
+``guard.aio_interceptor(policy)`` to its ``grpc.aio`` server (or ``guard.sync_interceptor(policy)`` to a
+sync ``grpc.server``), and enters the guard; handlers read :func:`current_claims`. The parts the guard
+is built from (:class:`KeyCache`, :class:`Denylist`, :class:`RevocationConsumer`, :class:`TokenVerifier`,
+:class:`Authenticator`) stay public for services that compose them differently. FastAPI and Starlette
+apps use :mod:`authmesh.asgi` (the ``authmesh[asgi]`` extra).
 Everything not listed in ``__all__`` is private: the modules under ``authmesh._shared``,
 ``authmesh._auth_service`` and ``authmesh._resource_service`` may change without notice.
 """
@@ -37,14 +40,17 @@ from authmesh._shared.errors import (
 )
 from authmesh._shared.events import EventType, SecurityEvent, decode_event, encode_event
 from authmesh._shared.grpc_errors import bearer_token, error_reason, to_grpc_status
-from authmesh._shared.interceptor import Authenticator, AuthInterceptor, current_claims
+from authmesh._shared.guard import ResourceGuard
+from authmesh._shared.interceptor import Authenticator, AuthInterceptor, SyncAuthInterceptor, current_claims
 from authmesh._shared.key_cache import KeyCache
 from authmesh._shared.metrics import ServiceMetrics
+from authmesh._shared.scopes import AUTHENTICATED, ScopeRequirement
 from authmesh._shared.settings import AuthSettings, CommonSettings, ResourceSettings
 from authmesh._shared.staleness import IntrospectionFallback, StalenessMonitor
 from authmesh._shared.verifier import KeySource, NoRevocations, RevocationCheck, TokenVerifier, VerifierPolicy
 
 __all__ = [
+    "AUTHENTICATED",
     "AccessClaims",
     "AuthClient",
     "AuthError",
@@ -67,13 +73,16 @@ __all__ = [
     "MalformedToken",
     "NoRevocations",
     "PermissionDenied",
+    "ResourceGuard",
     "ResourceSettings",
     "RevocationCheck",
     "RevocationConsumer",
+    "ScopeRequirement",
     "SecurityEvent",
     "ServiceMetrics",
     "SnapshotChunk",
     "StalenessMonitor",
+    "SyncAuthInterceptor",
     "TokenExpired",
     "TokenMissing",
     "TokenNotYetValid",

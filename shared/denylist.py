@@ -215,6 +215,11 @@ class Denylist:
         self._width = width
         self._next_purge = 0.0
 
+    @property
+    def retention(self) -> float:
+        """Seconds a session or user revocation is kept: the longest token lifetime plus the leeway."""
+        return self._lifetime
+
     def check(self, claims: AccessClaims) -> None:
         """Raise if the token, its session, its user or its signing key is revoked.
 

@@ -96,7 +96,7 @@ class KeyCache:
             raise KeyRevoked()
         key = self._keys.get(kid)
         if key is None:
-            raise UnknownKey()
+            raise UnknownKey(kid)
         return key
 
     def retire(self, kid: str) -> None:
