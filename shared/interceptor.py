@@ -56,6 +56,7 @@ __all__ = [
     "AuthInterceptor",
     "Authenticator",
     "SyncAuthInterceptor",
+    "bind_claims",
     "current_claims",
 ]
 
@@ -66,6 +67,11 @@ RunOnLoop = Callable[[Coroutine[Any, Any, Any]], Any]
 """Runs a coroutine on the guard's event loop from another thread and returns its result."""
 
 _claims: ContextVar[AccessClaims | None] = ContextVar("authmesh_claims", default=None)
+
+
+def bind_claims(claims: AccessClaims | None) -> None:
+    """Make ``claims`` what :func:`current_claims` returns in this context (None: no call)."""
+    _claims.set(claims)
 
 
 def current_claims() -> AccessClaims:
