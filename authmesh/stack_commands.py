@@ -41,7 +41,13 @@ def register(app: typer.Typer) -> None:
 
 def up(
     replicas: Annotated[
-        int, typer.Option("--replicas", min=1, max=16, help="How many resource-service replicas.")
+        int,
+        typer.Option(
+            "--replicas",
+            min=0,
+            max=16,
+            help="How many resource-service replicas (0: only the auth side, for services of your own).",
+        ),
     ] = DEFAULT_REPLICAS,
     nats_cluster: Annotated[
         int,
