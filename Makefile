@@ -5,7 +5,7 @@
 #   make up           the whole stack as local processes, until Ctrl-C
 #   make venv         .venv with `pip install -e '.[dev,plot]'` (redone only when pyproject.toml changes)
 #   make test         the test suite (PYTEST_ARGS="-k cluster -x" to narrow it)
-#   make lint         ruff check + ruff format --check
+#   make lint         ruff check + ruff format --check + lint-imports (the library imports no service)
 #   make format       ruff format + ruff check --fix
 #   make typecheck    mypy --strict (configured in pyproject.toml)
 #   make proto        regenerate authmesh/{auth,resource}/v1 from protos/
@@ -64,6 +64,7 @@ up: $(VENV_STAMP)
 lint: $(VENV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: $(VENV_STAMP)
 	$(BIN)/ruff format .
