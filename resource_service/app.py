@@ -161,8 +161,12 @@ class ResourceApp(Startable):
         entries = Gauge(
             "authmesh_denylist_entries", "Revocations held in memory, by kind.", ["kind"], registry=registry
         )
-        for kind in ("tokens", "sessions", "users", "keys"):
+        for kind in ("tokens", "sessions", "users"):
             entries.labels(kind).set_function(self._denylist_size(kind))
+        # Retired keys are the key cache's: the gauge keeps its "keys" series.
+        entries.labels("keys").set_function(
+            lambda: float(len(self.guard.keys.retired)) if self.guard.keys is not None else 0.0
+        )
         gauge_function(
             registry,
             "authmesh_revocation_staleness_seconds",

@@ -81,6 +81,11 @@ class KeyCache:
         return self._failures
 
     @property
+    def retired(self) -> frozenset[str]:
+        """The key ids retired so far (refused for the life of the process)."""
+        return frozenset(self._retired)
+
+    @property
     def kids(self) -> frozenset[str]:
         """The key ids currently usable."""
         return frozenset(self._keys)
