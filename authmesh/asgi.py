@@ -20,9 +20,13 @@
     async def whoami(claims: AccessClaims = Depends(bearer.require())) -> dict[str, str]:
         return {"subject": claims.sub}
 
+Or, for every request but the open paths, as middleware (handlers read ``current_claims()``)::
+
+    app.add_middleware(BearerAuthMiddleware, guard=guard, open_paths={"/healthz"})
+
 See ``docs/integration.md``.
 """
 
-from authmesh._shared.asgi import BearerAuth, http_error
+from authmesh._shared.asgi import CLAIMS_SCOPE_KEY, BearerAuth, BearerAuthMiddleware, http_error
 
-__all__ = ["BearerAuth", "http_error"]
+__all__ = ["CLAIMS_SCOPE_KEY", "BearerAuth", "BearerAuthMiddleware", "http_error"]

@@ -1,12 +1,20 @@
-"""FastAPI and Starlette: a :class:`ResourceGuard` as a request dependency (the ``authmesh[asgi]`` extra).
+"""FastAPI and Starlette: a :class:`ResourceGuard` as a request dependency or as middleware.
 
-::
+(The ``authmesh[asgi]`` extra.) As a dependency, per route::
 
     bearer = BearerAuth(guard)
+    Reader = Annotated[AccessClaims, Depends(bearer.require(all_of={"docs:read"}))]
 
     @app.get("/documents/{id}")
-    async def document(id: str, claims: AccessClaims = Depends(bearer.require(all_of={"docs:read"}))):
-        ...
+    async def document(id: str, claims: Reader): ...
+
+As middleware, for every request but the open paths (cheaper: no dependency to solve per request)::
+
+    app.add_middleware(BearerAuthMiddleware, guard=guard, open_paths={"/healthz"})
+
+Handlers then read :func:`~authmesh.current_claims` (or ``request.scope["authmesh_claims"]``), and a
+route's ``bearer.require(...)`` dependency checks its scopes on the claims the middleware verified
+instead of verifying the token again.
 
 Refusals follow RFC 6750: ``401`` with ``WWW-Authenticate: Bearer error="invalid_token"`` (and an
 ``error_description``) for a token that is not acceptable, a bare ``Bearer`` challenge when there was
@@ -18,10 +26,12 @@ both turn into the response.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
+from starlette.responses import PlainTextResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from authmesh._shared.claims import AccessClaims
 from authmesh._shared.errors import AuthError, InsufficientScope, PermissionDenied, TokenMissing, Unavailable
@@ -31,8 +41,10 @@ from authmesh._shared.interceptor import bind_claims
 from authmesh._shared.scopes import AUTHENTICATED, ScopeRequirement
 
 RETRY_AFTER_SECONDS = "1"
+# Where the middleware leaves the verified claims in the request's ASGI scope.
+CLAIMS_SCOPE_KEY = "authmesh_claims"
 
-__all__ = ["BearerAuth", "http_error"]
+__all__ = ["CLAIMS_SCOPE_KEY", "BearerAuth", "BearerAuthMiddleware", "http_error"]
 
 
 class BearerAuth:
@@ -71,15 +83,71 @@ class BearerAuth:
         Raises:
             HTTPException: 401, 403 or 503, as the module says.
         """
-        header = request.headers.get("authorization")
-        token = bearer_token((("authorization", header),)) if header is not None else None
+        verified = request.scope.get(CLAIMS_SCOPE_KEY)
         try:
-            claims = await self._guard.authenticate(token)
+            if isinstance(verified, AccessClaims):
+                claims = verified
+            else:
+                header = request.headers.get("authorization")
+                claims = await self._guard.authenticate(
+                    bearer_token((("authorization", header),)) if header is not None else None
+                )
             requirement.check(claims)
         except AuthError as error:
             raise http_error(error, realm=self._realm) from None
         bind_claims(claims)
         return claims
+
+
+class BearerAuthMiddleware:
+    """ASGI middleware: every HTTP request outside ``open_paths`` needs a valid token.
+
+    The claims are put in the request's scope (``scope["authmesh_claims"]``) and bound for
+    :func:`~authmesh.current_claims`; a refusal is answered here, as :func:`http_error` says.
+
+    Args:
+        app: The ASGI app it wraps.
+        guard: The guard (entered in the app's lifespan).
+        requirement: What every protected request needs (any valid token by default).
+        open_paths: Exact paths that need no token (health checks, say).
+        realm: The ``realm`` of the challenge, if any.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        guard: ResourceGuard,
+        requirement: ScopeRequirement = AUTHENTICATED,
+        open_paths: Collection[str] = (),
+        realm: str | None = None,
+    ) -> None:
+        self._app = app
+        self._guard = guard
+        self._requirement = requirement
+        self._open = frozenset(open_paths)
+        self._realm = realm
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self._open:
+            await self._app(scope, receive, send)
+            return
+        token = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                token = bearer_token((("authorization", value.decode("latin-1")),))
+                break
+        try:
+            claims = await self._guard.authenticate(token)
+            self._requirement.check(claims)
+        except AuthError as error:
+            refusal = http_error(error, realm=self._realm)
+            response = PlainTextResponse(refusal.detail, refusal.status_code, headers=refusal.headers)
+            await response(scope, receive, send)
+            return
+        scope[CLAIMS_SCOPE_KEY] = claims
+        bind_claims(claims)
+        await self._app(scope, receive, send)
 
 
 def http_error(error: AuthError, *, realm: str | None = None) -> HTTPException:

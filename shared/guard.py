@@ -270,8 +270,14 @@ class ResourceGuard(Startable):
         loops, self._loops = self._loops, None
         if loops is not None:
             loops.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await loops
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+            except Exception:  # already failed closed (no call was served on it); stopping goes on
+                _log.exception("the guard's background loops failed")
         await self._exit.aclose()
 
     async def _start(self) -> None:

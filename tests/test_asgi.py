@@ -5,6 +5,7 @@ they name aliases local to the app's factory.
 """
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,8 +15,8 @@ import aiohttp
 import uvicorn
 from fastapi import Depends, FastAPI
 
-from authmesh import AccessClaims, ResourceGuard, current_claims
-from authmesh.asgi import BearerAuth
+from authmesh import AccessClaims, ResourceGuard, ScopeRequirement, current_claims
+from authmesh.asgi import BearerAuth, BearerAuthMiddleware
 from authmesh.auth.v1 import auth_pb2
 from authmesh.processes import free_ports
 from tests.auth_support import SERVICE, AuthClient, auth_settings, bearer, running_auth
@@ -64,7 +65,8 @@ async def serving(app: FastAPI) -> AsyncIterator[str]:
 async def get(url: str, token: str | None = None) -> tuple[int, dict[str, str], Any]:
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
-        body = await response.json(content_type=None) if response.status < 500 else await response.text()
+        text = await response.text()
+        body = json.loads(text) if response.content_type == "application/json" else text
         return response.status, {name.lower(): value for name, value in response.headers.items()}, body
 
 
@@ -127,7 +129,60 @@ async def test_a_fastapi_app_answers_503_while_stale_without_a_fallback(
             async def unavailable() -> bool:
                 status, headers, body = await get(f"{base}/whoami", token)
                 return (
-                    status == 503 and headers.get("retry-after") == "1" and "REVOCATION_STATE_STALE" in body
+                    status == 503
+                    and headers.get("retry-after") == "1"
+                    and "REVOCATION_STATE_STALE" in str(body)
                 )
 
             await eventually(unavailable, within=10, what="a 503 while the revocation state is stale")
+
+
+def middleware_app(guard: ResourceGuard) -> FastAPI:
+    app = FastAPI()
+    app.add_middleware(
+        BearerAuthMiddleware,
+        guard=guard,
+        requirement=ScopeRequirement(any_of={"docs:read", "docs:admin"}),
+        open_paths={"/healthz"},
+    )
+    protect = BearerAuth(guard)
+    writer = Annotated[AccessClaims, Depends(protect.require(all_of={"docs:write"}))]
+
+    @app.get("/whoami")
+    async def whoami() -> dict[str, str]:
+        return {"subject": current_claims().sub}
+
+    @app.get("/write")
+    async def write(claims: writer) -> dict[str, str]:
+        return {"subject": claims.sub}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "serving"}
+
+    return app
+
+
+async def test_the_middleware_protects_every_path_but_the_open_ones(redis_url: str, nats_url: str) -> None:
+    async with running_auth(auth_settings(redis_url, [nats_url])) as (auth, client):
+        guard = ResourceGuard(
+            auth_target=auth.grpc_address,
+            auth_url=f"http://{auth.http_address}",
+            nats_urls=[nats_url],
+            service_account=SERVICE,
+        )
+        async with guard, serving(middleware_app(guard)) as base:
+            reader, other = await login_user(client, ("docs:read",)), await login_user(client, ())
+            assert (await get(f"{base}/healthz"))[0] == 200
+            status, headers, _ = await get(f"{base}/whoami")
+            assert (status, headers["www-authenticate"]) == (401, "Bearer")
+            status, headers, body = await get(f"{base}/whoami", "not-a-token")
+            assert status == 401
+            assert headers["www-authenticate"].startswith('Bearer error="invalid_token"')
+            assert (await get(f"{base}/whoami", other.access_token))[0] == 403
+            status, _, body = await get(f"{base}/whoami", reader.access_token)
+            assert status == 200
+            assert body["subject"]
+            # A route's own requirement is checked on the claims the middleware verified.
+            status, headers, _ = await get(f"{base}/write", reader.access_token)
+            assert (status, 'scope="docs:write"' in headers["www-authenticate"]) == (403, True)

@@ -6,14 +6,14 @@ one protected call beside one the same server answers without a token:
 
 * ``sync``: a sync ``grpc.server`` with ``guard.sync_interceptor(...)``: ``WhoAmI`` (protected) and
   ``grpc.health.v1.Health/Check`` (open);
-* ``asgi``: a FastAPI app under uvicorn with :class:`~authmesh.asgi.BearerAuth`: ``GET /whoami``
-  (protected) and ``GET /healthz`` (open).
+* ``asgi``: a FastAPI app under uvicorn with :class:`~authmesh.asgi.BearerAuthMiddleware`:
+  ``GET /whoami`` (protected; the handler reads ``current_claims()``) and ``GET /healthz`` (open).
 
 ``python -m authmesh.bench.protected_servers sync|asgi HOST:PORT`` runs one until SIGTERM or SIGINT.
 
-No ``from __future__ import annotations`` here: FastAPI reads the endpoint's annotations at run time,
-and they name the app's own dependency.
 """
+
+from __future__ import annotations
 
 import signal
 import sys
@@ -22,14 +22,13 @@ from collections.abc import AsyncIterator
 from concurrent import futures
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import aiohttp
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from authmesh._shared.asgi import BearerAuth
-from authmesh._shared.claims import AccessClaims
+from authmesh._shared.asgi import BearerAuthMiddleware
 from authmesh._shared.grpc_server import grpc_server_options
 from authmesh._shared.guard import ResourceGuard
 from authmesh._shared.http_server import split_host_port
@@ -71,10 +70,7 @@ def serve_sync(listen: str, stop: threading.Event) -> None:
 
 def asgi_app(guard: ResourceGuard) -> Any:
     """The FastAPI app: ``/whoami`` protected, ``/healthz`` open; the guard runs in its lifespan."""
-    from fastapi import Depends, FastAPI  # the dev extra: the bench is a development tool
-
-    bearer = BearerAuth(guard)
-    signed_in = Depends(bearer.require())
+    from fastapi import FastAPI  # the dev extra: the bench is a development tool
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -82,15 +78,17 @@ def asgi_app(guard: ResourceGuard) -> Any:
             yield
 
     app = FastAPI(lifespan=lifespan)
+    app.add_middleware(BearerAuthMiddleware, guard=guard, open_paths={"/healthz"})
 
-    async def whoami(claims: Annotated[AccessClaims, signed_in]) -> dict[str, str]:
+    @app.get("/whoami")
+    async def whoami() -> dict[str, str]:
+        claims = current_claims()
         return {"subject": claims.sub, "session_id": claims.sid}
 
+    @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "serving"}
 
-    app.add_api_route("/whoami", whoami, methods=["GET"])
-    app.add_api_route("/healthz", healthz, methods=["GET"])
     return app
 
 
