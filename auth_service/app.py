@@ -12,7 +12,8 @@ import redis.asyncio as redis
 import structlog
 from nats.aio.client import Client as NatsClient
 
-from authmesh._auth_service.core import ADMIN_SCOPE, SERVICE_SCOPE, AuthCore
+from authmesh._auth_service.core import AuthCore
+from authmesh._auth_service.grants import ADMIN_SCOPE, SERVICE_SCOPE
 from authmesh._auth_service.http_routes import http_routes
 from authmesh._auth_service.keyring import Keyring, KeySealer
 from authmesh._auth_service.metrics import AuthMetrics

@@ -6,6 +6,7 @@ then has the publisher deliver the event, and returns only once JetStream acknow
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 import uuid
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import structlog
 
 from authmesh._auth_service import validation
+from authmesh._auth_service.grants import ADMIN_SCOPE, SERVICE_SCOPE, Audiences, Grant
 from authmesh._auth_service.keyring import Keyring
 from authmesh._auth_service.metrics import AuthMetrics
 from authmesh._auth_service.outbox import to_record
@@ -31,21 +33,19 @@ from authmesh._auth_service.store import (
 from authmesh._shared.claims import ACCESS_TOKEN_TYPE, AccessClaims, new_uuid7
 from authmesh._shared.errors import (
     AlreadyExists,
-    InsufficientScope,
     InvalidCredentials,
     InvalidRefreshToken,
-    InvalidRequest,
     KeyRevoked,
     NotFound,
-    NotOwner,
     RateLimited,
     RefreshTokenReused,
     TokenExpired,
     TokenMissing,
     TokenRejected,
     TokenRevoked,
-    Unavailable,
     UnknownKey,
+    UserDisabled,
+    WrongAudience,
 )
 from authmesh._shared.events import (
     EventBody,
@@ -61,8 +61,6 @@ from authmesh._shared.metrics import LabelledChildren
 from authmesh._shared.settings import AuthSettings
 from authmesh._shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
 
-ADMIN_SCOPE = "admin"
-SERVICE_SCOPE = "service"
 REFRESH_TOKEN_PREFIX = "amr_"
 KEY_RELOAD_COOLDOWN_SECONDS = 1.0
 ROTATION_REQUEST_TTL_SECONDS = 600
@@ -122,11 +120,15 @@ class AuthCore:
         self._clock = clock
         self._last_key_reload = -KEY_RELOAD_COOLDOWN_SECONDS
         self._refreshes = LabelledChildren(metrics.refreshes)
-        self._verifier = TokenVerifier(
-            keyring,
-            NoRevocations(),
-            VerifierPolicy(issuer=settings.issuer, audience=settings.audience, leeway=settings.leeway),
-            clock,
+        self._audiences = Audiences(auth=settings.auth_audience, resource=settings.audience)
+        self._resource_verifier, self._auth_verifier = (
+            TokenVerifier(
+                keyring,
+                NoRevocations(),
+                VerifierPolicy(issuer=settings.issuer, audience=audience, leeway=settings.leeway),
+                clock,
+            )
+            for audience in (settings.audience, settings.auth_audience)
         )
 
     def _now_ms(self) -> int:
@@ -141,6 +143,7 @@ class AuthCore:
             InvalidRequest: Malformed fields, or scopes the user does not hold.
             RateLimited: Too many failed attempts for this username.
             InvalidCredentials: Unknown user or wrong password.
+            UserDisabled: The account is disabled.
         """
         validation.username(username)
         validation.password(password)
@@ -155,36 +158,39 @@ class AuthCore:
             raise InvalidCredentials()
         assert user is not None  # verify() never matches without a stored hash
         await self._store.release_login_attempt(username)
-        if not set(requested) <= set(user.scopes):
-            raise InvalidRequest("a requested scope is not granted to this user", code="INVALID_SCOPE")
-        granted = requested or user.scopes
-        sid = new_uuid7(self._now_ms())
-        refresh_token = _new_refresh_token()
-        ttl_ms = self._settings.refresh_token_ttl * 1000
+        grant = self._audiences.grant(requested, user.scopes)
+        await self._rehash_if_outdated(user, password)
         now_ms = self._now_ms()
-        await self._store.open_session(
+        sid = new_uuid7(now_ms)
+        refresh_token = _new_refresh_token()
+        # The token is dated by the instant the session was written with, never by a later clock read:
+        # a RevokeUser between the two would otherwise revoke the session in Redis and yet not cover the
+        # token at the replicas.
+        issued_ms = await self._store.open_session(
             SessionRecord(
-                sid=sid, sub=user.sub, username=username, scopes=granted, created_ms=now_ms, revoked_ms=0
+                sid=sid, sub=user.sub, username=username, scopes=grant.scopes, created_ms=now_ms, revoked_ms=0
             ),
             hash_refresh_token(refresh_token),
-            now_ms + ttl_ms,
-            ttl_ms,
+            self._settings.refresh_token_ttl * 1000,
         )
-        access_token = await self._mint(sub=user.sub, sid=sid, scopes=granted, client_id=username)
+        access_token = await self._mint(
+            sub=user.sub, sid=sid, grant=grant, client_id=username, issued_ms=issued_ms
+        )
         self._metrics.logins.labels("ok").inc()
-        return self._pair(access_token, refresh_token, sid, granted)
+        return self._pair(access_token, refresh_token, sid, grant.scopes)
 
     async def refresh(self, refresh_token: str) -> IssuedTokens:
         """Spend a refresh token and issue a new pair in the same session.
 
         Raises:
-            InvalidRefreshToken: Unknown, expired, or its session is revoked.
+            InvalidRefreshToken: Unknown, expired, or its session or its user is revoked.
             RefreshTokenReused: A spent token: the session is now revoked and broadcast.
+            UserDisabled: The account is disabled.
+            Unavailable: The reuse (or an earlier one's) event could not be broadcast yet.
         """
         validation.token(refresh_token, "refresh_token")
         successor = _new_refresh_token()
-        now = self._clock()
-        now_ms = int(now * 1000)
+        now_ms = self._now_ms()
         reuse_event_id = new_uuid7(now_ms)
         result = await self._store.rotate_refresh(
             hash_refresh_token(refresh_token),
@@ -204,22 +210,27 @@ class AuthCore:
                 occurred_at_ms=now_ms,
                 body=SessionRevokedEvent(sid=result.sid, sub=result.sub),
             )
-            try:
-                await self._publisher.deliver_written(event, result.active_kid)
-            except Unavailable:
-                _log.warning("reuse event queued: broker unavailable", sid=result.sid)
+            # Like every revocation, answered only once JetStream has the event: when NATS is down the
+            # client gets UNAVAILABLE, and its retry finds the session revoked and delivers it then.
+            await self._publisher.deliver_written(event, result.active_kid)
             raise RefreshTokenReused()
+        if result.status == "revoked" and result.revoke_event:
+            # Revoked by an event that may still be in the outbox (a reuse answered UNAVAILABLE).
+            await self._publisher.deliver(result.revoke_event)
+        if result.status == "disabled":
+            raise UserDisabled()
         if result.status != "ok":
             raise InvalidRefreshToken()
+        grant = self._audiences.of_session(result.scopes)
         access_token = await self._mint(
             sub=result.sub,
             sid=result.sid,
-            scopes=result.scopes,
+            grant=grant,
             client_id=result.username,
             active_kid=result.active_kid,
-            now=now,
+            issued_ms=result.issued_ms,
         )
-        return self._pair(access_token, successor, result.sid, result.scopes)
+        return self._pair(access_token, successor, result.sid, grant.scopes)
 
     async def logout(self, refresh_token: str) -> RevocationResult:
         """Revoke the session a refresh token belongs to.
@@ -236,6 +247,13 @@ class AuthCore:
             raise InvalidRefreshToken()
         return await self._revoke_session(session)
 
+    async def _rehash_if_outdated(self, user: UserRecord, password: str) -> None:
+        """Store a hash made with the current Argon2 parameters when the stored one was made with others."""
+        if self._passwords.needs_rehash(user.password_hash):
+            fresh = await self._passwords.hash(password)
+            if await self._store.replace_password_hash(user.username, user.password_hash, fresh):
+                _log.info("password rehashed with the current parameters", username=user.username)
+
     # revocation
 
     async def revoke_token(self, caller: AccessClaims, token: str, reason: str) -> RevocationResult:
@@ -250,11 +268,11 @@ class AuthCore:
         validation.reason(reason)
         if token.count(".") == 2:
             try:
-                claims = await self._verify_signed(token)
+                claims = await self._verify_signed(token, any_audience=True)
             except (TokenExpired, KeyRevoked):
                 # Already dead everywhere: nothing to broadcast.
                 return RevocationResult(self._now_ms(), "", already=True)
-            self._require_owner(caller, claims.sub)
+            self._audiences.require_owner(caller, claims.sub)
             now_ms = self._now_ms()
             event = self._event(TokenRevokedEvent(jti=claims.jti, exp=claims.exp), now_ms)
             keep_ms = int((claims.exp + self._settings.leeway) * 1000) - now_ms + 60_000
@@ -269,7 +287,7 @@ class AuthCore:
         session = await self._store.get_session(sid) if sid else None
         if session is None:
             raise InvalidRefreshToken()
-        self._require_owner(caller, session.sub)
+        self._audiences.require_owner(caller, session.sub)
         return await self._revoke_session(session)
 
     async def revoke_session(self, caller: AccessClaims, sid: str, reason: str) -> RevocationResult:
@@ -284,7 +302,7 @@ class AuthCore:
         session = await self._store.get_session(sid)
         if session is None:
             raise NotFound("session not found", code="SESSION_NOT_FOUND")
-        self._require_owner(caller, session.sub)
+        self._audiences.require_owner(caller, session.sub)
         result = await self._revoke_session(session)
         _log.info("session revoked", sid=sid, by=caller.sub, reason=reason)
         return result
@@ -293,20 +311,60 @@ class AuthCore:
         """Revoke every session and token of a user issued up to now.
 
         Raises:
+            WrongAudience: The caller's token is not for the auth audience.
             InsufficientScope: The caller is not an admin.
             NotFound: No such user.
         """
-        self._require_scope(caller, ADMIN_SCOPE)
+        return await self._cut_user(caller, sub, reason, disable=False)
+
+    async def disable_user(self, caller: AccessClaims, sub: str, reason: str) -> RevocationResult:
+        """Disable an account: no login or refresh until enabled again; every session is revoked.
+
+        Raises:
+            WrongAudience: The caller's token is not for the auth audience.
+            InsufficientScope: The caller is not an admin.
+            NotFound: No such user.
+        """
+        return await self._cut_user(caller, sub, reason, disable=True)
+
+    async def enable_user(self, caller: AccessClaims, sub: str) -> None:
+        """Let a disabled account log in again (its revoked sessions stay revoked).
+
+        Raises:
+            WrongAudience: The caller's token is not for the auth audience.
+            InsufficientScope: The caller is not an admin.
+            NotFound: No such user.
+        """
+        self._audiences.require_auth_scope(caller, ADMIN_SCOPE)
+        validation.identifier(sub, "subject")
+        if not await self._store.user_exists(sub):
+            raise NotFound("user not found", code="USER_NOT_FOUND")
+        await self._store.enable_user(sub)
+        _log.info("user enabled", sub=sub, by=caller.sub)
+
+    async def _cut_user(
+        self, caller: AccessClaims, sub: str, reason: str, *, disable: bool
+    ) -> RevocationResult:
+        """Revoke every session and token of a user (and disable it) and broadcast it, as an admin."""
+        self._audiences.require_auth_scope(caller, ADMIN_SCOPE)
         validation.identifier(sub, "subject")
         validation.reason(reason)
         if not await self._store.user_exists(sub):
             raise NotFound("user not found", code="USER_NOT_FOUND")
         now_ms = self._now_ms()
         event = self._event(UserRevokedEvent(sub=sub, not_before_ms=now_ms), now_ms)
-        result = await self._store.revoke_user(sub, now_ms, event.event_id, to_record(event))
-        await self._broadcast(event, result)
+        result = await self._store.revoke_user(
+            sub,
+            now_ms,
+            event.event_id,
+            to_record(event),
+            disable_reason=(reason or "disabled") if disable else "",
+        )
+        # The script moves the cut past every token already issued to the user: the event carries it.
+        cut = dataclasses.replace(event, body=UserRevokedEvent(sub=sub, not_before_ms=result.revoked_at_ms))
+        await self._broadcast(cut, result)
         self._metrics.revocations.labels("user").inc()
-        _log.info("user revoked", sub=sub, by=caller.sub, reason=reason)
+        _log.info("user disabled" if disable else "user revoked", sub=sub, by=caller.sub, reason=reason)
         return result
 
     async def rotate_signing_key(
@@ -324,9 +382,10 @@ class AuthCore:
             (new kid, previous kid).
 
         Raises:
+            WrongAudience: The caller's token is not for the auth audience.
             InsufficientScope: The caller is not an admin.
         """
-        self._require_scope(caller, ADMIN_SCOPE)
+        self._audiences.require_auth_scope(caller, ADMIN_SCOPE)
         if request_id:
             validation.identifier(request_id, "request_id")
             prior = await self._store.rotation(request_id)
@@ -359,7 +418,8 @@ class AuthCore:
             await self._publisher.deliver_written(event)
         self._metrics.revocations.labels("key" if retire_previous else "rotation").inc()
         if retire_previous:
-            self._verifier.forget()
+            self._resource_verifier.forget()
+            self._auth_verifier.forget()
         _log.info(
             "signing key rotated",
             kid=rotation.kid,
@@ -375,9 +435,10 @@ class AuthCore:
         """Whether a token is active, from Redis state.
 
         Raises:
+            WrongAudience: The caller's token is not for the auth audience.
             InsufficientScope: The caller is neither a service nor an admin.
         """
-        self._require_any_scope(caller, SERVICE_SCOPE, ADMIN_SCOPE)
+        self._audiences.require_auth_scope(caller, SERVICE_SCOPE, ADMIN_SCOPE)
         validation.token(token)
         try:
             claims = await self._verify_fresh(token)
@@ -391,7 +452,7 @@ class AuthCore:
         The sequence is read before Redis: every event up to it was written to Redis before it was
         published, so the snapshot holds at least its effect.
         """
-        self._require_any_scope(caller, SERVICE_SCOPE, ADMIN_SCOPE)
+        self._audiences.require_auth_scope(caller, SERVICE_SCOPE, ADMIN_SCOPE)
         sequence = await self._publisher.stream_sequence()
         return await self._store.snapshot(self._now_ms()), sequence
 
@@ -406,10 +467,11 @@ class AuthCore:
         """Add a user; returns its subject.
 
         Raises:
+            WrongAudience: The caller's token is not for the auth audience.
             InsufficientScope: The caller is not an admin.
             AlreadyExists: The username is taken.
         """
-        self._require_scope(caller, ADMIN_SCOPE)
+        self._audiences.require_auth_scope(caller, ADMIN_SCOPE)
         return await self.add_user(username, password, scopes)
 
     async def add_user(self, username: str, password: str, scopes: list[str] | tuple[str, ...]) -> str:
@@ -451,22 +513,36 @@ class AuthCore:
         """
         if bearer is None:
             raise TokenMissing()
-        return await self._verify_fresh(bearer)
+        return await self._verify_fresh(bearer, any_audience=True)
 
-    async def _verify_signed(self, token: str) -> AccessClaims:
-        """Signature and claims, reloading the keys once for a kid another replica just made."""
+    async def _verify_signed(self, token: str, *, any_audience: bool = False) -> AccessClaims:
+        """Signature and claims, reloading the keys once for a kid another replica just made.
+
+        Args:
+            token: The access token.
+            any_audience: Accept the auth audience as well as the resource audience (a caller's own
+                token, or a token to revoke); otherwise the resource audience only.
+        """
         try:
-            return self._verifier.verify(token)
+            return self._verify_audiences(token, any_audience)
         except UnknownKey:
             # Garbage kids must not each cost a Redis reload: at most one per cooldown.
             if time.monotonic() - self._last_key_reload < KEY_RELOAD_COOLDOWN_SECONDS:
                 raise
             self._last_key_reload = time.monotonic()
             await self._keyring.reload()
-            return self._verifier.verify(token)
+            return self._verify_audiences(token, any_audience)
 
-    async def _verify_fresh(self, token: str) -> AccessClaims:
-        claims = await self._verify_signed(token)
+    def _verify_audiences(self, token: str, any_audience: bool) -> AccessClaims:
+        if not any_audience:
+            return self._resource_verifier.verify(token)
+        try:
+            return self._auth_verifier.verify(token)
+        except WrongAudience:
+            return self._resource_verifier.verify(token)
+
+    async def _verify_fresh(self, token: str, *, any_audience: bool = False) -> AccessClaims:
+        claims = await self._verify_signed(token, any_audience=any_audience)
         reason = await self._store.revocation_reason(
             claims.jti, claims.sid, claims.sub, claims.issued_at_ms, claims.kid
         )
@@ -500,26 +576,24 @@ class AuthCore:
         *,
         sub: str,
         sid: str,
-        scopes: tuple[str, ...],
+        grant: Grant,
         client_id: str,
+        issued_ms: int,
         active_kid: str | None = None,
-        now: float | None = None,
     ) -> str:
-        """Sign an access token; ``now`` when the caller has just read the clock."""
+        """Sign an access token issued at ``issued_ms``, the instant Redis dated it by."""
         key = await self._keyring.signing_key(active_kid)
-        if now is None:
-            now = self._clock()
-        iat = int(now)
+        iat = issued_ms // 1000
         claims = AccessClaims(
             iss=self._settings.issuer,
             sub=sub,
-            aud=(self._settings.audience,),
+            aud=(grant.audience,),
             exp=iat + self._settings.access_token_ttl,
             iat=iat,
             nbf=iat,
-            jti=new_uuid7(int(now * 1000)),
+            jti=new_uuid7(issued_ms),
             sid=sid,
-            scopes=scopes,
+            scopes=grant.scopes,
             client_id=client_id,
             kid=key.kid,
         )
@@ -537,21 +611,6 @@ class AuthCore:
 
     def _event(self, body: EventBody, now_ms: int) -> SecurityEvent:
         return SecurityEvent.new(body, self._settings.issuer, self._settings.instance, now_ms)
-
-    @staticmethod
-    def _require_owner(caller: AccessClaims, owner_sub: str) -> None:
-        if caller.sub != owner_sub and not caller.has_scope(ADMIN_SCOPE):
-            raise NotOwner()
-
-    @staticmethod
-    def _require_scope(caller: AccessClaims, scope: str) -> None:
-        if not caller.has_scope(scope):
-            raise InsufficientScope(scope)
-
-    @staticmethod
-    def _require_any_scope(caller: AccessClaims, *scopes: str) -> None:
-        if not any(caller.has_scope(scope) for scope in scopes):
-            raise InsufficientScope(" or ".join(scopes))
 
 
 def _new_refresh_token() -> str:

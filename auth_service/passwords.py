@@ -39,6 +39,13 @@ class PasswordChecker:
             matched = await asyncio.to_thread(self._verify_sync, target, password)
         return matched and password_hash is not None
 
+    def needs_rehash(self, password_hash: str) -> bool:
+        """Whether a (verified) hash was made with other parameters than the configured ones."""
+        try:
+            return self._hasher.check_needs_rehash(password_hash)
+        except InvalidHashError:
+            return False
+
     def _verify_sync(self, password_hash: str, password: str) -> bool:
         try:
             return self._hasher.verify(password_hash, password)

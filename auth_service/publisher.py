@@ -3,6 +3,7 @@
 An RPC that changes revocation state returns only after Redis has the change and JetStream has
 acknowledged its event; when NATS is down the event stays in the outbox, the RPC answers UNAVAILABLE,
 and the heartbeat loop keeps retrying the outbox, so a retry of the RPC is safe and nothing is lost.
+No heartbeat goes out while the outbox holds an event it could not deliver.
 Publishes carry ``Nats-Msg-Id`` = event id, so a resend within the stream's duplicate window is dropped
 by JetStream.
 """
@@ -61,6 +62,8 @@ class EventPublisher:
         self._origin = origin
         self._heartbeat_seq = 0
         self._published = published
+        # Events this instance tried to publish and could not (yet): while any is left, no heartbeat.
+        self._undelivered: set[str] = set()
 
     async def publish(
         self, event: SecurityEvent, *, use_cached_key: bool = False, active_kid: str | None = None
@@ -124,12 +127,20 @@ class EventPublisher:
         Raises:
             Unavailable: NATS is down; the entry stays in the outbox.
         """
-        await self.publish(event, active_kid=active_kid)
+        try:
+            await self.publish(event, active_kid=active_kid)
+        except Unavailable:
+            self._undelivered.add(event.event_id)
+            raise
+        self._undelivered.discard(event.event_id)
         await self._store.outbox_done(event.event_id)
 
     async def flush_outbox(self) -> int:
         """Deliver every pending outbox entry, oldest first; return how many went out."""
+        known_before = set(self._undelivered)
         entries = await self._store.outbox_entries()
+        # Gone from the outbox: another auth replica delivered them.
+        self._undelivered -= known_before - entries.keys()
         delivered = 0
         # Event ids are UUIDv7, so sorting them orders the events by time.
         for event_id in sorted(entries):
@@ -150,19 +161,45 @@ class EventPublisher:
         return int(info.state.last_seq)
 
     async def run_heartbeat(self, interval: float) -> None:
-        """Every ``interval``: deliver what the outbox holds, then a heartbeat. Runs until cancelled."""
+        """Every ``interval``: deliver what the outbox holds, then a heartbeat. Runs until cancelled.
+
+        A heartbeat tells replicas "you have heard every revocation up to now", so none goes out while an
+        event is known to be undelivered: replicas then go stale within their bound and check tokens with
+        ``Introspect`` instead of trusting a history with a gap in it. See :meth:`_history_complete`.
+        """
         while True:
             raise_if_cancelled()
-            try:
-                await self.flush_outbox()
-            except (AuthError, RedisError, OSError) as error:
-                # Redis or NATS down: the heartbeat still goes out when NATS is up, the outbox waits.
-                _log.warning("outbox flush failed", error=repr(error))
-            self._heartbeat_seq += 1
-            event = SecurityEvent.new(HeartbeatEvent(seq=self._heartbeat_seq), self._issuer, self._origin)
-            try:
-                await self.publish(event, use_cached_key=True)
-            except Unavailable:
-                _log.debug("heartbeat not published: broker unavailable")
+            if await self._history_complete():
+                await self._beat()
             raise_if_cancelled()
             await asyncio.sleep(interval)
+
+    async def _history_complete(self) -> bool:
+        """Deliver the outbox; whether every event written so far is known to be on the stream.
+
+        No, when an event could not be delivered (JetStream refused it, NATS is down, its record is
+        malformed). When the outbox cannot be read (Redis is down), nothing can be revoked meanwhile (every
+        revocation is written to Redis first), so the history is complete unless this instance failed to
+        deliver an event of its own.
+        """
+        try:
+            await self.flush_outbox()
+        except (RedisError, OSError) as error:
+            if self._undelivered:
+                _log.warning(
+                    "outbox unreadable with events undelivered: heartbeat withheld", error=repr(error)
+                )
+                return False
+            return True
+        except AuthError as error:
+            _log.warning("outbox not delivered: heartbeat withheld", error=repr(error))
+            return False
+        return True
+
+    async def _beat(self) -> None:
+        self._heartbeat_seq += 1
+        event = SecurityEvent.new(HeartbeatEvent(seq=self._heartbeat_seq), self._issuer, self._origin)
+        try:
+            await self.publish(event, use_cached_key=True)
+        except Unavailable:
+            _log.debug("heartbeat not published: broker unavailable")

@@ -119,6 +119,23 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         return _revoked(await self._core.revoke_user(caller, request.subject, request.reason))
 
     @unary
+    async def DisableUser(
+        self, request: auth_pb2.DisableUserRequest, context: Context
+    ) -> auth_pb2.RevokeResponse:
+        """Disable an account and revoke every session of it."""
+        caller = await self._caller(context)
+        return _revoked(await self._core.disable_user(caller, request.subject, request.reason))
+
+    @unary
+    async def EnableUser(
+        self, request: auth_pb2.EnableUserRequest, context: Context
+    ) -> auth_pb2.EnableUserResponse:
+        """Let a disabled account log in again."""
+        caller = await self._caller(context)
+        await self._core.enable_user(caller, request.subject)
+        return auth_pb2.EnableUserResponse()
+
+    @unary
     async def RotateSigningKey(
         self, request: auth_pb2.RotateSigningKeyRequest, context: Context
     ) -> auth_pb2.RotateSigningKeyResponse:

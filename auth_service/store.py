@@ -9,9 +9,12 @@ Keys (all prefixed ``am:``)::
 
     user:{username}            JSON {sub, password_hash, scopes, created_ms}
     sub:{sub}                  username
-    user_sessions:{sub}        set of session ids
-    user_nbf:{sub}             not_before_ms of the latest RevokeUser
-    session:{sid}              hash {sub, username, scopes, created_ms, refresh, revoked_ms, revoke_event}
+    user_sessions:{sub}        set of session ids (lives as long as its longest-lived session)
+    user_nbf:{sub}             the cut of the latest RevokeUser (ms), never expiring: a session opened at
+                               or before it can neither refresh nor mint, however long it lives
+    user_disabled:{sub}        the reason, while the account is disabled
+    session:{sid}              hash {sub, username, scopes, created_ms, last_ms (latest issue instant),
+                               refresh, revoked_ms, revoke_event}
     refresh:{sha256}           hash {sid, state: live|spent, exp_ms}
     revoked_jti:{jti}          "{revoked_ms} {event_id}" until the token's exp + leeway
     revoked_jtis               zset jti -> exp (for snapshots)
@@ -37,7 +40,7 @@ from typing import Any
 import redis.asyncio as redis
 
 from authmesh._auth_service.redis_scripts import LuaScript, ScriptRunner
-from authmesh._shared.errors import NotFound
+from authmesh._shared.errors import NotFound, UserDisabled
 
 PREFIX = "am:"
 OUTBOX = PREFIX + "outbox"
@@ -67,6 +70,11 @@ def user_sessions_key(sub: str) -> str:
 def user_nbf_key(sub: str) -> str:
     """A user's revocation instant."""
     return f"{PREFIX}user_nbf:{sub}"
+
+
+def user_disabled_key(sub: str) -> str:
+    """Present while a user is disabled."""
+    return f"{PREFIX}user_disabled:{sub}"
 
 
 def session_key(sid: str) -> str:
@@ -105,19 +113,26 @@ def hash_refresh_token(token: str) -> str:
 
 
 # KEYS: refresh(old), refresh(new), outbox, revoked_sessions, active kid
-# ARGV: now_ms, new_exp_ms, ttl_ms, reuse_event_id, session_prefix
-# Returns {status, sid, sub, scopes, username, active kid}, {reused, sid, sub, active kid},
-# {revoked, sid, sub} or {invalid}. The active kid rides along so that minting the new access token, or
-# signing the reuse event, needs no second round trip.
+# ARGV: now_ms, new_exp_ms, ttl_ms, reuse_event_id, session_prefix, user_nbf prefix,
+#       user_disabled prefix, user_sessions prefix
+# Returns {ok, sid, sub, scopes, username, active kid, issue ms}, {reused, sid, sub, active kid},
+# {revoked, sid, sub, the event that revoked it}, {disabled, sid, sub} or {invalid}. The active kid
+# rides along so that minting the new access token, or signing the reuse event, needs no second round
+# trip. A session opened at or before its user's cut is revoked whatever the per-user set remembers,
+# and the new token's issue instant is after that cut: Redis decides both in one step, so a replica
+# (which knows only the cut) and Introspect (which reads the session) always agree.
 _ROTATE_REFRESH = """
 local old = redis.call('HMGET', KEYS[1], 'sid', 'state', 'exp_ms')
 if not old[1] then return {'invalid'} end
 local now = tonumber(ARGV[1])
 if tonumber(old[3]) <= now then return {'invalid'} end
 local skey = ARGV[5] .. old[1]
-local s = redis.call('HMGET', skey, 'sub', 'scopes', 'username', 'revoked_ms')
+local s = redis.call('HMGET', skey, 'sub', 'scopes', 'username', 'revoked_ms', 'created_ms', 'revoke_event')
 if not s[1] then return {'invalid'} end
-if s[4] ~= '0' then return {'revoked', old[1], s[1]} end
+if s[4] ~= '0' then return {'revoked', old[1], s[1], s[6] or ''} end
+local cut = tonumber(redis.call('GET', ARGV[6] .. s[1]) or '0')
+if cut >= tonumber(s[5]) then return {'revoked', old[1], s[1], ''} end
+if redis.call('EXISTS', ARGV[7] .. s[1]) == 1 then return {'disabled', old[1], s[1]} end
 if old[2] ~= 'live' then
   redis.call('HSET', skey, 'revoked_ms', ARGV[1], 'revoke_event', ARGV[4])
   redis.call('ZADD', KEYS[4], now, old[1] .. ' ' .. s[1])
@@ -126,12 +141,54 @@ if old[2] ~= 'live' then
   redis.call('HSET', KEYS[3], ARGV[4], event)
   return {'reused', old[1], s[1], redis.call('GET', KEYS[5]) or ''}
 end
+local issued = now
+if issued <= cut then issued = cut + 1 end
 redis.call('HSET', KEYS[1], 'state', 'spent')
 redis.call('HSET', KEYS[2], 'sid', old[1], 'state', 'live', 'exp_ms', ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-redis.call('HSET', skey, 'refresh', KEYS[2])
+redis.call('HSET', skey, 'refresh', KEYS[2], 'last_ms', string.format('%d', issued))
 if redis.call('PTTL', skey) < tonumber(ARGV[3]) then redis.call('PEXPIRE', skey, ARGV[3]) end
-return {'ok', old[1], s[1], s[2], s[3], redis.call('GET', KEYS[5]) or ''}
+local sessions = ARGV[8] .. s[1]
+if redis.call('PTTL', sessions) < tonumber(ARGV[3]) then redis.call('PEXPIRE', sessions, ARGV[3]) end
+return {'ok', old[1], s[1], s[2], s[3], redis.call('GET', KEYS[5]) or '', string.format('%d', issued)}
+"""
+
+# KEYS: session, refresh, user_sessions, user_nbf, user_disabled
+# ARGV: now_ms, ttl_ms, sid, sub, username, scopes
+# Returns {ok, issue ms} or {disabled}. The session is born after its user's latest cut (its issue
+# instant is moved past the cut when this clock is behind the one that made it), so a Login racing a
+# RevokeUser either lands before the cut (and is revoked with everything else) or after it.
+_OPEN_SESSION = """
+if redis.call('EXISTS', KEYS[5]) == 1 then return {'disabled'} end
+local issued = tonumber(ARGV[1])
+local cut = tonumber(redis.call('GET', KEYS[4]) or '0')
+if issued <= cut then issued = cut + 1 end
+local ms = string.format('%d', issued)
+local ttl = tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'sub', ARGV[4], 'username', ARGV[5], 'scopes', ARGV[6], 'created_ms', ms,
+           'last_ms', ms, 'refresh', KEYS[2], 'revoked_ms', '0', 'revoke_event', '')
+redis.call('PEXPIRE', KEYS[1], ttl)
+redis.call('HSET', KEYS[2], 'sid', ARGV[3], 'state', 'live', 'exp_ms', string.format('%d', issued + ttl))
+redis.call('PEXPIRE', KEYS[2], ttl)
+redis.call('SADD', KEYS[3], ARGV[3])
+if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
+return {'ok', ms}
+"""
+
+# KEYS: user, subject index of the new user
+# ARGV: record JSON, username, subject-index prefix
+# Returns 'created' or 'exists'. One step, so there is never a user whom RevokeUser cannot find; an
+# existing user whose subject index is missing (written by a version that wrote the two apart) gets it
+# back, so a retry repairs it.
+_CREATE_USER = """
+local existing = redis.call('GET', KEYS[1])
+if existing then
+  redis.call('SET', ARGV[3] .. cjson.decode(existing).sub, ARGV[2], 'NX')
+  return 'exists'
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2])
+return 'created'
 """
 
 # The revocation scripts return {status, revoked_ms, event_id, active kid}: the event that broadcasts the
@@ -168,22 +225,46 @@ redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
 return {'ok', ARGV[1], ARGV[2], active}
 """
 
-# KEYS: user_nbf, user_sessions, revoked_users, outbox, revoked_sessions, active kid
-# ARGV: now_ms, event_id, event_json, sub, nbf_ttl_ms, session_prefix
-# status ok.
+# KEYS: a string
+# ARGV: the value it must still have, its new value
+# Returns 1 when replaced, 0 when the value had changed.
+_REPLACE_IF_UNCHANGED = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: user_nbf, user_sessions, revoked_users, outbox, user_disabled, active kid
+# ARGV: now_ms, event_id, event_json, sub, session_prefix, disable reason ('' leaves the account enabled)
+# status ok; revoked_ms is the cut. The cut is never earlier than a token already issued in any of the
+# user's sessions (their last_ms), nor than an earlier cut, whatever this replica's clock says: every
+# token minted before this step is covered at the replicas, which know only the cut. The cut never
+# expires, so no session opened before it can refresh, however long refreshes kept it alive. The event
+# is the caller's, with the cut written into it.
 _REVOKE_USER = """
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[5])
-redis.call('ZADD', KEYS[3], ARGV[1], ARGV[4])
-for _, sid in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  local skey = ARGV[6] .. sid
-  local revoked = redis.call('HGET', skey, 'revoked_ms')
-  if revoked == '0' then
-    redis.call('HSET', skey, 'revoked_ms', ARGV[1], 'revoke_event', ARGV[2])
+local cut = tonumber(ARGV[1])
+local previous = tonumber(redis.call('GET', KEYS[1]) or '0')
+if previous > cut then cut = previous end
+local sids = redis.call('SMEMBERS', KEYS[2])
+for _, sid in ipairs(sids) do
+  local last = tonumber(redis.call('HGET', ARGV[5] .. sid, 'last_ms') or '0')
+  if last > cut then cut = last end
+end
+local ms = string.format('%d', cut)
+for _, sid in ipairs(sids) do
+  local skey = ARGV[5] .. sid
+  if redis.call('HGET', skey, 'revoked_ms') == '0' then
+    redis.call('HSET', skey, 'revoked_ms', ms, 'revoke_event', ARGV[2])
   end
 end
+redis.call('SET', KEYS[1], ms)
+redis.call('ZADD', KEYS[3], ms, ARGV[4])
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[4], ARGV[2], ARGV[3])
-return {'ok', ARGV[1], ARGV[2], redis.call('GET', KEYS[6]) or ''}
+if ARGV[6] ~= '' then redis.call('SET', KEYS[5], ARGV[6]) end
+local event = cjson.decode(ARGV[3])
+event.body.not_before_ms = ms
+redis.call('HSET', KEYS[4], ARGV[2], cjson.encode(event))
+return {'ok', ms, ARGV[2], redis.call('GET', KEYS[6]) or ''}
 """
 
 # KEYS: active, keys set, new key record, previous key record, outbox, retired_keys
@@ -282,9 +363,11 @@ class SessionRecord:
 class RotationResult:
     """What a refresh-token rotation found.
 
-    ``status`` is ``ok`` (rotated), ``invalid`` (unknown or expired), ``revoked`` (its session is
-    revoked) or ``reused`` (a spent token: the session has just been revoked, its event is in the outbox).
-    ``active_kid`` comes with ``ok`` and ``reused``.
+    ``status`` is ``ok`` (rotated), ``invalid`` (unknown or expired), ``revoked`` (its session or its
+    user is revoked), ``disabled`` (its user is disabled) or ``reused`` (a spent token: the session has
+    just been revoked, its event is in the outbox). ``active_kid`` and ``issued_ms`` (the issue instant
+    of the new access token) come with ``ok``, ``active_kid`` with ``reused``; ``revoke_event`` is the
+    event that revoked the session, when a session revocation did.
     """
 
     status: str
@@ -293,6 +376,8 @@ class RotationResult:
     scopes: tuple[str, ...] = ()
     username: str = ""
     active_kid: str | None = None
+    issued_ms: int = 0
+    revoke_event: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +439,9 @@ class AuthStore:
         self._revoke_session = LuaScript.of(_REVOKE_SESSION)
         self._revoke_token = LuaScript.of(_REVOKE_TOKEN)
         self._revoke_user = LuaScript.of(_REVOKE_USER)
+        self._open_session = LuaScript.of(_OPEN_SESSION)
+        self._create_user = LuaScript.of(_CREATE_USER)
+        self._replace_if_unchanged = LuaScript.of(_REPLACE_IF_UNCHANGED)
         self._rotate_key = LuaScript.of(_ROTATE_KEY)
         self._revocation_state = LuaScript.of(_REVOCATION_STATE)
         self._outbox_done = LuaScript.of(_OUTBOX_DONE)
@@ -371,7 +459,7 @@ class AuthStore:
     # users
 
     async def create_user(self, user: UserRecord) -> bool:
-        """Store a new user; False if the username is taken."""
+        """Store a new user and its subject index in one step; False if the username is taken."""
         record = json.dumps(
             {
                 "sub": user.sub,
@@ -380,11 +468,26 @@ class AuthStore:
                 "created_ms": user.created_ms,
             }
         )
-        created = await self._redis.set(user_key(user.username), record, nx=True)
-        if not created:
+        reply = await self._scripts.run(
+            self._create_user,
+            keys=[user_key(user.username), sub_key(user.sub)],
+            args=[record, user.username, f"{PREFIX}sub:"],
+        )
+        return _text(reply) == "created"
+
+    async def replace_password_hash(self, username: str, old_hash: str, new_hash: str) -> bool:
+        """Swap a user's password hash, unless the record changed since it was read (then False)."""
+        raw = await self._redis.get(user_key(username))
+        if raw is None:
             return False
-        await self._redis.set(sub_key(user.sub), user.username)
-        return True
+        data = json.loads(raw)
+        if data.get("password_hash") != old_hash:
+            return False
+        data["password_hash"] = new_hash
+        reply = await self._scripts.run(
+            self._replace_if_unchanged, keys=[user_key(username)], args=[_text(raw), json.dumps(data)]
+        )
+        return bool(int(reply))
 
     async def get_user(self, username: str) -> UserRecord | None:
         """A user by name."""
@@ -422,32 +525,35 @@ class AuthStore:
 
     # sessions and refresh tokens
 
-    async def open_session(
-        self, session: SessionRecord, refresh_hash: str, refresh_exp_ms: int, ttl_ms: int
-    ) -> None:
-        """Store a new session with its first refresh token."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
+    async def open_session(self, session: SessionRecord, refresh_hash: str, ttl_ms: int) -> int:
+        """Store a new session with its first refresh token; return its issue instant (ms).
+
+        The instant is ``session.created_ms``, or just after the user's latest cut when that is later.
+
+        Raises:
+            UserDisabled: The account is disabled.
+        """
+        reply = await self._scripts.run(
+            self._open_session,
+            keys=[
                 session_key(session.sid),
-                mapping={
-                    "sub": session.sub,
-                    "username": session.username,
-                    "scopes": " ".join(session.scopes),
-                    "created_ms": session.created_ms,
-                    "refresh": refresh_key(refresh_hash),
-                    "revoked_ms": 0,
-                    "revoke_event": "",
-                },
-            )
-            pipe.pexpire(session_key(session.sid), ttl_ms)
-            pipe.hset(
                 refresh_key(refresh_hash),
-                mapping={"sid": session.sid, "state": "live", "exp_ms": refresh_exp_ms},
-            )
-            pipe.pexpire(refresh_key(refresh_hash), ttl_ms)
-            pipe.sadd(user_sessions_key(session.sub), session.sid)
-            pipe.pexpire(user_sessions_key(session.sub), ttl_ms)
-            await pipe.execute()
+                user_sessions_key(session.sub),
+                user_nbf_key(session.sub),
+                user_disabled_key(session.sub),
+            ],
+            args=[
+                session.created_ms,
+                ttl_ms,
+                session.sid,
+                session.sub,
+                session.username,
+                " ".join(session.scopes),
+            ],
+        )
+        if _text(reply[0]) == "disabled":
+            raise UserDisabled()
+        return int(reply[1])
 
     async def get_session(self, sid: str) -> SessionRecord | None:
         """A session by id."""
@@ -476,17 +582,34 @@ class AuthStore:
         result = await self._scripts.run(
             self._rotate_refresh,
             keys=[refresh_key(old_hash), refresh_key(new_hash), OUTBOX, REVOKED_SESSIONS, ACTIVE_KID],
-            args=[now_ms, now_ms + ttl_ms, ttl_ms, reuse_event_id, f"{PREFIX}session:"],
+            args=[
+                now_ms,
+                now_ms + ttl_ms,
+                ttl_ms,
+                reuse_event_id,
+                f"{PREFIX}session:",
+                f"{PREFIX}user_nbf:",
+                f"{PREFIX}user_disabled:",
+                f"{PREFIX}user_sessions:",
+            ],
         )
         values = [_text(v) for v in result]
         status = values[0]
         if status == "ok":
             return RotationResult(
-                status, values[1], values[2], tuple(values[3].split()), values[4], values[5] or None
+                status,
+                values[1],
+                values[2],
+                tuple(values[3].split()),
+                values[4],
+                values[5] or None,
+                issued_ms=int(values[6]),
             )
         if status == "reused":
             return RotationResult(status, values[1], values[2], active_kid=values[3] or None)
         if status == "revoked":
+            return RotationResult(status, values[1], values[2], revoke_event=values[3])
+        if status == "disabled":
             return RotationResult(status, values[1], values[2])
         return RotationResult(status)
 
@@ -518,8 +641,21 @@ class AuthStore:
         )
         return _revocation(result)
 
-    async def revoke_user(self, sub: str, now_ms: int, event_id: str, event_json: str) -> RevocationResult:
-        """Revoke every session of a user and every token issued up to ``now_ms``."""
+    async def revoke_user(
+        self, sub: str, now_ms: int, event_id: str, event_json: str, *, disable_reason: str = ""
+    ) -> RevocationResult:
+        """Revoke every session of a user and every token issued up to the cut (at least ``now_ms``).
+
+        Args:
+            sub: The user.
+            now_ms: This replica's clock.
+            event_id: The user-revocation event's id.
+            event_json: Its outbox record; the script writes the cut into it.
+            disable_reason: Non-empty: also disable the account, in the same step.
+
+        Returns:
+            The revocation; ``revoked_at_ms`` is the cut.
+        """
         result = await self._scripts.run(
             self._revoke_user,
             keys=[
@@ -527,12 +663,20 @@ class AuthStore:
                 user_sessions_key(sub),
                 REVOKED_USERS,
                 OUTBOX,
-                REVOKED_SESSIONS,
+                user_disabled_key(sub),
                 ACTIVE_KID,
             ],
-            args=[now_ms, event_id, event_json, sub, self._revocation_horizon_ms, f"{PREFIX}session:"],
+            args=[now_ms, event_id, event_json, sub, f"{PREFIX}session:", disable_reason],
         )
         return _revocation(result)
+
+    async def enable_user(self, sub: str) -> None:
+        """Let a disabled user log in again."""
+        await self._redis.delete(user_disabled_key(sub))
+
+    async def user_disabled(self, sub: str) -> bool:
+        """Whether a user is disabled."""
+        return bool(await self._redis.exists(user_disabled_key(sub)))
 
     async def revocation_reason(
         self, jti: str, sid: str, sub: str, issued_at_ms: int, kid: str

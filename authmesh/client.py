@@ -40,6 +40,8 @@ DEFAULT_TIMEOUT_SECONDS = 10.0
 TOKEN_FILE_NAME = "tokens.json"
 TOKEN_FILE_VERSION = 1
 ACCEPTED = "OK"
+# The scope of administrative tokens: they are for the auth service's own audience only.
+ADMIN_SCOPE = "admin"
 # A token file is a few kilobytes; anything far larger is not ours.
 _MAX_TOKEN_FILE_BYTES = 64 * 1024
 _PRIVATE_FILE_MODE = 0o600
@@ -278,10 +280,14 @@ class AuthApi(_Channel):
         return self._auth_stub
 
     async def login(self, username: str, password: str, scopes: tuple[str, ...] = ()) -> Tokens:
-        """Log in; an empty ``scopes`` asks for every scope the user holds."""
+        """Log in; an empty ``scopes`` asks for the user's resource scopes (never ``admin``)."""
         request = auth_pb2.LoginRequest(username=username, password=password, scopes=list(scopes))
         pair = await self._stub.Login(request, timeout=self.timeout)
         return Tokens.from_pair(pair, time.time())
+
+    async def admin_login(self, username: str, password: str) -> Tokens:
+        """Log in for the administrative RPCs: scope ``admin``, for the auth service's audience."""
+        return await self.login(username, password, (ADMIN_SCOPE,))
 
     async def refresh(self, refresh_token: str) -> Tokens:
         """Spend a refresh token for a new pair in the same session."""

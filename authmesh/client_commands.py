@@ -101,7 +101,13 @@ def login(
     ] = False,
     scopes: Annotated[
         list[str] | None,
-        typer.Option("--scope", help="A scope to ask for (repeat for several; default: all the user holds)."),
+        typer.Option(
+            "--scope",
+            help=(
+                "A scope to ask for (repeat for several; default: the user's resource scopes). "
+                "--scope admin logs in for the admin commands (revoke --user, rotate-key)."
+            ),
+        ),
     ] = None,
     target: TargetOption = None,
     token_file: TokenFileOption = None,
@@ -392,6 +398,8 @@ def _run(work: Callable[[], Awaitable[T]], where: str) -> T:
             _err().print(f"[red]error[/red]: cannot reach {escape(where)}: {escape(str(problem))}")
         else:
             _err().print(f"[red]error[/red]: {escape(str(problem))}")
+        if problem.reason == "WRONG_AUDIENCE":
+            _err().print("admin commands need an admin login: authmesh login USER --scope admin")
         raise typer.Exit(EXIT_FAILURE) from None
     except ConfigurationError as error:
         _err().print(f"[red]error[/red]: {escape(error.message)}")

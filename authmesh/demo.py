@@ -533,7 +533,7 @@ class Demo:
 
     async def _login(self, act: _Act) -> ActResult:
         admin_user, admin_password = self._target.admin
-        self._cast.admin_token = (await self._auth.login(admin_user, admin_password)).access_token
+        self._cast.admin_token = (await self._auth.admin_login(admin_user, admin_password)).access_token
         username, password = self._cast.alice
         await self._auth.create_user(self._cast.admin_token, username, password, USER_SCOPES)
         self._step(f"the admin creates user {username}")
@@ -665,7 +665,7 @@ class Demo:
         if rotation:
             self._step(f"signing key: {rotation[0]}")
         admin_user, admin_password = self._target.admin
-        self._cast.admin_token = (await self._auth.login(admin_user, admin_password)).access_token
+        self._cast.admin_token = (await self._auth.admin_login(admin_user, admin_password)).access_token
         fresh = await self._auth.login(username, password)
         self._cast.alice_tokens = fresh
         first_ok = await self._until_accepted_everywhere(fresh.access_token, PROPAGATION_DEADLINE_SECONDS)

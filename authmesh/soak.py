@@ -316,7 +316,7 @@ class _Soak:
                 self._live.append(await self._login())
 
     async def _admin_token(self) -> str:
-        tokens = await self._auth.login(*self._target.admin)
+        tokens = await self._auth.admin_login(*self._target.admin)
         return tokens.access_token
 
     async def _probe(self, tracked: _Tracked, started: float) -> None:
@@ -407,7 +407,7 @@ async def run_soak(
             await stack.enter_async_context(ResourceApi(replica.grpc, timeout=CALL_TIMEOUT_SECONDS))
             for replica in target.replicas
         ]
-        admin = (await auth.login(*target.admin)).access_token
+        admin = (await auth.admin_login(*target.admin)).access_token
         await auth.create_user(admin, username, password, USER_SCOPES)
         soak = _Soak(
             target,

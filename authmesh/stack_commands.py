@@ -164,6 +164,7 @@ def _announce(stack: LocalStack, json_output: bool) -> None:
     out.print(table)
     admin = description["admin"]
     out.print(f"admin: [bold]{escape(admin['username'])}[/bold] / [bold]{escape(admin['password'])}[/bold]")
+    out.print(f"  (admin commands: authmesh login {escape(admin['username'])} --scope admin)")
     out.print("client environment:")
     for name, value in description["client_env"].items():
         out.print(f"  export {name}={value}")

@@ -24,7 +24,8 @@ a status code in one table (``authmesh._shared.grpc_errors``).
     │   ├── TokenRevoked                  TOKEN_REVOKED / SESSION_REVOKED / USER_REVOKED
     │   ├── InvalidCredentials            INVALID_CREDENTIALS
     │   ├── InvalidRefreshToken           REFRESH_TOKEN_INVALID
-    │   └── RefreshTokenReused            REFRESH_TOKEN_REUSED
+    │   ├── RefreshTokenReused            REFRESH_TOKEN_REUSED
+    │   └── UserDisabled                  USER_DISABLED
     ├── PermissionDenied                  PERMISSION_DENIED
     │   ├── InsufficientScope             INSUFFICIENT_SCOPE
     │   └── NotOwner                      NOT_OWNER
@@ -209,6 +210,13 @@ class RefreshTokenReused(TokenRejected):
 
     code = "REFRESH_TOKEN_REUSED"
     default_message = "refresh token reused; session revoked"
+
+
+class UserDisabled(TokenRejected):
+    """The account is disabled: it can neither log in nor refresh until an admin enables it again."""
+
+    code = "USER_DISABLED"
+    default_message = "account disabled"
 
 
 class PermissionDenied(AuthError):

@@ -2,7 +2,7 @@
 
 Decoding is deliberately narrow (RFC 8725): compact serialisation only, a size cap checked before any
 decoding, canonical unpadded base64url, JSON objects without duplicate keys, ``alg`` exactly ES256,
-no key-carrying or critical header parameters, and a raw 64-byte ``r‖s`` signature with
+no key-carrying, critical or nesting (``cty``) header parameters, and a raw 64-byte ``r‖s`` signature with
 ``0 < r, s < n``. Anything decoded before the signature is checked is ``Unverified…``.
 
 Verification is on every request's path, so the checks are written to cost little: base64url goes
@@ -44,8 +44,12 @@ _DER_SEQUENCE = tuple(bytes((0x30, n)) for n in range(2 * (_SCALAR_BYTES + 3) + 
 _DER_INTEGER = tuple(bytes((0x02, n)) for n in range(_SCALAR_BYTES + 2))
 _MAX_HEADER_SEGMENT = MAX_HEADER_BYTES * 4 // 3 + 4
 _HEADER_CACHE_SIZE = 64
-# Header parameters that would let a token choose its own key or change how it is processed.
-_FORBIDDEN_HEADERS = frozenset({"jwk", "jku", "x5u", "x5c", "x5t", "x5t#S256", "crit", "b64", "zip", "enc"})
+# Header parameters that would let a token choose its own key or change how it is processed; ``cty``
+# announces a nested JWT (RFC 7519 §5.2), whose inner token a careless consumer would trust by the
+# outer signature: authmesh never nests, so a token that says it does is refused.
+_FORBIDDEN_HEADERS = frozenset(
+    {"jwk", "jku", "x5u", "x5c", "x5t", "x5t#S256", "crit", "b64", "zip", "enc", "cty"}
+)
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 
 _URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"

@@ -46,7 +46,7 @@ class CommonSettings(BaseSettings):
     )
     access_token_ttl: int = Field(default=300, ge=1, le=86_400, description="access-token lifetime, s")
     refresh_token_ttl: int = Field(
-        default=1_209_600, ge=60, le=31_536_000, description="refresh-token lifetime, s"
+        default=1_209_600, ge=1, le=31_536_000, description="refresh-token lifetime, s"
     )
     leeway: float = Field(default=5.0, ge=0, le=300, description="clock leeway for exp/nbf, s")
     staleness_bound: float = Field(
@@ -80,6 +80,11 @@ class AuthSettings(CommonSettings):
     )
     grpc_listen: str = Field(default="127.0.0.1:50051", description="gRPC listen address")
     http_listen: str = Field(default="127.0.0.1:8081", description="HTTP listen address")
+    auth_audience: str = Field(
+        default="authmesh-auth",
+        min_length=1,
+        description="aud of the tokens for the auth service's own API (scopes admin and service)",
+    )
     public_url: str | None = Field(
         default=None, description="base URL of the HTTP side as clients see it (for jwks_uri)"
     )
@@ -101,7 +106,10 @@ class AuthSettings(CommonSettings):
     shutdown_grace: float = Field(default=5.0, ge=0, le=120, description="drain time on SIGTERM, s")
 
     @model_validator(mode="after")
-    def _check_credentials(self) -> Self:
+    def _check_audiences_and_credentials(self) -> Self:
+        if self.auth_audience == self.audience:
+            # One audience for both would make every admin token valid at every resource service.
+            raise ValueError("AUTHMESH_AUTH_AUDIENCE must differ from AUTHMESH_AUDIENCE")
         for name in ("bootstrap_admin", "service_account"):
             secret = getattr(self, name)
             if secret is not None:

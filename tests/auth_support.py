@@ -1,4 +1,8 @@
-"""Shared test support for the auth service: settings for a test instance and a small gRPC client."""
+"""Shared test support for the auth service: settings for a test instance and a small gRPC client.
+
+Admin and service tokens are for the auth service's own audience and must be asked for by scope:
+:func:`admin_login` and :func:`service_login` are the one place tests build those logins.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+import redis.asyncio as redis
 
 from authmesh._auth_service.app import AuthApp
 from authmesh._shared.grpc_errors import error_reason
@@ -17,6 +22,18 @@ from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 ADMIN = ("admin", "admin-password-1")
 SERVICE = ("svc-resource", "service-password-1")
 TEST_KEK = "test-key-encryption-key-0123456789"
+ADMIN_SCOPE = "admin"
+SERVICE_SCOPE = "service"
+
+
+def admin_login(account: tuple[str, str] = ADMIN) -> auth_pb2.LoginRequest:
+    """The Login that gets an admin token (auth audience, scope ``admin``), for sync and async stubs."""
+    return auth_pb2.LoginRequest(username=account[0], password=account[1], scopes=[ADMIN_SCOPE])
+
+
+def service_login(account: tuple[str, str] = SERVICE) -> auth_pb2.LoginRequest:
+    """The Login that gets a service token (auth audience, scope ``service``)."""
+    return auth_pb2.LoginRequest(username=account[0], password=account[1], scopes=[SERVICE_SCOPE])
 
 
 def auth_settings(redis_url: str, nats_urls: list[str], **overrides: Any) -> AuthSettings:
@@ -55,8 +72,18 @@ class AuthClient:
         )
 
     async def admin_token(self) -> str:
-        """An access token of the bootstrap admin."""
-        return (await self.login(*ADMIN)).access_token
+        """An admin token (auth audience) of the bootstrap admin."""
+        return (await self.stub.Login(admin_login(), timeout=10)).access_token
+
+    async def service_token(self) -> str:
+        """A service token (auth audience) of the service account."""
+        return (await self.stub.Login(service_login(), timeout=10)).access_token
+
+    async def introspect(self, token: str) -> auth_pb2.IntrospectResponse:
+        """``Introspect`` as the service account."""
+        return await self.stub.Introspect(
+            auth_pb2.IntrospectRequest(token=token), metadata=bearer(await self.service_token()), timeout=10
+        )
 
     async def create_user(
         self, username: str, password: str, scopes: tuple[str, ...] = ("docs:read",)
@@ -87,6 +114,16 @@ async def running_auth(settings: AuthSettings) -> AsyncIterator[tuple[AuthApp, A
     """An in-process auth service and a client for it."""
     async with AuthApp(settings) as app, auth_client(app.grpc_address) as client:
         yield app, client
+
+
+@asynccontextmanager
+async def redis_client(url: str) -> AsyncIterator[redis.Redis]:
+    """A client of the auth service's Redis, to look at (and break) what it stored."""
+    client = redis.Redis.from_url(url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 async def expect_error(call: Any, code: grpc.StatusCode, reason: str | None = None) -> grpc.aio.AioRpcError:

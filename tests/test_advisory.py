@@ -6,6 +6,7 @@ by ``TokenVerifier`` (or the event codec), for the reason the advisory is about.
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -47,6 +48,7 @@ from tests.helpers_tokens import (
     mint_access_token,
     sign_bytes,
     sign_json,
+    sign_segments,
     signature_of,
     unsigned_token,
     with_signature,
@@ -324,3 +326,19 @@ def test_a_replica_with_a_shorter_lifetime_setting_forgot_a_session_revocation_a
         verifier.verify(token)
     with pytest.raises(InvalidClaim):
         verifier.verify(mint_access_token(key, NOW, exp=NOW + 1800))
+
+
+def test_a_nested_jwt_is_refused_as_an_access_token_and_as_an_event(
+    verifier: TokenVerifier, keys: StaticKeys, key: SigningKey
+) -> None:
+    # RFC 7519 §5.2: "cty": "JWT" says the payload is itself a token. A consumer that unwraps it trusts
+    # the inner token by the outer signature; authmesh never nests, so the header alone refuses it, even
+    # when the key that signed is ours.
+    with pytest.raises(UnsupportedAlgorithm):
+        verifier.verify(sign_json(access_header(KID, cty="JWT"), claims_payload(), key))
+    event = SecurityEvent.new(TokenRevokedEvent(jti="j", exp=NOW), issuer=ISSUER, now_ms=NOW * 1000)
+    header, payload, _ = encode_event(event, key.private_key, KID).decode().split(".")
+    nested_header = {**json.loads(base64.urlsafe_b64decode(header + "==")), "cty": "JWT"}
+    nested = sign_segments(json_segment(nested_header), payload, key)
+    with pytest.raises(EventRejected):
+        decode_event(nested.encode(), EventType.TOKEN_REVOKED.subject, keys, ISSUER)

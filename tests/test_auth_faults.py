@@ -30,7 +30,6 @@ from authmesh._shared.keys import parse_jwks
 from authmesh.auth.v1 import auth_pb2
 from authmesh.processes import NatsServer, RedisServer, free_port
 from tests.auth_support import (
-    SERVICE,
     AuthClient,
     auth_client,
     auth_settings,
@@ -44,20 +43,13 @@ UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 DEADLINE_SECONDS = 20.0
 
 
-async def introspect(client: AuthClient, token: str) -> auth_pb2.IntrospectResponse:
-    service_token = (await client.login(*SERVICE)).access_token
-    return await client.stub.Introspect(
-        auth_pb2.IntrospectRequest(token=token), metadata=bearer(service_token)
-    )
-
-
 async def test_a_restart_keeps_users_sessions_and_keys(redis_url: str, nats_url: str) -> None:
     settings = auth_settings(redis_url, [nats_url])
     async with running_auth(settings) as (_, client):
         await client.create_user("alice", "alice-password")
         pair = await client.login("alice", "alice-password")
     async with running_auth(settings) as (_, client):
-        assert (await introspect(client, pair.access_token)).active
+        assert (await client.introspect(pair.access_token)).active
         refreshed = await client.stub.Refresh(auth_pb2.RefreshRequest(refresh_token=pair.refresh_token))
         assert decode_compact(refreshed.access_token).kid == decode_compact(pair.access_token).kid
         await client.login("alice", "alice-password")
@@ -232,7 +224,7 @@ async def test_replicas_on_one_redis_share_keys_and_the_login_rate_limit(
         rotation = await a.stub.RotateSigningKey(auth_pb2.RotateSigningKeyRequest(), metadata=bearer(admin))
         token = (await b.login("erin", "erin-password")).access_token
         assert decode_compact(token).kid == rotation.kid
-        assert (await introspect(b, token)).active
+        assert (await b.introspect(token)).active
         for client in (a, b, a, b):
             await expect_error(client.login("erin", "wrong-pass"), grpc.StatusCode.UNAUTHENTICATED)
         await expect_error(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import jwt
@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from authmesh._auth_service.app import AuthApp
 from authmesh._shared.errors import UnknownKey
+from authmesh._shared.grpc_errors import error_reason
 from authmesh._shared.jose import decode_compact
 from authmesh._shared.keys import parse_jwks
 from authmesh._shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
@@ -81,6 +82,47 @@ async def test_login_with_requested_scopes_narrows_the_token(auth: tuple[AuthApp
     await client.create_user("bob", "bob-password", ("docs:read", "profile"))
     assert (await client.login("bob", "bob-password", ("profile",))).scope == "profile"
     await expect_error(client.login("bob", "bob-password", ("admin",)), INVALID_ARGUMENT, "INVALID_SCOPE")
+
+
+def audience_of(token: str) -> str:
+    """The ``aud`` of a token we issued (one audience each)."""
+    aud: str = decode_compact(token).unverified_payload["aud"]
+    return aud
+
+
+async def test_a_login_for_admin_gets_an_auth_audience_token_with_only_auth_scopes(
+    auth: tuple[AuthApp, AuthClient],
+) -> None:
+    _, client = auth
+    await client.create_user("root2", "root2-password", ("admin", "docs:read"))
+    admin = await client.login("root2", "root2-password", ("admin",))
+    assert (admin.scope, audience_of(admin.access_token)) == ("admin", "authmesh-auth")
+    # Its refresh keeps the audience and the scopes.
+    again = await client.stub.Refresh(auth_pb2.RefreshRequest(refresh_token=admin.refresh_token))
+    assert (again.scope, audience_of(again.access_token)) == ("admin", "authmesh-auth")
+    # Asking for both kinds at once is refused; asking for nothing gets the resource scopes only.
+    await expect_error(
+        client.login("root2", "root2-password", ("admin", "docs:read")), INVALID_ARGUMENT, "INVALID_SCOPE"
+    )
+    plain = await client.login("root2", "root2-password")
+    assert (plain.scope, audience_of(plain.access_token)) == ("docs:read", "authmesh-resources")
+    # The bootstrap admin holds only admin: a login without scopes gets a token that can do nothing.
+    bare = await client.login("admin", "admin-password-1")
+    assert (bare.scope, audience_of(bare.access_token)) == ("", "authmesh-resources")
+    await expect_error(
+        client.stub.RotateSigningKey(auth_pb2.RotateSigningKeyRequest(), metadata=bearer(bare.access_token)),
+        UNAUTHENTICATED,
+        "WRONG_AUDIENCE",
+    )
+
+
+async def test_introspect_calls_an_auth_audience_token_inactive(auth: tuple[AuthApp, AuthClient]) -> None:
+    _, client = auth
+    service = await client.service_token()
+    answer = await client.stub.Introspect(
+        auth_pb2.IntrospectRequest(token=await client.admin_token()), metadata=bearer(service)
+    )
+    assert (answer.active, answer.inactive_reason) == (False, "WRONG_AUDIENCE")
 
 
 async def test_wrong_password_and_unknown_user_are_indistinguishable(
@@ -152,7 +194,7 @@ async def test_refresh_rotates_and_a_spent_token_revokes_the_session(
         UNAUTHENTICATED,
         "REFRESH_TOKEN_INVALID",
     )
-    service_token = (await client.login(*SERVICE)).access_token
+    service_token = await client.service_token()
     answer = await client.stub.Introspect(
         auth_pb2.IntrospectRequest(token=second.access_token), metadata=bearer(service_token)
     )
@@ -229,7 +271,7 @@ async def test_revoke_token_by_its_owner_makes_it_inactive(auth: tuple[AuthApp, 
         UNAUTHENTICATED,
         "TOKEN_REVOKED",
     )
-    service_token = (await client.login(*SERVICE)).access_token
+    service_token = await client.service_token()
     answer = await client.stub.Introspect(
         auth_pb2.IntrospectRequest(token=pair.access_token), metadata=bearer(service_token)
     )
@@ -268,10 +310,13 @@ async def test_revoking_someone_elses_token_is_permission_denied(auth: tuple[Aut
         PERMISSION_DENIED,
         "NOT_OWNER",
     )
-    # An admin may.
+    # An admin may (with a token for the auth audience), and so may the owner with a resource token.
     admin = await client.admin_token()
     await client.stub.RevokeSession(
         auth_pb2.RevokeSessionRequest(session_id=judy.session_id), metadata=bearer(admin)
+    )
+    await client.stub.RevokeSession(
+        auth_pb2.RevokeSessionRequest(session_id=mallory.session_id), metadata=bearer(mallory.access_token)
     )
 
 
@@ -312,7 +357,7 @@ async def test_revoke_user_kills_earlier_tokens_yet_a_login_right_after_works(
         auth_pb2.RevokeUserRequest(subject=sub, reason="offboarded"), metadata=bearer(admin)
     )
     after = await client.login("ken", "ken-password")
-    service_token = (await client.login(*SERVICE)).access_token
+    service_token = await client.service_token()
     old = await client.stub.Introspect(
         auth_pb2.IntrospectRequest(token=before.access_token), metadata=bearer(service_token)
     )
@@ -329,31 +374,34 @@ async def test_revoke_user_kills_earlier_tokens_yet_a_login_right_after_works(
     await client.stub.Refresh(auth_pb2.RefreshRequest(refresh_token=after.refresh_token))
 
 
-async def test_admin_only_rpcs_refuse_ordinary_users(auth: tuple[AuthApp, AuthClient]) -> None:
+async def test_admin_only_rpcs_refuse_resource_tokens_and_auth_tokens_without_the_scope(
+    auth: tuple[AuthApp, AuthClient],
+) -> None:
     _, client = auth
     sub = await client.create_user("leo", "leo-password")
-    token = (await client.login("leo", "leo-password")).access_token
-    await expect_error(
-        client.stub.RevokeUser(auth_pb2.RevokeUserRequest(subject=sub), metadata=bearer(token)),
-        PERMISSION_DENIED,
-        "INSUFFICIENT_SCOPE",
-    )
-    await expect_error(
-        client.stub.RotateSigningKey(auth_pb2.RotateSigningKeyRequest(), metadata=bearer(token)),
-        PERMISSION_DENIED,
-        "INSUFFICIENT_SCOPE",
-    )
-    await expect_error(
-        client.stub.CreateUser(
+    resource_token = (await client.login("leo", "leo-password")).access_token
+    service_token = await client.service_token()
+    calls: dict[str, Callable[[str], Awaitable[object]]] = {
+        "RevokeUser": lambda token: client.stub.RevokeUser(
+            auth_pb2.RevokeUserRequest(subject=sub), metadata=bearer(token)
+        ),
+        "RotateSigningKey": lambda token: client.stub.RotateSigningKey(
+            auth_pb2.RotateSigningKeyRequest(), metadata=bearer(token)
+        ),
+        "CreateUser": lambda token: client.stub.CreateUser(
             auth_pb2.CreateUserRequest(username="x1", password="x-password"), metadata=bearer(token)
         ),
-        PERMISSION_DENIED,
-        "INSUFFICIENT_SCOPE",
-    )
+    }
+    for name, call in calls.items():
+        refused = await expect_error(call(resource_token), UNAUTHENTICATED, "WRONG_AUDIENCE")
+        assert refused.details(), name
+        await expect_error(call(service_token), PERMISSION_DENIED, "INSUFFICIENT_SCOPE")
     await expect_error(
-        client.stub.Introspect(auth_pb2.IntrospectRequest(token=token), metadata=bearer(token)),
-        PERMISSION_DENIED,
-        "INSUFFICIENT_SCOPE",
+        client.stub.Introspect(
+            auth_pb2.IntrospectRequest(token=resource_token), metadata=bearer(resource_token)
+        ),
+        UNAUTHENTICATED,
+        "WRONG_AUDIENCE",
     )
 
 
@@ -373,7 +421,7 @@ async def test_rotation_keeps_old_tokens_valid_and_retirement_kills_them(
     await client.create_user("nina", "nina-password")
     old = await client.login("nina", "nina-password")
     admin = await client.admin_token()
-    service_token = (await client.login(*SERVICE)).access_token
+    service_token = await client.service_token()
     rotated = await client.stub.RotateSigningKey(auth_pb2.RotateSigningKeyRequest(), metadata=bearer(admin))
     assert rotated.previous_kid == decode_compact(old.access_token).kid
     new = await client.login("nina", "nina-password")
@@ -396,7 +444,7 @@ async def test_rotation_keeps_old_tokens_valid_and_retirement_kills_them(
         UNAUTHENTICATED,
         "KEY_REVOKED",
     )
-    service_token = (await client.login(*SERVICE)).access_token
+    service_token = await client.service_token()
     answer = await client.stub.Introspect(
         auth_pb2.IntrospectRequest(token=new.access_token), metadata=bearer(service_token)
     )
@@ -423,7 +471,7 @@ async def test_snapshot_lists_every_revocation_in_force(auth: tuple[AuthApp, Aut
     await client.stub.Logout(auth_pb2.LogoutRequest(refresh_token=two.refresh_token))
     admin = await client.admin_token()
     await client.stub.RevokeUser(auth_pb2.RevokeUserRequest(subject=sub), metadata=bearer(admin))
-    service_token = (await client.login(*SERVICE)).access_token
+    service_token = await client.service_token()
     chunks = [
         c
         async for c in client.stub.SnapshotRevocations(
@@ -503,7 +551,12 @@ async def test_snapshot_is_for_services_and_admins_only(auth: tuple[AuthApp, Aut
     with pytest.raises(grpc.aio.AioRpcError) as info:
         async for _ in stream:
             pass
-    assert info.value.code() == PERMISSION_DENIED
+    assert info.value.code() == UNAUTHENTICATED
+    assert error_reason(info.value) == "WRONG_AUDIENCE"
+    service = client.stub.SnapshotRevocations(
+        auth_pb2.SnapshotRevocationsRequest(), metadata=bearer(await client.service_token())
+    )
+    assert [chunk async for chunk in service]
 
 
 async def test_a_rotation_repeated_with_the_same_request_id_rotates_once(

@@ -28,7 +28,7 @@ from authmesh._shared.settings import ResourceSettings
 from authmesh.client import StoredLogin, TokenFile, Tokens
 from authmesh.client_commands import register
 from authmesh.processes import LOOPBACK, free_port
-from tests.auth_support import ADMIN, SERVICE, AuthClient, auth_settings, running_auth
+from tests.auth_support import ADMIN, ADMIN_SCOPE, SERVICE, AuthClient, auth_settings, running_auth
 
 ALICE = ("alice", "alice-password-1")
 READY_DEADLINE = 15.0
@@ -65,6 +65,10 @@ class Services:
         return await self.run(
             "login", username, "--password-stdin", *self.common(), *extra, stdin=f"{password}\n"
         )
+
+    async def admin_login(self) -> Result:
+        """``authmesh login admin --scope admin``: the login the admin commands need."""
+        return await self.login(*ADMIN, "--scope", ADMIN_SCOPE)
 
     def stored(self) -> StoredLogin:
         """What the token file holds now."""
@@ -292,12 +296,22 @@ async def test_revoking_a_user_needs_an_admin(services: Services) -> None:
 
     result = await services.run("revoke", "--user", "someone", *services.common())
 
-    assert_failed_with(result, "PERMISSION_DENIED")
+    assert_failed_with(result, "UNAUTHENTICATED", "WRONG_AUDIENCE", "--scope admin")
+
+
+async def test_an_admin_logged_in_without_the_admin_scope_gets_no_admin_power(services: Services) -> None:
+    plain = await services.login(*ADMIN)
+    assert plain.exit_code == 0, plain.output
+    assert "scopes (none)" in plain.stdout
+
+    result = await services.run("revoke", "--user", "someone", *services.common())
+
+    assert_failed_with(result, "UNAUTHENTICATED", "WRONG_AUDIENCE")
 
 
 async def test_revoke_reads_a_token_from_stdin(services: Services) -> None:
     victim = await services.client.login(*ALICE)
-    await services.login(*ADMIN)
+    await services.admin_login()
 
     result = await services.run(
         "revoke", "--token", "-", *services.common(), stdin=f"{victim.access_token}\n"
@@ -312,11 +326,11 @@ async def test_rotate_key_needs_an_admin(services: Services) -> None:
 
     result = await services.run("rotate-key", *services.common())
 
-    assert_failed_with(result, "PERMISSION_DENIED", "INSUFFICIENT_SCOPE")
+    assert_failed_with(result, "UNAUTHENTICATED", "WRONG_AUDIENCE")
 
 
 async def test_rotate_key_with_retire_previous_rejects_tokens_of_the_old_key(services: Services) -> None:
-    await services.login(*ADMIN)
+    await services.admin_login()
     keys_before = json.loads((await services.run("jwks", *services.common())).stdout)
 
     result = await services.run("rotate-key", "--retire-previous", *services.common())

@@ -29,7 +29,7 @@ from authmesh.auth.v1 import auth_pb2
 from authmesh.processes import LOOPBACK, free_ports
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 from authmesh.stack import authmesh_command
-from tests.auth_support import AuthClient, auth_client, bearer
+from tests.auth_support import AuthClient, admin_login, auth_client, bearer
 from tests.faults import FAST_AUTH_ENV, clean_environment
 from tests.waiting import eventually
 
@@ -132,7 +132,7 @@ def example_env(stack: Stack, log: Path) -> dict[str, str]:
 
 async def new_user(client: AuthClient, admin: tuple[str, str], scopes: tuple[str, ...]) -> auth_pb2.TokenPair:
     name = f"example-{time.monotonic_ns()}"
-    token = (await client.login(*admin)).access_token
+    token = (await client.stub.Login(admin_login(admin), timeout=10)).access_token
     await client.stub.CreateUser(
         auth_pb2.CreateUserRequest(username=name, password=PASSWORD, scopes=list(scopes)),
         metadata=bearer(token),

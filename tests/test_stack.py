@@ -25,6 +25,7 @@ from authmesh._shared.grpc_errors import error_reason
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 from authmesh.stack import LocalStack, authmesh_command, grpc_health_status
+from tests.auth_support import admin_login
 from tests.waiting import eventually
 
 # Cheap password hashing and quick heartbeats and shutdowns: the stack is the subject, not Argon2.
@@ -76,7 +77,7 @@ class StackClient:
 
     async def admin_token(self) -> str:
         """An access token of the bootstrap admin."""
-        return (await self.login(*self._admin)).access_token
+        return (await self.auth.Login(admin_login(self._admin), timeout=10)).access_token
 
     async def create_user(self, username: str, password: str = USER_PASSWORD) -> str:
         """Add a user with scope ``docs:read``; returns its subject."""

@@ -368,7 +368,7 @@ class Round:
 async def victim_tokens(stack: LocalStack, count: int) -> tuple[str, list[str]]:
     """The admin's access token, and ``count`` distinct access tokens of one user (refresh chain)."""
     async with AuthApi(stack.auth_grpc) as auth:
-        admin = await auth.login(*stack.admin_credentials)
+        admin = await auth.admin_login(*stack.admin_credentials)
         password = "bench-password-victim-1"
         await auth.create_user(admin.access_token, VICTIM_USER, password, ("docs:read",))
         tokens = await auth.login(VICTIM_USER, password)

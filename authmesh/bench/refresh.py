@@ -72,7 +72,7 @@ async def prepare_users(stack: LocalStack, count: int) -> tuple[list[tuple[str, 
     """
     users = [(f"{USER_PREFIX}{index}", f"bench-password-{index}-x") for index in range(count)]
     async with AuthApi(stack.auth_grpc, timeout=120) as auth:
-        admin = await auth.login(*stack.admin_credentials)
+        admin = await auth.admin_login(*stack.admin_credentials)
         slots = asyncio.Semaphore(_SETUP_CONCURRENCY)
 
         async def create(name: str, password: str) -> None:

@@ -384,7 +384,7 @@ async def pin_apart(server_pid: int, load_pid: int) -> JsonDict | None:
 async def bench_tokens(stack: LocalStack, count: int) -> list[str]:
     """``count`` distinct access tokens of one ordinary user (one login, then refreshes)."""
     async with AuthApi(stack.auth_grpc) as auth:
-        admin = await auth.login(*stack.admin_credentials)
+        admin = await auth.admin_login(*stack.admin_credentials)
         password = "bench-password-rpc-1"
         await auth.create_user(admin.access_token, BENCH_USER, password, BENCH_SCOPES)
         tokens = await auth.login(BENCH_USER, password)

@@ -39,7 +39,7 @@ from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.processes import LOOPBACK, free_ports
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 from authmesh.stack import ServiceProcess
-from tests.auth_support import ADMIN, SERVICE, bearer
+from tests.auth_support import SERVICE, admin_login, bearer, service_login
 from tests.faults import auth_process, clean_environment
 
 # Kept modest so the whole search runs in well under a minute on two cores.
@@ -153,13 +153,13 @@ class Cluster:
     def admin(self) -> tuple[tuple[str, str]]:
         """Admin metadata (renewed after a key retirement)."""
         if self._admin is None:
-            self._admin = bearer(self.login(*ADMIN).access_token)
+            self._admin = bearer(self.stub.Login(admin_login(), timeout=CALL_TIMEOUT).access_token)
         return self._admin
 
     def service(self) -> tuple[tuple[str, str]]:
         """Service-account metadata (renewed after a key retirement)."""
         if self._service is None:
-            self._service = bearer(self.login(*SERVICE).access_token)
+            self._service = bearer(self.stub.Login(service_login(), timeout=CALL_TIMEOUT).access_token)
         return self._service
 
     def forget_tokens(self) -> None:

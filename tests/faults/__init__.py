@@ -40,7 +40,7 @@ from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.processes import LOOPBACK, free_ports
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 from authmesh.stack import ServiceProcess
-from tests.auth_support import ADMIN, SERVICE, TEST_KEK, bearer
+from tests.auth_support import ADMIN, SERVICE, TEST_KEK, admin_login, bearer, service_login
 from tests.waiting import eventually
 
 OK = "OK"
@@ -178,11 +178,13 @@ class Auth:
 
     async def admin(self) -> tuple[tuple[str, str]]:
         """Call metadata with a fresh admin token (fresh: a retired key must not strand the admin)."""
-        return bearer((await self.login(*self._admin)).access_token)
+        reply = await self.stub.Login(admin_login(self._admin), timeout=CALL_TIMEOUT_SECONDS)
+        return bearer(reply.access_token)
 
     async def service(self) -> tuple[tuple[str, str]]:
         """Call metadata with a fresh token of the service account."""
-        return bearer((await self.login(*self._service)).access_token)
+        reply = await self.stub.Login(service_login(self._service), timeout=CALL_TIMEOUT_SECONDS)
+        return bearer(reply.access_token)
 
     async def create_user(self, username: str, password: str) -> str:
         """Create a user with scope ``docs:read``; returns its subject."""

@@ -20,20 +20,27 @@ from typing import Any
 
 import aiohttp
 import grpc
+import nats
 import pytest
+from nats.js import JetStreamContext
 
 from authmesh._auth_service.app import AuthApp
+from authmesh._auth_service.store import hash_refresh_token, refresh_key, session_key, user_sessions_key
+from authmesh._shared.events import STREAM_NAME, EventType
 from authmesh._shared.grpc_errors import error_reason
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.processes import LOOPBACK, NatsServer, ServerProcess, free_ports
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
-from tests.auth_support import ADMIN, SERVICE, auth_settings
+from tests.auth_support import SERVICE, admin_login, auth_settings, redis_client, service_login
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.slow
 
 DEADLINE = 20.0
 STALENESS_BOUND = 1.0
 USER = ("alice", "alice-password-1")
+# A refresh lifetime short enough to outlive in a test.
+SHORT_REFRESH_TTL = 3
 
 
 class ReplicaProcess(ServerProcess):
@@ -106,9 +113,10 @@ class Replica:
 class Mesh:
     """NATS, the auth service (in process) and resource replicas (as processes)."""
 
-    def __init__(self, tmp_path: Path, redis_url: str) -> None:
+    def __init__(self, tmp_path: Path, redis_url: str, **auth_overrides: Any) -> None:
         self.tmp_path = tmp_path
         self.redis_url = redis_url
+        self.auth_overrides = auth_overrides
         self.nats = NatsServer(tmp_path / "nats")
         auth_port = free_ports(1)[0]
         self.auth_target = f"{LOOPBACK}:{auth_port}"
@@ -137,7 +145,9 @@ class Mesh:
 
     async def start_auth(self) -> None:
         settings = auth_settings(
-            self.redis_url, [self.nats.url], grpc_listen=self.auth_target, heartbeat_interval=0.2
+            self.redis_url,
+            [self.nats.url],
+            **{"grpc_listen": self.auth_target, "heartbeat_interval": 0.2, **self.auth_overrides},
         )
         self.auth_app = AuthApp(settings)
         await self.auth_app.__aenter__()
@@ -169,7 +179,7 @@ class Mesh:
         return await self.auth.Login(auth_pb2.LoginRequest(username=username, password=password), timeout=10)
 
     async def admin(self) -> tuple[tuple[str, str]]:
-        return bearer((await self.login(*ADMIN)).access_token)
+        return bearer((await self.auth.Login(admin_login(), timeout=10)).access_token)
 
     async def create_user(self, username: str, password: str) -> str:
         reply = await self.auth.CreateUser(
@@ -205,8 +215,10 @@ async def poll(condition: Callable[[], Awaitable[bool]]) -> None:
 
 
 @asynccontextmanager
-async def mesh_with_replicas(tmp_path: Path, redis_url: str, count: int) -> AsyncIterator[Mesh]:
-    async with Mesh(tmp_path, redis_url) as mesh:
+async def mesh_with_replicas(
+    tmp_path: Path, redis_url: str, count: int, **auth_overrides: Any
+) -> AsyncIterator[Mesh]:
+    async with Mesh(tmp_path, redis_url, **auth_overrides) as mesh:
         await asyncio.gather(*(mesh.add_replica() for _ in range(count)))
         yield mesh
 
@@ -309,6 +321,25 @@ async def test_replicas_degrade_without_nats_fall_back_to_introspect_and_recover
         await everywhere(replicas, pair.access_token, "TOKEN_REVOKED")
 
 
+async def refresh_outcome(mesh: Mesh, replica: Replica, refresh_token: str) -> str:
+    """The error reason a Refresh gets, or, when it succeeds, what a replica says of its new token."""
+    try:
+        renewed = await mesh.auth.Refresh(auth_pb2.RefreshRequest(refresh_token=refresh_token), timeout=10)
+    except grpc.aio.AioRpcError as error:
+        return error_reason(error) or error.code().name
+    return f"refreshed; the new token at a replica: {await replica.outcome(renewed.access_token)}"
+
+
+@asynccontextmanager
+async def jetstream_admin(url: str) -> AsyncIterator[JetStreamContext]:
+    """JetStream on the test's NATS, as its operator."""
+    client = await nats.connect(servers=[url], connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        yield client.jetstream(timeout=5)
+    finally:
+        await client.close()
+
+
 async def all_degraded(replicas: Sequence[Replica], degraded: bool) -> bool:
     answers = await asyncio.gather(*(replica.process.healthz() for replica in replicas))
     return all(body.get("degraded") is degraded for _, body in answers)
@@ -326,3 +357,91 @@ async def test_a_replica_stops_gracefully_on_sigterm(tmp_path: Path, redis_url: 
         log = process.log_path.read_text()
         assert "Traceback" not in log
         assert "resource service started" in log
+
+
+async def test_replicas_refuse_admin_and_service_tokens_yet_serve_with_their_service_account(
+    tmp_path: Path, redis_url: str
+) -> None:
+    async with mesh_with_replicas(tmp_path, redis_url, 1) as mesh:
+        await mesh.create_user(*USER)
+        (replica,) = mesh.replicas
+        admin = await mesh.auth.Login(admin_login(), timeout=10)
+        service = await mesh.auth.Login(service_login(), timeout=10)
+        assert await replica.outcome(admin.access_token) == "WRONG_AUDIENCE"
+        assert await replica.outcome(service.access_token) == "WRONG_AUDIENCE"
+        # The replica loaded its snapshot with its own service login (it would not be serving otherwise),
+        # and an ordinary user's resource token works.
+        assert await replica.outcome((await mesh.login(*USER)).access_token) == "OK"
+
+
+async def test_revoke_user_stops_a_session_kept_alive_by_refresh_past_its_first_lifetime(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # The per-user session set lived one refresh lifetime from the Login and the refresh script never
+    # looked at the user's cut: a client that kept refreshing outlived the set, RevokeUser answered OK,
+    # and its refresh token went on minting tokens that every replica and Introspect accepted.
+    async with (
+        mesh_with_replicas(tmp_path, redis_url, 1, refresh_token_ttl=SHORT_REFRESH_TTL) as mesh,
+        redis_client(redis_url) as store,
+    ):
+        subject = await mesh.create_user(*USER)
+        (replica,) = mesh.replicas
+        first = await mesh.login(*USER)
+        session = session_key(first.session_id)
+
+        async def late_in_first_lifetime() -> bool:
+            return 0 < int(await store.pttl(session)) < SHORT_REFRESH_TTL * 1000 // 3
+
+        await eventually(
+            late_in_first_lifetime, within=DEADLINE, what="the session's first lifetime to near its end"
+        )
+        kept = await mesh.auth.Refresh(auth_pb2.RefreshRequest(refresh_token=first.refresh_token), timeout=10)
+
+        async def first_lifetime_over() -> bool:
+            return not await store.exists(refresh_key(hash_refresh_token(first.refresh_token)))
+
+        await eventually(first_lifetime_over, within=DEADLINE, what="the login's refresh token to expire")
+        # The promise does not rest on that bookkeeping: without the per-user set at all, the cut holds.
+        await store.delete(user_sessions_key(subject))
+        await mesh.auth.RevokeUser(
+            auth_pb2.RevokeUserRequest(subject=subject, reason="test"),
+            metadata=await mesh.admin(),
+            timeout=10,
+        )
+
+        assert await refresh_outcome(mesh, replica, kept.refresh_token) == "REFRESH_TOKEN_INVALID"
+        await everywhere(mesh.replicas, kept.access_token, "USER_REVOKED")
+
+
+async def test_an_event_jetstream_refuses_stops_the_heartbeat_so_replicas_go_stale(
+    tmp_path: Path, redis_url: str
+) -> None:
+    # A heartbeat vouches that a replica has heard every revocation. It used to go out after a failed
+    # outbox flush, so replicas stayed fresh, and trusted their state, while a revocation was stuck.
+    async with mesh_with_replicas(tmp_path, redis_url, 1) as mesh:
+        await mesh.create_user(*USER)
+        replicas = mesh.replicas
+        pair = await mesh.login(*USER)
+        await poll(lambda: all_degraded(replicas, False))
+        async with jetstream_admin(mesh.nats.url) as js:
+            config = (await js.stream_info(STREAM_NAME)).config
+            # JetStream takes every event but session revocations, whose publish now fails.
+            everything = config.subjects
+            config.subjects = [kind.subject for kind in EventType if kind is not EventType.SESSION_REVOKED]
+            await js.update_stream(config)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await mesh.auth.RevokeSession(
+                    auth_pb2.RevokeSessionRequest(session_id=pair.session_id, reason="test"),
+                    metadata=bearer(pair.access_token),
+                    timeout=10,
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+            await poll(lambda: all_degraded(replicas, True))
+            # Stale, the replica asks Introspect, which reads the revocation in Redis.
+            await everywhere(replicas, pair.access_token, "SESSION_REVOKED")
+
+            config.subjects = everything
+            await js.update_stream(config)
+        await poll(lambda: all_degraded(replicas, False))
+        await everywhere(replicas, pair.access_token, "SESSION_REVOKED")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61uthmesh/auth/v1/auth.proto\x12\x10\x61uthmesh.auth.v1\"B\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\"\'\n\x0eRefreshRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"&\n\rLogoutRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"\x9f\x01\n\tTokenPair\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\ntoken_type\x18\x03 \x01(\t\x12\x12\n\nexpires_in\x18\x04 \x01(\x03\x12\x1a\n\x12refresh_expires_in\x18\x05 \x01(\x03\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\r\n\x05scope\x18\x07 \x01(\t\"3\n\x12RevokeTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\":\n\x14RevokeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"4\n\x11RevokeUserRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\">\n\x0eRevokeResponse\x12\x1a\n\x12revoked_at_unix_ms\x18\x01 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\"F\n\x17RotateSigningKeyRequest\x12\x17\n\x0fretire_previous\x18\x01 \x01(\x08\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"=\n\x18RotateSigningKeyResponse\x12\x0b\n\x03kid\x18\x01 \x01(\t\x12\x14\n\x0cprevious_kid\x18\x02 \x01(\t\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\"\"\n\x11IntrospectRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\xaa\x01\n\x12IntrospectResponse\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\r\n\x05scope\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x10\n\x08token_id\x18\x05 \x01(\t\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x11\n\tissued_at\x18\x07 \x01(\x03\x12\x17\n\x0finactive_reason\x18\x08 \x01(\t\"G\n\x11\x43reateUserRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\"%\n\x12\x43reateUserResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\"\x1c\n\x1aSnapshotRevocationsRequest\"(\n\x0cRevokedToken\x12\x0b\n\x03jti\x18\x01 \x01(\t\x12\x0b\n\x03\x65xp\x18\x02 \x01(\x03\"F\n\x0eRevokedSession\x12\x0b\n\x03sid\x18\x01 \x01(\t\x12\x0b\n\x03sub\x18\x02 \x01(\t\x12\x1a\n\x12revoked_at_unix_ms\x18\x03 \x01(\x03\"1\n\x0bRevokedUser\x12\x0b\n\x03sub\x18\x01 \x01(\t\x12\x15\n\rnot_before_ms\x18\x02 \x01(\x03\"\xdd\x01\n\x17RevocationSnapshotChunk\x12.\n\x06tokens\x18\x01 \x03(\x0b\x32\x1e.authmesh.auth.v1.RevokedToken\x12\x32\n\x08sessions\x18\x02 \x03(\x0b\x32 .authmesh.auth.v1.RevokedSession\x12,\n\x05users\x18\x03 \x03(\x0b\x32\x1d.authmesh.auth.v1.RevokedUser\x12\x17\n\x0fretired_key_ids\x18\x04 \x03(\t\x12\x17\n\x0fstream_sequence\x18\x05 \x01(\x04\x32\xd0\x07\n\x0b\x41uthService\x12\x44\n\x05Login\x12\x1e.authmesh.auth.v1.LoginRequest\x1a\x1b.authmesh.auth.v1.TokenPair\x12H\n\x07Refresh\x12 .authmesh.auth.v1.RefreshRequest\x1a\x1b.authmesh.auth.v1.TokenPair\x12K\n\x06Logout\x12\x1f.authmesh.auth.v1.LogoutRequest\x1a .authmesh.auth.v1.RevokeResponse\x12U\n\x0bRevokeToken\x12$.authmesh.auth.v1.RevokeTokenRequest\x1a .authmesh.auth.v1.RevokeResponse\x12Y\n\rRevokeSession\x12&.authmesh.auth.v1.RevokeSessionRequest\x1a .authmesh.auth.v1.RevokeResponse\x12S\n\nRevokeUser\x12#.authmesh.auth.v1.RevokeUserRequest\x1a .authmesh.auth.v1.RevokeResponse\x12i\n\x10RotateSigningKey\x12).authmesh.auth.v1.RotateSigningKeyRequest\x1a*.authmesh.auth.v1.RotateSigningKeyResponse\x12N\n\x07GetJwks\x12 .authmesh.auth.v1.GetJwksRequest\x1a!.authmesh.auth.v1.GetJwksResponse\x12W\n\nIntrospect\x12#.authmesh.auth.v1.IntrospectRequest\x1a$.authmesh.auth.v1.IntrospectResponse\x12W\n\nCreateUser\x12#.authmesh.auth.v1.CreateUserRequest\x1a$.authmesh.auth.v1.CreateUserResponse\x12p\n\x13SnapshotRevocations\x12,.authmesh.auth.v1.SnapshotRevocationsRequest\x1a).authmesh.auth.v1.RevocationSnapshotChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61uthmesh/auth/v1/auth.proto\x12\x10\x61uthmesh.auth.v1\"B\n\x0cLoginRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\"\'\n\x0eRefreshRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"&\n\rLogoutRequest\x12\x15\n\rrefresh_token\x18\x01 \x01(\t\"\x9f\x01\n\tTokenPair\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12\x15\n\rrefresh_token\x18\x02 \x01(\t\x12\x12\n\ntoken_type\x18\x03 \x01(\t\x12\x12\n\nexpires_in\x18\x04 \x01(\x03\x12\x1a\n\x12refresh_expires_in\x18\x05 \x01(\x03\x12\x12\n\nsession_id\x18\x06 \x01(\t\x12\r\n\x05scope\x18\x07 \x01(\t\"3\n\x12RevokeTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\":\n\x14RevokeSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"4\n\x11RevokeUserRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"5\n\x12\x44isableUserRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"$\n\x11\x45nableUserRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\"\x14\n\x12\x45nableUserResponse\">\n\x0eRevokeResponse\x12\x1a\n\x12revoked_at_unix_ms\x18\x01 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\"F\n\x17RotateSigningKeyRequest\x12\x17\n\x0fretire_previous\x18\x01 \x01(\x08\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"=\n\x18RotateSigningKeyResponse\x12\x0b\n\x03kid\x18\x01 \x01(\t\x12\x14\n\x0cprevious_kid\x18\x02 \x01(\t\"\x10\n\x0eGetJwksRequest\"$\n\x0fGetJwksResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\"\"\n\x11IntrospectRequest\x12\r\n\x05token\x18\x01 \x01(\t\"\xaa\x01\n\x12IntrospectResponse\x12\x0e\n\x06\x61\x63tive\x18\x01 \x01(\x08\x12\x0f\n\x07subject\x18\x02 \x01(\t\x12\r\n\x05scope\x18\x03 \x01(\t\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x10\n\x08token_id\x18\x05 \x01(\t\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\x11\n\tissued_at\x18\x07 \x01(\x03\x12\x17\n\x0finactive_reason\x18\x08 \x01(\t\"G\n\x11\x43reateUserRequest\x12\x10\n\x08username\x18\x01 \x01(\t\x12\x10\n\x08password\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\"%\n\x12\x43reateUserResponse\x12\x0f\n\x07subject\x18\x01 \x01(\t\"\x1c\n\x1aSnapshotRevocationsRequest\"(\n\x0cRevokedToken\x12\x0b\n\x03jti\x18\x01 \x01(\t\x12\x0b\n\x03\x65xp\x18\x02 \x01(\x03\"F\n\x0eRevokedSession\x12\x0b\n\x03sid\x18\x01 \x01(\t\x12\x0b\n\x03sub\x18\x02 \x01(\t\x12\x1a\n\x12revoked_at_unix_ms\x18\x03 \x01(\x03\"1\n\x0bRevokedUser\x12\x0b\n\x03sub\x18\x01 \x01(\t\x12\x15\n\rnot_before_ms\x18\x02 \x01(\x03\"\xdd\x01\n\x17RevocationSnapshotChunk\x12.\n\x06tokens\x18\x01 \x03(\x0b\x32\x1e.authmesh.auth.v1.RevokedToken\x12\x32\n\x08sessions\x18\x02 \x03(\x0b\x32 .authmesh.auth.v1.RevokedSession\x12,\n\x05users\x18\x03 \x03(\x0b\x32\x1d.authmesh.auth.v1.RevokedUser\x12\x17\n\x0fretired_key_ids\x18\x04 \x03(\t\x12\x17\n\x0fstream_sequence\x18\x05 \x01(\x04\x32\x80\t\n\x0b\x41uthService\x12\x44\n\x05Login\x12\x1e.authmesh.auth.v1.LoginRequest\x1a\x1b.authmesh.auth.v1.TokenPair\x12H\n\x07Refresh\x12 .authmesh.auth.v1.RefreshRequest\x1a\x1b.authmesh.auth.v1.TokenPair\x12K\n\x06Logout\x12\x1f.authmesh.auth.v1.LogoutRequest\x1a .authmesh.auth.v1.RevokeResponse\x12U\n\x0bRevokeToken\x12$.authmesh.auth.v1.RevokeTokenRequest\x1a .authmesh.auth.v1.RevokeResponse\x12Y\n\rRevokeSession\x12&.authmesh.auth.v1.RevokeSessionRequest\x1a .authmesh.auth.v1.RevokeResponse\x12S\n\nRevokeUser\x12#.authmesh.auth.v1.RevokeUserRequest\x1a .authmesh.auth.v1.RevokeResponse\x12i\n\x10RotateSigningKey\x12).authmesh.auth.v1.RotateSigningKeyRequest\x1a*.authmesh.auth.v1.RotateSigningKeyResponse\x12N\n\x07GetJwks\x12 .authmesh.auth.v1.GetJwksRequest\x1a!.authmesh.auth.v1.GetJwksResponse\x12W\n\nIntrospect\x12#.authmesh.auth.v1.IntrospectRequest\x1a$.authmesh.auth.v1.IntrospectResponse\x12W\n\nCreateUser\x12#.authmesh.auth.v1.CreateUserRequest\x1a$.authmesh.auth.v1.CreateUserResponse\x12p\n\x13SnapshotRevocations\x12,.authmesh.auth.v1.SnapshotRevocationsRequest\x1a).authmesh.auth.v1.RevocationSnapshotChunk0\x01\x12U\n\x0b\x44isableUser\x12$.authmesh.auth.v1.DisableUserRequest\x1a .authmesh.auth.v1.RevokeResponse\x12W\n\nEnableUser\x12#.authmesh.auth.v1.EnableUserRequest\x1a$.authmesh.auth.v1.EnableUserResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,34 +45,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOKESESSIONREQUEST']._serialized_end=471
   _globals['_REVOKEUSERREQUEST']._serialized_start=473
   _globals['_REVOKEUSERREQUEST']._serialized_end=525
-  _globals['_REVOKERESPONSE']._serialized_start=527
-  _globals['_REVOKERESPONSE']._serialized_end=589
-  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_start=591
-  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_end=661
-  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_start=663
-  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_end=724
-  _globals['_GETJWKSREQUEST']._serialized_start=726
-  _globals['_GETJWKSREQUEST']._serialized_end=742
-  _globals['_GETJWKSRESPONSE']._serialized_start=744
-  _globals['_GETJWKSRESPONSE']._serialized_end=780
-  _globals['_INTROSPECTREQUEST']._serialized_start=782
-  _globals['_INTROSPECTREQUEST']._serialized_end=816
-  _globals['_INTROSPECTRESPONSE']._serialized_start=819
-  _globals['_INTROSPECTRESPONSE']._serialized_end=989
-  _globals['_CREATEUSERREQUEST']._serialized_start=991
-  _globals['_CREATEUSERREQUEST']._serialized_end=1062
-  _globals['_CREATEUSERRESPONSE']._serialized_start=1064
-  _globals['_CREATEUSERRESPONSE']._serialized_end=1101
-  _globals['_SNAPSHOTREVOCATIONSREQUEST']._serialized_start=1103
-  _globals['_SNAPSHOTREVOCATIONSREQUEST']._serialized_end=1131
-  _globals['_REVOKEDTOKEN']._serialized_start=1133
-  _globals['_REVOKEDTOKEN']._serialized_end=1173
-  _globals['_REVOKEDSESSION']._serialized_start=1175
-  _globals['_REVOKEDSESSION']._serialized_end=1245
-  _globals['_REVOKEDUSER']._serialized_start=1247
-  _globals['_REVOKEDUSER']._serialized_end=1296
-  _globals['_REVOCATIONSNAPSHOTCHUNK']._serialized_start=1299
-  _globals['_REVOCATIONSNAPSHOTCHUNK']._serialized_end=1520
-  _globals['_AUTHSERVICE']._serialized_start=1523
-  _globals['_AUTHSERVICE']._serialized_end=2499
+  _globals['_DISABLEUSERREQUEST']._serialized_start=527
+  _globals['_DISABLEUSERREQUEST']._serialized_end=580
+  _globals['_ENABLEUSERREQUEST']._serialized_start=582
+  _globals['_ENABLEUSERREQUEST']._serialized_end=618
+  _globals['_ENABLEUSERRESPONSE']._serialized_start=620
+  _globals['_ENABLEUSERRESPONSE']._serialized_end=640
+  _globals['_REVOKERESPONSE']._serialized_start=642
+  _globals['_REVOKERESPONSE']._serialized_end=704
+  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_start=706
+  _globals['_ROTATESIGNINGKEYREQUEST']._serialized_end=776
+  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_start=778
+  _globals['_ROTATESIGNINGKEYRESPONSE']._serialized_end=839
+  _globals['_GETJWKSREQUEST']._serialized_start=841
+  _globals['_GETJWKSREQUEST']._serialized_end=857
+  _globals['_GETJWKSRESPONSE']._serialized_start=859
+  _globals['_GETJWKSRESPONSE']._serialized_end=895
+  _globals['_INTROSPECTREQUEST']._serialized_start=897
+  _globals['_INTROSPECTREQUEST']._serialized_end=931
+  _globals['_INTROSPECTRESPONSE']._serialized_start=934
+  _globals['_INTROSPECTRESPONSE']._serialized_end=1104
+  _globals['_CREATEUSERREQUEST']._serialized_start=1106
+  _globals['_CREATEUSERREQUEST']._serialized_end=1177
+  _globals['_CREATEUSERRESPONSE']._serialized_start=1179
+  _globals['_CREATEUSERRESPONSE']._serialized_end=1216
+  _globals['_SNAPSHOTREVOCATIONSREQUEST']._serialized_start=1218
+  _globals['_SNAPSHOTREVOCATIONSREQUEST']._serialized_end=1246
+  _globals['_REVOKEDTOKEN']._serialized_start=1248
+  _globals['_REVOKEDTOKEN']._serialized_end=1288
+  _globals['_REVOKEDSESSION']._serialized_start=1290
+  _globals['_REVOKEDSESSION']._serialized_end=1360
+  _globals['_REVOKEDUSER']._serialized_start=1362
+  _globals['_REVOKEDUSER']._serialized_end=1411
+  _globals['_REVOCATIONSNAPSHOTCHUNK']._serialized_start=1414
+  _globals['_REVOCATIONSNAPSHOTCHUNK']._serialized_end=1635
+  _globals['_AUTHSERVICE']._serialized_start=1638
+  _globals['_AUTHSERVICE']._serialized_end=2790
 # @@protoc_insertion_point(module_scope)

@@ -93,6 +93,16 @@ class AuthServiceStub:
                 request_serializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.SnapshotRevocationsRequest.SerializeToString,
                 response_deserializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.RevocationSnapshotChunk.FromString,
                 _registered_method=True)
+        self.DisableUser = channel.unary_unary(
+                '/authmesh.auth.v1.AuthService/DisableUser',
+                request_serializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.DisableUserRequest.SerializeToString,
+                response_deserializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.RevokeResponse.FromString,
+                _registered_method=True)
+        self.EnableUser = channel.unary_unary(
+                '/authmesh.auth.v1.AuthService/EnableUser',
+                request_serializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.EnableUserRequest.SerializeToString,
+                response_deserializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.EnableUserResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -179,6 +189,21 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DisableUser(self, request, context):
+        """Disables an account (no login or refresh until enabled) and revokes every session and token of it
+        (broadcast as a user revocation).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnableUser(self, request, context):
+        """Lets a disabled account log in again; what was revoked stays revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -236,6 +261,16 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.SnapshotRevocations,
                     request_deserializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.SnapshotRevocationsRequest.FromString,
                     response_serializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.RevocationSnapshotChunk.SerializeToString,
+            ),
+            'DisableUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableUser,
+                    request_deserializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.DisableUserRequest.FromString,
+                    response_serializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.RevokeResponse.SerializeToString,
+            ),
+            'EnableUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableUser,
+                    request_deserializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.EnableUserRequest.FromString,
+                    response_serializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.EnableUserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -539,6 +574,60 @@ class AuthService:
             '/authmesh.auth.v1.AuthService/SnapshotRevocations',
             authmesh_dot_auth_dot_v1_dot_auth__pb2.SnapshotRevocationsRequest.SerializeToString,
             authmesh_dot_auth_dot_v1_dot_auth__pb2.RevocationSnapshotChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authmesh.auth.v1.AuthService/DisableUser',
+            authmesh_dot_auth_dot_v1_dot_auth__pb2.DisableUserRequest.SerializeToString,
+            authmesh_dot_auth_dot_v1_dot_auth__pb2.RevokeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnableUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authmesh.auth.v1.AuthService/EnableUser',
+            authmesh_dot_auth_dot_v1_dot_auth__pb2.EnableUserRequest.SerializeToString,
+            authmesh_dot_auth_dot_v1_dot_auth__pb2.EnableUserResponse.FromString,
             options,
             channel_credentials,
             insecure,

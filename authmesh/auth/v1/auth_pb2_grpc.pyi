@@ -59,6 +59,12 @@ class AuthServiceStub:
     """Adds a user."""
     SnapshotRevocations: _grpc.UnaryStreamMultiCallable[_auth_pb2.SnapshotRevocationsRequest, _auth_pb2.RevocationSnapshotChunk]
     """Every revocation still in force, and the AUTH_EVENTS stream sequence it reflects."""
+    DisableUser: _grpc.UnaryUnaryMultiCallable[_auth_pb2.DisableUserRequest, _auth_pb2.RevokeResponse]
+    """Disables an account (no login or refresh until enabled) and revokes every session and token of it
+    (broadcast as a user revocation).
+    """
+    EnableUser: _grpc.UnaryUnaryMultiCallable[_auth_pb2.EnableUserRequest, _auth_pb2.EnableUserResponse]
+    """Lets a disabled account log in again; what was revoked stays revoked."""
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -91,6 +97,12 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """Adds a user."""
     SnapshotRevocations: _aio.UnaryStreamMultiCallable[_auth_pb2.SnapshotRevocationsRequest, _auth_pb2.RevocationSnapshotChunk]  # type: ignore[assignment]
     """Every revocation still in force, and the AUTH_EVENTS stream sequence it reflects."""
+    DisableUser: _aio.UnaryUnaryMultiCallable[_auth_pb2.DisableUserRequest, _auth_pb2.RevokeResponse]  # type: ignore[assignment]
+    """Disables an account (no login or refresh until enabled) and revokes every session and token of it
+    (broadcast as a user revocation).
+    """
+    EnableUser: _aio.UnaryUnaryMultiCallable[_auth_pb2.EnableUserRequest, _auth_pb2.EnableUserResponse]  # type: ignore[assignment]
+    """Lets a disabled account log in again; what was revoked stays revoked."""
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """AuthService issues, rotates and revokes tokens, and manages signing keys and users.
@@ -186,5 +198,23 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_auth_pb2.RevocationSnapshotChunk], _abc.AsyncIterator[_auth_pb2.RevocationSnapshotChunk]]:
         """Every revocation still in force, and the AUTH_EVENTS stream sequence it reflects."""
+
+    @_abc_1.abstractmethod
+    def DisableUser(
+        self,
+        request: _auth_pb2.DisableUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.RevokeResponse, _abc.Awaitable[_auth_pb2.RevokeResponse]]:
+        """Disables an account (no login or refresh until enabled) and revokes every session and token of it
+        (broadcast as a user revocation).
+        """
+
+    @_abc_1.abstractmethod
+    def EnableUser(
+        self,
+        request: _auth_pb2.EnableUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.EnableUserResponse, _abc.Awaitable[_auth_pb2.EnableUserResponse]]:
+        """Lets a disabled account log in again; what was revoked stays revoked."""
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
