@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -346,3 +347,26 @@ def test_the_sync_interceptor_refuses_calls_while_the_guard_is_not_running() -> 
     )
     with sync_server(guard.sync_interceptor()) as stub:
         assert reason_of(lambda: stub.WhoAmI(resource_pb2.WhoAmIRequest(), timeout=5)) == "GUARD_NOT_STARTED"
+
+
+def test_a_sync_call_that_needs_an_unanswering_auth_service_is_refused_within_the_call_timeout() -> None:
+    # A listening socket that never speaks: the guard's key refetch would wait for its own deadline.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        guard = ResourceGuard(
+            auth_target=f"127.0.0.1:{silent.getsockname()[1]}",
+            issuer=ISSUER,
+            audience=AUDIENCE,
+            access_token_ttl=300,
+            call_timeout=0.3,
+            unsafe_without_revocation=True,
+        )
+        token = mint_access_token(SigningKey.generate("k-unknown"), int(time.time()))
+        with guard, sync_server(guard.sync_interceptor()) as stub:
+            started = time.monotonic()
+            call = stub.WhoAmI
+            outcome = reason_of(
+                lambda: call(resource_pb2.WhoAmIRequest(), metadata=bearer(token), timeout=10)
+            )
+            # Refused as undecidable (the fetch gave up, or the worker stopped waiting for it), never hung.
+            assert outcome in ("KEYS_UNAVAILABLE", "REVOCATION_STATE_STALE")
+            assert time.monotonic() - started < 3
