@@ -182,6 +182,29 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         )
         return auth_pb2.CreateUserResponse(subject=subject)
 
+    @unary
+    async def ListUsers(
+        self, request: auth_pb2.ListUsersRequest, context: Context
+    ) -> auth_pb2.ListUsersResponse:
+        """One page of users."""
+        caller = await self._caller(context)
+        users, next_page_token = await self._core.list_users(
+            caller, request.page_size, request.page_token, request.username_prefix
+        )
+        return auth_pb2.ListUsersResponse(
+            users=[
+                auth_pb2.User(
+                    username=user.username,
+                    subject=user.sub,
+                    scopes=list(user.scopes),
+                    created_at_unix_ms=user.created_ms,
+                    disabled=disabled,
+                )
+                for user, disabled in users
+            ],
+            next_page_token=next_page_token,
+        )
+
     async def SnapshotRevocations(
         self, request: auth_pb2.SnapshotRevocationsRequest, context: Context
     ) -> AsyncIterator[auth_pb2.RevocationSnapshotChunk]:
