@@ -18,12 +18,14 @@ RUN groupadd --system --gid 10001 authmesh \
 WORKDIR /src
 # Only what the distribution is built from (.dockerignore keeps the rest out of the context).
 COPY pyproject.toml README.md ./
+COPY requirements/lock.txt ./requirements/lock.txt
 COPY authmesh ./authmesh
 COPY auth_service ./auth_service
 COPY resource_service ./resource_service
 COPY shared ./shared
-# The runtime dependencies only: no dev extras, and no source tree left behind.
-RUN pip install . && rm -rf /src
+# The services and the command (`cli`, which includes the auth service's `server` extra) at the locked
+# versions: no dev extras, no bundled servers, and no source tree left behind.
+RUN pip install -c requirements/lock.txt '.[cli]' && rm -rf /src
 
 WORKDIR /
 USER 10001:10001

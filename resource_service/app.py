@@ -3,8 +3,9 @@
 One :class:`~authmesh._shared.guard.ResourceGuard` builds everything that verifies tokens and follows
 revocations (token rules from the auth service's metadata, key cache, denylist, revocation consumer with
 snapshot and catch-up, staleness and the ``Introspect`` fallback, verifier); this module adds what a
-service of its own has: its servicer and policy, the gRPC server (service, health, reflection) and the
-HTTP side (``/metrics``, ``/healthz``).
+service of its own has: its servicer and policy, the gRPC server (service, health, reflection, and with
+``ext_authz`` Envoy's ``Authorization/Check`` over the same guard) and the HTTP side (``/metrics``,
+``/healthz``).
 
 Health stays ``NOT_SERVING`` (and every protected call ``UNAVAILABLE``) until the revocation state has
 caught up with the stream. On stop: health ``NOT_SERVING``, gRPC drains for ``shutdown_grace``, then the
@@ -18,11 +19,14 @@ import contextlib
 from collections.abc import Callable
 from typing import TypeVar
 
+import grpc
 import structlog
 from aiohttp import web
 from prometheus_client import Gauge
 
 from authmesh._resource_service.documents import sample_documents
+from authmesh._resource_service.ext_authz import CHECK_METHOD, ExtAuthzServicer
+from authmesh._resource_service.ext_authz import SERVICE_NAME as EXT_AUTHZ_SERVICE_NAME
 from authmesh._resource_service.servicer import POLICY, SERVICE_NAME, ResourceServicer
 from authmesh._shared.consumer import RevocationConsumer
 from authmesh._shared.denylist import Denylist
@@ -34,11 +38,14 @@ from authmesh._shared.key_cache import KeyCache
 from authmesh._shared.lifecycle import Startable, run_until_signalled
 from authmesh._shared.logs import configure_logging
 from authmesh._shared.metrics import ServiceMetrics, gauge_function
+from authmesh._shared.nats_wiring import connect_nats
 from authmesh._shared.settings import ResourceSettings
 from authmesh._shared.staleness import StalenessMonitor
+from authmesh.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
 from authmesh.resource.v1 import resource_pb2_grpc
 
 _T = TypeVar("_T")
+READY_REPORT_SECONDS = 5.0
 _log = structlog.get_logger(__name__)
 
 
@@ -102,16 +109,31 @@ class ResourceApp(Startable):
 
     async def _start(self) -> None:
         settings = self.settings
+        # Fail at start, in one line, when NATS is not reachable within the connect timeout; once up, the
+        # consumer reconnects for ever.
+        probe = await connect_nats(settings, name=f"resource-service {settings.instance} (start)")
+        await probe.close()
         await self._stack.enter_async_context(self.guard)
         self._http = await self._stack.enter_async_context(
             HttpServer(settings.http_listen, [web.get("/healthz", self._healthz)], self.metrics.registry)
         )
         servicer = ResourceServicer(settings.instance, sample_documents())
+        gateway = ExtAuthzServicer(self.guard) if settings.ext_authz else None
+
+        def register(server: grpc.aio.Server) -> None:
+            resource_pb2_grpc.add_ResourceServiceServicer_to_server(servicer, server)
+            if gateway is not None:
+                ext_authz_grpc.add_AuthorizationServicer_to_server(gateway, server)
+
         self._grpc = await start_grpc_server(
             settings.grpc_listen,
-            register=lambda server: resource_pb2_grpc.add_ResourceServiceServicer_to_server(servicer, server),
-            service_names=(SERVICE_NAME,),
-            interceptors=(self.metrics.grpc_interceptor(), self.guard.aio_interceptor(POLICY)),
+            register=register,
+            service_names=(SERVICE_NAME, EXT_AUTHZ_SERVICE_NAME) if gateway else (SERVICE_NAME,),
+            interceptors=(
+                self.metrics.grpc_interceptor(),
+                # Envoy's Check carries the token to judge in its request, not as the caller's credential.
+                self.guard.aio_interceptor(POLICY, open_methods=(CHECK_METHOD,)),
+            ),
             serving=False,
         )
         # On stop, gRPC drains first (pushed last), while the guard keeps applying revocations.
@@ -121,7 +143,13 @@ class ResourceApp(Startable):
         _log.info("resource service started", grpc=self.grpc_address, http=self.http_address)
 
     async def _serve_when_ready(self) -> None:
-        await self.guard.wait_ready()
+        while True:
+            try:
+                async with asyncio.timeout(READY_REPORT_SECONDS):
+                    await self.guard.wait_ready()
+                break
+            except TimeoutError:
+                _log.warning("resource service not ready yet", waiting_for=self.consumer.waiting_for)
         assert self._grpc is not None  # the readiness task starts after the server
         await self._grpc.set_serving(True)
         _log.info("resource service serving", instance=self.settings.instance)

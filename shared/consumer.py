@@ -34,6 +34,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from authmesh._shared.backoff import backoff
+from authmesh._shared.connecting import address_of
 from authmesh._shared.denylist import Denylist, SnapshotChunk
 from authmesh._shared.errors import AuthError, EventRejected, Unavailable, UnknownKey
 from authmesh._shared.events import (
@@ -161,6 +162,17 @@ class RevocationConsumer:
         """Whether the state has caught up with the stream at least once (traffic may be served)."""
         return self._ready.is_set()
 
+    @property
+    def waiting_for(self) -> str:
+        """What stands between this consumer and :attr:`ready`, in words (empty once ready)."""
+        if self.ready:
+            return ""
+        if not self._connected:
+            return "a connection to NATS at " + ",".join(address_of(url) for url in self._settings.nats_urls)
+        if not self._synchronised:
+            return "the signing keys and the revocation snapshot from the auth service"
+        return f"the revocation stream to catch up (applied up to sequence {self._last_sequence or 0})"
+
     async def wait_ready(self) -> None:
         """Wait until :attr:`ready` (callers bound the wait with their own deadline)."""
         await self._ready.wait()
@@ -187,7 +199,8 @@ class RevocationConsumer:
 
     async def run(self) -> None:
         """Connect, catch up and follow the stream until cancelled; every failure is retried."""
-        async for attempt in _retrying(_NATS_ERRORS, what="nats connect"):
+        # Unavailable: no server answered within the connect timeout (connect_nats logs each attempt).
+        async for attempt in _retrying((*_NATS_ERRORS, Unavailable), what="nats connect"):
             with attempt:
                 raise_if_cancelled()
                 client = await connect_nats(

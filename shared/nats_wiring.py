@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import nats
@@ -10,6 +11,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
+from authmesh._shared.connecting import StartupConnection, address_of
 from authmesh._shared.events import STREAM_NAME, STREAM_SUBJECTS
 from authmesh._shared.settings import CommonSettings
 
@@ -37,7 +39,11 @@ async def connect_nats(
     reconnected: Callback | None = None,
     error: ErrorCallback | None = None,
 ) -> NatsClient:
-    """Connect to the configured NATS servers, reconnecting for ever with a short wait.
+    """Connect to the configured NATS servers, then reconnect for ever with a short wait.
+
+    The first connection is tried for ``settings.connect_timeout`` seconds (nats-py retries every
+    ``RECONNECT_WAIT_SECONDS``); each failure is logged with the address and its cause, and a
+    cancellation (SIGTERM while starting) ends the attempts at once.
 
     Args:
         settings: Where NATS is and how to authenticate.
@@ -50,7 +56,7 @@ async def connect_nats(
         A connected client.
 
     Raises:
-        OSError, nats.errors.NoServersError: When no server answers at first connect.
+        Unavailable: ``BROKER_UNAVAILABLE`` when no server answered within the connect timeout.
     """
     options: dict[str, object] = {}
     if settings.nats_user:
@@ -60,17 +66,38 @@ async def connect_nats(
         options["disconnected_cb"] = disconnected
     if reconnected is not None:
         options["reconnected_cb"] = reconnected
-    return await nats.connect(
-        servers=list(settings.nats_urls),
-        name=name,
-        connect_timeout=CONNECT_TIMEOUT_SECONDS,
-        reconnect_time_wait=RECONNECT_WAIT_SECONDS,
-        max_reconnect_attempts=-1,
-        allow_reconnect=True,
-        error_cb=error or _ignore_error,
-        pending_size=PENDING_BYTES_WHILE_DISCONNECTED,
-        **options,
+    attempts = StartupConnection(
+        "NATS",
+        ",".join(address_of(url) for url in settings.nats_urls),
+        settings.connect_timeout,
+        "BROKER_UNAVAILABLE",
     )
+    connected = False
+    later_errors = error or _ignore_error
+
+    async def on_error(problem: Exception) -> None:
+        if connected:
+            await later_errors(problem)
+        else:
+            attempts.failed(problem)
+
+    try:
+        async with asyncio.timeout(settings.connect_timeout):
+            client = await nats.connect(
+                servers=list(settings.nats_urls),
+                name=name,
+                connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                reconnect_time_wait=RECONNECT_WAIT_SECONDS,
+                max_reconnect_attempts=-1,
+                allow_reconnect=True,
+                error_cb=on_error,
+                pending_size=PENDING_BYTES_WHILE_DISCONNECTED,
+                **options,
+            )
+    except TimeoutError as timed_out:
+        raise attempts.gave_up() from timed_out
+    connected = True
+    return client
 
 
 DUPLICATE_WINDOW_SECONDS = 120.0

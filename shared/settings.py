@@ -54,6 +54,12 @@ class CommonSettings(BaseSettings):
     )
     instance: str = Field(default_factory=_default_instance, min_length=1, description="replica name")
     stream_replicas: int = Field(default=1, ge=1, le=5, description="AUTH_EVENTS replication factor")
+    connect_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="seconds a starting service keeps retrying NATS (and Redis) before it exits",
+    )
     log_level: str = Field(default="info", description="debug, info, warning or error")
     log_format: str = Field(default="console", pattern="^(console|json)$", description="console or json")
 
@@ -147,6 +153,10 @@ class ResourceSettings(CommonSettings):
         default=None, description="username:password used for Introspect and SnapshotRevocations"
     )
     shutdown_grace: float = Field(default=5.0, ge=0, le=120, description="drain time on SIGTERM, s")
+    ext_authz: bool = Field(
+        default=False,
+        description="also answer Envoy's ext_authz Check (envoy.service.auth.v3.Authorization) on gRPC",
+    )
 
 
 def credentials(secret: SecretStr) -> tuple[str, str]:
