@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The authmesh image: one slim Python image for every service (`authmesh auth-server`,
 # `authmesh resource-server`, `authmesh demo`, `authmesh healthcheck`), run as an unprivileged user.
 # docker-compose.yml builds it; configuration comes only from AUTHMESH_* variables.

@@ -143,3 +143,11 @@ distclean: clean
 .PHONY: compose-check
 compose-check: $(VENV_STAMP)
 	$(BIN)/python scripts/check_compose.py
+
+# make compose-e2e  docker-compose.yml in real containers: installs and starts a Docker engine when none
+#                   runs (as root), builds stand-ins for base images no registry serves, then runs
+#                   tests/test_compose_e2e.py (up --wait, demo, NATS node killed, Redis and auth restarted,
+#                   a replica cut from NATS, down -v)
+.PHONY: compose-e2e
+compose-e2e: $(VENV_STAMP)
+	VENV=$(VENV) scripts/compose_e2e.sh
