@@ -28,6 +28,7 @@ import hmac
 import json
 import re
 import secrets
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -166,6 +167,8 @@ class ReplayCache:
         self._capacity = capacity
         self._expiry: dict[str, float] = {}
         self._by_expiry: list[tuple[float, str]] = []
+        # A sync grpc.server checks proofs in its worker threads: the check and the record are one step.
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._expiry)
@@ -178,13 +181,14 @@ class ReplayCache:
             Unavailable: Full of live entries (``DPOP_REPLAY_CACHE_FULL``); refusing is safe,
                 forgetting is not.
         """
-        self._purge(now)
-        if key in self._expiry:
-            raise DpopProofReplayed()
-        if len(self._expiry) >= self._capacity:
-            raise Unavailable("DPoP replay cache full", code=REPLAY_CACHE_FULL)
-        self._expiry[key] = expires_at
-        heapq.heappush(self._by_expiry, (expires_at, key))
+        with self._lock:
+            self._purge(now)
+            if key in self._expiry:
+                raise DpopProofReplayed()
+            if len(self._expiry) >= self._capacity:
+                raise Unavailable("DPoP replay cache full", code=REPLAY_CACHE_FULL)
+            self._expiry[key] = expires_at
+            heapq.heappush(self._by_expiry, (expires_at, key))
 
     def _purge(self, now: float) -> None:
         heap = self._by_expiry
@@ -271,6 +275,7 @@ class ProofVerifier:
         # Building a public key from its coordinates checks the point is on the curve, which costs more
         # than the lookup: a client sends the same jwk on every call.
         self._keys: OrderedDict[str, tuple[ec.EllipticCurvePublicKey, str]] = OrderedDict()
+        self._keys_lock = threading.Lock()  # proofs are checked in a sync server's worker threads too
 
     @property
     def policy(self) -> ProofPolicy:
@@ -349,10 +354,11 @@ class ProofVerifier:
         if not all(type(jwk[name]) is str for name in members):
             raise DpopRejected("DPoP jwk members must be strings")
         cache_key = jwk["x"] + "." + jwk["y"]
-        cached = self._keys.get(cache_key)
-        if cached is not None:
-            self._keys.move_to_end(cache_key)
-            return cached
+        with self._keys_lock:
+            cached = self._keys.get(cache_key)
+            if cached is not None:
+                self._keys.move_to_end(cache_key)
+                return cached
         try:
             x = b64url_decode(jwk["x"].encode("ascii"))
             y = b64url_decode(jwk["y"].encode("ascii"))
@@ -366,9 +372,10 @@ class ProofVerifier:
         except (AuthError, ValueError, UnicodeEncodeError) as error:
             raise DpopRejected("DPoP jwk is not a P-256 public key") from error
         entry = (key, jwk_thumbprint(jwk))
-        self._keys[cache_key] = entry
-        if len(self._keys) > _KEY_CACHE_SIZE:
-            self._keys.popitem(last=False)
+        with self._keys_lock:
+            self._keys[cache_key] = entry
+            if len(self._keys) > _KEY_CACHE_SIZE:
+                self._keys.popitem(last=False)
         return entry
 
     def _check_claims(
