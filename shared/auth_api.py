@@ -269,6 +269,16 @@ class AuthApi(Startable):
         )
         return _revocation(response)
 
+    async def revoke_key_binding(self, caller: str | None, jkt: str, reason: str = "") -> Revocation:
+        """Refuse every token bound to the DPoP key ``jkt`` (RFC 7638 thumbprint; a lost device) and the
+        refresh of its sessions, as ``caller`` (an admin)."""
+        response = await self._stub.RevokeKeyBinding(
+            auth_pb2.RevokeKeyBindingRequest(jkt=jkt, reason=reason),
+            metadata=_as(caller),
+            timeout=self.timeout,
+        )
+        return _revocation(response)
+
     async def disable_user(self, caller: str | None, subject: str, reason: str = "") -> Revocation:
         """Disable a user (no login or refresh until enabled; all it holds revoked), as ``caller`` (admin)."""
         response = await self._stub.DisableUser(
