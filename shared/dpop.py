@@ -282,13 +282,16 @@ class ProofVerifier:
         """The policy this verifier enforces."""
         return self._policy
 
-    def verify(self, proof: str | None, method: str, *, access_token: str | None = None) -> DpopProof:
+    def verify(
+        self, proof: str | None, method: str, *, access_token: str | None = None, htm: str = HTTP_METHOD
+    ) -> DpopProof:
         """Verify a proof for a call and record its ``jti``.
 
         Args:
             proof: The ``dpop`` metadata value.
-            method: The gRPC method path, ``/package.Service/Method``.
+            method: The gRPC method path, ``/package.Service/Method`` (an HTTP request's path).
             access_token: The access token the call presents (its hash must be the proof's ``ath``).
+            htm: The HTTP method the proof must name (``POST`` for every gRPC call).
 
         Returns:
             The proof's key thumbprint, ``jti`` and ``iat``.
@@ -306,7 +309,7 @@ class ProofVerifier:
         except AuthError as error:
             raise DpopRejected("DPoP proof signature does not verify") from error
         now = self._clock()
-        jti, iat = self._check_claims(payload, method, access_token, now)
+        jti, iat = self._check_claims(payload, htm, method, access_token, now)
         if self._nonces is not None:
             self._nonces.check(payload.get("nonce"))
         self._replays.claim(jkt + "." + jti, iat + self._policy.max_age + self._policy.leeway, now)
@@ -379,13 +382,13 @@ class ProofVerifier:
         return entry
 
     def _check_claims(
-        self, payload: dict[str, Any], method: str, access_token: str | None, now: float
+        self, payload: dict[str, Any], htm: str, method: str, access_token: str | None, now: float
     ) -> tuple[str, int]:
         jti = payload.get("jti")
         if type(jti) is not str or not MIN_JTI_LENGTH <= len(jti) <= MAX_JTI_LENGTH:
             raise DpopRejected("DPoP proof jti missing or invalid")
-        if payload.get("htm") != HTTP_METHOD:
-            raise DpopRejected("DPoP proof htm is not POST")
+        if payload.get("htm") != htm:
+            raise DpopRejected(f"DPoP proof htm is not {htm}")
         htu = payload.get("htu")
         if type(htu) is not str or not self._htu_matches(htu, method):
             raise DpopRejected("DPoP proof htu is not this call's URI")
@@ -440,19 +443,26 @@ class ProofSigner:
         return self._jkt
 
     def proof(
-        self, origin: str, method: str, *, access_token: str | None = None, nonce: str | None = None
+        self,
+        origin: str,
+        method: str,
+        *,
+        access_token: str | None = None,
+        nonce: str | None = None,
+        htm: str = HTTP_METHOD,
     ) -> str:
         """A fresh proof for one call.
 
         Args:
             origin: The service's ``scheme://host:port``.
-            method: The gRPC method path.
+            method: The gRPC method path (an HTTP request's path, without the query).
             access_token: The token the call carries (sets ``ath``).
             nonce: The server's latest nonce, if it asked for one.
+            htm: The HTTP method (``POST`` for gRPC).
         """
         claims: dict[str, Any] = {
             "jti": secrets.token_urlsafe(24),
-            "htm": HTTP_METHOD,
+            "htm": htm,
             "htu": method_uri(origin, method),
             "iat": int(self._clock()),
         }
@@ -517,16 +527,23 @@ class ProofGate:
         return self._mode
 
     def proven_key(
-        self, proof: str | None, method: str, *, dpop_scheme: bool = True, access_token: str | None = None
+        self,
+        proof: str | None,
+        method: str,
+        *,
+        dpop_scheme: bool = True,
+        access_token: str | None = None,
+        htm: str = HTTP_METHOD,
     ) -> str | None:
         """The ``jkt`` a call proved, or None for a bearer call the policy allows.
 
         Args:
             proof: The ``dpop`` metadata value.
-            method: The gRPC method path.
+            method: The gRPC method path (an HTTP request's path).
             dpop_scheme: Whether the call names the DPoP scheme (``authorization: DPoP …``); calls
                 without an access token (Login, Refresh) pass True when they carry a proof.
             access_token: The access token the call carries, for ``ath``.
+            htm: The call's HTTP method (``POST`` for gRPC).
 
         Raises:
             DpopRejected: A proof the policy refuses, an invalid proof, or none where one is required.
@@ -544,7 +561,7 @@ class ProofGate:
             challenge = self._proofs.challenge()
             if challenge is not None:
                 raise challenge
-        return self._proofs.verify(proof, method, access_token=access_token).jkt
+        return self._proofs.verify(proof, method, access_token=access_token, htm=htm).jkt
 
 
 def proof_gate(settings: CommonSettings, grpc_listen: str, audience: str) -> ProofGate:

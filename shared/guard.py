@@ -36,7 +36,7 @@ from authmesh._shared.auth_metadata import TokenRules, fetch_token_rules
 from authmesh._shared.claims import AccessClaims
 from authmesh._shared.consumer import RevocationConsumer
 from authmesh._shared.denylist import Denylist
-from authmesh._shared.dpop import ProofGate, proof_gate
+from authmesh._shared.dpop import HTTP_METHOD, ProofGate, proof_gate
 from authmesh._shared.errors import ConfigurationError, Unavailable
 from authmesh._shared.interceptor import Authenticator, AuthInterceptor, SyncAuthInterceptor
 from authmesh._shared.key_cache import KeyCache
@@ -248,7 +248,13 @@ class ResourceGuard(Startable):
             await self.consumer.wait_ready()
 
     async def authenticate(
-        self, token: str | None, *, dpop_scheme: bool = False, proof: str | None = None, method: str = ""
+        self,
+        token: str | None,
+        *,
+        dpop_scheme: bool = False,
+        proof: str | None = None,
+        method: str = "",
+        htm: str = HTTP_METHOD,
     ) -> AccessClaims:
         """Verify an access token and the call's DPoP proof (from any event loop).
 
@@ -259,7 +265,9 @@ class ResourceGuard(Startable):
             Unavailable: The guard cannot decide now (not ready, stale and no fallback, keys unreachable).
         """
         authenticator = self._require_started()
-        decision = authenticator.authenticate(token, dpop_scheme=dpop_scheme, proof=proof, method=method)
+        decision = authenticator.authenticate(
+            token, dpop_scheme=dpop_scheme, proof=proof, method=method, htm=htm
+        )
         if self._thread is not None and asyncio.get_running_loop() is not self._loop:
             return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(decision, self._require_loop()))
         return await decision

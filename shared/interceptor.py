@@ -33,7 +33,7 @@ from typing import Any, Protocol, cast
 import grpc
 
 from authmesh._shared.claims import AccessClaims
-from authmesh._shared.dpop import DpopMode, ProofGate, proof_from_metadata
+from authmesh._shared.dpop import HTTP_METHOD, DpopMode, ProofGate, proof_from_metadata
 from authmesh._shared.errors import (
     AuthError,
     ConfigurationError,
@@ -126,7 +126,13 @@ class Authenticator:
         self._metrics = metrics
 
     async def authenticate(
-        self, token: str | None, *, dpop_scheme: bool = False, proof: str | None = None, method: str = ""
+        self,
+        token: str | None,
+        *,
+        dpop_scheme: bool = False,
+        proof: str | None = None,
+        method: str = "",
+        htm: str = HTTP_METHOD,
     ) -> AccessClaims:
         """Verify an access token, and the call's DPoP proof.
 
@@ -134,7 +140,8 @@ class Authenticator:
             token: The token from the ``authorization`` metadata, or None when there was none.
             dpop_scheme: Whether it came as ``authorization: DPoP …`` rather than ``Bearer``.
             proof: The ``dpop`` metadata value.
-            method: The gRPC method path (what the proof's ``htu`` must name).
+            method: The gRPC method path, or an HTTP request's path (what the proof's ``htu`` names).
+            htm: The HTTP method the proof must name (``POST`` for gRPC, the request's for HTTP).
 
         Returns:
             The verified claims.
@@ -144,7 +151,8 @@ class Authenticator:
             Unavailable: The service cannot decide now (``UNAVAILABLE``).
         """
         try:
-            claims, degraded = await self._authenticate(token, dpop_scheme, proof, method)
+            presented, bound_to = self._proven(token, dpop_scheme, proof, method, htm)
+            claims, degraded = await self._verified(presented, bound_to)
         except AuthError as error:
             raise self._refused(error) from None
         return self._accepted(claims, degraded)
@@ -198,7 +206,7 @@ class Authenticator:
         return claims
 
     def _proven(
-        self, token: str | None, dpop_scheme: bool, proof: str | None, method: str
+        self, token: str | None, dpop_scheme: bool, proof: str | None, method: str, htm: str = HTTP_METHOD
     ) -> tuple[str, str | None]:
         """The token, if there is one and the revocation state is ready to judge it, and the ``jkt``
         its DPoP proof proved (None for a bearer call the policy allows)."""
@@ -206,7 +214,8 @@ class Authenticator:
             raise Unavailable("revocation state still loading", code=REVOCATION_STATE_STALE)
         if token is None:
             raise TokenMissing()
-        return token, self._dpop.proven_key(proof, method, dpop_scheme=dpop_scheme, access_token=token)
+        bound_to = self._dpop.proven_key(proof, method, dpop_scheme=dpop_scheme, access_token=token, htm=htm)
+        return token, bound_to
 
     def _accepted(self, claims: AccessClaims, degraded: bool) -> AccessClaims:
         if self._metrics is not None:
@@ -220,11 +229,6 @@ class Authenticator:
             else:
                 self._metrics.rejected(error.code)
         return error
-
-    async def _authenticate(
-        self, token: str | None, dpop_scheme: bool, proof: str | None, method: str
-    ) -> tuple[AccessClaims, bool]:
-        return await self._verified(*self._proven(token, dpop_scheme, proof, method))
 
     async def _verified(self, token: str, bound_to: str | None) -> tuple[AccessClaims, bool]:
         try:
@@ -299,7 +303,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or self._gate.is_open(method):
             return handler
         try:
-            token, dpop_scheme, proof = _credentials(handler_call_details.invocation_metadata)
+            token, dpop_scheme, proof = presented_credentials(handler_call_details.invocation_metadata)
             claims = await self._authenticator.authenticate(
                 token, dpop_scheme=dpop_scheme, proof=proof, method=method
             )
@@ -351,7 +355,7 @@ class SyncAuthInterceptor(grpc.ServerInterceptor):
     def _admit(self, method: str, context: grpc.ServicerContext) -> AccessClaims:
         """The caller's claims, or the call ends here with the refusal's status."""
         try:
-            token, dpop_scheme, proof = _credentials(context.invocation_metadata())
+            token, dpop_scheme, proof = presented_credentials(context.invocation_metadata())
             claims = self._authenticator.authenticate_blocking(
                 token, dpop_scheme=dpop_scheme, proof=proof, method=method
             )
@@ -386,7 +390,7 @@ class SyncAuthInterceptor(grpc.ServerInterceptor):
         return rebuild_handler(handler, guarded_stream if handler.response_streaming else guarded)
 
 
-def _credentials(
+def presented_credentials(
     metadata: Iterable[tuple[str, str | bytes]] | None,
 ) -> tuple[str | None, bool, str | None]:
     """A call's access token, whether it came under the DPoP scheme, and its DPoP proof.
