@@ -104,6 +104,7 @@ class AuthApp(Startable):
             service_names=(SERVICE_NAME,),
             interceptors=(self.metrics.grpc_interceptor(),),
             serving=False,
+            tls=settings.tls,
         )
         self._stack.push_async_callback(self._stop_grpc)
 

@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from authmesh._shared.auth_client import channel_options
 from authmesh._shared.errors import ConfigurationError
 from authmesh._shared.grpc_errors import error_reason
+from authmesh._shared.tls import TlsFiles, open_channel
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 
@@ -224,11 +225,18 @@ async def check_health(channel: grpc.aio.Channel, target: str, call_timeout: flo
 
 
 class _Channel:
-    """An insecure channel to one target, opened on entry and closed on exit."""
+    """A channel to one target (TLS when ``tls`` has a CA), opened on entry and closed on exit."""
 
-    def __init__(self, target: str, timeout: float) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        tls: TlsFiles = TlsFiles(),  # noqa: B008  # frozen, so one shared default is safe
+    ) -> None:
         self.target = target
         self.timeout = timeout
+        self.tls = tls
         self._channel: grpc.aio.Channel | None = None
 
     @property
@@ -238,7 +246,7 @@ class _Channel:
         return self._channel
 
     async def __aenter__(self) -> Self:
-        self._channel = grpc.aio.insecure_channel(self.target, options=channel_options())
+        self._channel = open_channel(self.target, self.tls, channel_options())
         return self
 
     async def __aexit__(
@@ -265,12 +273,11 @@ class AuthApi(_Channel):
     Args:
         target: ``host:port`` of the auth service.
         timeout: Deadline of each call, seconds.
+        tls: The CA to verify the server against (and a client certificate); plaintext without.
     """
 
-    def __init__(self, target: str, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
-        super().__init__(target, timeout)
-        self._auth_stub: auth_pb2_grpc.AuthServiceAsyncStub | None = None
-        self._stub_for: grpc.aio.Channel | None = None
+    _auth_stub: auth_pb2_grpc.AuthServiceAsyncStub | None = None
+    _stub_for: grpc.aio.Channel | None = None
 
     @property
     def _stub(self) -> auth_pb2_grpc.AuthServiceAsyncStub:
@@ -360,12 +367,11 @@ class ResourceApi(_Channel):
     Args:
         target: ``host:port`` of the replica.
         timeout: Deadline of each call, seconds.
+        tls: The CA to verify the server against (and a client certificate); plaintext without.
     """
 
-    def __init__(self, target: str, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
-        super().__init__(target, timeout)
-        self._resource_stub: resource_pb2_grpc.ResourceServiceAsyncStub | None = None
-        self._stub_for: grpc.aio.Channel | None = None
+    _resource_stub: resource_pb2_grpc.ResourceServiceAsyncStub | None = None
+    _stub_for: grpc.aio.Channel | None = None
 
     @property
     def _stub(self) -> resource_pb2_grpc.ResourceServiceAsyncStub:

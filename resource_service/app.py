@@ -53,7 +53,7 @@ class ResourceApp(Startable):
         self.denylist = Denylist(access_token_ttl=settings.access_token_ttl, leeway=settings.leeway)
         self.staleness = StalenessMonitor(settings.staleness_bound)
         account = credentials(settings.service_account) if settings.service_account else None
-        self.auth = AuthClient(settings.auth_target, service_account=account)
+        self.auth = AuthClient(settings.auth_target, service_account=account, tls=settings.tls)
         self.keys = KeyCache(self.auth.get_jwks)
         self.fallback = (
             IntrospectionFallback(
@@ -114,6 +114,7 @@ class ResourceApp(Startable):
             service_names=(SERVICE_NAME,),
             interceptors=(self.metrics.grpc_interceptor(), self._auth_interceptor()),
             serving=False,
+            tls=settings.tls,
         )
         # Loops start once the server exists (readiness flips its health); on stop, gRPC drains first
         # (pushed last), while the consumer keeps applying revocations.

@@ -26,6 +26,7 @@ from authmesh._shared.errors import Unavailable
 from authmesh._shared.events import SessionRevokedEvent, UserRevokedEvent
 from authmesh._shared.lifecycle import raise_if_cancelled
 from authmesh._shared.staleness import Introspection
+from authmesh._shared.tls import TlsFiles, open_channel
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 AUTH_UNAVAILABLE = "AUTH_UNAVAILABLE"
@@ -66,6 +67,8 @@ class AuthClient:
         timeout: Deadline of one unary call, seconds.
         snapshot_timeout: Deadline of a whole ``SnapshotRevocations`` stream, seconds.
         clock: Monotonic seconds.
+        tls: The CA to verify the auth service against (and this service's certificate for mutual
+            TLS); plaintext without a CA.
     """
 
     def __init__(
@@ -76,8 +79,10 @@ class AuthClient:
         timeout: float = 2.0,
         snapshot_timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        tls: TlsFiles = TlsFiles(),  # noqa: B008  # frozen, so one shared default is safe
     ) -> None:
         self._target = target
+        self._tls = tls
         self._account = service_account
         self._timeout = timeout
         self._snapshot_timeout = snapshot_timeout
@@ -94,7 +99,7 @@ class AuthClient:
         return self._account is not None
 
     async def __aenter__(self) -> Self:
-        self._channel = grpc.aio.insecure_channel(self._target, options=channel_options())
+        self._channel = open_channel(self._target, self._tls, channel_options())
         self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
         return self
 

@@ -7,12 +7,14 @@ settings once at start and passes the frozen object down; nothing else reads ``o
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Annotated, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from authmesh._shared.errors import ConfigurationError
+from authmesh._shared.tls import TlsFiles
 
 
 def _split_urls(value: object) -> object:
@@ -56,6 +58,16 @@ class CommonSettings(BaseSettings):
     stream_replicas: int = Field(default=1, ge=1, le=5, description="AUTH_EVENTS replication factor")
     log_level: str = Field(default="info", description="debug, info, warning or error")
     log_format: str = Field(default="console", pattern="^(console|json)$", description="console or json")
+    tls_ca_file: Path | None = Field(
+        default=None, description="CA (PEM) that signs every peer; set, clients verify servers with it"
+    )
+    tls_cert_file: Path | None = Field(
+        default=None, description="this service's certificate (PEM); set, its gRPC server speaks TLS"
+    )
+    tls_key_file: Path | None = Field(default=None, description="the private key of the certificate (PEM)")
+    tls_require_client_cert: bool = Field(
+        default=False, description="refuse gRPC clients without a certificate signed by the CA (mTLS)"
+    )
 
     _split_nats_urls = field_validator("nats_urls", mode="before")(_split_urls)
 
@@ -65,6 +77,24 @@ class CommonSettings(BaseSettings):
         if not value:
             raise ValueError("at least one NATS URL is required")
         return value
+
+    @model_validator(mode="after")
+    def _check_tls_files(self) -> Self:
+        try:
+            _ = self.tls
+        except ConfigurationError as error:
+            raise ValueError(error.message) from None
+        return self
+
+    @property
+    def tls(self) -> TlsFiles:
+        """The TLS material of this service (see :mod:`authmesh._shared.tls`)."""
+        return TlsFiles(
+            ca_file=self.tls_ca_file,
+            cert_file=self.tls_cert_file,
+            key_file=self.tls_key_file,
+            require_client_cert=self.tls_require_client_cert,
+        )
 
     @property
     def stream_max_age(self) -> float:
