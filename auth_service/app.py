@@ -28,6 +28,7 @@ from authmesh._shared.logs import configure_logging
 from authmesh._shared.metrics import ServiceMetrics
 from authmesh._shared.nats_wiring import connect_nats, ensure_stream
 from authmesh._shared.settings import AuthSettings, credentials
+from authmesh._shared.tls import redis_tls_options
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
@@ -67,8 +68,12 @@ class AuthApp(Startable):
     async def _start(self) -> None:
         settings = self.settings
         sealer = KeySealer(settings.require_key_encryption_key())
+        redis_url = settings.redis_url.get_secret_value()
         client = redis.Redis.from_url(
-            settings.redis_url.get_secret_value(), socket_timeout=3, socket_connect_timeout=3
+            redis_url,
+            socket_timeout=3,
+            socket_connect_timeout=3,
+            **redis_tls_options(redis_url, settings.tls),
         )
         self._stack.push_async_callback(client.aclose)
         store = AuthStore(client, access_ttl=settings.access_token_ttl, leeway=settings.leeway)

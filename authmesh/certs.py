@@ -24,6 +24,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from authmesh._shared.tls import TlsFiles
 
 CA_FILE = "ca.pem"
+# The names a part on this machine is reached by.
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
 # Long enough for a stack kept between runs, short enough that a leaked local key soon means nothing.
 VALIDITY = datetime.timedelta(days=30)
 # Certificates start a little in the past so a peer whose clock is slightly behind accepts them.

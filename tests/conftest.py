@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as redis
 
+from authmesh.certs import CertificateAuthority
 from authmesh.processes import NatsServer, RedisServer
 
 # A test session never holds anywhere near this many streams; the bound keeps the cleanup loop finite.
@@ -78,3 +79,15 @@ async def own_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
     """A NATS of the test's own, which it may stop and restart."""
     async with NatsServer(tmp_path / "nats") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def ca() -> CertificateAuthority:
+    """A throwaway CA: the fleet's, whose certificates every TLS test's parts trust."""
+    return CertificateAuthority.create("test CA")
+
+
+@pytest.fixture(scope="session")
+def other_ca() -> CertificateAuthority:
+    """A second CA that no part trusts: its certificates must be refused."""
+    return CertificateAuthority.create("stranger CA")

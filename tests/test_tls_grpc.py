@@ -17,25 +17,12 @@ from authmesh._shared.errors import ConfigurationError
 from authmesh._shared.grpc_server import RunningServer, start_grpc_server
 from authmesh._shared.settings import ResourceSettings
 from authmesh._shared.tls import TlsFiles, open_channel
-from authmesh.certs import CertificateAuthority
+from authmesh.certs import LOCAL_HOSTS, CertificateAuthority
 from authmesh.client import AuthApi, ResourceApi
 from tests.auth_support import ADMIN, SERVICE, auth_settings
 from tests.waiting import eventually
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost")
 CALL_TIMEOUT = 5.0
-
-
-@pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    """The fleet's CA."""
-    return CertificateAuthority.create("test CA")
-
-
-@pytest.fixture(scope="module")
-def other_ca() -> CertificateAuthority:
-    """A CA nobody in the fleet trusts."""
-    return CertificateAuthority.create("stranger CA")
 
 
 @asynccontextmanager
