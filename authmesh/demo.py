@@ -23,12 +23,13 @@ import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import aiohttp
 import grpc
 
+from authmesh._shared.tls import TlsFiles
 from authmesh.client import ACCEPTED, AuthApi, Outcome, ResourceApi, RpcProblem, Tokens
 
 T = TypeVar("T")
@@ -110,6 +111,7 @@ class DemoTarget:
         local: Whether the demo started the stack itself.
         staleness_bound: The replicas' staleness bound in seconds, when known.
         nats: How to cut a replica off from NATS; None skips that act.
+        tls: How to reach the services over TLS; plaintext by default.
     """
 
     auth_grpc: str
@@ -118,6 +120,7 @@ class DemoTarget:
     local: bool = False
     staleness_bound: float | None = None
     nats: NatsLink | None = None
+    tls: TlsFiles = field(default_factory=TlsFiles)
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,8 +427,10 @@ class Demo:
         self._clock = clock
         self._started = clock()
         self._cast = _Cast(alice=(username, f"alice-{secrets.token_urlsafe(12)}"))
-        self._auth = AuthApi(target.auth_grpc)
-        self._replicas = [_Replica(replica, ResourceApi(replica.grpc)) for replica in target.replicas]
+        self._auth = AuthApi(target.auth_grpc, tls=target.tls)
+        self._replicas = [
+            _Replica(replica, ResourceApi(replica.grpc, tls=target.tls)) for replica in target.replicas
+        ]
         self._http: aiohttp.ClientSession | None = None
 
     def _now_s(self) -> float:
@@ -1013,7 +1018,11 @@ async def run_demo(
 
 
 async def run_local_demo(
-    replicas: int, narrator: Narrator | None = None, *, staleness_bound: float = LOCAL_STALENESS_BOUND
+    replicas: int,
+    narrator: Narrator | None = None,
+    *,
+    staleness_bound: float = LOCAL_STALENESS_BOUND,
+    tls: bool = False,
 ) -> DemoReport:
     """Start a fresh local stack, play the story on it, and stop the stack.
 
@@ -1021,6 +1030,7 @@ async def run_local_demo(
         replicas: How many resource replicas.
         narrator: Who hears about it as it happens; silent by default.
         staleness_bound: The replicas' staleness bound, seconds (a short one keeps the NATS act short).
+        tls: Run the stack with every hop on TLS.
 
     Returns:
         The report.
@@ -1037,6 +1047,7 @@ async def run_local_demo(
         nats_cluster=1,
         staleness_bound=staleness_bound,
         env={"AUTHMESH_HEARTBEAT_INTERVAL": f"{heartbeat:g}"},
+        tls=tls,
     ) as stack:
         target = DemoTarget(
             auth_grpc=stack.auth_grpc,
@@ -1047,5 +1058,6 @@ async def run_local_demo(
             local=True,
             staleness_bound=staleness_bound,
             nats=stack,
+            tls=stack.client_tls,
         )
         return await run_demo(target, narrator)

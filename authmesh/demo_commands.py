@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from authmesh._shared.errors import AuthError, ConfigurationError
+from authmesh._shared.tls import TlsFiles
 from authmesh.demo import (
     LOCAL_STALENESS_BOUND,
     ActResult,
@@ -33,6 +34,7 @@ from authmesh.demo import (
     run_demo,
     run_local_demo,
 )
+from authmesh.stack_commands import TlsCaFileOption
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -82,11 +84,15 @@ def demo(
             help="Also draw the timeline here (needs matplotlib: pip install 'authmesh\\[plot]').",
         ),
     ] = None,
+    tls: Annotated[
+        bool, typer.Option("--tls", help="Run the local stack with every hop on TLS (authmesh up --tls).")
+    ] = False,
+    tls_ca_file: TlsCaFileOption = None,
 ) -> None:
     """Simulate a token theft and the revocations that stop it, measured on every replica."""
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    target = _existing_stack(target_auth, target_replicas, admin, err)
+    target = _existing_stack(target_auth, target_replicas, admin, err, TlsFiles(ca_file=tls_ca_file))
     if plot_file is not None:
         from authmesh.plot import require_matplotlib
 
@@ -102,7 +108,7 @@ def demo(
                 f"Starting a local stack: NATS, Redis, the auth service and {replicas} replicas "
                 f"(staleness bound {staleness_bound:g} s)…"
             )
-            report = asyncio.run(run_local_demo(replicas, narrator, staleness_bound=staleness_bound))
+            report = asyncio.run(run_local_demo(replicas, narrator, staleness_bound=staleness_bound, tls=tls))
         else:
             out.print(f"Running on the stack at {escape(target.auth_grpc)}…")
             username = f"alice-{secrets.token_hex(3)}"  # a shared stack may already have an alice
@@ -125,7 +131,7 @@ def demo(
 
 
 def _existing_stack(
-    auth: str | None, replicas: str | None, admin: str | None, err: Console
+    auth: str | None, replicas: str | None, admin: str | None, err: Console, tls: TlsFiles
 ) -> DemoTarget | None:
     """The ``--target-*`` stack, or None for a local one; exits 2 when the flags are incomplete."""
     if auth is None and replicas is None:
@@ -146,6 +152,7 @@ def _existing_stack(
         auth_grpc=auth,
         replicas=tuple(ReplicaTarget(name=address, grpc=address) for address in addresses),
         admin=(username, password),
+        tls=tls,
     )
 
 

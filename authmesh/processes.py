@@ -386,6 +386,11 @@ class RedisServer(ServerProcess):
         return f"{scheme}://{account}{LOOPBACK}:{self.port}/0"
 
     @property
+    def redacted_url(self) -> str:
+        """``url`` with the password left out, for display."""
+        return self.url if self.user is None else self.url.replace(f":{self.user[1]}@", ":***@")
+
+    @property
     def config_path(self) -> Path:
         """The generated ``redis.conf``."""
         return self.data_dir / "redis.conf"

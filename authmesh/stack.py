@@ -44,6 +44,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from authmesh._shared.errors import ConfigurationError
 from authmesh._shared.events import STREAM_NAME, STREAM_SUBJECTS
 from authmesh._shared.lifecycle import Startable
+from authmesh._shared.tls import TlsFiles, open_channel
+from authmesh.certs import LOCAL_HOSTS, CertificateAuthority
 from authmesh.processes import (
     LOOPBACK,
     START_TIMEOUT_SECONDS,
@@ -53,6 +55,7 @@ from authmesh.processes import (
     RedisServer,
     ServerProcess,
     free_ports,
+    nats_cluster_config,
 )
 
 AUTH_NATS_USER = "auth"
@@ -60,6 +63,10 @@ RESOURCE_NATS_USER = "resource"
 ADMIN_USERNAME = "admin"
 SERVICE_USERNAME = "svc-resource"
 SECRETS_FILE = "stack-secrets.json"
+REDIS_USER = "auth"
+TLS_DIR = "tls"
+# The part whose certificate the stack itself (health probes, the demo) presents as a client.
+CLIENT_CERT_NAME = "client"
 # A service imports grpc, cryptography and pydantic, connects to Redis and NATS, and a replica loads
 # the snapshot before it serves: seconds, not milliseconds.
 SERVICE_START_TIMEOUT_SECONDS = 30.0
@@ -144,6 +151,9 @@ class StackSecrets:
     service_account: Credentials
     nats_auth: Credentials
     nats_resource: Credentials
+    # Files written before Redis had an account lack it; such a stack gets a new one at each start
+    # (Redis reads its accounts from the configuration, not from its data).
+    redis_password: str = field(repr=False, default_factory=new_password)
 
     @classmethod
     def generate(cls) -> StackSecrets:
@@ -172,6 +182,7 @@ class StackSecrets:
                     service_account=_credentials(document["service_account"]),
                     nats_auth=_credentials(document["nats_auth"]),
                     nats_resource=_credentials(document["nats_resource"]),
+                    redis_password=str(document.get("redis_password") or new_password()),
                 )
             except (OSError, ValueError, KeyError, TypeError) as error:
                 raise ConfigurationError(f"{path} is not a stack secrets file: {error}") from None
@@ -182,6 +193,7 @@ class StackSecrets:
             "service_account": created.service_account.joined,
             "nats_auth": created.nats_auth.joined,
             "nats_resource": created.nats_resource.joined,
+            "redis_password": created.redis_password,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -242,29 +254,35 @@ def nats_authorization(auth_password: str, resource_password: str) -> str:
     )
 
 
-def _nats_config(stack_secrets: StackSecrets, *, cluster: bool) -> str:
+def _nats_config(stack_secrets: StackSecrets, *, cluster: bool, tls: TlsFiles | None = None) -> str:
     text = nats_authorization(
         json.dumps(stack_secrets.nats_auth.password), json.dumps(stack_secrets.nats_resource.password)
     )
     if cluster:
         # Servers advertise their peers' client URLs, and a client reconnecting after a cut link would
         # reach a peer directly, around its link proxy.
-        text += "cluster {\n  no_advertise: true\n}\n"
+        text += nats_cluster_config(no_advertise=True, tls=tls)
     return text
 
 
-async def grpc_health_status(target: str, timeout: float, service: str = "") -> str | None:
+async def grpc_health_status(
+    target: str,
+    timeout: float,
+    service: str = "",
+    tls: TlsFiles = TlsFiles(),  # noqa: B008  # frozen, so one shared default is safe
+) -> str | None:
     """The ``grpc.health.v1`` status of ``service`` at ``target``.
 
     Args:
         target: ``host:port``.
         timeout: Seconds for the whole check.
         service: The service name to ask about; ``""`` is the server as a whole.
+        tls: The CA to verify the server against (and a client certificate); plaintext without.
 
     Returns:
         The status name (``SERVING``, ``NOT_SERVING``, ...), or None when the server did not answer.
     """
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with open_channel(target, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -324,6 +342,7 @@ class ServiceProcess(ChildProcess):
         env: Its complete environment.
         grpc_address: Where its gRPC server listens (``AUTHMESH_GRPC_LISTEN``).
         http_address: Where its HTTP side listens (``AUTHMESH_HTTP_LISTEN``).
+        probe_tls: How the health probe reaches it (plaintext by default).
     """
 
     def __init__(
@@ -335,13 +354,15 @@ class ServiceProcess(ChildProcess):
         env: Mapping[str, str],
         grpc_address: str,
         http_address: str,
+        probe_tls: TlsFiles = TlsFiles(),  # noqa: B008  # frozen, so one shared default is safe
     ) -> None:
         super().__init__(name, data_dir, authmesh_command(command), env, self._serving)
         self.grpc_address = grpc_address
         self.http_address = http_address
+        self.probe_tls = probe_tls
 
     async def _serving(self, timeout: float) -> bool:
-        return await grpc_health_status(self.grpc_address, timeout) == "SERVING"
+        return await grpc_health_status(self.grpc_address, timeout, tls=self.probe_tls) == "SERVING"
 
     async def start(self, timeout: float = SERVICE_START_TIMEOUT_SECONDS) -> None:
         """Start the service and wait until its gRPC health is SERVING.
@@ -530,6 +551,9 @@ class LocalStack(Startable):
         staleness_bound: The replicas' ``AUTHMESH_STALENESS_BOUND`` (seconds), unless ``env`` sets it.
         service_start_timeout: Seconds each service gets to become healthy.
         stop_timeout: Seconds each process gets to stop after SIGTERM before it is killed.
+        tls: Every hop on TLS with certificates from a throwaway CA made in ``<data_dir>/tls``: gRPC
+            (servers verified by their clients), NATS and Redis (both also demand client certificates;
+            Redis an account and password too).
     """
 
     def __init__(
@@ -542,6 +566,7 @@ class LocalStack(Startable):
         staleness_bound: float | None = None,
         service_start_timeout: float = SERVICE_START_TIMEOUT_SECONDS,
         stop_timeout: float = STOP_TIMEOUT_SECONDS,
+        tls: bool = False,
     ) -> None:
         if replicas < 0:
             raise ConfigurationError(f"replicas must be 0 or more, not {replicas}")
@@ -567,6 +592,8 @@ class LocalStack(Startable):
         self.auth: ServiceProcess | None = None
         self.replica_processes: list[ServiceProcess] = []
         self.links: list[list[LinkProxy]] = []
+        self.tls = tls
+        self._tls_files: dict[str, TlsFiles] = {}
 
     # --- what runs where ---------------------------------------------------------------------------
 
@@ -642,9 +669,17 @@ class LocalStack(Startable):
             if part.pid is not None and not part.running
         }
 
+    @property
+    def client_tls(self) -> TlsFiles:
+        """What a client of this stack verifies its servers with (plaintext when the stack is)."""
+        return self._tls_files.get(CLIENT_CERT_NAME, TlsFiles())
+
     def client_env(self) -> dict[str, str]:
         """The settings a client of this stack needs."""
-        return {"AUTHMESH_AUTH_TARGET": self.auth_grpc}
+        env = {"AUTHMESH_AUTH_TARGET": self.auth_grpc}
+        if self.client_tls.ca_file is not None:
+            env["AUTHMESH_TLS_CA_FILE"] = str(self.client_tls.ca_file)
+        return env
 
     def describe(self) -> dict[str, Any]:
         """Everything ``authmesh up --json`` prints: addresses, credentials, logs and process ids."""
@@ -658,7 +693,10 @@ class LocalStack(Startable):
                 "cluster_size": self.nats_cluster_size,
                 "logs": [str(node.log_path) for node in self.nats_nodes],
             },
-            "redis": {"url": self.redis_url, "log": str(self._require(self.redis, "Redis").log_path)},
+            "redis": {
+                "url": self._require(self.redis, "Redis").redacted_url,
+                "log": str(self._require(self.redis, "Redis").log_path),
+            },
             "auth": {
                 "grpc": auth.grpc_address,
                 "http": auth.http_address,
@@ -677,6 +715,8 @@ class LocalStack(Startable):
             ],
             "admin": {"username": username, "password": password},
             "client_env": self.client_env(),
+            "tls": {name: str(files.cert_file) for name, files in self._tls_files.items()}
+            | ({"ca": str(self.client_tls.ca_file)} if self.tls else {}),
             "pids": self.pids(),
         }
 
@@ -725,8 +765,16 @@ class LocalStack(Startable):
             self._temporary_dir = Path(tempfile.mkdtemp(prefix="authmesh-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.secrets = StackSecrets.load_or_create(self.data_dir / SECRETS_FILE)
+        if self.tls:
+            self._tls_files = _issue_certificates(self.data_dir / TLS_DIR, self.replica_count)
         await self._start_nats(self.secrets)
-        self.redis = RedisServer(self.data_dir / "redis", appendonly=True)
+        self.redis = RedisServer(
+            self.data_dir / "redis",
+            appendonly=True,
+            tls=self._tls_files.get("redis"),
+            # The key-encryption key is as secret and as random; a TLS stack also closes Redis by account.
+            user=(REDIS_USER, self.secrets.redis_password) if self.tls else None,
+        )
         self._stack.push_async_callback(self.redis.stop, self._stop_timeout)
         await _named(self.redis.start(), "redis")
         await self._start_links()
@@ -738,6 +786,7 @@ class LocalStack(Startable):
             env=self._auth_env(self.secrets, f"{LOOPBACK}:{auth_grpc}", f"{LOOPBACK}:{auth_http}"),
             grpc_address=f"{LOOPBACK}:{auth_grpc}",
             http_address=f"{LOOPBACK}:{auth_http}",
+            probe_tls=self.client_tls,
         )
         self._stack.push_async_callback(self.auth.stop, self._stop_timeout)
         await self.auth.start(self._service_start_timeout)
@@ -754,6 +803,7 @@ class LocalStack(Startable):
                     env=env,
                     grpc_address=grpc_address,
                     http_address=http_address,
+                    probe_tls=self.client_tls,
                 )
             )
         self._stack.push_async_callback(self._stop_replicas)
@@ -763,16 +813,17 @@ class LocalStack(Startable):
 
     async def _start_nats(self, stack_secrets: StackSecrets) -> None:
         cluster = self.nats_cluster_size > 1
-        config = _nats_config(stack_secrets, cluster=cluster)
+        tls = self._tls_files.get("nats")
+        config = _nats_config(stack_secrets, cluster=cluster, tls=tls)
         if cluster:
             nats: NatsServer | NatsCluster = NatsCluster(
-                self.data_dir / "nats", size=self.nats_cluster_size, config_text=config
+                self.data_dir / "nats", size=self.nats_cluster_size, config_text=config, tls=tls
             )
             self._stack.push_async_callback(nats.stop, self._stop_timeout)
             self.nats = nats
             await _named(nats.start(NATS_CLUSTER_START_TIMEOUT_SECONDS), "the NATS cluster")
         else:
-            nats = NatsServer(self.data_dir / "nats", config_text=config)
+            nats = NatsServer(self.data_dir / "nats", config_text=config, tls=tls)
             self._stack.push_async_callback(nats.stop, self._stop_timeout)
             self.nats = nats
             await _named(nats.start(START_TIMEOUT_SECONDS), "NATS")
@@ -815,6 +866,7 @@ class LocalStack(Startable):
                 "AUTHMESH_SERVICE_ACCOUNT": stack_secrets.service_account.joined,
             }
         )
+        env.update(_tls_env(self._tls_files.get("auth")))
         env.update(self._extra_env)
         return env
 
@@ -827,18 +879,20 @@ class LocalStack(Startable):
         links: Sequence[LinkProxy],
     ) -> dict[str, str]:
         env = self._base_env()
+        scheme = "tls" if self.tls else "nats"
         env.update(
             {
                 "AUTHMESH_INSTANCE": name,
                 "AUTHMESH_GRPC_LISTEN": grpc_address,
                 "AUTHMESH_HTTP_LISTEN": http_address,
                 "AUTHMESH_AUTH_TARGET": self.auth_grpc,
-                "AUTHMESH_NATS_URLS": ",".join(f"nats://{link.address}" for link in links),
+                "AUTHMESH_NATS_URLS": ",".join(f"{scheme}://{link.address}" for link in links),
                 "AUTHMESH_NATS_USER": stack_secrets.nats_resource.username,
                 "AUTHMESH_NATS_PASSWORD": stack_secrets.nats_resource.password,
                 "AUTHMESH_SERVICE_ACCOUNT": stack_secrets.service_account.joined,
             }
         )
+        env.update(_tls_env(self._tls_files.get(name)))
         env.update(self._extra_env)
         return env
 
@@ -847,6 +901,27 @@ class LocalStack(Startable):
         if value is None:
             raise ConfigurationError(f"{what} is not started")
         return value
+
+
+def _issue_certificates(directory: Path, replicas: int) -> dict[str, TlsFiles]:
+    """A new CA and a certificate for every part of a stack (and one for its own client calls)."""
+    authority = CertificateAuthority.create("authmesh local stack CA")
+    names = [
+        "nats",
+        "redis",
+        "auth",
+        CLIENT_CERT_NAME,
+        *(f"resource-{index + 1}" for index in range(replicas)),
+    ]
+    return {name: authority.write_issued(directory, name, LOCAL_HOSTS) for name in names}
+
+
+def _tls_env(files: TlsFiles | None) -> dict[str, str]:
+    """The ``AUTHMESH_TLS_*`` settings that hand a service ``files``."""
+    if files is None:
+        return {}
+    named = {"CA_FILE": files.ca_file, "CERT_FILE": files.cert_file, "KEY_FILE": files.key_file}
+    return {f"AUTHMESH_TLS_{key}": str(path) for key, path in named.items() if path is not None}
 
 
 def _part_name(part: ServerProcess) -> str:

@@ -21,7 +21,19 @@ from rich.markup import escape
 from rich.table import Table
 
 from authmesh._shared.errors import AuthError
+from authmesh._shared.tls import TlsFiles
 from authmesh.stack import LocalStack, StackSecrets, grpc_health_status, new_password
+
+# A client command's way to the servers of a TLS stack (its AUTHMESH_TLS_CA_FILE).
+TlsCaFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-ca-file",
+        envvar="AUTHMESH_TLS_CA_FILE",
+        dir_okay=False,
+        help="Call over TLS, verifying the servers against this CA (PEM).",
+    ),
+]
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -58,6 +70,14 @@ def up(
             help="Keep data, logs and secrets here (reused next time); a temporary directory otherwise.",
         ),
     ] = None,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls",
+            help="Every hop on TLS (gRPC, NATS, Redis) with certificates from a throwaway CA in the data "
+            "directory; NATS and Redis also demand client certificates.",
+        ),
+    ] = False,
 ) -> None:
     """Run NATS (JetStream), Redis, the auth service and N resource replicas until interrupted."""
     err = Console(stderr=True)
@@ -67,7 +87,7 @@ def up(
     if not json_output:
         err.print(f"Starting the stack ({replicas} replica(s), {nats_cluster} NATS node(s))…")
     try:
-        asyncio.run(_serve(replicas, nats_cluster, data_dir, json_output))
+        asyncio.run(_serve(replicas, nats_cluster, data_dir, json_output, tls=tls))
     except AuthError as error:
         err.print(f"[red]the stack did not start[/red]: {escape(error.message)}")
         raise typer.Exit(EXIT_FAILURE) from None
@@ -75,7 +95,9 @@ def up(
         err.print("Stopped.")
 
 
-async def _serve(replicas: int, nats_cluster: int, data_dir: Path | None, json_output: bool) -> None:
+async def _serve(
+    replicas: int, nats_cluster: int, data_dir: Path | None, json_output: bool, *, tls: bool = False
+) -> None:
     """Start the stack, announce it, and stop it on SIGINT or SIGTERM (even while it is starting)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -92,7 +114,9 @@ async def _serve(replicas: int, nats_cluster: int, data_dir: Path | None, json_o
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupt)
     try:
-        async with LocalStack(replicas=replicas, nats_cluster=nats_cluster, base_dir=data_dir) as stack:
+        async with LocalStack(
+            replicas=replicas, nats_cluster=nats_cluster, base_dir=data_dir, tls=tls
+        ) as stack:
             _announce(stack, json_output)
             announced.set()
             await _watch(stack, stop)
@@ -158,9 +182,11 @@ def healthcheck(
         str, typer.Option("--service", help="The service to ask about; empty for the whole server.")
     ] = "",
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, max=60, help="Seconds to wait.")] = 3.0,
+    tls_ca_file: TlsCaFileOption = None,
 ) -> None:
     """Exit 0 when the gRPC server at --target reports SERVING (grpc.health.v1), else 1."""
-    status = asyncio.run(grpc_health_status(target, timeout, service))
+    tls = TlsFiles(ca_file=tls_ca_file)
+    status = asyncio.run(grpc_health_status(target, timeout, service, tls=tls))
     if status == "SERVING":
         print(status)
         return
