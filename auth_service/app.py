@@ -69,12 +69,10 @@ class AuthApp(Startable):
         settings = self.settings
         sealer = KeySealer(settings.require_key_encryption_key())
         redis_url = settings.redis_url.get_secret_value()
-        client = redis.Redis.from_url(
-            redis_url,
-            socket_timeout=3,
-            socket_connect_timeout=3,
-            **redis_tls_options(redis_url, settings.tls),
-        )
+        options = redis_tls_options(redis_url, settings.tls)
+        if settings.redis_password is not None:
+            options["password"] = settings.redis_password.get_secret_value()
+        client = redis.Redis.from_url(redis_url, socket_timeout=3, socket_connect_timeout=3, **options)
         self._stack.push_async_callback(client.aclose)
         store = AuthStore(client, access_ttl=settings.access_token_ttl, leeway=settings.leeway)
         await store.ping()

@@ -2,13 +2,17 @@
 
 Every name is ``AUTHMESH_<FIELD>`` (and ``--<field>`` on the command line). A service builds its
 settings once at start and passes the frozen object down; nothing else reads ``os.environ``.
+
+Every secret is a ``SecretStr`` (it never prints) and may instead be read from a file named by
+``AUTHMESH_<FIELD>_FILE`` (the Docker and Kubernetes secrets convention); one trailing newline is
+dropped, and setting both forms is an error.
 """
 
 from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Any, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -27,6 +31,43 @@ def _default_instance() -> str:
     return socket.gethostname()
 
 
+FILE_SUFFIX = "_file"
+
+
+def _secret_file_field(secret: str) -> Any:
+    return Field(
+        default=None, description=f"a file holding AUTHMESH_{secret.upper()} (instead of the variable)"
+    )
+
+
+def _read_secret_files(model: type[BaseSettings], data: Any) -> Any:
+    """``data`` with every ``<secret>_file`` replaced by the file's content as ``<secret>``.
+
+    Raises:
+        ValueError: Both forms are set, or the file cannot be read (the message names the file only).
+    """
+    if not isinstance(data, dict):
+        return data
+    values = dict(data)
+    for name in model.model_fields:
+        secret = name.removesuffix(FILE_SUFFIX)
+        if not name.endswith(FILE_SUFFIX) or secret not in model.model_fields:
+            continue
+        path = values.pop(name, None)
+        if path is None:
+            continue
+        variable = f"AUTHMESH_{secret.upper()}"
+        if values.get(secret) is not None:
+            raise ValueError(f"set {variable} or {variable}_FILE, not both")
+        try:
+            content = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+            raise ValueError(f"cannot read {variable}_FILE {path}: {reason}") from None
+        values[secret] = content.removesuffix("\n").removesuffix("\r")
+    return values
+
+
 class CommonSettings(BaseSettings):
     """Settings every authmesh service shares."""
 
@@ -40,6 +81,7 @@ class CommonSettings(BaseSettings):
     )
     nats_user: str | None = Field(default=None, description="NATS user name, if the server requires one")
     nats_password: SecretStr | None = Field(default=None, description="NATS password")
+    nats_password_file: Path | None = _secret_file_field("nats_password")
     issuer: str = Field(default="authmesh", min_length=1, description="iss of every token")
     audience: str = Field(
         default="authmesh-resources",
@@ -70,6 +112,11 @@ class CommonSettings(BaseSettings):
     )
 
     _split_nats_urls = field_validator("nats_urls", mode="before")(_split_urls)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: Any) -> Any:
+        return _read_secret_files(cls, data)
 
     @field_validator("nats_urls")
     @classmethod
@@ -108,6 +155,11 @@ class AuthSettings(CommonSettings):
     redis_url: SecretStr = Field(
         default=SecretStr("redis://127.0.0.1:6379/0"), description="the auth service's store"
     )
+    redis_url_file: Path | None = _secret_file_field("redis_url")
+    redis_password: SecretStr | None = Field(
+        default=None, description="password of the Redis account (over any in the URL)"
+    )
+    redis_password_file: Path | None = _secret_file_field("redis_password")
     grpc_listen: str = Field(default="127.0.0.1:50051", description="gRPC listen address")
     http_listen: str = Field(default="127.0.0.1:8081", description="HTTP listen address")
     auth_audience: str = Field(
@@ -121,12 +173,15 @@ class AuthSettings(CommonSettings):
     key_encryption_key: SecretStr | None = Field(
         default=None, description="secret that encrypts signing keys at rest in Redis"
     )
+    key_encryption_key_file: Path | None = _secret_file_field("key_encryption_key")
     bootstrap_admin: SecretStr | None = Field(
         default=None, description="username:password of an admin created at start if absent"
     )
+    bootstrap_admin_file: Path | None = _secret_file_field("bootstrap_admin")
     service_account: SecretStr | None = Field(
         default=None, description="username:password of the resource services' account"
     )
+    service_account_file: Path | None = _secret_file_field("service_account")
     login_max_failures: int = Field(default=10, ge=1, description="failed logins per username per window")
     login_window: int = Field(default=60, ge=1, description="rate-limit window, s")
     argon2_time_cost: int = Field(default=3, ge=1, le=20, description="Argon2id passes")
@@ -171,6 +226,7 @@ class ResourceSettings(CommonSettings):
     service_account: SecretStr | None = Field(
         default=None, description="username:password used for Introspect and SnapshotRevocations"
     )
+    service_account_file: Path | None = _secret_file_field("service_account")
     shutdown_grace: float = Field(default=5.0, ge=0, le=120, description="drain time on SIGTERM, s")
 
 
