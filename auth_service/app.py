@@ -125,6 +125,7 @@ class AuthApp(Startable):
         return self.settings.public_url or f"http://{self.http_address}"
 
     async def _ensure_accounts(self, core: AuthCore) -> None:
+        await core.index_users()
         if self.settings.bootstrap_admin is not None:
             username, password = credentials(self.settings.bootstrap_admin)
             await core.ensure_user(username, password, (ADMIN_SCOPE,))

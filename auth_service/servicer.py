@@ -11,6 +11,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from authmesh._auth_service.core import AuthCore, IssuedTokens
+from authmesh._auth_service.snapshot_chunks import snapshot_chunks
 from authmesh._auth_service.store import RevocationResult
 from authmesh._shared.errors import AuthError, Unavailable
 from authmesh._shared.grpc_errors import abort_with_error, bearer_token
@@ -20,7 +21,6 @@ Request = TypeVar("Request")
 Response = TypeVar("Response")
 Context = grpc.aio.ServicerContext[Any, Any]
 _log = structlog.get_logger(__name__)
-SNAPSHOT_CHUNK = 5000
 
 
 def _translate(error: Exception) -> AuthError | None:
@@ -182,10 +182,33 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         )
         return auth_pb2.CreateUserResponse(subject=subject)
 
+    @unary
+    async def ListUsers(
+        self, request: auth_pb2.ListUsersRequest, context: Context
+    ) -> auth_pb2.ListUsersResponse:
+        """One page of users."""
+        caller = await self._caller(context)
+        users, next_page_token = await self._core.list_users(
+            caller, request.page_size, request.page_token, request.username_prefix
+        )
+        return auth_pb2.ListUsersResponse(
+            users=[
+                auth_pb2.User(
+                    username=user.username,
+                    subject=user.sub,
+                    scopes=list(user.scopes),
+                    created_at_unix_ms=user.created_ms,
+                    disabled=disabled,
+                )
+                for user, disabled in users
+            ],
+            next_page_token=next_page_token,
+        )
+
     async def SnapshotRevocations(
         self, request: auth_pb2.SnapshotRevocationsRequest, context: Context
     ) -> AsyncIterator[auth_pb2.RevocationSnapshotChunk]:
-        """Every revocation in force, in chunks; the last chunk carries the stream sequence."""
+        """Every revocation in force, in chunks of bounded size; each carries the stream sequence."""
         try:
             caller = await self._caller(context)
             snapshot, sequence = await self._core.snapshot(caller)
@@ -195,22 +218,5 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
                 _log.exception("unexpected error", method="SnapshotRevocations")
                 raise
             await abort_with_error(context, mapped)
-        tokens = snapshot.tokens
-        chunks = max(1, -(-len(tokens) // SNAPSHOT_CHUNK))
-        for index in range(chunks):
-            chunk = auth_pb2.RevocationSnapshotChunk(stream_sequence=sequence)
-            # Added in place: building the messages first and copying them into the chunk costs three
-            # times as much, for up to hundreds of thousands of entries.
-            add_token = chunk.tokens.add
-            for jti, exp in tokens[index * SNAPSHOT_CHUNK : (index + 1) * SNAPSHOT_CHUNK]:
-                add_token(jti=jti, exp=exp)
-            if index == 0:
-                chunk.sessions.extend(
-                    auth_pb2.RevokedSession(sid=sid, sub=sub, revoked_at_unix_ms=revoked_ms)
-                    for sid, sub, revoked_ms in snapshot.sessions
-                )
-                chunk.users.extend(
-                    auth_pb2.RevokedUser(sub=sub, not_before_ms=nbf) for sub, nbf in snapshot.users
-                )
-                chunk.retired_key_ids.extend(snapshot.retired_key_ids)
+        for chunk in snapshot_chunks(snapshot, sequence):
             yield chunk

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 from pydantic import ValidationError
@@ -26,6 +27,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 _stderr = Console(stderr=True, soft_wrap=True)
+DISTRIBUTION = "authmesh"
+
+
+def _print_version(requested: bool) -> None:
+    if requested:
+        print(f"authmesh {importlib.metadata.version(DISTRIBUTION)}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the installed version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Authentication for fleets of Python gRPC services."""
 
 
 def load_settings(kind: type[SettingsT], args: list[str], prog: str) -> SettingsT:

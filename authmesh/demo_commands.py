@@ -35,6 +35,7 @@ from authmesh.demo import (
     run_local_demo,
 )
 from authmesh.stack_commands import TlsCaFileOption
+from authmesh.terminal import fits
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -213,34 +214,70 @@ class RichNarrator:
                 )
 
 
+# Below this many columns an expected or observed text would wrap into a column of a few words.
+_TEXT_MIN_WIDTH = 24
+
+
 def print_summary(console: Console, report: DemoReport) -> None:
-    """The summary table: act, expected, observed, latency per replica (ms), verdict."""
-    table = Table(title="Summary", show_lines=True, title_justify="left")
-    table.add_column("act", no_wrap=True)
-    table.add_column("expected", ratio=1)
-    table.add_column("observed", ratio=1)
-    for name in report.replicas:
-        table.add_column(f"{escape(name)}\nms", justify="right", no_wrap=True)
-    table.add_column("", no_wrap=True)
-    for act in report.acts:
-        main = act.main_propagation
-        verdict = (
-            "[yellow]skipped[/yellow]" if act.skipped else "[green]✔[/green]" if act.ok else "[red]✘[/red]"
-        )
-        table.add_row(
-            f"{act.number} {escape(act.key)}",
-            escape(act.expected),
-            escape(act.observed),
-            *(_latency(main, name) for name in report.replicas),
-            verdict,
-        )
+    """The summary: act, expected, observed, latency per replica (ms), verdict.
+
+    A table where it fits the console with readable columns; one block per act otherwise (a narrow
+    terminal, or a log file, which rich lays out for 80 columns).
+    """
+    table = _summary_table(report)
     console.print()
-    console.print(table)
+    console.print(table if fits(console, table) else _summary_blocks(report))
     failed = [act for act in report.acts if not act.ok and not act.skipped]
     if failed:
         console.print(f"[red]{len(failed)} act(s) did not behave as expected.[/red]")
     else:
         console.print(f"[green]Every act behaved as expected[/green] ({report.duration_s:.1f} s).")
+
+
+def _verdict(act: ActResult) -> str:
+    return "[yellow]skipped[/yellow]" if act.skipped else "[green]✔[/green]" if act.ok else "[red]✘[/red]"
+
+
+def _summary_table(report: DemoReport) -> Table:
+    table = Table(title="Summary", show_lines=True, title_justify="left")
+    table.add_column("act", no_wrap=True)
+    table.add_column("expected", ratio=1, min_width=_TEXT_MIN_WIDTH)
+    table.add_column("observed", ratio=1, min_width=_TEXT_MIN_WIDTH)
+    for name in report.replicas:
+        table.add_column(f"{escape(name)}\nms", justify="right", no_wrap=True)
+    table.add_column("", no_wrap=True)
+    for act in report.acts:
+        main = act.main_propagation
+        table.add_row(
+            f"{act.number} {escape(act.key)}",
+            escape(act.expected),
+            escape(act.observed),
+            *(_latency(main, name) for name in report.replicas),
+            _verdict(act),
+        )
+    return table
+
+
+def _summary_blocks(report: DemoReport) -> Table:
+    """One block per act: verdict and act, then what was expected, observed and measured."""
+    blocks = Table.grid(padding=(0, 1))
+    blocks.title, blocks.title_justify = "Summary", "left"
+    blocks.add_column(no_wrap=True)
+    blocks.add_column(no_wrap=True)
+    blocks.add_column(ratio=1)
+    for act in report.acts:
+        details = Table.grid(padding=(0, 1))
+        details.add_column(style="dim", no_wrap=True)
+        # A word longer than the line (on a very narrow terminal) folds rather than losing its end.
+        details.add_column(ratio=1, overflow="fold")
+        details.add_row("expected", escape(act.expected))
+        details.add_row("observed", escape(act.observed))
+        main = act.main_propagation
+        if main is not None:
+            latencies = " · ".join(f"{escape(name)} {_latency(main, name)}" for name in report.replicas)
+            details.add_row("ms", latencies)
+        blocks.add_row(_verdict(act), f"{act.number} {escape(act.key)}", details)
+    return blocks
 
 
 def _latency(propagation: Propagation | None, replica: str) -> str:

@@ -13,7 +13,7 @@ import contextlib
 import json
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -23,6 +23,7 @@ from rich.table import Table
 from authmesh._shared.errors import AuthError
 from authmesh._shared.tls import TlsFiles
 from authmesh.stack import LocalStack, StackSecrets, grpc_health_status, new_password
+from authmesh.terminal import fits
 
 # A client command's way to the servers of a TLS stack (its AUTHMESH_TLS_CA_FILE).
 TlsCaFileOption = Annotated[
@@ -148,30 +149,67 @@ def _announce(stack: LocalStack, json_output: bool) -> None:
     if json_output:
         print(json.dumps(stack.describe()), flush=True)
         return
-    description = stack.describe()
+    print_stack(Console(), stack.describe())
+
+
+def print_stack(console: Console, description: dict[str, Any]) -> None:
+    """Where each part of the stack listens, the admin's credentials and the client's environment.
+
+    A table where it fits the console; one block per part otherwise (a narrow terminal, or a log file,
+    which rich lays out for 80 columns). Addresses, credentials and paths are never cut or broken by
+    the layout: they are copied from here.
+    """
+    rows = _stack_rows(description)
     table = Table(title="authmesh stack", title_justify="left")
-    # Addresses are copied from here: never wrapped or cut; the notes give way on a narrow terminal.
     for column in ("part", "address", "HTTP"):
-        table.add_column(column, no_wrap=True)
-    table.add_column("notes", overflow="fold")
-    nats = description["nats"]
-    for index, (url, monitor) in enumerate(zip(nats["urls"], nats["monitor"], strict=True)):
-        table.add_row(f"nats-{index}", url, monitor.removeprefix("http://"), "JetStream, /healthz")
-    table.add_row("redis", description["redis"]["url"], "", "append-only, noeviction")
-    auth = description["auth"]
-    table.add_row("auth", auth["grpc"], auth["http"], "/.well-known/jwks.json")
-    for replica in description["replicas"]:
-        table.add_row(replica["name"], replica["grpc"], replica["http"], "/healthz, /metrics")
-    out = Console()
-    out.print(table)
+        table.add_column(column, no_wrap=True, overflow="fold")
+    longest_word = max((len(word) for *_, notes in rows for word in notes.split()), default=0)
+    table.add_column("notes", min_width=longest_word)
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
+    if fits(console, table):
+        console.print(table)
+    else:
+        # One block per part: its address on the first line, the rest under it, folded if need be.
+        blocks = Table.grid(padding=(0, 1))
+        blocks.title, blocks.title_justify = "authmesh stack", "left"
+        blocks.add_column(no_wrap=True)
+        blocks.add_column(ratio=1, overflow="fold")
+        for part, address, http, notes in rows:
+            rest = f"HTTP {http} · {notes}" if http else notes
+            blocks.add_row(escape(part), f"{escape(address)}\n[dim]{escape(rest)}[/dim]")
+        console.print(blocks)
     admin = description["admin"]
-    out.print(f"admin: [bold]{escape(admin['username'])}[/bold] / [bold]{escape(admin['password'])}[/bold]")
-    out.print(f"  (admin commands: authmesh login {escape(admin['username'])} --scope admin)")
-    out.print("client environment:")
+    # Whole lines, never broken by the layout: a terminal wraps them, a log file keeps them intact.
+    console.print(
+        f"admin: [bold]{escape(admin['username'])}[/bold] / [bold]{escape(admin['password'])}[/bold]",
+        soft_wrap=True,
+    )
+    console.print(
+        f"  (admin commands: authmesh login {escape(admin['username'])} --scope admin)", soft_wrap=True
+    )
+    console.print("client environment:")
     for name, value in description["client_env"].items():
-        out.print(f"  export {name}={value}")
-    out.print(f"data and logs: {escape(description['data_dir'])}")
-    out.print("Press Ctrl-C to stop.")
+        console.print(f"  export {name}={escape(value)}", soft_wrap=True)
+    console.print(f"data and logs: {escape(description['data_dir'])}", soft_wrap=True)
+    console.print("Press Ctrl-C to stop.")
+
+
+def _stack_rows(description: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """Part, address, HTTP address and notes of each part of the stack."""
+    nats = description["nats"]
+    rows = [
+        (f"nats-{index}", url, monitor.removeprefix("http://"), "JetStream, /healthz")
+        for index, (url, monitor) in enumerate(zip(nats["urls"], nats["monitor"], strict=True))
+    ]
+    rows.append(("redis", description["redis"]["url"], "", "append-only, noeviction"))
+    auth = description["auth"]
+    rows.append(("auth", auth["grpc"], auth["http"], "/.well-known/jwks.json"))
+    rows += [
+        (replica["name"], replica["grpc"], replica["http"], "/healthz, /metrics")
+        for replica in description["replicas"]
+    ]
+    return rows
 
 
 def healthcheck(

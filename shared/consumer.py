@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import random
+import functools
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol
@@ -33,6 +33,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from authmesh._shared.backoff import backoff
 from authmesh._shared.denylist import Denylist, SnapshotChunk
 from authmesh._shared.errors import AuthError, EventRejected, Unavailable, UnknownKey
 from authmesh._shared.events import (
@@ -53,8 +54,9 @@ from authmesh._shared.nats_wiring import connect_nats
 from authmesh._shared.settings import CommonSettings
 from authmesh._shared.staleness import StalenessMonitor
 
-_RETRY_INITIAL_SECONDS = 0.25
-_RETRY_MAX_SECONDS = 5.0
+# Retries of the stream are quicker than the library's default: every second of them is staleness.
+_retrying = functools.partial(backoff, initial=0.25, maximum=5.0)
+_NATS_ERRORS = (nats.errors.Error, OSError, TimeoutError)
 _POLL_SECONDS = 0.25
 # Heartbeats arrive every second: this long without any message is worth a look at the stream.
 _IDLE_CHECK_SECONDS = 2.5
@@ -187,51 +189,55 @@ class RevocationConsumer:
 
     async def run(self) -> None:
         """Connect, catch up and follow the stream until cancelled; every failure is retried."""
-        delay = _RETRY_INITIAL_SECONDS
-        while True:
-            raise_if_cancelled()
-            try:
+        async for attempt in _retrying(_NATS_ERRORS, what="nats connect"):
+            with attempt:
+                raise_if_cancelled()
                 client = await connect_nats(
                     self._settings,
                     name=self._name,
                     disconnected=self._on_disconnected,
                     reconnected=self._on_reconnected,
                 )
-            except (nats.errors.Error, OSError, TimeoutError) as error:
-                _log.warning("nats connect failed", error=type(error).__name__)
-                delay = await _backoff(delay)
-                continue
-            self._connected = True
-            try:
-                await self._follow_forever(client)
-            finally:
-                self._connected = False
-                with contextlib.suppress(Exception):
-                    await client.close()
+        self._connected = True
+        try:
+            await self._follow_forever(client)
+        finally:
+            self._connected = False
+            with contextlib.suppress(Exception):
+                await client.close()
 
     async def _follow_forever(self, client: NatsClient) -> None:
         js = client.jetstream(timeout=_JETSTREAM_TIMEOUT_SECONDS)
-        delay = _RETRY_INITIAL_SECONDS
         while True:
             raise_if_cancelled()
-            try:
-                await self._follow(js)
-            except _Resubscribe:
-                delay = _RETRY_INITIAL_SECONDS
-            except (nats.errors.Error, OSError, TimeoutError, AuthError) as error:
-                _log.warning("revocation stream interrupted", error=type(error).__name__, detail=str(error))
-                delay = await self._pause(delay)
-            except Exception:
-                # A bug must not silently end revocation updates; the state turns stale meanwhile.
-                _log.exception("revocation consumer failed")
-                delay = await self._pause(delay)
+            # A resubscription starts afresh, without a wait; a failure waits (less once NATS is back).
+            with contextlib.suppress(_Resubscribe):
+                retrying = _retrying(
+                    Exception,
+                    what="revocation stream",
+                    unless=(_Resubscribe,),
+                    sleep=self._pause,
+                )
+                async for attempt in retrying:
+                    with attempt:
+                        raise_if_cancelled()
+                        await self._follow_logged(js)
 
-    async def _pause(self, delay: float) -> float:
-        """Back off ``delay`` seconds (with jitter), ending early when the connection comes back."""
+    async def _follow_logged(self, js: JetStreamContext) -> None:
+        try:
+            await self._follow(js)
+        except (*_NATS_ERRORS, AuthError, _Resubscribe):
+            raise
+        except Exception:
+            # A bug must not silently end revocation updates; the state turns stale meanwhile.
+            _log.exception("revocation consumer failed")
+            raise
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait ``seconds``, ending early when the connection comes back."""
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay * random.uniform(0.5, 1.0)):  # noqa: S311  # jitter
+            async with asyncio.timeout(seconds):
                 await self._reconnected.wait()
-        return min(delay * 2, _RETRY_MAX_SECONDS)
 
     async def _follow(self, js: JetStreamContext) -> None:
         """One subscription's life: (re)synchronise if needed, subscribe, apply until told to stop."""
@@ -455,14 +461,13 @@ class RevocationConsumer:
         auth service is briefly unreachable would lose a revocation, so the consumer waits instead (and
         the state turns stale meanwhile, which makes the service fall back to Introspect).
         """
-        delay = _RETRY_INITIAL_SECONDS
-        while True:
-            raise_if_cancelled()
-            try:
+        async for attempt in _retrying(
+            Unavailable,
+            what="key refetch for an event",
+        ):
+            with attempt:
+                raise_if_cancelled()
                 await self._keys.refresh_for(kid)
-                return
-            except Unavailable:
-                delay = await _backoff(delay)
 
     def _reject(self, reason: str) -> None:
         self._rejected += 1
@@ -497,9 +502,3 @@ def _consumer_config(after_sequence: int | None, since: float) -> ConsumerConfig
 def _rejection_reason(error: EventRejected) -> str:
     """A stable metric label for why an event was dropped (``wrong_subject``, ``bad_signature``, …)."""
     return error.code.lower().removeprefix("event_")
-
-
-async def _backoff(delay: float) -> float:
-    """Sleep ``delay`` with jitter; return the next, doubled, delay."""
-    await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311  # jitter, not a secret
-    return min(delay * 2, _RETRY_MAX_SECONDS)

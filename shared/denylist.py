@@ -10,16 +10,28 @@ Four kinds of entry, each applied idempotently (applying an event twice changes 
 * a retired signing key (``kid``), kept for the life of the process: a retired key may be compromised,
   and a token freshly forged with it must be refused however late it shows up.
 
-Entries expire on their own, so memory is bounded by the revocations of one access-token lifetime.
-They are kept in *generations*: one set (or map) per window of expiry times, and a whole generation
-is dropped once its window has passed. A lookup asks each live generation (a handful of hash lookups),
-which keeps every entry exact by ``jti`` whatever ``exp`` an event carried, at the cost of an entry
-living up to one window longer than it must.
+Entries expire on their own, so memory is bounded by the revocations of one access-token lifetime
+(plus, after a forward step of the clock, the step: see below). They are kept in *generations*: one
+set (or map) per window of expiry times, and a whole generation is dropped once its window has passed.
+A lookup asks each live generation (a handful of hash lookups), which keeps every entry exact by
+``jti`` whatever ``exp`` an event carried, at the cost of an entry living up to one window longer than
+it must.
 
 Tokens authmesh issues carry a UUIDv7 ``jti``; the denylist keys them by 60 of its random bits, a
 small int (32 bytes) instead of a 36-character string (~85 bytes). Two jtis sharing those bits is a
 false revocation (fail closed) with probability ``revoked / 2**60`` per check. Other jtis are kept as
 strings.
+
+**Clock steps.** Whether an entry has expired is judged by the *earliest* reading the wall clock
+could plausibly give again, not by its reading now: the lowest ``wall - elapsed`` offset seen so far,
+carried forward by a clock that never steps (:func:`boot_clock`). A wall clock stepped forward (by NTP
+catching up, an operator, a bad time source) would otherwise purge entries whose tokens its corrected
+reading still accepts, and a token revoked by its ``jti`` would be accepted again for the rest of its
+life. Held back this way, a step forward delays purging by the size of the step instead; a step back
+is followed at once (it only keeps entries longer). The delay is capped at :data:`MAX_CLOCK_STEP`, so
+a clock that was simply behind when the process started and is put right does not keep every later
+entry for ever: a forward step larger than the cap, later undone, can drop what expires in the part of
+the step beyond the cap.
 """
 
 from __future__ import annotations
@@ -46,6 +58,10 @@ _Generation = TypeVar("_Generation", bound=Sized)
 
 # Generations per access-token lifetime: more means tighter expiry and more lookups per check.
 GENERATIONS_PER_LIFETIME = 8
+# Seconds a forward step of the wall clock may hold purging back (see the module docstring): a step
+# up to this size, later corrected, loses no entry.
+MAX_CLOCK_STEP = 3600.0
+_BOOT_CLOCK_ID: int = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 _JTI_KEY_MASK = (1 << 60) - 1
 
 
@@ -61,6 +77,45 @@ def jti_key(jti: str) -> Hashable:
         except ValueError:
             pass
     return jti
+
+
+def boot_clock() -> float:
+    """Seconds since boot by a clock that never steps and keeps counting through a suspend (Linux's
+    ``CLOCK_BOOTTIME``; the monotonic clock where there is none)."""
+    return time.clock_gettime(_BOOT_CLOCK_ID)
+
+
+class EarliestClock:
+    """The earliest Unix time the wall clock could read again: when an entry may be forgotten.
+
+    It is the wall clock's reading now, less the largest forward step seen since it was made (up to
+    ``max_step``): the lowest ``wall - elapsed`` offset observed, carried forward by ``elapsed``.
+
+    Args:
+        wall: Unix time in seconds (may be stepped).
+        elapsed: Seconds from any origin by a clock that never steps.
+        max_step: The largest step held back.
+    """
+
+    __slots__ = ("_elapsed", "_max_step", "_offset", "_wall")
+
+    def __init__(self, wall: Clock, elapsed: Clock, max_step: float = MAX_CLOCK_STEP) -> None:
+        self._wall = wall
+        self._elapsed = elapsed
+        self._max_step = max_step
+        self._offset = wall() - elapsed()
+
+    def read(self) -> tuple[float, float]:
+        """The wall clock's reading and the earliest one it could give again, in that order."""
+        wall = self._wall()
+        elapsed = self._elapsed()
+        offset = wall - elapsed
+        self._offset = max(min(self._offset, offset), offset - self._max_step)
+        return wall, elapsed + self._offset
+
+    def __call__(self) -> float:
+        """The earliest reading the wall clock could give again."""
+        return self.read()[1]
 
 
 class RevokedTokenEntry(Protocol):
@@ -200,13 +255,24 @@ class Denylist:
     Args:
         access_token_ttl: Longest access-token lifetime, seconds (must match the auth service's).
         leeway: Clock leeway the verifier allows on ``exp``, seconds.
-        clock: Current Unix time in seconds.
+        clock: Current Unix time in seconds (the one the verifier reads).
+        elapsed: Seconds from any origin by a clock that never steps, to tell a step of ``clock`` from
+            time passing. A test that moves ``clock`` by hand to model time passing gives it here too.
     """
 
-    def __init__(self, *, access_token_ttl: float, leeway: float, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        access_token_ttl: float,
+        leeway: float,
+        clock: Clock = time.time,
+        elapsed: Clock = boot_clock,
+    ) -> None:
         self._lifetime = access_token_ttl + leeway
         self._leeway = leeway
         self._clock = clock
+        # Expiry is judged by the earliest time the clock could read again, never by a step forward.
+        self._earliest = EarliestClock(clock, elapsed)
         width = max(1.0, self._lifetime / GENERATIONS_PER_LIFETIME)
         self._tokens = _ExpiringSet(width)
         self._sessions = _ExpiringSet(width)
@@ -267,7 +333,7 @@ class Denylist:
             Whether the state changed.
         """
         expires_at = exp + self._leeway
-        if expires_at <= self._clock():
+        if expires_at <= self._earliest():
             return False
         return self._tokens.add(jti_key(jti), expires_at)
 
@@ -278,7 +344,7 @@ class Denylist:
             Whether the state changed.
         """
         expires_at = revoked_at + self._lifetime
-        if expires_at <= self._clock():
+        if expires_at <= self._earliest():
             return False
         return self._sessions.add(sid, expires_at)
 
@@ -289,7 +355,7 @@ class Denylist:
             Whether the state changed.
         """
         expires_at = not_before_ms / 1000 + self._lifetime
-        if expires_at <= self._clock():
+        if expires_at <= self._earliest():
             return False
         return self._users.put(sub, not_before_ms, expires_at)
 
@@ -304,20 +370,16 @@ class Denylist:
         self._retired_keys.add(kid)
         return True
 
-    def is_key_retired(self, kid: str) -> bool:
-        """Whether ``kid`` has been retired."""
-        return kid in self._retired_keys
-
     def load(self, chunk: SnapshotChunk) -> None:
         """Merge a snapshot chunk (revocations only ever add, so merging is always safe)."""
-        now = self._clock()
+        now, earliest = self._earliest.read()
         # revoke_token() inlined, with the clock read once: a snapshot holds up to hundreds of thousands
         # of tokens, and a starting replica serves nothing until they are in.
         leeway = self._leeway
         add = self._tokens.add
         for token in chunk.tokens:
             expires_at = token.exp + leeway
-            if expires_at > now:
+            if expires_at > earliest:
                 add(jti_key(token.jti), expires_at)
         for session in chunk.sessions:
             # The entry lives one token lifetime from the revocation by the issuer's clock; a replica
@@ -335,12 +397,14 @@ class Denylist:
             self.retire_key(kid)
 
     def purge(self) -> None:
-        """Drop every generation whose entries have all expired."""
-        now = self._clock()
-        self._tokens.purge(now)
-        self._sessions.purge(now)
-        self._users.purge(now)
-        self._next_purge = (math.floor(now / self._width) + 1) * self._width
+        """Drop every generation whose entries have all expired, by the earliest time the clock could read."""
+        now, earliest = self._earliest.read()
+        self._tokens.purge(earliest)
+        self._sessions.purge(earliest)
+        self._users.purge(earliest)
+        # The next generation boundary, in the wall clock's terms (the hot path reads only that clock);
+        # a step in between only makes the next purge come early or late, and it judges anew.
+        self._next_purge = now + (math.floor(earliest / self._width) + 1) * self._width - earliest
 
     def sizes(self) -> DenylistSizes:
         """Entries held of each kind."""

@@ -25,7 +25,8 @@ a status code in one table (``authmesh._shared.grpc_errors``).
     │   ├── InvalidCredentials            INVALID_CREDENTIALS
     │   ├── InvalidRefreshToken           REFRESH_TOKEN_INVALID
     │   ├── RefreshTokenReused            REFRESH_TOKEN_REUSED
-    │   └── UserDisabled                  USER_DISABLED
+    │   ├── UserDisabled                  USER_DISABLED
+    │   └── SessionEnded                  the auth service's reason (a client's session cannot renew)
     ├── PermissionDenied                  PERMISSION_DENIED
     │   ├── InsufficientScope             INSUFFICIENT_SCOPE
     │   └── NotOwner                      NOT_OWNER
@@ -208,6 +209,18 @@ class UserDisabled(TokenRejected):
 
     code = "USER_DISABLED"
     default_message = "account disabled"
+
+
+class SessionEnded(TokenRejected):
+    """The auth service refused to open or renew a client's session; nothing is retried.
+
+    ``code`` is the auth service's reason: ``REFRESH_TOKEN_INVALID`` (the session was revoked or the
+    refresh token expired), ``REFRESH_TOKEN_REUSED``, ``INVALID_CREDENTIALS``, ``USER_REVOKED``, ...
+    Raised by the renewing clients only, never on the wire.
+    """
+
+    code = "SESSION_ENDED"
+    default_message = "the session has ended; log in again"
 
 
 class PermissionDenied(AuthError):

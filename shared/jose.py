@@ -2,8 +2,10 @@
 
 Decoding is deliberately narrow (RFC 8725): compact serialisation only, a size cap checked before any
 decoding, canonical unpadded base64url, JSON objects without duplicate keys, ``alg`` exactly ES256,
-no key-carrying, critical or nesting (``cty``) header parameters, and a raw 64-byte ``r‖s`` signature with
-``0 < r, s < n``. Anything decoded before the signature is checked is ``Unverified…``.
+no key-carrying, critical or nesting (``cty``) header parameters, ``typ`` a string where present, and
+a raw 64-byte ``r‖s`` signature with ``0 < r, s < n``. It is never more lenient than joserfc: every
+token it accepts, joserfc accepts with the same header and payload (``tests/test_jose.py``, the
+differential). Anything decoded before the signature is checked is ``Unverified…``.
 
 Verification is on every request's path, so the checks are written to cost little: base64url goes
 through ``binascii`` in strict mode (with the alphabet and trailing bits checked separately), JSON
@@ -27,7 +29,13 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from authmesh._shared.errors import BadSignature, MalformedToken, TokenTooLarge, UnsupportedAlgorithm
+from authmesh._shared.errors import (
+    BadSignature,
+    MalformedToken,
+    TokenTooLarge,
+    UnsupportedAlgorithm,
+    WrongTokenType,
+)
 
 MAX_TOKEN_BYTES = 8192
 MAX_HEADER_BYTES = 1024
@@ -196,6 +204,10 @@ def _checked_header(segment: bytes) -> dict[str, Any]:
     kid = header.get("kid")
     if type(kid) is not str or not KID_PATTERN.fullmatch(kid):
         raise MalformedToken("token kid missing or invalid")
+    # typ is a string where present (RFC 7515 §4.1.9): other JOSE libraries refuse any other type, and
+    # this decoder must never be the lenient one.
+    if "typ" in header and type(header["typ"]) is not str:
+        raise WrongTokenType()
     return header
 
 

@@ -78,6 +78,9 @@ async def connect_nats(
     )
 
 
+DUPLICATE_WINDOW_SECONDS = 120.0
+
+
 def stream_config(settings: CommonSettings) -> StreamConfig:
     """The ``AUTH_EVENTS`` stream as the contract describes it."""
     return StreamConfig(
@@ -88,7 +91,8 @@ def stream_config(settings: CommonSettings) -> StreamConfig:
         max_age=settings.stream_max_age,
         discard=DiscardPolicy.OLD,
         num_replicas=settings.stream_replicas,
-        duplicate_window=120.0,
+        # JetStream refuses a window longer than the stream keeps messages (short token lifetimes).
+        duplicate_window=min(DUPLICATE_WINDOW_SECONDS, settings.stream_max_age),
         allow_direct=True,
     )
 

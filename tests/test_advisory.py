@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 
@@ -26,6 +27,8 @@ from authmesh._shared.events import EventType, SecurityEvent, TokenRevokedEvent,
 from authmesh._shared.jose import P256_ORDER, b64url_encode
 from authmesh._shared.keys import public_jwk
 from authmesh._shared.verifier import TokenVerifier
+from authmesh.auth.v1 import auth_pb2
+from tests.auth_support import SERVICE, auth_settings, bearer, expect_error, running_auth
 from tests.helpers_tokens import (
     ISSUER,
     KID,
@@ -266,6 +269,51 @@ def test_ecdsa_malleability_does_not_dodge_a_revocation(key: SigningKey) -> None
     revocations.jtis.add(verifier.verify(token).jti)
     with pytest.raises(TokenRevoked):
         verifier.verify(malleated(token))
+
+
+async def test_ecdsa_malleability_does_not_dodge_a_revocation_at_the_auth_service(
+    redis_url: str, nats_url: str
+) -> None:
+    # Issue 10.12, on a real auth service: a malleated copy of a revoked token is inactive for
+    # Introspect and refused as a caller's token, whether the service had verified (and cached) the
+    # original or not, and whether the token, its session or its user was revoked. A copy of a token
+    # nobody revoked is the same token: active, with the same claims.
+    async with running_auth(auth_settings(redis_url, [nats_url])) as (_, client):
+        await client.create_user("mallory", "mallory-password-1")
+        pairs = [await client.login("mallory", "mallory-password-1") for _ in range(4)]
+        by_token, by_session, untouched, by_user = (pair.access_token for pair in pairs)
+        service = bearer((await client.login(*SERVICE, ("service",))).access_token)
+
+        async def introspect(token: str) -> auth_pb2.IntrospectResponse:
+            return await client.stub.Introspect(auth_pb2.IntrospectRequest(token=token), metadata=service)
+
+        copy = await introspect(malleated(untouched))
+        original = await introspect(untouched)
+        assert copy.active
+        assert copy == original
+        # Only the original of this one is seen before the revocation (the RPC verifies it).
+        await client.stub.RevokeToken(auth_pb2.RevokeTokenRequest(token=by_token), metadata=bearer(by_token))
+        await client.stub.RevokeSession(
+            auth_pb2.RevokeSessionRequest(session_id=pairs[1].session_id), metadata=bearer(by_session)
+        )
+        for token, reason in [(by_token, "TOKEN_REVOKED"), (by_session, "SESSION_REVOKED")]:
+            for presented in (malleated(token), token, malleated(token)):
+                answer = await introspect(presented)
+                assert (answer.active, answer.inactive_reason) == (False, reason)
+                await expect_error(
+                    client.stub.RevokeToken(
+                        auth_pb2.RevokeTokenRequest(token=untouched), metadata=bearer(presented)
+                    ),
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    reason,
+                )
+        admin = bearer(await client.admin_token())
+        subject = (await introspect(by_user)).subject
+        await introspect(malleated(by_user))  # both copies verified before the revocation
+        await client.stub.RevokeUser(auth_pb2.RevokeUserRequest(subject=subject), metadata=admin)
+        for presented in (by_user, malleated(by_user)):
+            answer = await introspect(presented)
+            assert (answer.active, answer.inactive_reason) == (False, "USER_REVOKED")
 
 
 def test_cross_jwt_confusion_an_event_replayed_as_an_access_token(

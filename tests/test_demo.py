@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import io
 import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -19,14 +20,24 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import typer
+from rich.console import Console
 from typer.testing import CliRunner, Result
 
 from authmesh._auth_service.app import AuthApp
 from authmesh._resource_service.app import ResourceApp
-from authmesh.demo import DemoReport, DemoTarget, ReplicaTarget, run_demo
-from authmesh.demo_commands import register
+from authmesh.demo import (
+    ActResult,
+    DemoReport,
+    DemoTarget,
+    Propagation,
+    ReplicaTarget,
+    ReplicaTiming,
+    run_demo,
+)
+from authmesh.demo_commands import print_summary, register
 from authmesh.processes import LOOPBACK, free_port
 from tests.auth_support import ADMIN, auth_settings, running_auth
+from tests.legible import assert_legible
 from tests.test_client_cli import running_replica
 
 ACTS = ("login", "theft", "revocation", "aftermath", "reuse", "key-compromise", "nats-cut")
@@ -213,3 +224,99 @@ async def test_every_act_behaves_on_a_fresh_local_stack() -> None:
     cut = next(act for act in report.acts if act.key == "nats-cut")
     assert len(cut.propagations) == 2
     assert {mark.label for mark in cut.marks} >= {"NATS cut", "NATS restored"}
+
+
+# --- the summary at any width ------------------------------------------------------------------
+
+
+def sample_report() -> DemoReport:
+    """The README's run: three replicas, every act as expected."""
+
+    def measured(*latencies: float) -> Propagation:
+        timings = tuple(
+            ReplicaTiming(f"resource-{index}", latency, None, "SESSION_REVOKED", 5)
+            for index, latency in enumerate(latencies, start=1)
+        )
+        return Propagation(
+            "the stolen access token", "RevokeSession", 1.0, 18.7, "OK", ("SESSION_REVOKED",), 3.0, timings
+        )
+
+    rows = [
+        ("login", "accepted on every replica", "OK on all 3", ()),
+        ("theft", "the stolen token works everywhere", "OK on all 3", ()),
+        ("revocation", "stolen token refused everywhere", "SESSION_REVOKED on all 3", (18.9, 19.0, 19.0)),
+        (
+            "aftermath",
+            "attacker's refresh refused; new login works",
+            "refresh: REFRESH_TOKEN_INVALID; login OK",
+            (),
+        ),
+        (
+            "reuse",
+            "REFRESH_TOKEN_REUSED; session refused",
+            "REFRESH_TOKEN_REUSED; SESSION_REVOKED",
+            (74.3, 67.4, 72.5),
+        ),
+        (
+            "key-compromise",
+            "old-key tokens refused; new logins work",
+            "KEY_REVOKED on all 3; new login OK",
+            (56.0, 58.0, 51.0),
+        ),
+        (
+            "nats-cut",
+            "cut replica refuses revoked tokens within the staleness bound (1 s here); recovers",
+            "resource-3: TOKEN_REVOKED after 1328.4 ms (degraded after 1007 ms); "
+            "current 14 ms after the reconnect",
+            (37.2, 36.7, 1328.4),
+        ),
+    ]
+    acts = tuple(
+        ActResult(
+            number,
+            key,
+            key,
+            expected,
+            observed,
+            True,
+            propagations=(measured(*latencies),) if latencies else (),
+        )
+        for number, (key, expected, observed, latencies) in enumerate(rows, start=1)
+    )
+    replicas = ("resource-1", "resource-2", "resource-3")
+    return DemoReport(0.0, "127.0.0.1:50051", replicas, True, 1.0, acts, 3.9)
+
+
+def summary_texts(report: DemoReport) -> list[str]:
+    """Everything the summary must show whole: acts, expectations, observations, latencies."""
+    texts = [text for act in report.acts for text in (act.key, act.expected, act.observed)]
+    for act in report.acts:
+        if act.main_propagation is not None:
+            texts += [f"{timing.first_rejected_ms:.1f}" for timing in act.main_propagation.replicas]
+    return [*texts, *report.replicas]
+
+
+def test_the_summary_reads_whole_at_80_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue 15.7: at 80 columns the table squeezed "expected" and "observed" to a few letters a line.
+    report = sample_report()
+    output = io.StringIO()
+    print_summary(Console(file=output, width=80, force_terminal=False), report)
+    assert_legible(output.getvalue(), texts=summary_texts(report), width=80)
+    assert "┃" not in output.getvalue()  # one block per act: the table does not fit
+
+
+def test_the_summary_reads_whole_in_a_log_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)
+    report = sample_report()
+    log = tmp_path / "demo.log"
+    with log.open("w") as file:
+        print_summary(Console(file=file), report)  # not a terminal: rich lays out for 80 columns
+    assert_legible(log.read_text(), texts=summary_texts(report), width=80)
+
+
+def test_the_summary_is_a_table_where_the_terminal_is_wide_enough() -> None:
+    report = sample_report()
+    output = io.StringIO()
+    print_summary(Console(file=output, width=160, force_terminal=False), report)
+    assert "┃ act" in output.getvalue()
+    assert_legible(output.getvalue(), texts=summary_texts(report), width=160)

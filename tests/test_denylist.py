@@ -9,7 +9,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from authmesh._shared.claims import AccessClaims, new_uuid7
-from authmesh._shared.denylist import Denylist, SnapshotChunk, jti_key
+from authmesh._shared.denylist import (
+    GENERATIONS_PER_LIFETIME,
+    MAX_CLOCK_STEP,
+    Denylist,
+    DenylistSizes,
+    EarliestClock,
+    SnapshotChunk,
+    boot_clock,
+    jti_key,
+)
 from authmesh._shared.errors import KeyRevoked, TokenRevoked
 from authmesh._shared.events import (
     EventBody,
@@ -69,7 +78,28 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def denylist(clock: FakeClock) -> Denylist:
-    return Denylist(access_token_ttl=TTL, leeway=LEEWAY, clock=clock)
+    # The test moves the clock to model time passing, so the never-stepping clock moves with it.
+    return Denylist(access_token_ttl=TTL, leeway=LEEWAY, clock=clock, elapsed=clock)
+
+
+class SteppedClock:
+    """A wall clock and a clock that never steps, both at ``NOW``; the test moves them apart."""
+
+    def __init__(self) -> None:
+        self.wall = FakeClock()
+        self.elapsed = FakeClock()
+
+    def advance(self, seconds: float) -> None:
+        """Time passes: both move."""
+        self.wall.now += seconds
+        self.elapsed.now += seconds
+
+    def step(self, seconds: float) -> None:
+        """The wall clock alone jumps (forward, or back with a negative number)."""
+        self.wall.now += seconds
+
+    def denylist(self) -> Denylist:
+        return Denylist(access_token_ttl=TTL, leeway=LEEWAY, clock=self.wall, elapsed=self.elapsed)
 
 
 def event(body: EventBody, occurred_ms: int | None = None) -> SecurityEvent:
@@ -227,6 +257,103 @@ def test_memory_is_bounded_by_one_token_lifetime_of_revocations(denylist: Denyli
     assert max(held) <= (TTL + LEEWAY) * 1.25 + 1
 
 
+def test_a_forward_clock_step_and_its_correction_forget_no_revocation() -> None:
+    # Issue 10.7: the clock jumps 100 s ahead, past the revoked tokens' expiry, and is put right. While
+    # it is ahead, the verifier refuses the tokens as expired; once corrected, they are live again and
+    # must still be refused, both the one revoked before the step and the one revoked during it.
+    clocks = SteppedClock()
+    denylist = clocks.denylist()
+    before, during = claims(sid="session-1"), claims(sid="session-2")
+    denylist.revoke_token(before.jti, before.exp)
+    denylist.revoke_session("session-3", revoked_at=NOW)
+    denylist.revoke_user("user-9", int(NOW * 1000))
+    clocks.advance(TTL - 50)
+    clocks.step(100)
+    # Past the end of the tokens' generation: by the wall clock, their entries are due to go.
+    assert clocks.wall.now > before.exp + LEEWAY + (TTL + LEEWAY) / GENERATIONS_PER_LIFETIME
+    assert denylist.revoke_token(during.jti, during.exp) is True
+    denylist.purge()
+    assert denylist.sizes() == DenylistSizes(tokens=2, sessions=1, users=1, keys=0)
+    clocks.step(-100)
+    for token, code in [
+        (before, "TOKEN_REVOKED"),
+        (during, "TOKEN_REVOKED"),
+        (claims(sid="session-3"), "SESSION_REVOKED"),
+        (claims(sub="user-9", sid="session-4"), "USER_REVOKED"),
+    ]:
+        assert outcome(denylist, token) == code
+
+
+def test_a_snapshot_loaded_while_the_clock_is_ahead_keeps_what_the_corrected_clock_needs() -> None:
+    clocks = SteppedClock()
+    denylist = clocks.denylist()
+    clocks.advance(TTL - 50)
+    clocks.step(100)
+    token = claims()
+    denylist.load(SnapshotChunk(tokens=[TokenRevokedEvent(jti=token.jti, exp=token.exp)]))
+    clocks.step(-100)
+    assert outcome(denylist, token) == "TOKEN_REVOKED"
+
+
+def test_after_a_forward_step_entries_are_purged_once_the_step_is_also_behind_them() -> None:
+    # A clock that was behind and is put right keeps entries for the size of the step, no longer.
+    clocks = SteppedClock()
+    denylist = clocks.denylist()
+    clocks.step(100)
+    token = claims()
+    denylist.revoke_token(token.jti, token.exp)
+    clocks.advance(TTL + LEEWAY + TTL / 4 - 100)
+    denylist.purge()
+    assert denylist.sizes().tokens == 1
+    clocks.advance(100)
+    denylist.purge()
+    assert denylist.sizes().tokens == 0
+
+
+def test_a_step_back_is_followed_at_once() -> None:
+    clocks = SteppedClock()
+    denylist = clocks.denylist()
+    token = claims()
+    denylist.revoke_token(token.jti, token.exp)
+    clocks.step(-100)
+    clocks.advance(TTL + LEEWAY + TTL / 4)
+    assert outcome(denylist, token) == "TOKEN_REVOKED"  # the wall clock still reads before its exp
+    clocks.advance(100)
+    denylist.purge()
+    assert denylist.sizes().tokens == 0
+
+
+def test_a_forward_step_holds_purging_back_by_at_most_max_clock_step() -> None:
+    # Memory stays bounded whatever the step: past MAX_CLOCK_STEP, the step is believed.
+    clocks = SteppedClock()
+    denylist = clocks.denylist()
+    token = claims()
+    denylist.revoke_token(token.jti, token.exp)
+    clocks.step(MAX_CLOCK_STEP + 2 * TTL)
+    denylist.purge()
+    assert denylist.sizes().tokens == 0
+
+
+def test_the_earliest_clock_is_the_wall_clock_less_the_largest_forward_step() -> None:
+    clocks = SteppedClock()
+    earliest = EarliestClock(clocks.wall, clocks.elapsed, max_step=1000)
+    assert earliest.read() == (NOW, NOW)
+    clocks.step(100)
+    clocks.advance(10)
+    assert earliest.read() == (NOW + 110, NOW + 10)
+    clocks.step(-30)
+    assert earliest.read() == (NOW + 80, NOW + 10)
+    clocks.step(-100)
+    assert earliest.read() == (NOW - 20, NOW - 20)
+    clocks.step(5000)
+    assert earliest.read() == (NOW + 4980, NOW + 3980)
+
+
+def test_the_boot_clock_never_goes_back() -> None:
+    readings = [boot_clock() for _ in range(1000)]
+    assert readings == sorted(readings)
+
+
 @given(
     st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3)), max_size=40), st.randoms(use_true_random=False)
 )
@@ -246,12 +373,12 @@ def test_the_state_does_not_depend_on_order_or_repetition(
             KeyRevokedEvent(kid=f"key-{index}"),
         ]
         bodies.append(choices[kind])
-    once = Denylist(access_token_ttl=TTL, leeway=LEEWAY, clock=FakeClock())
+    once = Denylist(access_token_ttl=TTL, leeway=LEEWAY, clock=FakeClock(), elapsed=FakeClock())
     for body in bodies:
         once.apply(event(body))
     shuffled = bodies * 2
     shuffler.shuffle(shuffled)
-    twice = Denylist(access_token_ttl=TTL, leeway=LEEWAY, clock=FakeClock())
+    twice = Denylist(access_token_ttl=TTL, leeway=LEEWAY, clock=FakeClock(), elapsed=FakeClock())
     for body in shuffled:
         twice.apply(event(body))
     assert once.sizes() == twice.sizes()

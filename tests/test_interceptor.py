@@ -19,6 +19,7 @@ from authmesh._resource_service.documents import sample_documents
 from authmesh._resource_service.servicer import REQUIRED_SCOPES, SERVICE_NAME, ResourceServicer
 from authmesh._shared.denylist import Denylist
 from authmesh._shared.errors import TokenMissing
+from authmesh._shared.events import EventBody, SessionRevokedEvent, TokenRevokedEvent, UserRevokedEvent
 from authmesh._shared.grpc_errors import error_reason
 from authmesh._shared.interceptor import OPEN_SERVICE_PREFIXES, Authenticator, AuthInterceptor, current_claims
 from authmesh._shared.key_cache import KeyCache
@@ -27,7 +28,7 @@ from authmesh._shared.metrics import ServiceMetrics, VerificationMetrics
 from authmesh._shared.staleness import Introspection, IntrospectionFallback, StalenessMonitor
 from authmesh._shared.verifier import TokenVerifier, VerifierPolicy
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
-from tests.helpers_tokens import AUDIENCE, ISSUER, SigningKey, mint_access_token
+from tests.helpers_tokens import AUDIENCE, ISSUER, SigningKey, malleated, mint_access_token
 
 DEADLINE = 10.0
 
@@ -215,6 +216,54 @@ async def test_a_revoked_token_is_refused() -> None:
             grpc.StatusCode.UNAUTHENTICATED,
             "TOKEN_REVOKED",
         )
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [("token", "TOKEN_REVOKED"), ("session", "SESSION_REVOKED"), ("user", "USER_REVOKED")],
+)
+async def test_a_malleated_copy_of_a_revoked_token_is_refused_cached_or_not(kind: str, reason: str) -> None:
+    # Issue 10.12: (r, n - s) is a second valid signature, so a thief can present a copy of a revoked
+    # token that is a different string. Both copies of one token, and the original of another (whose
+    # copy is first seen after the revocation), pass before it; after it, every one is refused, from
+    # the verified-token cache (keyed by the exact string) or through the full path alike.
+    async with serving() as stack:
+        both = stack.token(sub="mallory", sid="session-m")
+        only_original = stack.token(sub="mallory", sid="session-m")
+        seen = [both, malleated(both), only_original]
+        who_am_i = stack.resource.WhoAmI
+        replies = [await who_am_i(resource_pb2.WhoAmIRequest(), metadata=bearer(token)) for token in seen]
+        assert replies[0].token_id == replies[1].token_id
+        now = time.time()
+        bodies: dict[str, list[EventBody]] = {
+            "token": [TokenRevokedEvent(jti=reply.token_id, exp=int(now) + 300) for reply in replies],
+            "session": [SessionRevokedEvent(sid="session-m", sub="mallory")],
+            "user": [UserRevokedEvent(sub="mallory", not_before_ms=int(now * 1000))],
+        }
+        for body in bodies[kind]:
+            stack.denylist.apply_body(body, occurred_at=now)
+        for token in [*seen, malleated(only_original)]:
+            await refused(
+                stack.resource.WhoAmI(resource_pb2.WhoAmIRequest(), metadata=bearer(token)),
+                grpc.StatusCode.UNAUTHENTICATED,
+                reason,
+            )
+
+
+async def test_while_degraded_a_malleated_copy_gets_its_originals_introspection_answer() -> None:
+    # The introspection answers are keyed by the verified jti, not the token string: the copy of a
+    # token Introspect called inactive is refused with the same answer, without asking again.
+    async with serving() as stack:
+        token = stack.token()
+        stack.introspector.inactive[token] = "TOKEN_REVOKED"
+        stack.staleness.stale = True
+        for presented in (token, malleated(token)):
+            await refused(
+                stack.resource.WhoAmI(resource_pb2.WhoAmIRequest(), metadata=bearer(presented)),
+                grpc.StatusCode.UNAUTHENTICATED,
+                "TOKEN_REVOKED",
+            )
+        assert stack.introspector.calls == 1
 
 
 async def test_refusals_for_different_reasons_on_one_method_each_keep_their_own_status() -> None:

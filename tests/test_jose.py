@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from authmesh._shared.errors import BadSignature, MalformedToken, TokenTooLarge, UnsupportedAlgorithm
+from authmesh._shared.claims import REQUIRED_CLAIMS, AccessClaims
+from authmesh._shared.errors import (
+    BadSignature,
+    MalformedToken,
+    TokenRejected,
+    TokenTooLarge,
+    UnsupportedAlgorithm,
+    WrongTokenType,
+)
 from authmesh._shared.jose import (
     MAX_KID_LENGTH,
     MAX_TOKEN_BYTES,
@@ -25,10 +34,17 @@ from authmesh._shared.jose import (
     verify_signature,
 )
 from tests.helpers_tokens import (
+    AUDIENCE,
+    ISSUER,
+    LIFETIME,
+    NOW,
     SigningKey,
+    StaticKeys,
     access_header,
     claims_payload,
     json_segment,
+    make_verifier,
+    malleated,
     mint_access_token,
     sign_bytes,
     sign_json,
@@ -36,6 +52,9 @@ from tests.helpers_tokens import (
     signature_of,
     with_signature,
 )
+from tests.joserfc_reference import reference_access_token, reference_jws
+
+LEEWAY = 5
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +265,18 @@ def test_header_parameters_that_choose_keys_or_processing_are_refused(
         decode_compact(token)
 
 
+@pytest.mark.parametrize(("parameter", "error"), [("typ", WrongTokenType), ("cty", UnsupportedAlgorithm)])
+@pytest.mark.parametrize("value", [None, 1, ["at+jwt"], {"a": "b"}, True], ids=repr)
+def test_registered_string_header_parameters_of_another_type_are_refused(
+    parameter: str, error: type[TokenRejected], value: Any, key: SigningKey
+) -> None:
+    # Found by the joserfc differential below: {"cty": null} and {"typ": null} passed the JWS layer
+    # here, and joserfc refuses them. typ must be a string; cty is refused in any form (no nested JWT).
+    token = sign_json(access_header(key.kid, **{parameter: value}), claims_payload(), key)
+    with pytest.raises(error):
+        decode_compact_raw(token)
+
+
 @pytest.mark.parametrize(
     "kid",
     [
@@ -361,3 +392,149 @@ def test_sign_compact_always_writes_es256_and_verifies(key: SigningKey) -> None:
     assert jws.unverified_header["alg"] == "ES256"
     assert jws.unverified_payload == {"a": 1}
     verify_signature(key.public_key, jws.signing_input, jws.signature)
+
+
+# --- differential: every token we accept, joserfc accepts --------------------------------------
+
+_JSON_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**64), max_value=2**64),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+)
+_JSON_VALUES = st.recursive(
+    _JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+# Header parameters: registered ones (some refused outright, some typed), and made-up ones.
+_HEADER_NAMES = st.sampled_from(
+    ["typ", "cty", "kid", "alg", "crit", "b64", "jku", "jwk", "x5t", "x5c", "zip", "enc", "nonce", "ext"]
+)
+_CLAIM_NAMES = st.sampled_from([*REQUIRED_CLAIMS, "scope", "cnf", "act", "roles"])
+_TIMES = st.integers(min_value=NOW - 2 * LIFETIME, max_value=NOW + 2 * LIFETIME)
+
+
+@st.composite
+def _claim_value(draw: st.DrawFn, name: str) -> Any:
+    """A value for claim ``name``: often one of its own type and near the verifier's clock."""
+    if name in {"exp", "iat", "nbf"}:
+        return draw(_TIMES | _JSON_VALUES)
+    if name == "aud":
+        return draw(st.sampled_from([AUDIENCE, [AUDIENCE], ["other", AUDIENCE], "other", []]) | _JSON_VALUES)
+    return draw(st.text(max_size=20) | _JSON_VALUES)
+
+
+@st.composite
+def near_valid_access_tokens(draw: st.DrawFn, key: SigningKey) -> str:
+    """Signed access tokens, each a valid one with a few changes: to header, claims, JSON spelling or
+    signature. Most changes are refused; those that are not are what the differential is about."""
+    header: dict[str, Any] = access_header(key.kid)
+    payload = claims_payload(NOW)
+    spacing = (",", ":")
+    ensure_ascii = True
+    signature_change = "none"
+    changes = draw(st.lists(st.sampled_from(_CHANGES), max_size=3))
+    for change in changes:
+        if change == "typ":
+            header["typ"] = draw(st.sampled_from(["at+jwt", "application/at+jwt", "JWT"]) | _JSON_VALUES)
+        elif change == "header-parameter":
+            header[draw(_HEADER_NAMES)] = draw(_JSON_VALUES | st.text(max_size=12))
+        elif change == "drop-claim":
+            payload.pop(draw(_CLAIM_NAMES), None)
+        elif change == "set-claim":
+            name = draw(_CLAIM_NAMES)
+            payload[name] = draw(_claim_value(name))
+        elif change == "spelling":
+            spacing = draw(st.sampled_from([(",", ":"), (", ", ": "), (" ,", " :\t")]))
+            ensure_ascii = draw(st.booleans())
+        else:
+            signature_change = draw(st.sampled_from(["malleated", "flipped", "zero"]))
+    header_bytes = json.dumps(header, separators=spacing, ensure_ascii=ensure_ascii).encode()
+    payload_bytes = json.dumps(payload, separators=spacing, ensure_ascii=ensure_ascii).encode()
+    token = sign_bytes(header_bytes, payload_bytes, key)
+    signature = signature_of(token)
+    if signature_change == "malleated":
+        s = int.from_bytes(signature[32:], "big")
+        token = with_signature(token, signature[:32] + (P256_ORDER - s).to_bytes(32, "big"))
+    elif signature_change == "flipped":
+        token = with_signature(token, signature[:-1] + bytes([signature[-1] ^ 1]))
+    elif signature_change == "zero":
+        token = with_signature(token, bytes(64))
+    return token
+
+
+_CHANGES = ["typ", "header-parameter", "drop-claim", "set-claim", "spelling", "signature"]
+_DIFFERENTIAL_KEY = SigningKey.generate("differential-key")
+
+
+def _ours(token: str, key: SigningKey) -> AccessClaims | None:
+    try:
+        return make_verifier(StaticKeys(key), leeway=LEEWAY).verify(token)
+    except TokenRejected:
+        return None
+
+
+@given(near_valid_access_tokens(_DIFFERENTIAL_KEY))
+@settings(max_examples=400, deadline=None)
+def test_every_access_token_the_strict_verifier_accepts_joserfc_accepts_with_the_same_claims(
+    token: str,
+) -> None:
+    # Issue 10.13: a token one decoder accepts and another refuses, or reads differently, is where
+    # parser-differential attacks live; ours must never be the lenient one.
+    key = _DIFFERENTIAL_KEY
+    ours = _ours(token, key)
+    event("accepted" if ours is not None else "refused")
+    if ours is None:
+        return
+    header, claims = reference_access_token(
+        token, key.public_key, issuer=ISSUER, audience=AUDIENCE, now=NOW, leeway=LEEWAY
+    )
+    assert header == decode_compact(token).unverified_header
+    assert AccessClaims.from_payload(claims, key.kid) == ours
+
+
+@given(
+    st.dictionaries(_HEADER_NAMES, _JSON_VALUES | st.text(max_size=12), max_size=3),
+    st.binary(max_size=64),
+)
+@settings(max_examples=300, deadline=None)
+def test_every_jws_the_strict_decoder_accepts_joserfc_accepts_with_the_same_header_and_payload(
+    extra: dict[str, Any], payload: bytes
+) -> None:
+    # The JWS layer alone (any payload bytes), as decode_compact_raw serves it.
+    key = _DIFFERENTIAL_KEY
+    header = {"alg": "ES256", "kid": key.kid, **extra}
+    token = sign_bytes(json.dumps(header).encode(), payload, key)
+    try:
+        ours = decode_compact_raw(token)
+        verify_signature(key.public_key, ours.signing_input, ours.signature)
+    except TokenRejected:
+        event("refused")
+        return
+    event("accepted")
+    assert reference_jws(token, key.public_key) == (ours.unverified_header, ours.unverified_payload)
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        pytest.param(lambda key: mint_access_token(key), id="as-issued"),
+        pytest.param(lambda key: malleated(mint_access_token(key)), id="malleated"),
+        pytest.param(lambda key: mint_access_token(key, header={"typ": "application/at+jwt"}), id="typ-long"),
+        pytest.param(lambda key: mint_access_token(key, header={"nonce": [1]}), id="unknown-parameter"),
+        pytest.param(lambda key: mint_access_token(key, aud=["x", AUDIENCE], scope=""), id="aud-list"),
+        pytest.param(lambda key: mint_access_token(key, sub="ü\u2028"), id="non-ascii"),
+    ],
+)
+def test_the_reference_accepts_what_the_verifier_accepts_by_design(token: Any) -> None:
+    # Guards the differential against a reference so strict that it would fail on everything.
+    key = _DIFFERENTIAL_KEY
+    minted = token(key)
+    ours = _ours(minted, key)
+    assert ours is not None
+    _, claims = reference_access_token(
+        minted, key.public_key, issuer=ISSUER, audience=AUDIENCE, now=NOW, leeway=LEEWAY
+    )
+    assert AccessClaims.from_payload(claims, key.kid) == ours

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
@@ -19,13 +20,16 @@ import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NatsClient
 from nats.js.errors import NotFoundError
+from rich.console import Console
 
 from authmesh._shared.events import STREAM_NAME, EventType
 from authmesh._shared.grpc_errors import error_reason
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 from authmesh.stack import LocalStack, authmesh_command, grpc_health_status
+from authmesh.stack_commands import print_stack
 from tests.auth_support import admin_login
+from tests.legible import assert_legible
 from tests.waiting import eventually
 
 # Cheap password hashing and quick heartbeats and shutdowns: the stack is the subject, not Argon2.
@@ -415,3 +419,62 @@ async def test_authmesh_up_prints_the_stack_as_json_and_stops_everything_on_sigt
     assert description["admin"]["username"] == "admin"
     assert description["client_env"] == {"AUTHMESH_AUTH_TARGET": description["auth"]["grpc"]}
     assert await all_gone(description["pids"].values())
+
+
+# --- what `authmesh up` prints, at any width -----------------------------------------------------
+
+
+def stack_strings(description: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """What the printed stack must show: notes with whole words, and addresses, credentials and the
+    data directory each whole on one line."""
+    nats, auth = description["nats"], description["auth"]
+    addresses = [*nats["urls"], *(url.removeprefix("http://") for url in nats["monitor"])]
+    addresses += [description["redis"]["url"], auth["grpc"], auth["http"]]
+    for replica in description["replicas"]:
+        addresses += [replica["name"], replica["grpc"], replica["http"]]
+    addresses += [description["admin"]["password"], description["data_dir"]]
+    addresses += [f"{name}={value}" for name, value in description["client_env"].items()]
+    notes = ["JetStream, /healthz", "append-only, noeviction", "/.well-known/jwks.json", "/healthz, /metrics"]
+    return notes, addresses
+
+
+def test_the_stack_reads_whole_at_80_columns(stack: LocalStack) -> None:
+    # Issue 15.7: addresses are copied from this output; at 80 columns none may be cut or folded.
+    description = stack.describe()
+    output = io.StringIO()
+    print_stack(Console(file=output, width=80, force_terminal=False), description)
+    notes, whole = stack_strings(description)
+    assert_legible(output.getvalue(), texts=notes, whole_lines=whole, width=80)
+
+
+def test_the_stack_reads_whole_in_a_log_file(
+    stack: LocalStack, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)
+    description = stack.describe()
+    log = tmp_path / "up.log"
+    with log.open("w") as file:
+        print_stack(Console(file=file), description)  # not a terminal: rich lays out for 80 columns
+    notes, whole = stack_strings(description)
+    assert_legible(log.read_text(), texts=notes, whole_lines=whole, width=80)
+
+
+def test_the_stack_is_a_table_where_the_terminal_is_wide_enough(stack: LocalStack) -> None:
+    description = stack.describe()
+    output = io.StringIO()
+    print_stack(Console(file=output, width=160, force_terminal=False), description)
+    assert "┃ part" in output.getvalue()
+    notes, whole = stack_strings(description)
+    assert_legible(output.getvalue(), texts=notes, whole_lines=whole, width=160)
+
+
+def test_a_long_data_directory_and_password_stay_whole_on_a_narrow_terminal(stack: LocalStack) -> None:
+    description = {
+        **stack.describe(),
+        "data_dir": "/var/lib/" + "/".join(["a-rather-long-directory-name"] * 4),
+        "admin": {"username": "admin", "password": "p" * 90},
+    }
+    output = io.StringIO()
+    print_stack(Console(file=output, width=60, force_terminal=False), description)
+    notes, whole = stack_strings(description)
+    assert_legible(output.getvalue(), texts=notes, whole_lines=whole, width=60)

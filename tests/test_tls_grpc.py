@@ -16,9 +16,9 @@ from authmesh._resource_service.app import ResourceApp
 from authmesh._shared.errors import ConfigurationError
 from authmesh._shared.grpc_server import RunningServer, start_grpc_server
 from authmesh._shared.settings import ResourceSettings
-from authmesh._shared.tls import TlsFiles, open_channel
+from authmesh._shared.tls import TlsFiles, grpc_channel_credentials, open_channel
 from authmesh.certs import LOCAL_HOSTS, CertificateAuthority
-from authmesh.client import AuthApi, ResourceApi
+from authmesh.client import AuthApi, ResourceApi, check_health
 from tests.auth_support import ADMIN, SERVICE, auth_settings
 from tests.waiting import eventually
 
@@ -145,7 +145,7 @@ async def test_both_services_run_on_mutual_tls_end_to_end(
         )
         async with (
             ResourceApp(replica_settings) as replica,
-            AuthApi(auth_app.grpc_address, tls=client_files) as auth,
+            AuthApi(auth_app.grpc_address, credentials=grpc_channel_credentials(client_files)) as auth,
             ResourceApi(replica.grpc_address, tls=client_files) as resource,
         ):
             # The replica serves only once it has the snapshot, fetched from the auth service over mTLS.
@@ -157,4 +157,4 @@ async def test_both_services_run_on_mutual_tls_end_to_end(
 
 
 async def _serving(resource: ResourceApi) -> bool:
-    return (await resource.health()).status == "SERVING"
+    return (await check_health(resource.channel, resource.target, CALL_TIMEOUT)).status == "SERVING"

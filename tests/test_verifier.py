@@ -302,6 +302,37 @@ def test_the_malleated_twin_signature_verifies_but_nothing_keys_on_signature_byt
     rejects(verifier, twin, TokenRevoked, "TOKEN_REVOKED")
 
 
+@pytest.mark.parametrize("twin_seen_before", [True, False], ids=["twin-cached", "twin-first-seen-after"])
+@pytest.mark.parametrize(
+    ("revoke", "code"),
+    [("jti", "TOKEN_REVOKED"), ("sid", "SESSION_REVOKED"), ("sub", "USER_REVOKED")],
+)
+def test_a_malleated_twin_of_a_revoked_token_is_refused_cached_or_not(
+    keys: StaticKeys,
+    revocations: SetRevocations,
+    key: SigningKey,
+    revoke: str,
+    code: str,
+    twin_seen_before: bool,
+) -> None:
+    # Issue 10.12. The original is verified (and cached) before the revocation; its twin either was
+    # too (a hit on its own cache entry after the revocation) or is first seen after it (the full
+    # path). Both reach the same claims, and revocation is decided from those claims alone.
+    verifier = make_verifier(keys, revocations=revocations, cache_size=8)
+    token = mint_access_token(key, sid="session-m", sub="user-m")
+    twin = malleated(token)
+    claims = verifier.verify(token)
+    if twin_seen_before:
+        assert verifier.verify(twin) == claims
+    {"jti": revocations.jtis, "sid": revocations.sids, "sub": revocations.subs}[revoke].add(
+        getattr(claims, revoke)
+    )
+    checks = revocations.checks
+    for candidate in (token, twin, token, twin):
+        rejects(verifier, candidate, TokenRevoked, code)
+    assert revocations.checks == checks + 4
+
+
 # --- encodings of the token itself ---------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -35,6 +35,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
+from joserfc.jwk import ECKey
+from joserfc.jws import JWSRegistry
 
 from authmesh._shared.errors import (
     BadSignature,
@@ -43,10 +45,11 @@ from authmesh._shared.errors import (
     UnknownKey,
     UnsupportedAlgorithm,
 )
-from authmesh._shared.jose import b64url_decode, decode_compact_raw, verify_signature
+from authmesh._shared.jose import ALGORITHM, b64url_decode, decode_compact_raw, verify_signature
 from authmesh._shared.keys import InvalidJwk, parse_jwk, parse_jwks
 from authmesh._shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
 from tests.helpers_tokens import AnyKidKeys
+from tests.joserfc_reference import reference_jws
 
 VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors" / "wycheproof"
 P1363_FILE = "ecdsa_secp256r1_sha256_p1363_test.json"
@@ -380,3 +383,32 @@ def test_the_ec_key_of_the_mixed_key_set_is_valid_but_the_private_set_is_not() -
     ec_private = next(p.values[0] for p in jwk_cases() if p.values[0].comment == "invalid_point")
     with pytest.raises(InvalidJwk, match="private"):
         parse_jwks(json.dumps(ec_private.private_keyset))
+
+
+# --- differential: what we accept, joserfc accepts ------------------------------------------------
+
+
+def accepted_by_us(verify: Callable[[], None]) -> bool:
+    """Whether the strict codec accepts (refusals are the other tests' business)."""
+    try:
+        verify()
+    except TokenRejected:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("case", ecdsa_cases(P1363_FILE))
+def test_every_p1363_signature_we_accept_joserfcs_es256_accepts(case: EcdsaCase) -> None:
+    key = der_key(case.public_key_der)
+    if not accepted_by_us(lambda: verify_signature(key, case.message, case.signature)):
+        return
+    assert JWSRegistry.algorithms[ALGORITHM].verify(case.message, case.signature, ECKey.import_key(key))
+
+
+@pytest.mark.parametrize("case", jws_cases())
+def test_every_jws_vector_we_accept_joserfc_accepts_with_the_same_header_and_payload(case: JwsCase) -> None:
+    key = jws_group_key()
+    if not accepted_by_us(lambda: verify_jws(case.jws, key)):
+        return
+    decoded = decode_compact_raw(case.jws)
+    assert reference_jws(case.jws, key) == (decoded.unverified_header, decoded.unverified_payload)

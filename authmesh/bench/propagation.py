@@ -55,7 +55,6 @@ from rich.table import Table
 
 from authmesh._shared.events import STREAM_NAME, TokenRevokedEvent
 from authmesh._shared.jose import b64url_decode
-from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.bench.common import (
     CpuAccount,
     Goal,
@@ -72,6 +71,7 @@ from authmesh.bench.common import (
 )
 from authmesh.client import AuthApi
 from authmesh.processes import NatsServer
+from authmesh.refusal_watch import ACCEPTED, NO_ANSWER, REFUSED, Answer, watch_until_refused
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 from authmesh.stack import LocalStack
 
@@ -172,17 +172,12 @@ class Prober:
         stop_at = time.monotonic_ns() + int(deadline * 1e9)
 
         async def watch(whoami: Any) -> JsonDict:
-            probes = 0
-            accepted_ns: int | None = None
-            while (sent := time.monotonic_ns()) < stop_at:
-                answer = await accepts(whoami)
-                probes += 1
-                if answer is False:
-                    return {"rejected_ns": time.monotonic_ns(), "accepted_ns": accepted_ns, "probes": probes}
-                if answer is True:
-                    accepted_ns = sent
-                await asyncio.sleep(interval)
-            return {"rejected_ns": None, "accepted_ns": accepted_ns, "probes": probes}
+            watched = await watch_until_refused(
+                lambda: accepts(whoami), until=stop_at, clock=time.monotonic_ns, interval=interval
+            )
+            refused = None if watched.refused_at is None else int(watched.refused_at)
+            accepted = None if watched.last_accepted_sent is None else int(watched.last_accepted_sent)
+            return {"rejected_ns": refused, "accepted_ns": accepted, "probes": watched.probes}
 
         async def follow() -> JsonDict:
             try:
@@ -199,10 +194,10 @@ class Prober:
         self._armed = asyncio.ensure_future(follow())
         return {"primed": True}
 
-    async def _prime(self, accepts: Callable[[Any], Awaitable[bool | None]]) -> bool:
+    async def _prime(self, accepts: Callable[[Any], Awaitable[Answer]]) -> bool:
         """Whether every replica accepts the token now (which also caches its verification there)."""
         primed = await asyncio.gather(*(accepts(whoami) for whoami in self._replicas))
-        return all(answer is True for answer in primed)
+        return all(answer.accepted for answer in primed)
 
     async def prime(self, command: JsonDict) -> JsonDict:
         """Ask every replica once with ``victim``; ``primed`` says whether all of them accepted it."""
@@ -224,7 +219,7 @@ class Prober:
             sent = time.monotonic_ns()
             answer = await accepts(whoami)
             return {
-                "refused": None if answer is None else not answer,
+                "refused": answer.refused if answer.accepted or answer.refused else None,
                 "sent_ns": sent,
                 "answered_ns": time.monotonic_ns(),
             }
@@ -250,17 +245,17 @@ class Prober:
                 await client.close()
 
 
-def _asker(token: str) -> Callable[[Any], Awaitable[bool | None]]:
-    """Asks one replica's ``WhoAmI`` with ``token``: True accepted, False refused, None no answer."""
+def _asker(token: str) -> Callable[[Any], Awaitable[Answer]]:
+    """Asks one replica's ``WhoAmI`` with ``token``: accepted, refused (``UNAUTHENTICATED``) or no answer."""
     metadata = (("authorization", f"Bearer {token}"),)
     request = resource_pb2.WhoAmIRequest()
 
-    async def accepts(whoami: Any) -> bool | None:
+    async def accepts(whoami: Any) -> Answer:
         try:
             await whoami(request, metadata=metadata, timeout=PROBE_TIMEOUT_SECONDS)
         except grpc.aio.AioRpcError as error:
-            return False if error.code() == grpc.StatusCode.UNAUTHENTICATED else None
-        return True
+            return REFUSED if error.code() == grpc.StatusCode.UNAUTHENTICATED else NO_ANSWER
+        return ACCEPTED
 
     return accepts
 
@@ -383,21 +378,20 @@ class _Revoker:
     """Makes the revoking calls, from the driving process (an async context manager)."""
 
     def __init__(self, auth_target: str, caller: str) -> None:
-        self._channel = grpc.aio.insecure_channel(auth_target)
-        self._revoke = auth_pb2_grpc.AuthServiceStub(self._channel).RevokeToken
-        self._caller = (("authorization", f"Bearer {caller}"),)
+        self._auth = AuthApi(auth_target, timeout=DEADLINE_SECONDS)
+        self._caller = caller
 
     async def __aenter__(self) -> _Revoker:
+        self._auth.open()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self._channel.close(grace=None)
+        await self._auth.aclose()
 
     def start(self, token: str) -> tuple[int, Awaitable[Any]]:
         """Start revoking ``token``; the ``monotonic_ns`` just before the call, and the call to await."""
-        request = auth_pb2.RevokeTokenRequest(token=token, reason="benchmark")
         started = time.monotonic_ns()
-        return started, self._revoke(request, metadata=self._caller, timeout=DEADLINE_SECONDS)
+        return started, asyncio.ensure_future(self._auth.revoke_token(self._caller, token, "benchmark"))
 
     async def revoke(self, token: str) -> tuple[int, int]:
         """Revoke ``token``; the ``monotonic_ns`` just before the call and at its answer."""

@@ -14,7 +14,7 @@ import pytest
 from authmesh._shared.claims import AccessClaims
 from authmesh._shared.denylist import Denylist, SnapshotChunk
 from authmesh._shared.errors import TokenRejected
-from authmesh._shared.events import SessionRevokedEvent, TokenRevokedEvent, UserRevokedEvent
+from authmesh._shared.events import EventBody, SessionRevokedEvent, TokenRevokedEvent, UserRevokedEvent
 from authmesh._shared.interceptor import Authenticator
 from authmesh._shared.key_cache import KeyCache
 from authmesh._shared.keys import jwks_json
@@ -42,7 +42,7 @@ DELIVERY_DELAY = 0.5
 class Replica:
     """A replica's decision path on a clock the test moves: key cache, denylist, verifier, authenticator."""
 
-    def __init__(self, key: SigningKey, clock: FrozenClock) -> None:
+    def __init__(self, key: SigningKey, clock: FrozenClock, elapsed: FrozenClock | None = None) -> None:
         self.clock = clock
         self.key = key
 
@@ -50,7 +50,10 @@ class Replica:
             return jwks_json({key.kid: key.public_key})
 
         self.keys = KeyCache(fetch)
-        self.denylist = Denylist(access_token_ttl=TTL, leeway=LEEWAY, clock=clock)
+        # Moving the clock models time passing unless the test gives a separate never-stepping clock.
+        self.denylist = Denylist(
+            access_token_ttl=TTL, leeway=LEEWAY, clock=clock, elapsed=clock if elapsed is None else elapsed
+        )
         verifier = TokenVerifier(
             self.keys,
             self.denylist,
@@ -68,11 +71,25 @@ class Replica:
         return True
 
 
-def issue(key: SigningKey, issued_at: int) -> tuple[str, AccessClaims]:
+def issue(
+    key: SigningKey, issued_at: int, sub: str = "user-1", sid: str = "session-1"
+) -> tuple[str, AccessClaims]:
     """A token issued at ``issued_at`` by the issuer's clock, with its claims."""
-    token = mint_access_token(key, issued_at, exp=issued_at + TTL, sub="user-1", sid="session-1")
+    token = mint_access_token(key, issued_at, exp=issued_at + TTL, sub=sub, sid=sid)
     policy = VerifierPolicy(issuer=ISSUER, audience=AUDIENCE, leeway=LEEWAY)
     return token, TokenVerifier(StaticKeys(key), NoRevocations(), policy, lambda: issued_at).verify(token)
+
+
+def revoke(replica: Replica, kind: str, claims: AccessClaims, revoked_at: float) -> None:
+    """Apply the event that revokes the token by its ``kind`` (token, session or user)."""
+    body: EventBody
+    if kind == "token":
+        body = TokenRevokedEvent(jti=claims.jti, exp=claims.exp)
+    elif kind == "session":
+        body = SessionRevokedEvent(sid=claims.sid, sub=claims.sub)
+    else:
+        body = UserRevokedEvent(sub=claims.sub, not_before_ms=int(revoked_at * 1000))
+    replica.denylist.apply_body(body, occurred_at=revoked_at)
 
 
 def sweep(start: float, stop: float) -> list[float]:
@@ -115,15 +132,7 @@ async def test_a_revoked_token_is_never_accepted_after_its_event_arrives_whateve
     revoked_at = NOW + REVOKED_AFTER
     applied_at = revoked_at + skew + DELIVERY_DELAY
     clock.now = applied_at
-    if kind == "token":
-        replica.denylist.apply_body(TokenRevokedEvent(jti=claims.jti, exp=claims.exp), occurred_at=revoked_at)
-    elif kind == "session":
-        replica.denylist.apply_body(
-            SessionRevokedEvent(sid=claims.sid, sub=claims.sub), occurred_at=revoked_at
-        )
-    else:
-        body = UserRevokedEvent(sub=claims.sub, not_before_ms=int(revoked_at * 1000))
-        replica.denylist.apply_body(body, occurred_at=revoked_at)
+    revoke(replica, kind, claims, revoked_at)
     accepted = []
     for reading in sweep(applied_at, NOW + skew + TTL + 2 * SKEW):
         clock.now = reading
@@ -163,4 +172,40 @@ async def test_a_session_revocation_loaded_from_a_snapshot_holds_until_its_token
         clock.now = reading
         if await replica.accepts(token):
             accepted.append(round(reading - NOW, 2))
+    assert accepted == []
+
+
+@pytest.mark.parametrize("kind", ["token", "session", "user"])
+async def test_a_forward_step_of_the_replica_clock_and_its_correction_bring_back_no_revoked_token(
+    kind: str,
+) -> None:
+    """Issue 10.7: the replica's wall clock jumps 100 s ahead (past the tokens' expiry, so they are
+    refused as expired and their denylist entries look due for purging), events keep arriving, then
+    the clock is put right. At every later reading until the tokens expire for real, the replica
+    refuses both the token revoked before the step and the one revoked during it."""
+    key = SigningKey.generate("skew-key")
+    wall, elapsed = FrozenClock(float(NOW)), FrozenClock(float(NOW))
+    replica = Replica(key, wall, elapsed)
+    await replica.keys.refresh()
+    before, before_claims = issue(key, NOW, sub="user-1", sid="session-1")
+    during, during_claims = issue(key, NOW, sub="user-2", sid="session-2")
+    revoke(replica, kind, before_claims, NOW + REVOKED_AFTER)
+    for clock in (wall, elapsed):
+        clock.advance(TTL - 20)
+    wall.advance(100)
+    assert not await replica.accepts(before)
+    # Events are stamped by the issuer, whose clock is right (it reads the never-stepping one here).
+    revoke(replica, kind, during_claims, elapsed.now)
+    for reading in sweep(0.0, 5.0):  # more events, each of which may purge
+        elapsed.now = NOW + TTL - 20 + reading
+        wall.now = elapsed.now + 100
+        other = TokenRevokedEvent(jti=f"other-{reading}", exp=NOW + TTL)
+        replica.denylist.apply_body(other, occurred_at=elapsed.now)
+    wall.now = elapsed.now
+    accepted = []
+    for reading in sweep(wall.now, NOW + TTL + LEEWAY - STEP):
+        wall.now = elapsed.now = reading
+        for name, token in (("before", before), ("during", during)):
+            if await replica.accepts(token):
+                accepted.append((name, round(reading - NOW, 2)))
     assert accepted == []
