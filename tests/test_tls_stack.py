@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from authmesh.bench import rpc
 from authmesh.demo import run_local_demo
 from authmesh.stack import LocalStack, grpc_health_status
 from tests.test_demo import assert_every_act_as_expected
@@ -39,3 +40,12 @@ async def test_every_act_of_the_demo_behaves_on_a_tls_stack() -> None:
     report = await run_local_demo(2, staleness_bound=1.0, tls=True)
 
     assert_every_act_as_expected(report)
+
+
+async def test_the_rpc_bench_runs_every_call_on_tls() -> None:
+    result = await rpc.measure(concurrency=(2,), slices=2, slice_s=0.1, tls=True)
+
+    assert result["config"]["tls"] is True
+    for kind in ("health", "whoami"):
+        assert result["levels"][0][kind]["errors"] == {}
+        assert result["levels"][0][kind]["per_second"] > 0

@@ -33,6 +33,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.table import Table
 
+from authmesh._shared.tls import TlsFiles, grpc_channel_credentials, open_channel
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.bench.common import (
     Goal,
@@ -89,15 +90,19 @@ class LoadGenerator:
         self._tokens: list[str] = []
         self._users: list[tuple[str, str]] = []
         self._refresh: list[str] = []
+        self._tls = TlsFiles()
 
     def _channel(self, target: str) -> grpc.aio.Channel:
         channel = self._channels.get(target)
         if channel is None:
-            channel = self._channels[target] = grpc.aio.insecure_channel(target)
+            channel = self._channels[target] = open_channel(target, self._tls)
         return channel
 
     async def setup(self, command: JsonDict) -> JsonDict:
-        """Keep the credentials of a command: ``tokens``, ``users``, ``refresh_tokens``."""
+        """Keep the credentials of a command: ``tokens``, ``users``, ``refresh_tokens``, and
+        ``tls_ca_file`` (call over TLS, verifying the servers against it)."""
+        if command.get("tls_ca_file"):
+            self._tls = TlsFiles(ca_file=Path(command["tls_ca_file"]))
         if "tokens" in command:
             self._tokens = list(command["tokens"])
         if "users" in command:
@@ -321,7 +326,7 @@ async def pin_apart(server_pid: int, load_pid: int) -> JsonDict | None:
 
 async def bench_tokens(stack: LocalStack, count: int) -> list[str]:
     """``count`` distinct access tokens of one ordinary user (one login, then refreshes)."""
-    async with AuthApi(stack.auth_grpc) as auth:
+    async with AuthApi(stack.auth_grpc, credentials=grpc_channel_credentials(stack.client_tls)) as auth:
         admin = await auth.admin_login(*stack.admin_credentials)
         password = "bench-password-rpc-1"
         await auth.create_user(admin.access_token, BENCH_USER, password, BENCH_SCOPES)
@@ -340,6 +345,7 @@ async def measure(
     slice_s: float = 0.25,
     pin_cpus: bool = False,
     progress: Callable[[str], None] = lambda _: None,
+    tls: bool = False,
 ) -> JsonDict:
     """Run the benchmark on a fresh local stack with one replica.
 
@@ -349,6 +355,7 @@ async def measure(
         slice_s: Seconds each timed slice lasts.
         pin_cpus: Pin the replica and the load generator to different CPUs where there are two.
         progress: Told what is being measured.
+        tls: Run the stack and every call on TLS (``authmesh up --tls``).
 
     Returns:
         A JSON-ready result (see ``docs/benchmarks.md``).
@@ -356,11 +363,18 @@ async def measure(
     if slices < 1 or slice_s <= 0 or not concurrency or min(concurrency) < 1:
         raise ValueError("slices, slice_s and the concurrency levels must be positive")
     progress("starting a local stack with one replica")
-    async with LocalStack(replicas=1) as stack, Worker("authmesh.bench.rpc", "load generator") as load:
+    async with (
+        LocalStack(replicas=1, tls=tls) as stack,
+        Worker("authmesh.bench.rpc", "load generator") as load,
+    ):
         replica = stack.replicas[0]
         server_pid = stack.pids().get(replica.name)
         pinned = await pin_apart(server_pid, load.pid) if pin_cpus and server_pid is not None else None
-        await load.request({"op": "setup", "tokens": await bench_tokens(stack, max(concurrency))})
+        tokens = await bench_tokens(stack, max(concurrency))
+        ca_file = stack.client_tls.ca_file
+        await load.request(
+            {"op": "setup", "tokens": tokens, "tls_ca_file": str(ca_file) if ca_file else None}
+        )
         levels: list[JsonDict] = []
         for level in concurrency:
             progress(f"{level} calls in flight")
@@ -390,6 +404,7 @@ async def measure(
             "slices": slices,
             "slice_s": slice_s,
             "pinned": pinned,
+            "tls": tls,
         },
         "levels": levels,
         **judge(GOALS, {"whoami_over_health": lowest}),
@@ -487,6 +502,7 @@ def main(
     slice_s: float,
     concurrency: Sequence[int] = CONCURRENCY,
     pin_cpus: bool = False,
+    tls: bool = False,
 ) -> int:
     """Run the benchmark, print the table, write JSON and charts if asked.
 
@@ -502,6 +518,7 @@ def main(
             slice_s=slice_s,
             pin_cpus=pin_cpus,
             progress=progress,
+            tls=tls,
         ),
         render,
         draw,
