@@ -10,7 +10,10 @@ import contextlib
 
 import redis.asyncio as redis
 import structlog
+import tenacity
 from nats.aio.client import Client as NatsClient
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from authmesh._auth_service.core import AuthCore
 from authmesh._auth_service.grants import ADMIN_SCOPE, SERVICE_SCOPE
@@ -21,6 +24,7 @@ from authmesh._auth_service.passwords import PasswordChecker
 from authmesh._auth_service.publisher import EventPublisher
 from authmesh._auth_service.servicer import AuthServicer
 from authmesh._auth_service.store import AuthStore
+from authmesh._shared.connecting import StartupConnection, address_of
 from authmesh._shared.grpc_server import RunningServer, start_grpc_server
 from authmesh._shared.http_server import HttpServer, join_host_port, split_host_port
 from authmesh._shared.lifecycle import Startable, run_until_signalled
@@ -32,6 +36,8 @@ from authmesh._shared.tls import redis_tls_options
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+# Redis is probed with a short socket timeout and an exponential backoff between probes, up to this.
+STORE_PROBE_MAX_WAIT_SECONDS = 2.0
 _log = structlog.get_logger(__name__)
 
 
@@ -75,7 +81,8 @@ class AuthApp(Startable):
         client = redis.Redis.from_url(redis_url, socket_timeout=3, socket_connect_timeout=3, **options)
         self._stack.push_async_callback(client.aclose)
         store = AuthStore(client, access_ttl=settings.access_token_ttl, leeway=settings.leeway)
-        await store.ping()
+        await self._reach_store(client)
+        await store.check_server_version()
         keyring = Keyring(store, sealer, int((settings.access_token_ttl + settings.leeway) * 1000))
         await keyring.start()
         self._nats = await connect_nats(settings, name=f"auth-service {settings.instance}")
@@ -121,6 +128,36 @@ class AuthApp(Startable):
         await self._grpc.set_serving(True)
         _log.info("auth service ready", grpc=self.grpc_address, http=self.http_address)
 
+    async def _reach_store(self, client: redis.Redis) -> None:
+        """Wait until Redis answers, retrying with backoff for ``connect_timeout`` seconds.
+
+        Raises:
+            Unavailable: ``STORE_UNAVAILABLE`` naming the address and the last cause, when it never did.
+        """
+        url = self.settings.redis_url.get_secret_value()
+        attempts = StartupConnection(
+            "Redis", address_of(url), self.settings.connect_timeout, "STORE_UNAVAILABLE"
+        )
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type((RedisConnectionError, RedisTimeoutError, OSError)),
+            stop=tenacity.stop_after_delay(self.settings.connect_timeout),
+            wait=tenacity.wait_exponential_jitter(
+                multiplier=0.1, max=STORE_PROBE_MAX_WAIT_SECONDS, jitter=0.1
+            ),
+            before_sleep=lambda state: attempts.failed(_outcome_error(state)),
+            reraise=True,
+        )
+
+        async def ping() -> None:
+            # Not client.ping itself: tenacity awaits only what a coroutine function returns.
+            await client.ping()
+
+        try:
+            await retrying(ping)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            attempts.failed(error)
+            raise attempts.gave_up() from error
+
     def _public_base(self) -> str:
         return self.settings.public_url or f"http://{self.http_address}"
 
@@ -152,6 +189,11 @@ class AuthApp(Startable):
     async def aclose(self) -> None:
         """Graceful stop: health NOT_SERVING, drain gRPC, stop loops, close connections."""
         await self._stack.aclose()
+
+
+def _outcome_error(state: tenacity.RetryCallState) -> BaseException:
+    error = state.outcome.exception() if state.outcome is not None else None
+    return error if error is not None else TimeoutError("no answer")
 
 
 def run(settings: AuthSettings) -> None:

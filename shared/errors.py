@@ -34,8 +34,10 @@ a status code in one table (``authmesh._shared.grpc_errors``).
     ├── AlreadyExists                     ALREADY_EXISTS (USER_EXISTS)
     ├── NotFound                          NOT_FOUND (SESSION_NOT_FOUND, USER_NOT_FOUND)
     ├── RateLimited                       RESOURCE_EXHAUSTED (RATE_LIMITED)
-    ├── Unavailable                       UNAVAILABLE (STORE_UNAVAILABLE, BROKER_UNAVAILABLE,
-    │                                     KEYS_UNAVAILABLE, REVOCATION_STATE_STALE, ...)
+    ├── Unavailable                       UNAVAILABLE (BROKER_UNAVAILABLE, KEYS_UNAVAILABLE,
+    │   │                                 REVOCATION_STATE_STALE, ...)
+    │   └── StoreUnavailable              STORE_UNAVAILABLE (the store cannot be reached or timed out)
+    ├── StoreError                        INTERNAL (STORE_ERROR: the store answered a command with an error)
     ├── ConfigurationError                CONFIGURATION_INVALID (raised at start, never on the wire)
     └── EventRejected                     EVENT_* (an event on NATS we cannot trust: EVENT_WRONG_SUBJECT,
                                           EVENT_FOREIGN_ISSUER, EVENT_BAD_SIGNATURE, EVENT_MALFORMED, ...)
@@ -291,6 +293,23 @@ class Unavailable(AuthError):
 
     code = "UNAVAILABLE"
     default_message = "service unavailable"
+
+
+class StoreUnavailable(Unavailable):
+    """The store could not be reached or did not answer in time."""
+
+    code = "STORE_UNAVAILABLE"
+    default_message = "token store unavailable"
+
+
+class StoreError(AuthError):
+    """The store answered with an error (a script error, ``WRONGTYPE``, out of memory): not an outage.
+
+    Retrying will not help until an operator acts; the service's log names the command and the reply.
+    """
+
+    code = "STORE_ERROR"
+    default_message = "token store error"
 
 
 class ConfigurationError(AuthError):

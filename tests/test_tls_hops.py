@@ -11,7 +11,7 @@ from nats.errors import NoServersError
 
 from authmesh._shared.tls import TlsFiles, client_ssl_context, redis_tls_options
 from authmesh.certs import LOCAL_HOSTS, CertificateAuthority
-from authmesh.processes import NatsCluster, NatsServer, RedisServer, nats_cluster_config
+from authmesh.processes import NatsCluster, NatsServer, RedisServer
 
 REDIS_USER = ("auth", "redis-password-1")
 
@@ -65,9 +65,7 @@ async def test_a_nats_server_from_another_ca_is_refused_by_the_client(
 async def test_a_nats_cluster_forms_over_tls_routes(tmp_path: Path, ca: CertificateAuthority) -> None:
     node_files = ca.write_issued(tmp_path / "tls", "nats", LOCAL_HOSTS)
     member = ca.write_issued(tmp_path / "member", "auth", LOCAL_HOSTS)
-    cluster = NatsCluster(
-        tmp_path / "cluster", size=3, config_text=nats_cluster_config(tls=node_files), tls=node_files
-    )
+    cluster = NatsCluster(tmp_path / "cluster", size=3, tls=node_files)
     async with cluster:
         # Healthy means every node knows the JetStream meta leader: the routes are up, on TLS.
         assert await nats_connects(cluster.urls[0], client_ssl_context(member))
