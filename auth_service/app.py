@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import redis.asyncio as redis
 import structlog
 from nats.aio.client import Client as NatsClient
 
@@ -19,6 +18,8 @@ from authmesh._auth_service.keyring import Keyring, KeySealer
 from authmesh._auth_service.metrics import AuthMetrics
 from authmesh._auth_service.passwords import PasswordChecker
 from authmesh._auth_service.publisher import EventPublisher
+from authmesh._auth_service.redis_client import connect_redis, describe_redis_url
+from authmesh._auth_service.redis_scripts import ReplicaAck
 from authmesh._auth_service.servicer import AuthServicer
 from authmesh._auth_service.store import AuthStore
 from authmesh._shared.grpc_server import RunningServer, start_grpc_server
@@ -30,6 +31,7 @@ from authmesh._shared.nats_wiring import connect_nats, ensure_stream
 from authmesh._shared.settings import AuthSettings, credentials
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
+REDIS_TIMEOUT_SECONDS = 3.0
 SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 _log = structlog.get_logger(__name__)
 
@@ -50,6 +52,7 @@ class AuthApp(Startable):
         self._http: HttpServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._nats: NatsClient | None = None
+        self.redis_target = describe_redis_url(settings.redis_url.get_secret_value())
         self.core: AuthCore | None = None
         self.publisher: EventPublisher | None = None
 
@@ -67,11 +70,14 @@ class AuthApp(Startable):
     async def _start(self) -> None:
         settings = self.settings
         sealer = KeySealer(settings.require_key_encryption_key())
-        client = redis.Redis.from_url(
-            settings.redis_url.get_secret_value(), socket_timeout=3, socket_connect_timeout=3
+        connection = connect_redis(settings.redis_url.get_secret_value(), timeout=REDIS_TIMEOUT_SECONDS)
+        self._stack.push_async_callback(connection.aclose)
+        store = AuthStore(
+            connection.client,
+            access_ttl=settings.access_token_ttl,
+            leeway=settings.leeway,
+            replica_ack=_replica_ack(settings, replicated=connection.replicated),
         )
-        self._stack.push_async_callback(client.aclose)
-        store = AuthStore(client, access_ttl=settings.access_token_ttl, leeway=settings.leeway)
         await store.ping()
         keyring = Keyring(store, sealer, int((settings.access_token_ttl + settings.leeway) * 1000))
         await keyring.start()
@@ -147,6 +153,15 @@ class AuthApp(Startable):
     async def aclose(self) -> None:
         """Graceful stop: health NOT_SERVING, drain gRPC, stop loops, close connections."""
         await self._stack.aclose()
+
+
+def _replica_ack(settings: AuthSettings, *, replicated: bool) -> ReplicaAck | None:
+    replicas = settings.redis_min_replicas_acked
+    if replicas is None:
+        replicas = 1 if replicated else 0
+    if replicas == 0:
+        return None
+    return ReplicaAck(replicas, int(settings.redis_replica_ack_timeout * 1000))
 
 
 def run(settings: AuthSettings) -> None:

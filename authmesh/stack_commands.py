@@ -59,6 +59,13 @@ def up(
             help="Keep data, logs and secrets here (reused next time); a temporary directory otherwise.",
         ),
     ] = None,
+    redis_sentinel: Annotated[
+        bool,
+        typer.Option(
+            "--redis-sentinel",
+            help="Redis as a primary, two replicas and three Sentinels; the auth service follows a failover.",
+        ),
+    ] = False,
 ) -> None:
     """Run NATS (JetStream), Redis, the auth service and N resource replicas until interrupted."""
     err = Console(stderr=True)
@@ -68,7 +75,7 @@ def up(
     if not json_output:
         err.print(f"Starting the stack ({replicas} replica(s), {nats_cluster} NATS node(s))…")
     try:
-        asyncio.run(_serve(replicas, nats_cluster, data_dir, json_output))
+        asyncio.run(_serve(replicas, nats_cluster, data_dir, json_output, redis_sentinel))
     except AuthError as error:
         err.print(f"[red]the stack did not start[/red]: {escape(error.message)}")
         raise typer.Exit(EXIT_FAILURE) from None
@@ -76,7 +83,9 @@ def up(
         err.print("Stopped.")
 
 
-async def _serve(replicas: int, nats_cluster: int, data_dir: Path | None, json_output: bool) -> None:
+async def _serve(
+    replicas: int, nats_cluster: int, data_dir: Path | None, json_output: bool, redis_sentinel: bool = False
+) -> None:
     """Start the stack, announce it, and stop it on SIGINT or SIGTERM (even while it is starting)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -93,7 +102,9 @@ async def _serve(replicas: int, nats_cluster: int, data_dir: Path | None, json_o
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupt)
     try:
-        async with LocalStack(replicas=replicas, nats_cluster=nats_cluster, base_dir=data_dir) as stack:
+        async with LocalStack(
+            replicas=replicas, nats_cluster=nats_cluster, base_dir=data_dir, redis_sentinel=redis_sentinel
+        ) as stack:
             _announce(stack, json_output)
             announced.set()
             await _watch(stack, stop)
