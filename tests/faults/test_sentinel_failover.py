@@ -23,7 +23,7 @@ from authmesh._auth_service.store import (
 from authmesh.auth.v1 import auth_pb2
 from authmesh.redis_sentinel import SentinelGroup
 from tests.auth_support import auth_settings, running_auth
-from tests.faults import OK, Auth, jti_of, outcome
+from tests.faults import OK, Answers, Auth, jti_of, outcome, revoke_next
 from tests.faults.test_redis_restart import until
 from tests.waiting import eventually
 
@@ -52,24 +52,12 @@ async def sentinel_group(tmp_path: Path) -> AsyncIterator[SentinelGroup]:
 
 
 @dataclass
-class Load:
+class Load(Answers):
     """Acknowledged effects per kind of call, and every answer seen."""
 
     revoked_jtis: list[str] = field(default_factory=list)
     refreshed: list[tuple[str, str]] = field(default_factory=list)
     kids: list[str] = field(default_factory=list)
-    answers: list[tuple[str, str, float]] = field(default_factory=list)
-    wrong: list[str] = field(default_factory=list)
-
-    def saw(self, call: str, label: str) -> None:
-        """Record an answer; anything but OK or a store outage is a wrong answer."""
-        self.answers.append((call, label, time.monotonic()))
-        if label not in {OK, *STORE_DOWN}:
-            self.wrong.append(f"{call}: {label}")
-
-    def oks_after(self, call: str, instant: float) -> int:
-        """How many OK answers of ``call`` came after ``instant``."""
-        return sum(1 for c, label, at in self.answers if c == call and label == OK and at > instant)
 
 
 async def test_a_sentinel_failover_under_load_loses_no_acknowledged_revocation_rotation_or_refresh(
@@ -90,19 +78,14 @@ async def test_a_sentinel_failover_under_load_loses_no_acknowledged_revocation_r
         await auth.create_user("steady", PASSWORD)
         admin = await auth.admin()
         pool = [await auth.login("steady", PASSWORD) for _ in range(120)]
-        load = Load()
+        load = Load(frozenset(STORE_DOWN))
         stop = asyncio.Event()
 
         async def revoke() -> bool:
             if not pool:
                 return False
-            token = pool[-1].access_token
-            label, _ = await outcome(
-                client.stub.RevokeToken(auth_pb2.RevokeTokenRequest(token=token), metadata=admin, timeout=10)
-            )
-            load.saw("RevokeToken", label)
-            if label == OK:
-                pool.pop()
+            token = await revoke_next(client.stub, pool, admin, load)
+            if token is not None:
                 load.revoked_jtis.append(jti_of(token))
             return True
 
@@ -170,9 +153,7 @@ async def test_a_sentinel_failover_under_load_loses_no_acknowledged_revocation_r
             await asyncio.gather(*workers)
 
         assert load.wrong == []
-        assert any(label in STORE_DOWN for _, label, at in load.answers if at > killed_at), (
-            "the failover was not seen at all"
-        )
+        assert load.failures_after(killed_at), "the failover was not seen at all"
         assert load.kids, "no key rotation was acknowledged"
 
     # Read what the promoted primary holds, found through the Sentinels as any client would.
