@@ -10,6 +10,7 @@ import contextlib
 
 import structlog
 from nats.aio.client import Client as NatsClient
+from redis.exceptions import RedisError
 
 from authmesh._auth_service.core import AuthCore
 from authmesh._auth_service.grants import ADMIN_SCOPE, SERVICE_SCOPE
@@ -18,10 +19,12 @@ from authmesh._auth_service.keyring import Keyring, KeySealer
 from authmesh._auth_service.metrics import AuthMetrics
 from authmesh._auth_service.passwords import PasswordChecker
 from authmesh._auth_service.publisher import EventPublisher
+from authmesh._auth_service.readiness import DependencyProbe
 from authmesh._auth_service.redis_client import connect_redis, describe_redis_url
 from authmesh._auth_service.redis_scripts import ReplicaAck
 from authmesh._auth_service.servicer import AuthServicer
 from authmesh._auth_service.store import AuthStore
+from authmesh._shared.errors import Unavailable
 from authmesh._shared.grpc_server import RunningServer, start_grpc_server
 from authmesh._shared.http_server import HttpServer, join_host_port, split_host_port
 from authmesh._shared.lifecycle import Startable, run_until_signalled
@@ -32,6 +35,8 @@ from authmesh._shared.settings import AuthSettings, credentials
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 REDIS_TIMEOUT_SECONDS = 3.0
+# How often Redis and NATS are probed for the health status.
+PROBE_INTERVAL_SECONDS = 1.0
 SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 _log = structlog.get_logger(__name__)
 
@@ -55,6 +60,7 @@ class AuthApp(Startable):
         self.redis_target = describe_redis_url(settings.redis_url.get_secret_value())
         self.core: AuthCore | None = None
         self.publisher: EventPublisher | None = None
+        self.probe: DependencyProbe | None = None
 
     @property
     def grpc_address(self) -> str:
@@ -78,7 +84,13 @@ class AuthApp(Startable):
             leeway=settings.leeway,
             replica_ack=_replica_ack(settings, replicated=connection.replicated),
         )
-        await store.ping()
+        try:
+            await store.ping()
+        except (RedisError, OSError) as error:
+            raise Unavailable(
+                f"Redis at {self.redis_target} unreachable: {type(error).__name__}: {error}",
+                code="STORE_UNAVAILABLE",
+            ) from error
         keyring = Keyring(store, sealer, int((settings.access_token_ttl + settings.leeway) * 1000))
         await keyring.start()
         self._nats = await connect_nats(settings, name=f"auth-service {settings.instance}")
@@ -113,14 +125,24 @@ class AuthApp(Startable):
         )
         self._stack.push_async_callback(self._stop_grpc)
 
+        self.probe = DependencyProbe(
+            store,
+            self._nats,
+            redis_target=self.redis_target,
+            nats_targets=settings.nats_urls,
+            set_serving=self._grpc.set_serving,
+        )
         self._http = await self._stack.enter_async_context(
             HttpServer(
-                settings.http_listen, http_routes(self.core, settings, self._public_base), self.registry
+                settings.http_listen,
+                [*http_routes(self.core, settings, self._public_base), *self.probe.routes()],
+                self.registry,
             )
         )
         self._tasks.append(asyncio.create_task(self.publisher.run_heartbeat(settings.heartbeat_interval)))
         self._stack.push_async_callback(self._cancel_tasks)
         await self._grpc.set_serving(True)
+        self._tasks.append(asyncio.create_task(self.probe.run(PROBE_INTERVAL_SECONDS)))
         _log.info("auth service ready", grpc=self.grpc_address, http=self.http_address)
 
     def _public_base(self) -> str:
@@ -166,5 +188,5 @@ def _replica_ack(settings: AuthSettings, *, replicated: bool) -> ReplicaAck | No
 
 def run(settings: AuthSettings) -> None:
     """Run the auth service until SIGTERM or SIGINT, then stop gracefully."""
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, service="auth", instance=settings.instance)
     run_until_signalled(lambda: AuthApp(settings))

@@ -43,7 +43,4 @@ def http_routes(core: AuthCore, settings: AuthSettings, public_base: Callable[[]
             }
         )
 
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "serving"})
-
-    return [web.get(JWKS_PATH, jwks), web.get(METADATA_PATH, metadata), web.get("/healthz", healthz)]
+    return [web.get(JWKS_PATH, jwks), web.get(METADATA_PATH, metadata)]

@@ -21,6 +21,7 @@ from aiohttp import web
 from prometheus_client import Gauge
 
 from authmesh._resource_service.documents import sample_documents
+from authmesh._resource_service.revocation_health import report_revocation_state
 from authmesh._resource_service.servicer import REQUIRED_SCOPES, SERVICE_NAME, ResourceServicer
 from authmesh._shared.auth_client import AuthClient
 from authmesh._shared.consumer import RevocationConsumer
@@ -37,6 +38,8 @@ from authmesh._shared.staleness import IntrospectionFallback, StalenessMonitor
 from authmesh._shared.verifier import TokenVerifier, VerifierPolicy
 from authmesh.resource.v1 import resource_pb2_grpc
 
+# The longest a change of the revocation state waits to show in gRPC health.
+REVOCATION_HEALTH_INTERVAL_SECONDS = 0.25
 _log = structlog.get_logger(__name__)
 
 
@@ -144,12 +147,22 @@ class ResourceApp(Startable):
             group.create_task(self.consumer.run(), name="revocation-consumer")
             group.create_task(self.auth.run_token_refresher(), name="service-token-refresher")
             group.create_task(self._serve_when_ready(), name="readiness")
+            group.create_task(self._report_revocation_state(), name="revocation-health")
 
     async def _serve_when_ready(self) -> None:
         await self.consumer.wait_ready()
         assert self._grpc is not None  # the loops start after the server
         await self._grpc.set_serving(True)
         _log.info("resource service serving", instance=self.settings.instance)
+
+    async def _report_revocation_state(self) -> None:
+        assert self._grpc is not None  # the loops start after the server
+        await report_revocation_state(
+            self._grpc.health,
+            self.staleness,
+            lambda: self.consumer.ready,
+            interval=min(self.staleness.bound / 4, REVOCATION_HEALTH_INTERVAL_SECONDS),
+        )
 
     async def _stop_grpc(self) -> None:
         if self._grpc is not None:
@@ -212,5 +225,5 @@ class ResourceApp(Startable):
 
 def run(settings: ResourceSettings) -> None:
     """Run a replica until SIGTERM or SIGINT, then stop gracefully."""
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, service="resource", instance=settings.instance)
     run_until_signalled(lambda: ResourceApp(settings))
