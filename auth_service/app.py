@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import nats.errors
 import structlog
 from nats.aio.client import Client as NatsClient
 from redis.exceptions import RedisError
@@ -30,7 +31,7 @@ from authmesh._shared.http_server import HttpServer, join_host_port, split_host_
 from authmesh._shared.lifecycle import Startable, run_until_signalled
 from authmesh._shared.logs import configure_logging
 from authmesh._shared.metrics import ServiceMetrics
-from authmesh._shared.nats_wiring import connect_nats, ensure_stream
+from authmesh._shared.nats_wiring import connect_nats, describe_nats_urls, ensure_stream
 from authmesh._shared.settings import AuthSettings, credentials
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
@@ -93,7 +94,14 @@ class AuthApp(Startable):
             ) from error
         keyring = Keyring(store, sealer, int((settings.access_token_ttl + settings.leeway) * 1000))
         await keyring.start()
-        self._nats = await connect_nats(settings, name=f"auth-service {settings.instance}")
+        try:
+            self._nats = await connect_nats(settings, name=f"auth-service {settings.instance}")
+        except (nats.errors.Error, OSError, TimeoutError) as error:
+            targets = describe_nats_urls(settings.nats_urls)
+            raise Unavailable(
+                f"NATS at {targets} unreachable: {type(error).__name__} {error}",
+                code="BROKER_UNAVAILABLE",
+            ) from error
         self._stack.push_async_callback(self._close_nats)
         js = self._nats.jetstream()
         await ensure_stream(js, settings)
@@ -129,7 +137,7 @@ class AuthApp(Startable):
             store,
             self._nats,
             redis_target=self.redis_target,
-            nats_targets=settings.nats_urls,
+            nats_targets=describe_nats_urls(settings.nats_urls),
             set_serving=self._grpc.set_serving,
         )
         self._http = await self._stack.enter_async_context(

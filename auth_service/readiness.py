@@ -30,7 +30,7 @@ class DependencyProbe:
         store: The Redis state (pinged).
         nats: The NATS connection (its state is read).
         redis_target: Redis's address without credentials, named when it is unreachable.
-        nats_targets: The NATS servers, named when none is connected.
+        nats_targets: The NATS servers (without credentials), named when none is connected.
         set_serving: Sets the gRPC health of the service.
     """
 
@@ -40,13 +40,13 @@ class DependencyProbe:
         nats: NatsClient,
         *,
         redis_target: str,
-        nats_targets: list[str],
+        nats_targets: str,
         set_serving: Callable[[bool], Awaitable[None]],
     ) -> None:
         self._store = store
         self._nats = nats
         self._redis_target = redis_target
-        self._nats_targets = ",".join(nats_targets)
+        self._nats_targets = nats_targets
         self._set_serving = set_serving
         self.problems: dict[str, str] = {}
 

@@ -49,7 +49,7 @@ from authmesh._shared.events import (
 from authmesh._shared.jose import decode_compact
 from authmesh._shared.key_cache import KeyCache
 from authmesh._shared.lifecycle import raise_if_cancelled
-from authmesh._shared.nats_wiring import connect_nats
+from authmesh._shared.nats_wiring import connect_nats, describe_nats_urls
 from authmesh._shared.settings import CommonSettings
 from authmesh._shared.staleness import StalenessMonitor
 
@@ -198,7 +198,11 @@ class RevocationConsumer:
                     reconnected=self._on_reconnected,
                 )
             except (nats.errors.Error, OSError, TimeoutError) as error:
-                _log.warning("nats connect failed", error=type(error).__name__)
+                _log.warning(
+                    "nats connect failed",
+                    error=type(error).__name__,
+                    target=describe_nats_urls(self._settings.nats_urls),
+                )
                 delay = await _backoff(delay)
                 continue
             self._connected = True

@@ -29,6 +29,16 @@ async def _ignore_error(_: Exception) -> None:
     """nats-py logs errors through the callback; the connection state is watched elsewhere."""
 
 
+def describe_nats_urls(urls: list[str]) -> str:
+    """The NATS servers without any credentials in their URLs: what logs and connection errors name."""
+    return ",".join(url.rpartition("@")[2] if "://" not in url else _without_userinfo(url) for url in urls)
+
+
+def _without_userinfo(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
+
+
 async def connect_nats(
     settings: CommonSettings,
     *,

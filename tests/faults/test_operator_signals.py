@@ -11,11 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
+from authmesh._auth_service.app import AuthApp
 from authmesh._auth_service.audit import username_hash
 from authmesh._resource_service.revocation_health import REVOCATION_HEALTH_SERVICE
+from authmesh._shared.errors import Unavailable
 from authmesh.auth.v1 import auth_pb2
-from authmesh.processes import NatsServer, RedisServer
+from authmesh.processes import NatsServer, RedisServer, free_port
 from authmesh.stack import grpc_health_status
 from tests.auth_support import ADMIN, SERVICE, auth_settings, running_auth
 from tests.faults import auth_at, auth_process, clean_environment, in_process_replicas, outcome
@@ -214,3 +217,11 @@ async def test_health_of_the_auth_service_and_the_replicas_revocation_state_foll
         await eventually(
             health_is(target, "SERVING", REVOCATION_HEALTH_SERVICE), within=DEADLINE, what="current again"
         )
+
+
+async def test_a_store_that_does_not_answer_at_start_is_named_without_its_credentials(nats_url: str) -> None:
+    closed = free_port()
+    with pytest.raises(Unavailable, match=f"Redis at redis://127.0.0.1:{closed}/0 unreachable") as caught:
+        async with AuthApp(auth_settings(f"redis://:hunter2-secret@127.0.0.1:{closed}/0", [nats_url])):
+            pass
+    assert "hunter2" not in str(caught.value)
