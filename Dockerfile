@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The authmesh image: one slim Python image for every service (`authmesh auth-server`,
 # `authmesh resource-server`, `authmesh demo`, `authmesh healthcheck`), run as an unprivileged user.
 # docker-compose.yml builds it; configuration comes only from AUTHMESH_* variables.
@@ -18,12 +17,14 @@ RUN groupadd --system --gid 10001 authmesh \
 WORKDIR /src
 # Only what the distribution is built from (.dockerignore keeps the rest out of the context).
 COPY pyproject.toml README.md ./
+COPY requirements/lock.txt ./requirements/lock.txt
 COPY authmesh ./authmesh
 COPY auth_service ./auth_service
 COPY resource_service ./resource_service
 COPY shared ./shared
-# The runtime dependencies only: no dev extras, and no source tree left behind.
-RUN pip install . && rm -rf /src
+# The services and the command (`cli`, which includes the auth service's `server` extra) at the locked
+# versions: no dev extras, no bundled servers, and no source tree left behind.
+RUN pip install -c requirements/lock.txt '.[cli]' && rm -rf /src
 
 WORKDIR /
 USER 10001:10001

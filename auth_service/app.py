@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import nats.errors
+import redis.asyncio as redis
 import structlog
+import tenacity
 from nats.aio.client import Client as NatsClient
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from authmesh._auth_service.core import AuthCore
 from authmesh._auth_service.grants import ADMIN_SCOPE, SERVICE_SCOPE
@@ -25,13 +27,13 @@ from authmesh._auth_service.redis_client import connect_redis, describe_redis_ur
 from authmesh._auth_service.redis_scripts import ReplicaAck
 from authmesh._auth_service.servicer import AuthServicer
 from authmesh._auth_service.store import AuthStore
-from authmesh._shared.errors import Unavailable
+from authmesh._shared.connecting import StartupConnection, address_of
 from authmesh._shared.grpc_server import RunningServer, start_grpc_server
 from authmesh._shared.http_server import HttpServer, join_host_port, split_host_port
 from authmesh._shared.lifecycle import Startable, run_until_signalled
 from authmesh._shared.logs import configure_logging
 from authmesh._shared.metrics import ServiceMetrics
-from authmesh._shared.nats_wiring import connect_nats, describe_nats_urls, ensure_stream
+from authmesh._shared.nats_wiring import connect_nats, ensure_stream
 from authmesh._shared.settings import AuthSettings, credentials
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
@@ -39,6 +41,8 @@ REDIS_TIMEOUT_SECONDS = 3.0
 # How often Redis and NATS are probed for the health status.
 PROBE_INTERVAL_SECONDS = 1.0
 SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
+# Redis is probed with a short socket timeout and an exponential backoff between probes, up to this.
+STORE_PROBE_MAX_WAIT_SECONDS = 2.0
 _log = structlog.get_logger(__name__)
 
 
@@ -85,23 +89,11 @@ class AuthApp(Startable):
             leeway=settings.leeway,
             replica_ack=_replica_ack(settings, replicated=connection.replicated),
         )
-        try:
-            await store.ping()
-        except (RedisError, OSError) as error:
-            raise Unavailable(
-                f"Redis at {self.redis_target} unreachable: {type(error).__name__}: {error}",
-                code="STORE_UNAVAILABLE",
-            ) from error
+        await self._reach_store(connection.client)
+        await store.check_server_version()
         keyring = Keyring(store, sealer, int((settings.access_token_ttl + settings.leeway) * 1000))
         await keyring.start()
-        try:
-            self._nats = await connect_nats(settings, name=f"auth-service {settings.instance}")
-        except (nats.errors.Error, OSError, TimeoutError) as error:
-            targets = describe_nats_urls(settings.nats_urls)
-            raise Unavailable(
-                f"NATS at {targets} unreachable: {type(error).__name__} {error}",
-                code="BROKER_UNAVAILABLE",
-            ) from error
+        self._nats = await connect_nats(settings, name=f"auth-service {settings.instance}")
         self._stack.push_async_callback(self._close_nats)
         js = self._nats.jetstream()
         await ensure_stream(js, settings)
@@ -137,7 +129,7 @@ class AuthApp(Startable):
             store,
             self._nats,
             redis_target=self.redis_target,
-            nats_targets=describe_nats_urls(settings.nats_urls),
+            nats_targets=",".join(address_of(url) for url in settings.nats_urls),
             set_serving=self._grpc.set_serving,
         )
         self._http = await self._stack.enter_async_context(
@@ -153,10 +145,41 @@ class AuthApp(Startable):
         self._tasks.append(asyncio.create_task(self.probe.run(PROBE_INTERVAL_SECONDS)))
         _log.info("auth service ready", grpc=self.grpc_address, http=self.http_address)
 
+    async def _reach_store(self, client: redis.Redis) -> None:
+        """Wait until Redis answers, retrying with backoff for ``connect_timeout`` seconds.
+
+        Raises:
+            Unavailable: ``STORE_UNAVAILABLE`` naming the address and the last cause, when it never did.
+        """
+        url = self.settings.redis_url.get_secret_value()
+        attempts = StartupConnection(
+            "Redis", describe_redis_url(url), self.settings.connect_timeout, "STORE_UNAVAILABLE"
+        )
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception_type((RedisConnectionError, RedisTimeoutError, OSError)),
+            stop=tenacity.stop_after_delay(self.settings.connect_timeout),
+            wait=tenacity.wait_exponential_jitter(
+                multiplier=0.1, max=STORE_PROBE_MAX_WAIT_SECONDS, jitter=0.1
+            ),
+            before_sleep=lambda state: attempts.failed(_outcome_error(state)),
+            reraise=True,
+        )
+
+        async def ping() -> None:
+            # Not client.ping itself: tenacity awaits only what a coroutine function returns.
+            await client.ping()
+
+        try:
+            await retrying(ping)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            attempts.failed(error)
+            raise attempts.gave_up() from error
+
     def _public_base(self) -> str:
         return self.settings.public_url or f"http://{self.http_address}"
 
     async def _ensure_accounts(self, core: AuthCore) -> None:
+        await core.index_users()
         if self.settings.bootstrap_admin is not None:
             username, password = credentials(self.settings.bootstrap_admin)
             await core.ensure_user(username, password, (ADMIN_SCOPE,))
@@ -192,6 +215,11 @@ def _replica_ack(settings: AuthSettings, *, replicated: bool) -> ReplicaAck | No
     if replicas == 0:
         return None
     return ReplicaAck(replicas, int(settings.redis_replica_ack_timeout * 1000))
+
+
+def _outcome_error(state: tenacity.RetryCallState) -> BaseException:
+    error = state.outcome.exception() if state.outcome is not None else None
+    return error if error is not None else TimeoutError("no answer")
 
 
 def run(settings: AuthSettings) -> None:

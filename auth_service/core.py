@@ -513,6 +513,30 @@ class AuthCore:
             raise AlreadyExists("user exists", code="USER_EXISTS")
         return record.sub
 
+    async def list_users(
+        self, caller: AccessClaims, page_size: int, page_token: str, username_prefix: str
+    ) -> tuple[list[tuple[UserRecord, bool]], str]:
+        """One page of users in username order (each with whether it is disabled), and the token of the
+        next page (empty on the last).
+
+        Raises:
+            WrongAudience: The caller's token is not for the auth audience.
+            InsufficientScope: The caller is not an admin.
+            InvalidRequest: The page size is out of range, or the page token or prefix is not valid.
+        """
+        self._audiences.require_auth_scope(caller, ADMIN_SCOPE)
+        limit = validation.page_size(page_size)
+        after = validation.page_token(page_token)
+        if username_prefix:
+            validation.username(username_prefix)
+        users, more = await self._store.list_users(after=after, prefix=username_prefix, limit=limit)
+        return users, validation.next_page_token(users[-1][0].username) if more and users else ""
+
+    async def index_users(self) -> None:
+        """List users stored before the username index existed (idempotent; at start)."""
+        if added := await self._store.index_users():
+            _log.info("users indexed", count=added)
+
     async def ensure_user(self, username: str, password: str, scopes: tuple[str, ...]) -> None:
         """Create a configured account at start if it is absent."""
         if await self._store.get_user(username) is None:

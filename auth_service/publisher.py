@@ -17,17 +17,30 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from prometheus_client import Counter
-from redis.exceptions import RedisError
 
 from authmesh._auth_service.keyring import Keyring
 from authmesh._auth_service.outbox import from_record
 from authmesh._auth_service.store import AuthStore
-from authmesh._shared.errors import AuthError, Unavailable
+from authmesh._shared.errors import AuthError, StoreError, StoreUnavailable, Unavailable
 from authmesh._shared.events import STREAM_NAME, HeartbeatEvent, SecurityEvent, encode_event
 from authmesh._shared.lifecycle import raise_if_cancelled
 
 PUBLISH_TIMEOUT_SECONDS = 2.0
 _log = structlog.get_logger(__name__)
+
+
+def broker_unavailable(operation: str, cause: BaseException | str, *, quiet: bool = False) -> Unavailable:
+    """``BROKER_UNAVAILABLE`` for a failed NATS call, logged once with its cause.
+
+    Args:
+        operation: What was attempted (``publish auth.events.revoked.token``, …).
+        cause: The error NATS raised, or why the call was not made.
+        quiet: Log at debug level (a loop that fails every interval during an outage).
+    """
+    reason = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else cause
+    log = _log.debug if quiet else _log.warning
+    log("event broker unavailable", operation=operation, cause=reason)
+    return Unavailable("event broker unavailable", code="BROKER_UNAVAILABLE")
 
 
 class EventPublisher:
@@ -84,8 +97,10 @@ class EventPublisher:
         else:
             key = await self._keyring.signing_key(active_kid)
         payload = encode_event(event, key.private_key, key.kid)
+        # Heartbeats fail every interval while NATS is down; their loop says so once per failure.
+        quiet = use_cached_key
         if not self._nc.is_connected:
-            raise Unavailable("event broker unavailable", code="BROKER_UNAVAILABLE")
+            raise broker_unavailable(f"publish {event.type.subject}", "not connected to NATS", quiet=quiet)
         try:
             ack = await self._js.publish(
                 event.type.subject,
@@ -94,7 +109,7 @@ class EventPublisher:
                 timeout=PUBLISH_TIMEOUT_SECONDS,
             )
         except (nats.errors.Error, TimeoutError) as error:
-            raise Unavailable("event broker unavailable", code="BROKER_UNAVAILABLE") from error
+            raise broker_unavailable(f"publish {event.type.subject}", error, quiet=quiet) from error
         self._published.labels(event.type.value).inc()
         return int(ack.seq)
 
@@ -157,7 +172,7 @@ class EventPublisher:
         try:
             info = await self._js.stream_info(STREAM_NAME)
         except (nats.errors.Error, TimeoutError) as error:
-            raise Unavailable("event broker unavailable", code="BROKER_UNAVAILABLE") from error
+            raise broker_unavailable(f"stream info {STREAM_NAME}", error) from error
         return int(info.state.last_seq)
 
     async def run_heartbeat(self, interval: float) -> None:
@@ -184,7 +199,7 @@ class EventPublisher:
         """
         try:
             await self.flush_outbox()
-        except (RedisError, OSError) as error:
+        except (StoreUnavailable, StoreError) as error:
             if self._undelivered:
                 _log.warning(
                     "outbox unreadable with events undelivered: heartbeat withheld", error=repr(error)
@@ -201,5 +216,5 @@ class EventPublisher:
         event = SecurityEvent.new(HeartbeatEvent(seq=self._heartbeat_seq), self._issuer, self._origin)
         try:
             await self.publish(event, use_cached_key=True)
-        except Unavailable:
-            _log.debug("heartbeat not published: broker unavailable")
+        except Unavailable as error:
+            _log.debug("heartbeat not published", reason=error.code)

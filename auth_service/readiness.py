@@ -17,6 +17,8 @@ from nats.aio.client import Client as NatsClient
 from redis.exceptions import RedisError
 
 from authmesh._auth_service.store import AuthStore
+from authmesh._shared.connecting import describe
+from authmesh._shared.errors import AuthError
 from authmesh._shared.lifecycle import raise_if_cancelled
 
 PROBE_TIMEOUT_SECONDS = 1.0
@@ -61,8 +63,9 @@ class DependencyProbe:
         try:
             async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
                 await self._store.ping()
-        except (RedisError, OSError, TimeoutError) as error:
-            problems["redis"] = f"Redis at {self._redis_target} unreachable: {type(error).__name__}: {error}"
+        except (AuthError, RedisError, OSError, TimeoutError) as error:
+            cause = describe(error.__cause__ or error)
+            problems["redis"] = f"Redis at {self._redis_target} unreachable: {cause}"
         if not self._nats.is_connected:
             problems["nats"] = f"NATS at {self._nats_targets} unreachable (not connected)"
         return problems

@@ -14,6 +14,7 @@ from typing import Any
 
 import hiredis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -149,8 +150,9 @@ class ScriptRunner:
             conn.socket_timeout = None
             return conn
         conn = self._idle.pop()
-        # Closed by the server while idle (a restart, an idle timeout): reconnect instead of failing.
-        if conn.is_connected and await conn.can_read():
+        # Closed by the server while idle (a restart, an idle timeout): reconnect before anything is sent
+        # on it, instead of failing a call whose script never reached Redis.
+        if conn.is_connected and await _closed_or_unsolicited(conn):
             await conn.disconnect()
         return conn
 
@@ -160,3 +162,16 @@ class ScriptRunner:
             return
         conn.socket_timeout = self._socket_timeout
         await self._pool.release(conn)
+
+
+async def _closed_or_unsolicited(conn: AbstractConnection) -> bool:
+    """Whether an idle connection is unfit for a call: the server closed or reset it, or sent a reply
+    nobody is waiting for.
+
+    redis-py up to 8.1 answers a closed connection's ``can_read`` with True; from 8.2 its parsers raise
+    ``ConnectionError`` instead. Both mean the same here, and nothing has been sent yet.
+    """
+    try:
+        return bool(await conn.can_read())
+    except RedisConnectionError:
+        return True

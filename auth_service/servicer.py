@@ -8,12 +8,11 @@ from typing import Any, TypeVar
 
 import grpc
 import structlog
-from redis.exceptions import RedisError
 
 from authmesh._auth_service.core import AuthCore, IssuedTokens
 from authmesh._auth_service.snapshot_chunks import snapshot_chunks
 from authmesh._auth_service.store import RevocationResult
-from authmesh._shared.errors import AuthError, Unavailable
+from authmesh._shared.errors import AuthError
 from authmesh._shared.grpc_errors import abort_with_error, bearer_token
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
@@ -23,29 +22,23 @@ Context = grpc.aio.ServicerContext[Any, Any]
 _log = structlog.get_logger(__name__)
 
 
-def _translate(error: Exception) -> AuthError | None:
-    if isinstance(error, AuthError):
-        return error
-    if isinstance(error, RedisError | ConnectionError | TimeoutError):
-        return Unavailable("token store unavailable", code="STORE_UNAVAILABLE")
-    return None
-
-
 def unary(
     handler: Callable[[Any, Request, Context], Awaitable[Response]],
 ) -> Callable[[Any, Request, Context], Awaitable[Response]]:
-    """Map our errors (and a store outage) to their status codes; anything else is a bug, logged."""
+    """Map our errors to their status codes; anything else is a bug, logged.
+
+    Store and broker failures arrive here already translated (and logged) where they happen.
+    """
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Request, context: Context) -> Response:
         try:
             return await handler(self, request, context)
-        except Exception as error:
-            mapped = _translate(error)
-            if mapped is None:
-                _log.exception("unexpected error", method=handler.__name__)
-                raise
-            await abort_with_error(context, mapped)
+        except AuthError as error:
+            await abort_with_error(context, error)
+        except Exception:
+            _log.exception("unexpected error", method=handler.__name__)
+            raise
 
     return wrapper
 
@@ -182,6 +175,29 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         )
         return auth_pb2.CreateUserResponse(subject=subject)
 
+    @unary
+    async def ListUsers(
+        self, request: auth_pb2.ListUsersRequest, context: Context
+    ) -> auth_pb2.ListUsersResponse:
+        """One page of users."""
+        caller = await self._caller(context)
+        users, next_page_token = await self._core.list_users(
+            caller, request.page_size, request.page_token, request.username_prefix
+        )
+        return auth_pb2.ListUsersResponse(
+            users=[
+                auth_pb2.User(
+                    username=user.username,
+                    subject=user.sub,
+                    scopes=list(user.scopes),
+                    created_at_unix_ms=user.created_ms,
+                    disabled=disabled,
+                )
+                for user, disabled in users
+            ],
+            next_page_token=next_page_token,
+        )
+
     async def SnapshotRevocations(
         self, request: auth_pb2.SnapshotRevocationsRequest, context: Context
     ) -> AsyncIterator[auth_pb2.RevocationSnapshotChunk]:
@@ -189,11 +205,10 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         try:
             caller = await self._caller(context)
             snapshot, sequence = await self._core.snapshot(caller)
-        except Exception as error:
-            mapped = _translate(error)
-            if mapped is None:
-                _log.exception("unexpected error", method="SnapshotRevocations")
-                raise
-            await abort_with_error(context, mapped)
+        except AuthError as error:
+            await abort_with_error(context, error)
+        except Exception:
+            _log.exception("unexpected error", method="SnapshotRevocations")
+            raise
         for chunk in snapshot_chunks(snapshot, sequence):
             yield chunk

@@ -26,21 +26,28 @@ Keys (all prefixed ``am:``)::
     outbox                     hash event_id -> event JSON
     login_failures:{username}  failed-login counter for the rate limit
     rotation:{request_id}      "kid previous_kid event_id…" of a RotateSigningKey, for its retries
+    users                      zset of usernames, all with score 0 (listed in username order)
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import redis.asyncio as redis
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from authmesh._auth_service.redis_scripts import LuaScript, ReplicaAck, ScriptRunner
-from authmesh._shared.errors import NotFound, UserDisabled
+from authmesh._shared.errors import ConfigurationError, NotFound, StoreError, StoreUnavailable, UserDisabled
 
 PREFIX = "am:"
 OUTBOX = PREFIX + "outbox"
@@ -50,6 +57,110 @@ REVOKED_JTIS = PREFIX + "revoked_jtis"
 REVOKED_SESSIONS = PREFIX + "revoked_sessions"
 REVOKED_USERS = PREFIX + "revoked_users"
 RETIRED_KEYS = PREFIX + "retired_keys"
+USERS = PREFIX + "users"
+# SCAN batch of the start-up user index backfill.
+_USER_SCAN_BATCH = 1000
+
+# The oldest server the scripts and commands work on: EXPIRE … NX and the 7.0 script semantics. Valkey
+# reports the Redis version it is compatible with (7.2.4 for Valkey 7.2 to 9), so one check covers both.
+MINIMUM_REDIS_VERSION = (7, 0)
+MINIMUM_SERVER_TEXT = "Redis >= 7.0 or Valkey >= 7.2"
+
+_log = structlog.get_logger(__name__)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+# redis-py prefixes a pipeline's error with the whole command, arguments (values) included.
+_PIPELINE_PREFIX = re.compile(r"^Command # \d+ \((?P<command>\S+).*?\) of pipeline caused error: ", re.S)
+# Redis echoes the first arguments of an unknown command; they may be keys or values.
+_ECHOED_ARGUMENTS = ", with args beginning with:"
+
+
+def redis_error_message(error: RedisError) -> tuple[str | None, str]:
+    """The command a pipeline names (if any) and Redis's own message, without any argument it echoed."""
+    text = str(error)
+    command = None
+    prefix = _PIPELINE_PREFIX.match(text)
+    if prefix is not None:
+        command = prefix.group("command").upper()
+        text = text[prefix.end() :]
+    return command, text.split(_ECHOED_ARGUMENTS, 1)[0].strip()
+
+
+def translate_redis_error(command: str, error: BaseException) -> StoreUnavailable | StoreError:
+    """The error a failed Redis call means for a caller, logged once with its cause.
+
+    A lost connection or a timeout is an outage (``STORE_UNAVAILABLE``, retrying is safe); an error reply
+    (a script error, an unknown command, ``WRONGTYPE``, ``OOM`` under ``noeviction``) is not, and is
+    ``STORE_ERROR``. Only the command's name and Redis's message are logged, never a key or a value.
+
+    Args:
+        command: What was sent (``EVALSHA rotate_refresh``, ``MULTI INCR EXPIRE TTL EXEC``, …).
+        error: What redis-py raised.
+    """
+    if isinstance(error, RedisConnectionError | RedisTimeoutError | OSError):
+        _log.warning("token store unavailable", command=command, cause=f"{type(error).__name__}: {error}")
+        return StoreUnavailable()
+    failed, message = redis_error_message(error) if isinstance(error, RedisError) else (None, str(error))
+    # redis-py strips the code of the replies it has a class for (OOM → OutOfMemoryError): keep the class.
+    _log.error(
+        "token store refused a command",
+        command=failed or command,
+        error_type=type(error).__name__,
+        redis_error=message,
+    )
+    return StoreError("token store refused the command")
+
+
+def _store_call(
+    command: str,
+) -> Callable[
+    [Callable[Concatenate[AuthStore, _P], Awaitable[_R]]], Callable[Concatenate[AuthStore, _P], Awaitable[_R]]
+]:
+    """Translate what redis-py raises inside the method into our errors (see ``translate_redis_error``)."""
+
+    def decorate(
+        method: Callable[Concatenate[AuthStore, _P], Awaitable[_R]],
+    ) -> Callable[Concatenate[AuthStore, _P], Awaitable[_R]]:
+        @functools.wraps(method)
+        async def call(store: AuthStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            try:
+                return await method(store, *args, **kwargs)
+            except (RedisError, OSError) as error:
+                raise translate_redis_error(command, error) from error
+
+        return call
+
+    return decorate
+
+
+def parse_version(text: str) -> tuple[int, ...]:
+    """``"7.2.4"`` → ``(7, 2, 4)``; the numeric prefix of each part (``"7.0.15-rc1"`` → ``(7, 0, 15)``)."""
+    parts = []
+    for part in text.split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        parts.append(int(digits.group()))
+    return tuple(parts)
+
+
+def server_version_problem(info: Mapping[str, Any]) -> str | None:
+    """Why the server ``INFO server`` describes is too old for the auth service, or None if it is not.
+
+    Args:
+        info: The parsed ``INFO server`` section (``redis_version``, and ``valkey_version`` on Valkey).
+    """
+    redis_version = str(info.get("redis_version", ""))
+    valkey_version = info.get("valkey_version")
+    if not redis_version:
+        found = "a server that reports no redis_version"
+    elif parse_version(redis_version) >= MINIMUM_REDIS_VERSION:
+        return None
+    elif valkey_version:
+        found = f"Valkey {valkey_version} (redis_version {redis_version})"
+    else:
+        found = f"Redis {redis_version}"
+    return f"the token store runs {found}; authmesh needs {MINIMUM_SERVER_TEXT}"
 
 
 def user_key(username: str) -> str:
@@ -175,13 +286,14 @@ if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) en
 return {'ok', ms}
 """
 
-# KEYS: user, subject index of the new user
+# KEYS: user, subject index of the new user, username index (zset)
 # ARGV: record JSON, username, subject-index prefix
-# Returns 'created' or 'exists'. One step, so there is never a user whom RevokeUser cannot find; an
-# existing user whose subject index is missing (written by a version that wrote the two apart) gets it
-# back, so a retry repairs it.
+# Returns 'created' or 'exists'. One step, so there is never a user whom RevokeUser cannot find (nor
+# one ListUsers does not list); an existing user whose subject index is missing (written by a version
+# that wrote the two apart) gets it back, so a retry repairs it.
 _CREATE_USER = """
 local existing = redis.call('GET', KEYS[1])
+redis.call('ZADD', KEYS[3], 0, ARGV[2])
 if existing then
   redis.call('SET', ARGV[3] .. cjson.decode(existing).sub, ARGV[2], 'NX')
   return 'exists'
@@ -342,6 +454,17 @@ class UserRecord:
     created_ms: int
 
 
+def _user(username: str, raw: bytes | str) -> UserRecord:
+    data = json.loads(raw)
+    return UserRecord(
+        username=username,
+        sub=data["sub"],
+        password_hash=data["password_hash"],
+        scopes=tuple(data["scopes"]),
+        created_ms=int(data["created_ms"]),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class SessionRecord:
     """A stored session."""
@@ -457,12 +580,25 @@ class AuthStore:
         """The underlying client."""
         return self._redis
 
+    @_store_call("PING")
     async def ping(self) -> None:
         """Raise if Redis does not answer."""
         await self._redis.ping()
 
+    @_store_call("INFO server")
+    async def check_server_version(self) -> None:
+        """Refuse a server older than the commands and scripts need.
+
+        Raises:
+            ConfigurationError: The server is too old (the message names what it found and what is needed).
+        """
+        problem = server_version_problem(await self._redis.info("server"))
+        if problem is not None:
+            raise ConfigurationError(problem)
+
     # users
 
+    @_store_call("EVALSHA create_user")
     async def create_user(self, user: UserRecord) -> bool:
         """Store a new user and its subject index in one step; False if the username is taken."""
         record = json.dumps(
@@ -475,11 +611,12 @@ class AuthStore:
         )
         reply = await self._scripts.run(
             self._create_user,
-            keys=[user_key(user.username), sub_key(user.sub)],
+            keys=[user_key(user.username), sub_key(user.sub), USERS],
             args=[record, user.username, f"{PREFIX}sub:"],
         )
         return _text(reply) == "created"
 
+    @_store_call("GET, EVALSHA replace_if_unchanged")
     async def replace_password_hash(self, username: str, old_hash: str, new_hash: str) -> bool:
         """Swap a user's password hash, unless the record changed since it was read (then False)."""
         raw = await self._redis.get(user_key(username))
@@ -494,26 +631,50 @@ class AuthStore:
         )
         return bool(int(reply))
 
+    @_store_call("SCAN ZADD")
+    async def index_users(self) -> int:
+        """Add every stored user to the username index (users stored before it existed); how many."""
+        prefix = user_key("")
+        added = 0
+        async for key in self._redis.scan_iter(match=f"{prefix}*", count=_USER_SCAN_BATCH):
+            added += int(await self._redis.zadd(USERS, {_text(key)[len(prefix) :]: 0}, nx=True) or 0)
+        return added
+
+    @_store_call("ZRANGEBYLEX MGET")
+    async def list_users(
+        self, *, after: str, prefix: str, limit: int
+    ) -> tuple[list[tuple[UserRecord, bool]], bool]:
+        """Up to ``limit`` users named after ``after`` (exclusive) and starting with ``prefix``.
+
+        Returns:
+            The users in username order, each with whether it is disabled, and whether more follow.
+        """
+        low = f"({after}" if after and after >= prefix else (f"[{prefix}" if prefix else "-")
+        # Usernames are ASCII, so every name that starts with the prefix sorts below prefix + 0xff.
+        high = b"[" + prefix.encode() + b"\xff" if prefix else b"+"
+        names = await self._redis.zrangebylex(USERS, low, high, start=0, num=limit + 1)
+        page = [_text(name) for name in names[:limit]]
+        records = await self._redis.mget([user_key(name) for name in page]) if page else []
+        users = [_user(name, raw) for name, raw in zip(page, records, strict=True) if raw is not None]
+        disabled = await self._redis.mget([user_disabled_key(user.sub) for user in users]) if users else []
+        return [(user, flag is not None) for user, flag in zip(users, disabled, strict=True)], len(
+            names
+        ) > limit
+
+    @_store_call("GET")
     async def get_user(self, username: str) -> UserRecord | None:
         """A user by name."""
         raw = await self._redis.get(user_key(username))
-        if raw is None:
-            return None
-        data = json.loads(raw)
-        return UserRecord(
-            username=username,
-            sub=data["sub"],
-            password_hash=data["password_hash"],
-            scopes=tuple(data["scopes"]),
-            created_ms=int(data["created_ms"]),
-        )
+        return None if raw is None else _user(username, raw)
 
+    @_store_call("EXISTS")
     async def user_exists(self, sub: str) -> bool:
         """Whether a subject names a user."""
         return bool(await self._redis.exists(sub_key(sub)))
 
     # rate limit
 
+    @_store_call("MULTI INCRBY EXPIRE TTL EXEC")
     async def reserve_login_attempt(self, username: str, window: int) -> tuple[int, float]:
         """Count one more attempt for ``username``; returns (attempts in window, seconds left in window)."""
         key = login_failures_key(username)
@@ -524,12 +685,14 @@ class AuthStore:
             count, _, ttl = await pipe.execute()
         return int(count), float(max(int(ttl), 1))
 
+    @_store_call("DEL")
     async def release_login_attempt(self, username: str) -> None:
         """A successful login does not count against the limit."""
         await self._redis.delete(login_failures_key(username))
 
     # sessions and refresh tokens
 
+    @_store_call("EVALSHA open_session")
     async def open_session(self, session: SessionRecord, refresh_hash: str, ttl_ms: int) -> int:
         """Store a new session with its first refresh token; return its issue instant (ms).
 
@@ -561,6 +724,7 @@ class AuthStore:
             raise UserDisabled()
         return int(reply[1])
 
+    @_store_call("HGETALL")
     async def get_session(self, sid: str) -> SessionRecord | None:
         """A session by id."""
         raw = await self._redis.hgetall(session_key(sid))
@@ -576,11 +740,13 @@ class AuthStore:
             revoked_ms=int(data["revoked_ms"]),
         )
 
+    @_store_call("HGET")
     async def session_of_refresh(self, refresh_hash: str) -> str | None:
         """The session a refresh token belongs to (spent or not)."""
         sid = await self._redis.hget(refresh_key(refresh_hash), "sid")
         return _text(sid) if sid is not None else None
 
+    @_store_call("EVALSHA rotate_refresh")
     async def rotate_refresh(
         self, old_hash: str, new_hash: str, now_ms: int, ttl_ms: int, reuse_event_id: str
     ) -> RotationResult:
@@ -622,6 +788,7 @@ class AuthStore:
 
     # revocations
 
+    @_store_call("EVALSHA revoke_session")
     async def revoke_session(self, sid: str, now_ms: int, event_id: str, event_json: str) -> RevocationResult:
         """Mark a session revoked and queue its event; idempotent.
 
@@ -638,6 +805,7 @@ class AuthStore:
             raise NotFound("session not found", code="SESSION_NOT_FOUND")
         return _revocation(result)
 
+    @_store_call("EVALSHA revoke_token")
     async def revoke_token(
         self, jti: str, exp: int, now_ms: int, event_id: str, event_json: str, keep_ms: int
     ) -> RevocationResult:
@@ -650,6 +818,7 @@ class AuthStore:
         )
         return _revocation(result)
 
+    @_store_call("EVALSHA revoke_user")
     async def revoke_user(
         self, sub: str, now_ms: int, event_id: str, event_json: str, *, disable_reason: str = ""
     ) -> RevocationResult:
@@ -680,14 +849,17 @@ class AuthStore:
         )
         return _revocation(result)
 
+    @_store_call("DEL")
     async def enable_user(self, sub: str) -> None:
         """Let a disabled user log in again."""
         await self._redis.delete(user_disabled_key(sub))
 
+    @_store_call("EXISTS")
     async def user_disabled(self, sub: str) -> bool:
         """Whether a user is disabled."""
         return bool(await self._redis.exists(user_disabled_key(sub)))
 
+    @_store_call("EVALSHA revocation_state")
     async def revocation_reason(
         self, jti: str, sid: str, sub: str, issued_at_ms: int, kid: str
     ) -> str | None:
@@ -709,6 +881,7 @@ class AuthStore:
             return "KEY_REVOKED"
         return None
 
+    @_store_call("EVALSHA snapshot")
     async def snapshot(self, now_ms: int) -> RevocationSnapshot:
         """Every revocation that can still matter (newer than one access-token lifetime)."""
         horizon = now_ms - self._revocation_horizon_ms
@@ -727,22 +900,26 @@ class AuthStore:
 
     # outbox
 
+    @_store_call("HGET")
     async def outbox_entry(self, event_id: str) -> str | None:
         """An event still waiting to be acknowledged by JetStream."""
         raw = await self._redis.hget(OUTBOX, event_id)
         return _text(raw) if raw is not None else None
 
+    @_store_call("HGETALL")
     async def outbox_entries(self) -> dict[str, str]:
         """Every event waiting for JetStream."""
         raw = await self._redis.hgetall(OUTBOX)
         return {_text(k): _text(v) for k, v in raw.items()}
 
+    @_store_call("EVALSHA outbox_done")
     async def outbox_done(self, event_id: str) -> None:
         """JetStream acknowledged the event."""
         await self._scripts.run(self._outbox_done, keys=[OUTBOX], args=[event_id])
 
     # signing keys
 
+    @_store_call("SMEMBERS HGETALL")
     async def key_records(self) -> list[KeyRecord]:
         """Every stored signing key."""
         kids = sorted(_text(k) for k in await self._redis.smembers(KEYS_SET))
@@ -768,11 +945,13 @@ class AuthStore:
             )
         return records
 
+    @_store_call("GET")
     async def active_kid(self) -> str | None:
         """The kid new tokens are signed with."""
         raw = await self._redis.get(ACTIVE_KID)
         return _text(raw) if raw is not None else None
 
+    @_store_call("EVALSHA rotate_key")
     async def rotate_key(
         self,
         *,
@@ -814,6 +993,7 @@ class AuthStore:
         )
         return _text(result[0]) == "ok"
 
+    @_store_call("SET")
     async def save_rotation(
         self, request_id: str, kid: str, previous_kid: str, event_ids: list[str], ttl_s: int
     ) -> None:
@@ -822,6 +1002,7 @@ class AuthStore:
             rotation_key(request_id), " ".join([kid, previous_kid or "-", *event_ids]), ex=ttl_s
         )
 
+    @_store_call("GET")
     async def rotation(self, request_id: str) -> tuple[str, str, list[str]] | None:
         """A remembered rotation: (kid, previous kid, event ids)."""
         raw = await self._redis.get(rotation_key(request_id))
@@ -830,6 +1011,7 @@ class AuthStore:
         kid, previous_kid, *event_ids = _text(raw).split(" ")
         return kid, "" if previous_kid == "-" else previous_kid, event_ids
 
+    @_store_call("MULTI SREM DEL EXEC")
     async def delete_key(self, kid: str) -> None:
         """Forget a key whose last token has expired."""
         async with self._redis.pipeline(transaction=True) as pipe:

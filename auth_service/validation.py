@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Sequence
 
@@ -14,6 +16,8 @@ MAX_TOKEN = 8192
 MAX_REASON = 512
 MAX_ID = 128
 MAX_SCOPES = 32
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
 _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]*")
 # RFC 6749 §3.3 scope-token: printable ASCII except space, '"' and '\'.
 _SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,64}")
@@ -75,3 +79,31 @@ def scopes(values: Sequence[str]) -> tuple[str, ...]:
         if not _SCOPE.fullmatch(value):
             raise InvalidRequest("scope has characters that are not allowed", code="FIELD_INVALID")
     return tuple(dict.fromkeys(values))
+
+
+def page_size(value: int) -> int:
+    """A page size: 1 to 1000, or 0 for the default (100)."""
+    if value == 0:
+        return DEFAULT_PAGE_SIZE
+    if not 0 < value <= MAX_PAGE_SIZE:
+        raise InvalidRequest(f"page_size must be between 1 and {MAX_PAGE_SIZE}", code="FIELD_INVALID")
+    return value
+
+
+def page_token(value: str) -> str:
+    """The username a page token continues after ("" for the first page)."""
+    if not value:
+        return ""
+    _required("page_token", value, MAX_USERNAME * 2)
+    try:
+        decoded = base64.urlsafe_b64decode(value.encode("ascii")).decode("ascii")
+    except (ValueError, binascii.Error):
+        raise InvalidRequest("page_token is not one this service issued", code="FIELD_INVALID") from None
+    if not _USERNAME.fullmatch(decoded) or next_page_token(decoded) != value:
+        raise InvalidRequest("page_token is not one this service issued", code="FIELD_INVALID")
+    return decoded
+
+
+def next_page_token(last_username: str) -> str:
+    """The page token that continues after ``last_username`` (opaque to clients)."""
+    return base64.urlsafe_b64encode(last_username.encode()).decode("ascii")

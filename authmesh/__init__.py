@@ -3,10 +3,15 @@
 A service builds a :class:`KeyCache` (public keys from the auth service), a :class:`Denylist` fed by a
 :class:`RevocationConsumer` (signed events from NATS JetStream), a :class:`TokenVerifier` over both, and
 adds an :class:`AuthInterceptor` to its ``grpc.aio`` server; handlers read :func:`current_claims`.
+A client logs in with a :class:`TokenSession` (``grpc.aio``) or a :class:`SyncTokenSession` (``grpc``),
+whose channels attach and renew the access token; :func:`forward_token` passes a caller's token on
+downstream; an :class:`AdminClient` makes the auth service's administrative calls.
 Everything not listed in ``__all__`` is private: the modules under ``authmesh._shared``,
 ``authmesh._auth_service`` and ``authmesh._resource_service`` may change without notice.
 """
 
+from authmesh._shared.admin_client import AdminClient
+from authmesh._shared.auth_api import KeyRotation, Revocation, Tokens, TokenStatus, User
 from authmesh._shared.auth_client import AuthClient
 from authmesh._shared.claims import AccessClaims
 from authmesh._shared.consumer import RevocationConsumer
@@ -22,6 +27,7 @@ from authmesh._shared.errors import (
     KeyRevoked,
     MalformedToken,
     PermissionDenied,
+    SessionEnded,
     TokenExpired,
     TokenMissing,
     TokenNotYetValid,
@@ -36,16 +42,21 @@ from authmesh._shared.errors import (
     WrongTokenType,
 )
 from authmesh._shared.events import EventType, SecurityEvent, decode_event, encode_event
+from authmesh._shared.forwarding import forward_token
 from authmesh._shared.grpc_errors import bearer_token, error_reason, to_grpc_status
 from authmesh._shared.interceptor import Authenticator, AuthInterceptor, current_claims
 from authmesh._shared.key_cache import KeyCache
 from authmesh._shared.metrics import ServiceMetrics
+from authmesh._shared.session_rules import SessionOptions
 from authmesh._shared.settings import AuthSettings, CommonSettings, ResourceSettings
 from authmesh._shared.staleness import IntrospectionFallback, StalenessMonitor
+from authmesh._shared.sync_token_session import SyncTokenSession
+from authmesh._shared.token_session import TokenSession
 from authmesh._shared.verifier import KeySource, NoRevocations, RevocationCheck, TokenVerifier, VerifierPolicy
 
 __all__ = [
     "AccessClaims",
+    "AdminClient",
     "AuthClient",
     "AuthError",
     "AuthInterceptor",
@@ -63,27 +74,36 @@ __all__ = [
     "InvalidRequest",
     "KeyCache",
     "KeyRevoked",
+    "KeyRotation",
     "KeySource",
     "MalformedToken",
     "NoRevocations",
     "PermissionDenied",
     "ResourceSettings",
+    "Revocation",
     "RevocationCheck",
     "RevocationConsumer",
     "SecurityEvent",
     "ServiceMetrics",
+    "SessionEnded",
+    "SessionOptions",
     "SnapshotChunk",
     "StalenessMonitor",
+    "SyncTokenSession",
     "TokenExpired",
     "TokenMissing",
     "TokenNotYetValid",
     "TokenRejected",
     "TokenRevoked",
+    "TokenSession",
+    "TokenStatus",
     "TokenTooLarge",
     "TokenVerifier",
+    "Tokens",
     "Unavailable",
     "UnknownKey",
     "UnsupportedAlgorithm",
+    "User",
     "VerifierPolicy",
     "WrongAudience",
     "WrongIssuer",
@@ -93,5 +113,6 @@ __all__ = [
     "decode_event",
     "encode_event",
     "error_reason",
+    "forward_token",
     "to_grpc_status",
 ]

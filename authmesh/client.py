@@ -1,6 +1,7 @@
 """A small async client for authmesh: the auth service, resource replicas, their health, a token file.
 
-The command-line client and the demo are built on it. Calls raise ``grpc.aio.AioRpcError`` as gRPC does;
+The command-line client and the demo are built on it; the auth service's client, :class:`AuthApi`,
+is the library's (re-exported here with its value types). Calls raise ``grpc.aio.AioRpcError`` as gRPC does;
 :class:`RpcProblem` turns one into the status code, the ``ErrorInfo`` reason and the message, which is
 all a person or a script needs to know about a failure. :meth:`ResourceApi.outcome` never raises for a
 refusal: it is what polling loops use to watch a token go from accepted to rejected.
@@ -18,7 +19,6 @@ import json
 import os
 import secrets
 import stat
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,20 +28,46 @@ from typing import Any, Self
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from authmesh._shared.auth_api import (
+    ADMIN_SCOPE,
+    DEFAULT_TIMEOUT_SECONDS,
+    AuthApi,
+    KeyRotation,
+    Revocation,
+    Tokens,
+    bearer,
+)
 from authmesh._shared.auth_client import channel_options
 from authmesh._shared.errors import ConfigurationError
 from authmesh._shared.grpc_errors import error_reason
-from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 
 DEFAULT_AUTH_TARGET = "127.0.0.1:50051"
 DEFAULT_RESOURCE_TARGET = "127.0.0.1:50061"
-DEFAULT_TIMEOUT_SECONDS = 10.0
 TOKEN_FILE_NAME = "tokens.json"
 TOKEN_FILE_VERSION = 1
 ACCEPTED = "OK"
-# The scope of administrative tokens: they are for the auth service's own audience only.
-ADMIN_SCOPE = "admin"
+__all__ = [
+    "ACCEPTED",
+    "ADMIN_SCOPE",
+    "DEFAULT_AUTH_TARGET",
+    "DEFAULT_RESOURCE_TARGET",
+    "DEFAULT_TIMEOUT_SECONDS",
+    "AuthApi",
+    "Health",
+    "Identity",
+    "KeyRotation",
+    "Outcome",
+    "ResourceApi",
+    "Revocation",
+    "RpcProblem",
+    "StoredLogin",
+    "TokenFile",
+    "Tokens",
+    "bearer",
+    "check_health",
+    "default_token_path",
+]
 # A token file is a few kilobytes; anything far larger is not ours.
 _MAX_TOKEN_FILE_BYTES = 64 * 1024
 _PRIVATE_FILE_MODE = 0o600
@@ -75,69 +101,6 @@ class RpcProblem:
     def __str__(self) -> str:
         head = f"{self.code} ({self.reason})" if self.reason else self.code
         return f"{head}: {self.message}" if self.message else head
-
-
-@dataclass(frozen=True, slots=True)
-class Tokens:
-    """A token pair as issued, with absolute expiry times.
-
-    Attributes:
-        access_token: The ES256 JWT.
-        refresh_token: The opaque refresh token.
-        session_id: The session both belong to.
-        scopes: The granted scopes.
-        expires_at: When the access token expires, Unix seconds.
-        refresh_expires_at: When the refresh token expires, Unix seconds.
-    """
-
-    access_token: str
-    refresh_token: str
-    session_id: str
-    scopes: tuple[str, ...]
-    expires_at: float
-    refresh_expires_at: float
-
-    @classmethod
-    def from_pair(cls, pair: auth_pb2.TokenPair, now: float) -> Tokens:
-        """Tokens from a ``TokenPair`` received at Unix time ``now``."""
-        return cls(
-            access_token=pair.access_token,
-            refresh_token=pair.refresh_token,
-            session_id=pair.session_id,
-            scopes=tuple(pair.scope.split()),
-            expires_at=now + pair.expires_in,
-            refresh_expires_at=now + pair.refresh_expires_in,
-        )
-
-    def access_expired(self, now: float, margin: float = 5.0) -> bool:
-        """Whether the access token has expired, or will within ``margin`` seconds."""
-        return now + margin >= self.expires_at
-
-
-@dataclass(frozen=True, slots=True)
-class Revocation:
-    """A revocation the auth service made durable and broadcast.
-
-    Attributes:
-        revoked_at_unix_ms: When, by the auth service's clock.
-        event_id: The id of the event on ``AUTH_EVENTS``.
-    """
-
-    revoked_at_unix_ms: int
-    event_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRotation:
-    """The result of ``RotateSigningKey``.
-
-    Attributes:
-        kid: The new active signing key.
-        previous_kid: The key it replaced.
-    """
-
-    kid: str
-    previous_kid: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,11 +162,6 @@ class Health:
         return self.status == "SERVING"
 
 
-def bearer(token: str) -> tuple[tuple[str, str]]:
-    """Call metadata carrying ``token`` as a bearer token."""
-    return (("authorization", f"Bearer {token}"),)
-
-
 async def check_health(channel: grpc.aio.Channel, target: str, call_timeout: float) -> Health:
     """Ask a service's health endpoint (the whole server, service name ``""``).
 
@@ -252,107 +210,6 @@ class _Channel:
         if channel is not None:
             await channel.close(grace=None)
 
-    async def health(self) -> Health:
-        """The service's health."""
-        return await check_health(self.channel, self.target, self.timeout)
-
-
-class AuthApi(_Channel):
-    """The auth service's RPCs, one method each (an async context manager).
-
-    Every method raises ``grpc.aio.AioRpcError`` when the call fails.
-
-    Args:
-        target: ``host:port`` of the auth service.
-        timeout: Deadline of each call, seconds.
-    """
-
-    def __init__(self, target: str, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
-        super().__init__(target, timeout)
-        self._auth_stub: auth_pb2_grpc.AuthServiceAsyncStub | None = None
-        self._stub_for: grpc.aio.Channel | None = None
-
-    @property
-    def _stub(self) -> auth_pb2_grpc.AuthServiceAsyncStub:
-        channel = self.channel
-        if self._auth_stub is None or self._stub_for is not channel:
-            self._auth_stub, self._stub_for = auth_pb2_grpc.AuthServiceStub(channel), channel
-        return self._auth_stub
-
-    async def login(self, username: str, password: str, scopes: tuple[str, ...] = ()) -> Tokens:
-        """Log in; an empty ``scopes`` asks for the user's resource scopes (never ``admin``)."""
-        request = auth_pb2.LoginRequest(username=username, password=password, scopes=list(scopes))
-        pair = await self._stub.Login(request, timeout=self.timeout)
-        return Tokens.from_pair(pair, time.time())
-
-    async def admin_login(self, username: str, password: str) -> Tokens:
-        """Log in for the administrative RPCs: scope ``admin``, for the auth service's audience."""
-        return await self.login(username, password, (ADMIN_SCOPE,))
-
-    async def refresh(self, refresh_token: str) -> Tokens:
-        """Spend a refresh token for a new pair in the same session."""
-        pair = await self._stub.Refresh(
-            auth_pb2.RefreshRequest(refresh_token=refresh_token), timeout=self.timeout
-        )
-        return Tokens.from_pair(pair, time.time())
-
-    async def logout(self, refresh_token: str) -> Revocation:
-        """Revoke the refresh token's session."""
-        response = await self._stub.Logout(
-            auth_pb2.LogoutRequest(refresh_token=refresh_token), timeout=self.timeout
-        )
-        return _revocation(response)
-
-    async def revoke_token(self, caller: str, token: str, reason: str = "") -> Revocation:
-        """Revoke one access token, or a refresh token's session, as ``caller`` (an access token)."""
-        response = await self._stub.RevokeToken(
-            auth_pb2.RevokeTokenRequest(token=token, reason=reason),
-            metadata=bearer(caller),
-            timeout=self.timeout,
-        )
-        return _revocation(response)
-
-    async def revoke_session(self, caller: str, session_id: str, reason: str = "") -> Revocation:
-        """Revoke one session as ``caller``."""
-        response = await self._stub.RevokeSession(
-            auth_pb2.RevokeSessionRequest(session_id=session_id, reason=reason),
-            metadata=bearer(caller),
-            timeout=self.timeout,
-        )
-        return _revocation(response)
-
-    async def revoke_user(self, caller: str, subject: str, reason: str = "") -> Revocation:
-        """Revoke every session and token of a user, as ``caller`` (an admin)."""
-        response = await self._stub.RevokeUser(
-            auth_pb2.RevokeUserRequest(subject=subject, reason=reason),
-            metadata=bearer(caller),
-            timeout=self.timeout,
-        )
-        return _revocation(response)
-
-    async def rotate_signing_key(self, caller: str, *, retire_previous: bool = False) -> KeyRotation:
-        """Make a new signing key active, as ``caller`` (an admin); ``retire_previous`` for a compromise."""
-        response = await self._stub.RotateSigningKey(
-            auth_pb2.RotateSigningKeyRequest(retire_previous=retire_previous),
-            metadata=bearer(caller),
-            timeout=self.timeout,
-        )
-        return KeyRotation(kid=response.kid, previous_kid=response.previous_kid)
-
-    async def jwks(self) -> str:
-        """The public keys as JWK Set JSON text."""
-        response = await self._stub.GetJwks(auth_pb2.GetJwksRequest(), timeout=self.timeout)
-        return response.jwks_json
-
-    async def create_user(self, caller: str, username: str, password: str, scopes: tuple[str, ...]) -> str:
-        """Add a user, as ``caller`` (an admin); returns its subject."""
-        response = await self._stub.CreateUser(
-            auth_pb2.CreateUserRequest(username=username, password=password, scopes=list(scopes)),
-            metadata=bearer(caller),
-            timeout=self.timeout,
-        )
-        return response.subject
-
 
 class ResourceApi(_Channel):
     """One resource-service replica (an async context manager).
@@ -399,10 +256,6 @@ class ResourceApi(_Channel):
             problem = RpcProblem.from_error(error)
             return Outcome(label=problem.label, code=problem.code)
         return Outcome(label=ACCEPTED, code=ACCEPTED, instance=identity.instance)
-
-
-def _revocation(response: auth_pb2.RevokeResponse) -> Revocation:
-    return Revocation(revoked_at_unix_ms=response.revoked_at_unix_ms, event_id=response.event_id)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,9 @@
-"""The command-line client: `authmesh login, logout, whoami, refresh, revoke, rotate-key, jwks, status`.
+"""The command-line client: `authmesh login, logout, whoami, refresh, revoke, rotate-key, user, jwks, status`.
 
-A login is kept in a token file only its owner can read (see :class:`authmesh.client.TokenFile`);
-the commands that act as someone use its access token, refreshing it first when it has expired. No
+A login is kept in a token file only its owner can read (see :class:`authmesh.client.TokenFile`). The
+commands are built on the library's client: the stored login is resumed as a
+:class:`~authmesh._shared.token_session.TokenSession` (renewed when due, the new pair saved at once),
+and the administrative commands go through :class:`~authmesh._shared.admin_client.AdminClient`. No
 command prints a token unless asked with ``--show-token``.
 
 Exit codes: 0 on success; 1 when a call fails (the message names the status code and the reason),
@@ -15,10 +17,11 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, NoReturn, TypeVar
 
 import grpc
 import typer
@@ -26,7 +29,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from authmesh._shared.errors import ConfigurationError
+from authmesh._shared.admin_client import AdminClient
+from authmesh._shared.auth_api import KeyRotation, User
+from authmesh._shared.errors import AuthError, ConfigurationError, SessionEnded, Unavailable
+from authmesh._shared.grpc_errors import status_code_for
+from authmesh._shared.token_session import TokenSession
 from authmesh.client import (
     DEFAULT_AUTH_TARGET,
     DEFAULT_RESOURCE_TARGET,
@@ -47,6 +54,8 @@ T = TypeVar("T")
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 DEFAULT_REASON = "revoked with the authmesh command-line client"
+# A stored access token this close to its end is renewed before a command uses it.
+RENEW_MARGIN_SECONDS = 5.0
 
 TargetOption = Annotated[
     str | None,
@@ -70,6 +79,16 @@ TokenFileOption = Annotated[
 TimeoutOption = Annotated[
     float, typer.Option("--timeout", min=0.1, max=300.0, help="Deadline of each call, seconds.")
 ]
+PasswordOption = Annotated[
+    str | None,
+    typer.Option(
+        "--password",
+        help="The password (visible to other local users in the process list: prefer the prompt).",
+    ),
+]
+PasswordStdinOption = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
+]
 ShowTokenOption = Annotated[
     bool, typer.Option("--show-token", help="Also print the tokens (they are secrets: mind your terminal).")
 ]
@@ -85,20 +104,18 @@ def register(app: typer.Typer) -> None:
     app.command("rotate-key")(rotate_key)
     app.command("jwks")(jwks)
     app.command("status")(status)
+    users = typer.Typer(help="Manage users (admin only).", no_args_is_help=True)
+    users.command("create")(user_create)
+    users.command("list")(user_list)
+    users.command("disable")(user_disable)
+    users.command("enable")(user_enable)
+    app.add_typer(users, name="user")
 
 
 def login(
     username: Annotated[str, typer.Argument(help="Who to log in as.")],
-    password: Annotated[
-        str | None,
-        typer.Option(
-            "--password",
-            help="The password (visible to other local users in the process list: prefer the prompt).",
-        ),
-    ] = None,
-    password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
-    ] = False,
+    password: PasswordOption = None,
+    password_stdin: PasswordStdinOption = False,
     scopes: Annotated[
         list[str] | None,
         typer.Option(
@@ -117,18 +134,14 @@ def login(
     """Log in and keep the tokens in the token file (readable by you only)."""
     if password is not None and password_stdin:
         _usage("give either --password or --password-stdin, not both")
-    if password_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    elif password is None:
-        password = typer.prompt("Password", hide_input=True)
-    if not password:
-        _usage("the password is empty")
+    password = _read_password(password, password_stdin, "Password")
     address = target or DEFAULT_AUTH_TARGET
     store = _token_file(token_file)
 
     async def work() -> None:
-        async with AuthApi(address, timeout=timeout) as auth:
-            tokens = await auth.login(username, password, tuple(scopes or ()))
+        session = TokenSession.login(address, username, password, scopes=tuple(scopes or ()), timeout=timeout)
+        async with session:
+            tokens = _tokens(session)
         store.save(StoredLogin(address, username, tokens))
         _out().print(
             f"Logged in as [bold]{escape(username)}[/bold] at {escape(address)}: "
@@ -153,18 +166,18 @@ def logout(
     address = target or stored.auth_target
 
     async def work() -> None:
-        async with AuthApi(address, timeout=timeout) as auth:
-            try:
-                revocation = await auth.logout(stored.tokens.refresh_token)
-            except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.UNAUTHENTICATED:
-                    raise
-                store.delete()
-                _out().print(
-                    f"The session had already ended ({escape(RpcProblem.from_error(error).label)}); "
-                    f"removed {escape(str(store.path))}."
-                )
-                return
+        try:
+            async with _stored_session(store, stored, target, timeout) as session:
+                revocation = await session.logout()
+        except (grpc.aio.AioRpcError, SessionEnded) as error:
+            if isinstance(error, grpc.aio.AioRpcError) and error.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            label = error.code if isinstance(error, SessionEnded) else RpcProblem.from_error(error).label
+            store.delete()
+            _out().print(
+                f"The session had already ended ({escape(label)}); removed {escape(str(store.path))}."
+            )
+            return
         store.delete()
         _out().print(
             f"Logged out: session {escape(stored.tokens.session_id)} revoked {_when(revocation)}; "
@@ -187,9 +200,11 @@ def whoami(
     stored = _require_login(store)
 
     async def work() -> None:
-        current = await _fresh_login(store, stored, target, timeout)
-        async with ResourceApi(resource, timeout=timeout) as replica:
-            identity = await replica.whoami(current.tokens.access_token)
+        async with (
+            _stored_session(store, stored, target, timeout) as session,
+            ResourceApi(resource, timeout=timeout) as replica,
+        ):
+            identity = await replica.whoami(await session.access_token())
         table = Table(show_header=False, box=None)
         table.add_row("subject", escape(identity.subject))
         table.add_row("scopes", escape(" ".join(identity.scopes)))
@@ -213,9 +228,8 @@ def refresh(
     address = target or stored.auth_target
 
     async def work() -> None:
-        async with AuthApi(address, timeout=timeout) as auth:
-            tokens = await auth.refresh(stored.tokens.refresh_token)
-        store.save(stored.with_tokens(tokens))
+        async with _stored_session(store, stored, address, timeout, renew=False) as session:
+            tokens = await session.renew()
         _out().print(
             f"Refreshed session {escape(tokens.session_id)}: "
             f"access token valid for {_seconds_left(tokens.expires_at)}."
@@ -230,6 +244,9 @@ def revoke(
     session: Annotated[str | None, typer.Option("--session", help="Revoke this session.")] = None,
     user: Annotated[
         str | None, typer.Option("--user", help="Revoke every token of this subject (admin only).")
+    ] = None,
+    username: Annotated[
+        str | None, typer.Option("--username", help="Revoke every token of this user, by name (admin only).")
     ] = None,
     token: Annotated[
         str | None,
@@ -247,7 +264,8 @@ def revoke(
     The call is made as the logged-in user: anyone may revoke their own tokens and sessions; an admin
     may revoke anyone's.
     """
-    chosen = [name for name, value in (("--session", session), ("--user", user), ("--token", token)) if value]
+    given = (("--session", session), ("--user", user), ("--username", username), ("--token", token))
+    chosen = [name for name, value in given if value]
     if len(chosen) > 1:
         _usage(f"give at most one of {', '.join(chosen)}")
     if token == "-":
@@ -258,19 +276,22 @@ def revoke(
     stored = _require_login(store)
 
     async def work() -> None:
-        current = await _fresh_login(store, stored, target, timeout)
-        caller = current.tokens.access_token
-        async with AuthApi(target or current.auth_target, timeout=timeout) as auth:
+        async with _admin(store, stored, target, timeout) as (current, admin):
             if session is not None:
-                done, what = await auth.revoke_session(caller, session, reason), f"session {session}"
+                done, what = await admin.revoke_session(session, reason), f"session {session}"
             elif user is not None:
-                done, what = await auth.revoke_user(caller, user, reason), f"every token of {user}"
+                done, what = await admin.revoke_user(user, reason), f"every token of {user}"
+            elif username is not None:
+                found = await _named(admin, username)
+                done = await admin.revoke_user(found.subject, reason)
+                what = f"every token of {username} ({found.subject})"
             elif token is not None:
-                done, what = await auth.revoke_token(caller, token, reason), "the given token"
+                done, what = await admin.revoke_token(token, reason), "the given token"
             else:
-                done, what = await auth.revoke_token(caller, caller, reason), "the stored access token"
+                caller = await current.access_token()
+                done, what = await admin.revoke_token(caller, reason), "the stored access token"
         _out().print(f"Revoked {escape(what)} {_when(done)}.")
-        if session is None and user is None and token is None:
+        if not chosen:
             _out().print("The stored refresh token still works: `authmesh refresh` gets a new access token.")
 
     _run(work, target or stored.auth_target)
@@ -289,26 +310,109 @@ def rotate_key(
     timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
 ) -> None:
     """Make a new signing key active (admin only)."""
-    store = _token_file(token_file)
-    stored = _require_login(store)
 
-    async def work() -> None:
-        current = await _fresh_login(store, stored, target, timeout)
-        async with AuthApi(target or current.auth_target, timeout=timeout) as auth:
-            rotation = await auth.rotate_signing_key(
-                current.tokens.access_token, retire_previous=retire_previous
-            )
+    async def act(admin: AdminClient) -> KeyRotation:
+        return await admin.rotate_signing_key(retire_previous=retire_previous)
+
+    rotation = _run_as_admin(token_file, target, timeout, act)
+    _out().print(
+        f"New signing key [bold]{escape(rotation.kid)}[/bold] (previous: {escape(rotation.previous_kid)})."
+    )
+    if retire_previous:
         _out().print(
-            f"New signing key [bold]{escape(rotation.kid)}[/bold] "
-            f"(previous: {escape(rotation.previous_kid)})."
+            f"Key {escape(rotation.previous_kid)} is retired: every token it signed is now rejected "
+            "(yours too, if it was: log in again)."
         )
-        if retire_previous:
-            _out().print(
-                f"Key {escape(rotation.previous_kid)} is retired: every token it signed is now rejected "
-                "(yours too, if it was: log in again)."
-            )
 
-    _run(work, target or stored.auth_target)
+
+def user_create(
+    username: Annotated[str, typer.Argument(help="The new user's name.")],
+    password: PasswordOption = None,
+    password_stdin: PasswordStdinOption = False,
+    scopes: Annotated[
+        list[str] | None, typer.Option("--scope", help="A scope the user holds (repeat for several).")
+    ] = None,
+    target: TargetOption = None,
+    token_file: TokenFileOption = None,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
+) -> None:
+    """Add a user (as the logged-in admin)."""
+    password = _read_password(password, password_stdin, f"Password for {username}", confirm=True)
+
+    async def act(admin: AdminClient) -> str:
+        return await admin.create_user(username, password, tuple(scopes or ()))
+
+    subject = _run_as_admin(token_file, target, timeout, act)
+    _out().print(
+        f"Created user [bold]{escape(username)}[/bold] ({escape(subject)}) "
+        f"with scopes {escape(' '.join(scopes or ()) or '(none)')}."
+    )
+
+
+def user_list(
+    prefix: Annotated[str, typer.Option("--prefix", help="Only users whose name starts with this.")] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document instead of a table.")] = False,
+    target: TargetOption = None,
+    token_file: TokenFileOption = None,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
+) -> None:
+    """List the users in username order (as the logged-in admin)."""
+
+    async def act(admin: AdminClient) -> list[User]:
+        return [user async for user in admin.users(username_prefix=prefix)]
+
+    users = _run_as_admin(token_file, target, timeout, act)
+    if as_json:
+        typer.echo(json.dumps({"users": [_user_json(user) for user in users]}, indent=2))
+        return
+    table = Table("username", "subject", "scopes", "created", "state")
+    for user in users:
+        table.add_row(
+            escape(user.username),
+            escape(user.subject),
+            escape(" ".join(user.scopes)),
+            _instant(user.created_at_unix_ms),
+            "[red]disabled[/red]" if user.disabled else "active",
+        )
+    _out().print(table)
+
+
+def user_disable(
+    username: Annotated[str, typer.Argument(help="Who to disable.")],
+    reason: Annotated[
+        str, typer.Option("--reason", help="Why (recorded with the revocation).")
+    ] = "disabled with the authmesh command-line client",
+    target: TargetOption = None,
+    token_file: TokenFileOption = None,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
+) -> None:
+    """Disable a user: no login or refresh until enabled; every session and token of it is revoked."""
+
+    async def act(admin: AdminClient) -> tuple[User, Revocation]:
+        found = await _named(admin, username)
+        return found, await admin.disable_user(found.subject, reason)
+
+    found, done = _run_as_admin(token_file, target, timeout, act)
+    _out().print(
+        f"Disabled {escape(username)} ({escape(found.subject)}); its tokens were revoked {_when(done)}."
+    )
+
+
+def user_enable(
+    username: Annotated[str, typer.Argument(help="Who to enable again.")],
+    target: TargetOption = None,
+    token_file: TokenFileOption = None,
+    timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
+) -> None:
+    """Let a disabled user log in again (what was revoked stays revoked)."""
+
+    async def act(admin: AdminClient) -> User:
+        found = await _named(admin, username)
+        await admin.enable_user(found.subject)
+        return found
+
+    found = _run_as_admin(token_file, target, timeout, act)
+    _out().print(f"Enabled {escape(username)} ({escape(found.subject)}): it may log in again.")
 
 
 def jwks(
@@ -367,21 +471,84 @@ def status(
         raise typer.Exit(EXIT_FAILURE)
 
 
-async def _fresh_login(
-    store: TokenFile, stored: StoredLogin, target: str | None, call_timeout: float
-) -> StoredLogin:
-    """The stored login, refreshed first (and saved) when its access token has expired."""
-    if not stored.tokens.access_expired(time.time()):
-        return stored
+@asynccontextmanager
+async def _stored_session(
+    store: TokenFile, stored: StoredLogin, target: str | None, call_timeout: float, *, renew: bool = True
+) -> AsyncIterator[TokenSession]:
+    """The stored login as a session: renewed when due (say so, and save the new pair at once)."""
     if stored.tokens.refresh_expires_at <= time.time():
-        _err().print("[red]error[/red]: the stored login has expired; run `authmesh login` again")
-        raise typer.Exit(EXIT_FAILURE)
-    async with AuthApi(target or stored.auth_target, timeout=call_timeout) as auth:
-        tokens = await auth.refresh(stored.tokens.refresh_token)
-    renewed = stored.with_tokens(tokens)
-    store.save(renewed)
-    _err().print("The stored access token had expired: refreshed it.")
-    return renewed
+        _fail("the stored login has expired; run `authmesh login` again")
+
+    def save(tokens: Tokens) -> None:
+        store.save(stored.with_tokens(tokens))
+        if renew:
+            _err().print("The stored access token was about to expire: refreshed it.")
+
+    session = TokenSession.resume(
+        target or stored.auth_target,
+        stored.tokens,
+        renew_margin=RENEW_MARGIN_SECONDS,
+        timeout=call_timeout,
+        on_renew=save,
+    )
+    async with session:
+        yield session
+
+
+@asynccontextmanager
+async def _admin(
+    store: TokenFile, stored: StoredLogin, target: str | None, call_timeout: float
+) -> AsyncIterator[tuple[TokenSession, AdminClient]]:
+    """The stored session and an admin client acting as it."""
+    async with (
+        _stored_session(store, stored, target, call_timeout) as session,
+        AdminClient(session, timeout=call_timeout) as admin,
+    ):
+        yield session, admin
+
+
+def _run_as_admin(
+    token_file: Path | None,
+    target: str | None,
+    call_timeout: float,
+    act: Callable[[AdminClient], Awaitable[T]],
+) -> T:
+    """Run ``act`` with an admin client acting as the stored login; exit 1 on any failure."""
+    store = _token_file(token_file)
+    stored = _require_login(store)
+
+    async def work() -> T:
+        async with _admin(store, stored, target, call_timeout) as (_, admin):
+            return await act(admin)
+
+    return _run(work, target or stored.auth_target)
+
+
+async def _named(admin: AdminClient, username: str) -> User:
+    """The user called ``username``; exits 1 when there is none."""
+    found = await admin.find_user(username)
+    if found is None:
+        _fail(f"no user is named {username}")
+    return found
+
+
+def _read_password(password: str | None, from_stdin: bool, prompt: str, *, confirm: bool = False) -> str:
+    if password is not None and from_stdin:
+        _usage("give either --password or --password-stdin, not both")
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif password is None:
+        password = typer.prompt(prompt, hide_input=True, confirmation_prompt=confirm)
+    if not password:
+        _usage("the password is empty")
+    return password
+
+
+def _tokens(session: TokenSession) -> Tokens:
+    tokens = session.tokens
+    if tokens is None:  # an entered session always holds tokens
+        raise RuntimeError("the session holds no tokens")
+    return tokens
 
 
 def _run(work: Callable[[], Awaitable[T]], where: str) -> T:
@@ -403,6 +570,11 @@ def _run(work: Callable[[], Awaitable[T]], where: str) -> T:
         raise typer.Exit(EXIT_FAILURE) from None
     except ConfigurationError as error:
         _err().print(f"[red]error[/red]: {escape(error.message)}")
+        raise typer.Exit(EXIT_FAILURE) from None
+    except AuthError as error:
+        described = f"{status_code_for(error).name} ({error.code}): {error.message}"
+        unreachable = f"cannot reach {where}: " if isinstance(error, Unavailable) else ""
+        _err().print(f"[red]error[/red]: {escape(unreachable + described)}")
         raise typer.Exit(EXIT_FAILURE) from None
 
 
@@ -433,9 +605,14 @@ def _stored_target(store: TokenFile) -> str:
     return stored.auth_target if stored is not None else DEFAULT_AUTH_TARGET
 
 
-def _usage(message: str) -> None:
+def _usage(message: str) -> NoReturn:
     _err().print(f"[red]usage error[/red]: {escape(message)}")
     raise typer.Exit(EXIT_USAGE)
+
+
+def _fail(message: str) -> NoReturn:
+    _err().print(f"[red]error[/red]: {escape(message)}")
+    raise typer.Exit(EXIT_FAILURE)
 
 
 def _print_tokens(tokens: Tokens) -> None:
@@ -449,8 +626,21 @@ def _seconds_left(unix_seconds: float) -> str:
 
 
 def _when(revocation: Revocation) -> str:
-    at = datetime.fromtimestamp(revocation.revoked_at_unix_ms / 1000, tz=UTC)
-    return f"at {at.isoformat(timespec='milliseconds')} (event {escape(revocation.event_id)})"
+    return f"at {_instant(revocation.revoked_at_unix_ms)} (event {escape(revocation.event_id)})"
+
+
+def _instant(unix_ms: int) -> str:
+    return datetime.fromtimestamp(unix_ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
+
+
+def _user_json(user: User) -> dict[str, object]:
+    return {
+        "username": user.username,
+        "subject": user.subject,
+        "scopes": list(user.scopes),
+        "created_at": _instant(user.created_at_unix_ms),
+        "disabled": user.disabled,
+    }
 
 
 def _out() -> Console:

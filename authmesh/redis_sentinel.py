@@ -143,21 +143,24 @@ class SentinelGroup(Startable):
         await self._wait_until_formed(START_TIMEOUT_SECONDS)
 
     async def _wait_until_formed(self, timeout: float) -> None:
-        replicas = len(self.servers) - 1
         deadline = time.monotonic() + timeout
-        primary = redis.Redis(host=LOOPBACK, port=self.servers[0].port, socket_timeout=1)
+        followers = [redis.Redis(host=LOOPBACK, port=s.port, socket_timeout=1) for s in self.servers[1:]]
         sentinels = [redis.Redis(host=LOOPBACK, port=s.port, socket_timeout=1) for s in self.sentinels]
         try:
             while time.monotonic() < deadline:
                 with contextlib.suppress(RedisError, OSError):
-                    info = await primary.info("replication")
+                    # Asked of each replica: a primary may call a replica online before its sync is done.
+                    links = [await follower.info("replication") for follower in followers]
+                    synced = all(
+                        link.get("master_link_status") == "up" and not link.get("master_sync_in_progress")
+                        for link in links
+                    )
                     known = [len(await s.sentinel_slaves(SERVICE_NAME)) for s in sentinels]
-                    online = [info.get(f"slave{index}", {}).get("state") for index in range(replicas)]
-                    if online == ["online"] * replicas and min(known) == replicas:
+                    if synced and min(known) == len(followers):
                         return
                 await asyncio.sleep(_POLL_SECONDS)
         finally:
-            for client in (primary, *sentinels):
+            for client in (*followers, *sentinels):
                 await client.aclose()
         raise ConfigurationError(f"the Sentinel group did not form within {timeout:.0f} s")
 

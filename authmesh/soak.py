@@ -33,7 +33,9 @@ import grpc
 
 from authmesh._shared.errors import ConfigurationError
 from authmesh._shared.jose import decode_compact
+from authmesh.bench.common import percentile
 from authmesh.client import AuthApi, ResourceApi
+from authmesh.refusal_watch import Answer, watch_until_refused
 
 USER_SCOPES = ("docs:read",)
 WORKERS_PER_REPLICA = 4
@@ -132,12 +134,8 @@ class Percentiles:
         """The percentiles of ``values_ms``; None for an empty sample."""
         if not values_ms:
             return None
-        ordered = sorted(values_ms)
-
-        def rank(quantile: float) -> float:
-            return round(ordered[min(len(ordered) - 1, int(quantile * len(ordered)))], 3)
-
-        return cls(len(ordered), rank(0.50), rank(0.90), rank(0.99), round(ordered[-1], 3))
+        p50, p90, p99 = (round(percentile(values_ms, q), 3) for q in (50, 90, 99))
+        return cls(len(values_ms), p50, p90, p99, round(max(values_ms), 3))
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,15 +321,19 @@ class _Soak:
         """Ask every replica about ``tracked`` until each refuses it; record how long that took."""
 
         async def until_refused(replica: ResourceApi) -> None:
-            deadline = started + PROPAGATION_DEADLINE_SECONDS
-            while self._clock() < deadline:
-                answer = await replica.outcome(tracked.access, call_timeout=CALL_TIMEOUT_SECONDS)
-                if answer.code == "UNAUTHENTICATED":
-                    self._propagation_ms.append((self._clock() - started) * 1000)
-                    return
-                if answer.code == "UNAVAILABLE":
-                    await asyncio.sleep(UNREACHABLE_PAUSE_SECONDS)
-            self._propagation_timeouts += 1
+            async def ask() -> Answer:
+                return Answer.of(await replica.outcome(tracked.access, call_timeout=CALL_TIMEOUT_SECONDS))
+
+            watched = await watch_until_refused(
+                ask,
+                until=started + PROPAGATION_DEADLINE_SECONDS,
+                clock=self._clock,
+                unanswered_pause=UNREACHABLE_PAUSE_SECONDS,
+            )
+            if watched.refused_at is None:
+                self._propagation_timeouts += 1
+            else:
+                self._propagation_ms.append((watched.refused_at - started) * 1000)
 
         await asyncio.gather(*(until_refused(replica) for replica in self._replicas))
 

@@ -21,12 +21,24 @@ from rich.markup import escape
 from rich.table import Table
 
 from authmesh._shared.errors import AuthError
-from authmesh.stack import LocalStack, StackSecrets, grpc_health_status, new_password
+from authmesh.gateway_stack import GATEWAY_STACK_ENV, LocalGateway
+from authmesh.stack import (
+    AUTH_NATS_USER,
+    ROUTE_NATS_USER,
+    LocalStack,
+    StackSecrets,
+    compose_password_variable,
+    grpc_health_status,
+    new_password,
+    replica_names,
+)
 from authmesh.terminal import fits
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 DEFAULT_REPLICAS = 3
+# docker-compose.yml runs resource-1 … resource-3, each with a NATS user of its own.
+COMPOSE_REPLICAS = 3
 DEFAULT_HEALTH_TARGET = "127.0.0.1:50051"
 WATCH_SECONDS = 1.0
 
@@ -59,6 +71,13 @@ def up(
             help="Keep data, logs and secrets here (reused next time); a temporary directory otherwise.",
         ),
     ] = None,
+    gateway: Annotated[
+        bool,
+        typer.Option(
+            "--gateway",
+            help="Also run Envoy with authmesh's ext_authz before an echo service with no authmesh code.",
+        ),
+    ] = False,
     redis_sentinel: Annotated[
         bool,
         typer.Option(
@@ -75,7 +94,7 @@ def up(
     if not json_output:
         err.print(f"Starting the stack ({replicas} replica(s), {nats_cluster} NATS node(s))…")
     try:
-        asyncio.run(_serve(replicas, nats_cluster, data_dir, json_output, redis_sentinel))
+        asyncio.run(_serve(replicas, nats_cluster, data_dir, json_output, gateway, redis_sentinel))
     except AuthError as error:
         err.print(f"[red]the stack did not start[/red]: {escape(error.message)}")
         raise typer.Exit(EXIT_FAILURE) from None
@@ -84,7 +103,12 @@ def up(
 
 
 async def _serve(
-    replicas: int, nats_cluster: int, data_dir: Path | None, json_output: bool, redis_sentinel: bool = False
+    replicas: int,
+    nats_cluster: int,
+    data_dir: Path | None,
+    json_output: bool,
+    gateway: bool = False,
+    redis_sentinel: bool = False,
 ) -> None:
     """Start the stack, announce it, and stop it on SIGINT or SIGTERM (even while it is starting)."""
     loop = asyncio.get_running_loop()
@@ -102,10 +126,23 @@ async def _serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupt)
     try:
-        async with LocalStack(
-            replicas=replicas, nats_cluster=nats_cluster, base_dir=data_dir, redis_sentinel=redis_sentinel
-        ) as stack:
-            _announce(stack, json_output)
+        env = GATEWAY_STACK_ENV if gateway else None
+        async with (
+            LocalStack(
+                replicas=replicas,
+                nats_cluster=nats_cluster,
+                base_dir=data_dir,
+                env=env,
+                redis_sentinel=redis_sentinel,
+            ) as stack,
+            contextlib.AsyncExitStack() as extras,
+        ):
+            envoy = (
+                await extras.enter_async_context(LocalGateway(stack, stack.data_dir / "gateway"))
+                if gateway
+                else None
+            )
+            _announce(stack, json_output, envoy)
             announced.set()
             await _watch(stack, stop)
     except asyncio.CancelledError:
@@ -132,11 +169,14 @@ async def _watch(stack: LocalStack, stop: asyncio.Event) -> None:
                 err.print(f"[red]{escape(name)} has exited[/red]; its log: {escape(str(log))}")
 
 
-def _announce(stack: LocalStack, json_output: bool) -> None:
+def _announce(stack: LocalStack, json_output: bool, gateway: LocalGateway | None = None) -> None:
+    description = stack.describe()
+    if gateway is not None:
+        description["gateway"] = gateway.describe()
     if json_output:
-        print(json.dumps(stack.describe()), flush=True)
+        print(json.dumps(description), flush=True)
         return
-    print_stack(Console(), stack.describe())
+    print_stack(Console(), description)
 
 
 def print_stack(console: Console, description: dict[str, Any]) -> None:
@@ -196,6 +236,22 @@ def _stack_rows(description: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         (replica["name"], replica["grpc"], replica["http"], "/healthz, /metrics")
         for replica in description["replicas"]
     ]
+    gateway = description.get("gateway")
+    if gateway is not None:
+        routes = ", ".join(
+            f"{prefix} {scopes or 'any valid token'}" for prefix, scopes in gateway["routes"].items()
+        )
+        rows.append(
+            (
+                "gateway",
+                gateway["url"].removeprefix("http://"),
+                gateway["admin"].removeprefix("http://"),
+                f"Envoy + ext_authz: {routes}",
+            )
+        )
+        rows.append(
+            ("upstream", gateway["upstream"].removeprefix("http://"), "", "echo service, no authmesh code")
+        )
     return rows
 
 
@@ -231,8 +287,12 @@ def compose_environment(stack_secrets: StackSecrets | None = None) -> dict[str, 
         "AUTHMESH_KEY_ENCRYPTION_KEY": chosen.key_encryption_key,
         "AUTHMESH_BOOTSTRAP_ADMIN": chosen.admin.joined,
         "AUTHMESH_SERVICE_ACCOUNT": chosen.service_account.joined,
-        "AUTHMESH_NATS_AUTH_PASSWORD": chosen.nats_auth.password,
-        "AUTHMESH_NATS_RESOURCE_PASSWORD": chosen.nats_resource.password,
+        compose_password_variable(AUTH_NATS_USER): chosen.nats_auth.password,
+        **{
+            compose_password_variable(name): chosen.nats_replica(name).password
+            for name in replica_names(COMPOSE_REPLICAS)
+        },
+        compose_password_variable(ROUTE_NATS_USER): chosen.nats_route.password,
         "AUTHMESH_REDIS_PASSWORD": new_password(),
     }
 

@@ -2,8 +2,9 @@
 
 It builds, in order: the auth-service client, the key cache, the denylist, the staleness monitor and the
 ``Introspect`` fallback, the revocation consumer, the verifier and interceptor, the gRPC server (service,
-health, reflection) and the HTTP side (``/metrics``, ``/healthz``). Background loops (the revocation
-consumer, the service-token refresher, the readiness watcher) run under one ``asyncio.TaskGroup``.
+health, reflection, and with ``ext_authz`` Envoy's ``Authorization/Check`` over the same verifier) and the
+HTTP side (``/metrics``, ``/healthz``). Background loops (the revocation consumer, the service-token
+refresher, the readiness watcher) run under one ``asyncio.TaskGroup``.
 
 Health stays ``NOT_SERVING`` (and every protected call ``UNAVAILABLE``) until the revocation state has
 caught up with the stream. On stop: health ``NOT_SERVING``, gRPC drains for ``shutdown_grace``, then the
@@ -16,11 +17,14 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
+import grpc
 import structlog
 from aiohttp import web
 from prometheus_client import Gauge
 
 from authmesh._resource_service.documents import sample_documents
+from authmesh._resource_service.ext_authz import CHECK_METHOD, ExtAuthzServicer
+from authmesh._resource_service.ext_authz import SERVICE_NAME as EXT_AUTHZ_SERVICE_NAME
 from authmesh._resource_service.revocation_health import report_revocation_state
 from authmesh._resource_service.servicer import REQUIRED_SCOPES, SERVICE_NAME, ResourceServicer
 from authmesh._shared.auth_client import AuthClient
@@ -33,14 +37,18 @@ from authmesh._shared.key_cache import KeyCache
 from authmesh._shared.lifecycle import Startable, run_until_signalled
 from authmesh._shared.logs import configure_logging
 from authmesh._shared.metrics import RevocationMetrics, ServiceMetrics, VerificationMetrics, gauge_function
+from authmesh._shared.nats_wiring import connect_nats
 from authmesh._shared.settings import ResourceSettings, credentials
 from authmesh._shared.staleness import IntrospectionFallback, StalenessMonitor
 from authmesh._shared.verifier import TokenVerifier, VerifierPolicy
+from authmesh.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
 from authmesh.resource.v1 import resource_pb2_grpc
 
 # The longest a change of the revocation state waits to show in gRPC health.
 REVOCATION_HEALTH_INTERVAL_SECONDS = 0.25
 _log = structlog.get_logger(__name__)
+# While a replica is not ready, it says every this many seconds what it is waiting for.
+READY_REPORT_SECONDS = 5.0
 
 
 class ResourceApp(Startable):
@@ -102,6 +110,10 @@ class ResourceApp(Startable):
 
     async def _start(self) -> None:
         settings = self.settings
+        # Fail at start, in one line, when NATS is not reachable within the connect timeout; once up, the
+        # consumer reconnects for ever.
+        probe = await connect_nats(settings, name=f"resource-service {settings.instance} (start)")
+        await probe.close()
         await self._stack.enter_async_context(self.auth)
         self._stack.push_async_callback(self.keys.aclose)
         if self.fallback is not None:
@@ -111,11 +123,23 @@ class ResourceApp(Startable):
             HttpServer(settings.http_listen, [web.get("/healthz", self._healthz)], self.metrics.registry)
         )
         servicer = ResourceServicer(settings.instance, sample_documents())
+        authenticator = self._authenticator()
+        gateway = ExtAuthzServicer(authenticator) if settings.ext_authz else None
+
+        def register(server: grpc.aio.Server) -> None:
+            resource_pb2_grpc.add_ResourceServiceServicer_to_server(servicer, server)
+            if gateway is not None:
+                ext_authz_grpc.add_AuthorizationServicer_to_server(gateway, server)
+
         self._grpc = await start_grpc_server(
             settings.grpc_listen,
-            register=lambda server: resource_pb2_grpc.add_ResourceServiceServicer_to_server(servicer, server),
-            service_names=(SERVICE_NAME,),
-            interceptors=(self.metrics.grpc_interceptor(), self._auth_interceptor()),
+            register=register,
+            service_names=(SERVICE_NAME, EXT_AUTHZ_SERVICE_NAME) if gateway else (SERVICE_NAME,),
+            interceptors=(
+                self.metrics.grpc_interceptor(),
+                # Envoy's Check carries the token to judge in its request, not as the caller's credential.
+                AuthInterceptor(authenticator, required_scopes=REQUIRED_SCOPES, open_methods=(CHECK_METHOD,)),
+            ),
             serving=False,
         )
         # Loops start once the server exists (readiness flips its health); on stop, gRPC drains first
@@ -125,14 +149,14 @@ class ResourceApp(Startable):
         self._stack.push_async_callback(self._stop_grpc)
         _log.info("resource service started", grpc=self.grpc_address, http=self.http_address)
 
-    def _auth_interceptor(self) -> AuthInterceptor:
+    def _authenticator(self) -> Authenticator:
         settings = self.settings
         verifier = TokenVerifier(
             self.keys,
             self.denylist,
             VerifierPolicy(issuer=settings.issuer, audience=settings.audience, leeway=settings.leeway),
         )
-        authenticator = Authenticator(
+        return Authenticator(
             verifier,
             self.keys,
             staleness=self.staleness,
@@ -140,7 +164,6 @@ class ResourceApp(Startable):
             ready=lambda: self.consumer.ready,
             metrics=VerificationMetrics(self.metrics.registry),
         )
-        return AuthInterceptor(authenticator, required_scopes=REQUIRED_SCOPES)
 
     async def _run_loops(self) -> None:
         async with asyncio.TaskGroup() as group:
@@ -150,7 +173,13 @@ class ResourceApp(Startable):
             group.create_task(self._report_revocation_state(), name="revocation-health")
 
     async def _serve_when_ready(self) -> None:
-        await self.consumer.wait_ready()
+        while True:
+            try:
+                async with asyncio.timeout(READY_REPORT_SECONDS):
+                    await self.consumer.wait_ready()
+                break
+            except TimeoutError:
+                _log.warning("resource service not ready yet", waiting_for=self.consumer.waiting_for)
         assert self._grpc is not None  # the loops start after the server
         await self._grpc.set_serving(True)
         _log.info("resource service serving", instance=self.settings.instance)

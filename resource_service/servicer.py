@@ -14,7 +14,6 @@ from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 
 SERVICE_NAME = resource_pb2.DESCRIPTOR.services_by_name["ResourceService"].full_name
 GET_DOCUMENT = f"/{SERVICE_NAME}/GetDocument"
-WHO_AM_I = f"/{SERVICE_NAME}/WhoAmI"
 # The scope each method needs beyond a valid token.
 REQUIRED_SCOPES = {GET_DOCUMENT: "docs:read"}
 MAX_DOCUMENT_ID = 128

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Self
 import grpc
 import structlog
 
+from authmesh._shared.backoff import backoff
 from authmesh._shared.denylist import SnapshotChunk
 from authmesh._shared.errors import Unavailable
 from authmesh._shared.events import SessionRevokedEvent, UserRevokedEvent
@@ -34,8 +34,6 @@ SERVICE_SCOPE = "service"
 # Renew the service token when this share of its lifetime is left.
 _RENEW_AT_REMAINING = 1 / 3
 _MIN_RENEW_SECONDS = 1.0
-_RETRY_INITIAL_SECONDS = 0.5
-_RETRY_MAX_SECONDS = 10.0
 _log = structlog.get_logger(__name__)
 
 
@@ -88,11 +86,6 @@ class AuthClient:
         self._token: _ServiceToken | None = None
         self._renew_lock = asyncio.Lock()
         self._renewed = asyncio.Event()
-
-    @property
-    def has_service_account(self) -> bool:
-        """Whether ``Introspect`` and ``SnapshotRevocations`` can be called at all."""
-        return self._account is not None
 
     async def __aenter__(self) -> Self:
         self._channel = grpc.aio.insecure_channel(
@@ -177,7 +170,6 @@ class AuthClient:
         """Keep the service token fresh until cancelled (returns at once without a service account)."""
         if self._account is None:
             return
-        delay = _RETRY_INITIAL_SECONDS
         while True:
             raise_if_cancelled()
             token = self._token
@@ -189,12 +181,11 @@ class AuthClient:
                     async with asyncio.timeout(wait):
                         await self._renewed.wait()
                 continue
-            try:
-                await self._renew(token)
-                delay = _RETRY_INITIAL_SECONDS
-            except Unavailable:
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311  # jitter, not a secret
-                delay = min(delay * 2, _RETRY_MAX_SECONDS)
+            async for attempt in backoff(Unavailable, what="service token renewal"):
+                with attempt:
+                    raise_if_cancelled()
+                    # A stale ``token`` is fine: _renew returns whatever another caller renewed first.
+                    await self._renew(token)
 
     async def _service_metadata(self) -> tuple[tuple[str, str], ...]:
         token = self._token

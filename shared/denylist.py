@@ -370,10 +370,6 @@ class Denylist:
         self._retired_keys.add(kid)
         return True
 
-    def is_key_retired(self, kid: str) -> bool:
-        """Whether ``kid`` has been retired."""
-        return kid in self._retired_keys
-
     def load(self, chunk: SnapshotChunk) -> None:
         """Merge a snapshot chunk (revocations only ever add, so merging is always safe)."""
         now, earliest = self._earliest.read()

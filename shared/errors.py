@@ -25,7 +25,8 @@ a status code in one table (``authmesh._shared.grpc_errors``).
     │   ├── InvalidCredentials            INVALID_CREDENTIALS
     │   ├── InvalidRefreshToken           REFRESH_TOKEN_INVALID
     │   ├── RefreshTokenReused            REFRESH_TOKEN_REUSED
-    │   └── UserDisabled                  USER_DISABLED
+    │   ├── UserDisabled                  USER_DISABLED
+    │   └── SessionEnded                  the auth service's reason (a client's session cannot renew)
     ├── PermissionDenied                  PERMISSION_DENIED
     │   ├── InsufficientScope             INSUFFICIENT_SCOPE
     │   └── NotOwner                      NOT_OWNER
@@ -33,8 +34,10 @@ a status code in one table (``authmesh._shared.grpc_errors``).
     ├── AlreadyExists                     ALREADY_EXISTS (USER_EXISTS)
     ├── NotFound                          NOT_FOUND (SESSION_NOT_FOUND, USER_NOT_FOUND)
     ├── RateLimited                       RESOURCE_EXHAUSTED (RATE_LIMITED)
-    ├── Unavailable                       UNAVAILABLE (STORE_UNAVAILABLE, BROKER_UNAVAILABLE,
-    │                                     KEYS_UNAVAILABLE, REVOCATION_STATE_STALE, ...)
+    ├── Unavailable                       UNAVAILABLE (BROKER_UNAVAILABLE, KEYS_UNAVAILABLE,
+    │   │                                 REVOCATION_STATE_STALE, ...)
+    │   └── StoreUnavailable              STORE_UNAVAILABLE (the store cannot be reached or timed out)
+    ├── StoreError                        INTERNAL (STORE_ERROR: the store answered a command with an error)
     ├── ConfigurationError                CONFIGURATION_INVALID (raised at start, never on the wire)
     └── EventRejected                     EVENT_* (an event on NATS we cannot trust: EVENT_WRONG_SUBJECT,
                                           EVENT_FOREIGN_ISSUER, EVENT_BAD_SIGNATURE, EVENT_MALFORMED, ...)
@@ -210,6 +213,18 @@ class UserDisabled(TokenRejected):
     default_message = "account disabled"
 
 
+class SessionEnded(TokenRejected):
+    """The auth service refused to open or renew a client's session; nothing is retried.
+
+    ``code`` is the auth service's reason: ``REFRESH_TOKEN_INVALID`` (the session was revoked or the
+    refresh token expired), ``REFRESH_TOKEN_REUSED``, ``INVALID_CREDENTIALS``, ``USER_REVOKED``, ...
+    Raised by the renewing clients only, never on the wire.
+    """
+
+    code = "SESSION_ENDED"
+    default_message = "the session has ended; log in again"
+
+
 class PermissionDenied(AuthError):
     """A valid principal may not do this."""
 
@@ -278,6 +293,23 @@ class Unavailable(AuthError):
 
     code = "UNAVAILABLE"
     default_message = "service unavailable"
+
+
+class StoreUnavailable(Unavailable):
+    """The store could not be reached or did not answer in time."""
+
+    code = "STORE_UNAVAILABLE"
+    default_message = "token store unavailable"
+
+
+class StoreError(AuthError):
+    """The store answered with an error (a script error, ``WRONGTYPE``, out of memory): not an outage.
+
+    Retrying will not help until an operator acts; the service's log names the command and the reply.
+    """
+
+    code = "STORE_ERROR"
+    default_message = "token store error"
 
 
 class ConfigurationError(AuthError):

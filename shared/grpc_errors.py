@@ -19,6 +19,7 @@ from authmesh._shared.errors import (
     NotFound,
     PermissionDenied,
     RateLimited,
+    StoreError,
     TokenRejected,
     Unavailable,
 )
@@ -34,6 +35,7 @@ STATUS_BY_ERROR: tuple[tuple[type[AuthError], grpc.StatusCode], ...] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (StoreError, grpc.StatusCode.INTERNAL),
     (EventRejected, grpc.StatusCode.INTERNAL),
     (ConfigurationError, grpc.StatusCode.INTERNAL),
 )

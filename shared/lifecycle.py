@@ -9,6 +9,10 @@ from contextlib import AbstractAsyncContextManager
 from types import TracebackType
 from typing import Self
 
+import structlog
+
+_log = structlog.get_logger(__name__)
+
 
 class Startable:
     """An async context manager that starts on entry and stops with :meth:`aclose` on exit.
@@ -57,6 +61,9 @@ def raise_if_cancelled() -> None:
 def run_until_signalled(app: Callable[[], AbstractAsyncContextManager[object]]) -> None:
     """Enter the app (started when entered, stopped gracefully when left) and wait for a signal.
 
+    A signal that arrives while the app is still starting (waiting for NATS or Redis, say) cancels the
+    start, which undoes what it had set up; the process then ends normally.
+
     Args:
         app: Builds the service's composition root, an async context manager.
     """
@@ -64,9 +71,24 @@ def run_until_signalled(app: Callable[[], AbstractAsyncContextManager[object]]) 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        starting = asyncio.current_task()
+        started = asyncio.Event()
+
+        def on_signal(sig: signal.Signals) -> None:
+            stop.set()
+            if starting is not None and not started.is_set():
+                _log.info("stopping while starting", signal=sig.name)
+                starting.cancel()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        async with app():
-            await stop.wait()
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            async with app():
+                started.set()
+                await stop.wait()
+        except asyncio.CancelledError:
+            if started.is_set() or not stop.is_set() or starting is None:
+                raise
+            starting.uncancel()
 
     asyncio.run(main())

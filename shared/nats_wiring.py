@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RePublish, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
-from authmesh._shared.events import STREAM_NAME, STREAM_SUBJECTS
+from authmesh._shared.connecting import StartupConnection, address_of
+from authmesh._shared.events import LIVE_SUBJECTS, STREAM_NAME, STREAM_SUBJECTS
 from authmesh._shared.settings import CommonSettings
 
 Callback = Callable[[], Awaitable[None]]
@@ -23,20 +25,24 @@ CONNECT_TIMEOUT_SECONDS = 2
 # Publishes while disconnected fail at once instead of piling up in the client's buffer, so a
 # revocation RPC answers UNAVAILABLE rather than "OK" for an event that may never leave.
 PENDING_BYTES_WHILE_DISCONNECTED = 0
+# Nobody needs a consumer on AUTH_EVENTS (replicas read with direct gets and the republished copy):
+# this bounds what an account whose permissions were widened by mistake could pile up.
+STREAM_MAX_CONSUMERS = 16
+DUPLICATE_WINDOW_SECONDS = 120.0
+DEFAULT_INBOX_PREFIX = "_INBOX"
+
+
+def inbox_prefix(user: str | None) -> str:
+    """Where a connection's replies arrive: ``_INBOX.<user>``, the only inboxes that user may read.
+
+    NATS permissions cannot tell one connection's inbox from another's, so each replica has a user of
+    its own and its replies go under that user's name.
+    """
+    return f"{DEFAULT_INBOX_PREFIX}.{user}" if user else DEFAULT_INBOX_PREFIX
 
 
 async def _ignore_error(_: Exception) -> None:
     """nats-py logs errors through the callback; the connection state is watched elsewhere."""
-
-
-def describe_nats_urls(urls: list[str]) -> str:
-    """The NATS servers without any credentials in their URLs: what logs and connection errors name."""
-    return ",".join(url.rpartition("@")[2] if "://" not in url else _without_userinfo(url) for url in urls)
-
-
-def _without_userinfo(url: str) -> str:
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://{rest.rpartition('@')[2]}"
 
 
 async def connect_nats(
@@ -47,7 +53,11 @@ async def connect_nats(
     reconnected: Callback | None = None,
     error: ErrorCallback | None = None,
 ) -> NatsClient:
-    """Connect to the configured NATS servers, reconnecting for ever with a short wait.
+    """Connect to the configured NATS servers, then reconnect for ever with a short wait.
+
+    The first connection is tried for ``settings.connect_timeout`` seconds (nats-py retries every
+    ``RECONNECT_WAIT_SECONDS``); each failure is logged with the address and its cause, and a
+    cancellation (SIGTERM while starting) ends the attempts at once.
 
     Args:
         settings: Where NATS is and how to authenticate.
@@ -60,9 +70,9 @@ async def connect_nats(
         A connected client.
 
     Raises:
-        OSError, nats.errors.NoServersError: When no server answers at first connect.
+        Unavailable: ``BROKER_UNAVAILABLE`` when no server answered within the connect timeout.
     """
-    options: dict[str, object] = {}
+    options: dict[str, object] = {"inbox_prefix": inbox_prefix(settings.nats_user)}
     if settings.nats_user:
         options["user"] = settings.nats_user
         options["password"] = settings.nats_password.get_secret_value() if settings.nats_password else ""
@@ -70,17 +80,41 @@ async def connect_nats(
         options["disconnected_cb"] = disconnected
     if reconnected is not None:
         options["reconnected_cb"] = reconnected
-    return await nats.connect(
-        servers=list(settings.nats_urls),
-        name=name,
-        connect_timeout=CONNECT_TIMEOUT_SECONDS,
-        reconnect_time_wait=RECONNECT_WAIT_SECONDS,
-        max_reconnect_attempts=-1,
-        allow_reconnect=True,
-        error_cb=error or _ignore_error,
-        pending_size=PENDING_BYTES_WHILE_DISCONNECTED,
-        **options,
+    attempts = StartupConnection(
+        "NATS",
+        ",".join(address_of(url) for url in settings.nats_urls),
+        settings.connect_timeout,
+        "BROKER_UNAVAILABLE",
     )
+    connected = False
+    later_errors = error or _ignore_error
+
+    async def on_error(problem: Exception) -> None:
+        if connected:
+            await later_errors(problem)
+        else:
+            attempts.failed(problem)
+
+    try:
+        async with asyncio.timeout(settings.connect_timeout):
+            client = await nats.connect(
+                servers=list(settings.nats_urls),
+                name=name,
+                connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                reconnect_time_wait=RECONNECT_WAIT_SECONDS,
+                max_reconnect_attempts=-1,
+                allow_reconnect=True,
+                error_cb=on_error,
+                pending_size=PENDING_BYTES_WHILE_DISCONNECTED,
+                **options,
+            )
+    except TimeoutError as timed_out:
+        raise attempts.gave_up() from timed_out
+    connected = True
+    return client
+
+
+DUPLICATE_WINDOW_SECONDS = 120.0
 
 
 def stream_config(settings: CommonSettings) -> StreamConfig:
@@ -93,8 +127,11 @@ def stream_config(settings: CommonSettings) -> StreamConfig:
         max_age=settings.stream_max_age,
         discard=DiscardPolicy.OLD,
         num_replicas=settings.stream_replicas,
-        duplicate_window=120.0,
+        # JetStream refuses a window longer than the stream keeps messages (short token lifetimes).
+        duplicate_window=min(DUPLICATE_WINDOW_SECONDS, settings.stream_max_age),
         allow_direct=True,
+        republish=RePublish(src=STREAM_SUBJECTS[0], dest=LIVE_SUBJECTS[0]),
+        max_consumers=STREAM_MAX_CONSUMERS,
     )
 
 

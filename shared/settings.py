@@ -36,7 +36,12 @@ class CommonSettings(BaseSettings):
         default_factory=lambda: ["nats://127.0.0.1:4222"],
         description="NATS servers, comma-separated (a cluster)",
     )
-    nats_user: str | None = Field(default=None, description="NATS user name, if the server requires one")
+    nats_user: str | None = Field(
+        default=None,
+        # One subject token: replies to this user arrive under _INBOX.<user>.
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="NATS user name, if the server requires one (letters, digits, - and _)",
+    )
     nats_password: SecretStr | None = Field(default=None, description="NATS password")
     issuer: str = Field(default="authmesh", min_length=1, description="iss of every token")
     audience: str = Field(
@@ -54,6 +59,12 @@ class CommonSettings(BaseSettings):
     )
     instance: str = Field(default_factory=_default_instance, min_length=1, description="replica name")
     stream_replicas: int = Field(default=1, ge=1, le=5, description="AUTH_EVENTS replication factor")
+    connect_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="seconds a starting service keeps retrying NATS (and Redis) before it exits",
+    )
     log_level: str = Field(default="info", description="debug, info, warning or error")
     log_format: str = Field(default="console", pattern="^(console|json)$", description="console or json")
 
@@ -155,6 +166,10 @@ class ResourceSettings(CommonSettings):
         default=None, description="username:password used for Introspect and SnapshotRevocations"
     )
     shutdown_grace: float = Field(default=5.0, ge=0, le=120, description="drain time on SIGTERM, s")
+    ext_authz: bool = Field(
+        default=False,
+        description="also answer Envoy's ext_authz Check (envoy.service.auth.v3.Authorization) on gRPC",
+    )
 
 
 def credentials(secret: SecretStr) -> tuple[str, str]:

@@ -19,6 +19,16 @@ from authmesh.processes import NatsServer, RedisServer
 
 # A test session never holds anywhere near this many streams; the bound keeps the cleanup loop finite.
 _MAX_STREAM_PAGES = 100
+# Fixtures that start a Redis server: their tests are marked ``redis`` (``pytest -m redis``), which is
+# how CI runs them a second time against another server (AUTHMESH_REDIS_SERVER).
+_REDIS_FIXTURES = frozenset({"redis_server", "redis_url", "own_redis"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses a Redis fixture ``redis``."""
+    for item in items:
+        if _REDIS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.redis)
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

@@ -15,7 +15,9 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
 import pytest
 import pytest_asyncio
 import typer
@@ -25,10 +27,19 @@ from typer.testing import CliRunner, Result
 from authmesh._auth_service.app import AuthApp
 from authmesh._resource_service.app import ResourceApp
 from authmesh._shared.settings import ResourceSettings
+from authmesh.auth.v1 import auth_pb2
 from authmesh.client import StoredLogin, TokenFile, Tokens
 from authmesh.client_commands import register
 from authmesh.processes import LOOPBACK, free_port
-from tests.auth_support import ADMIN, ADMIN_SCOPE, SERVICE, AuthClient, auth_settings, running_auth
+from tests.auth_support import (
+    ADMIN,
+    ADMIN_SCOPE,
+    SERVICE,
+    AuthClient,
+    auth_settings,
+    expect_error,
+    running_auth,
+)
 
 ALICE = ("alice", "alice-password-1")
 READY_DEADLINE = 15.0
@@ -79,9 +90,9 @@ class Services:
 
 @asynccontextmanager
 async def running_replica(
-    auth: AuthApp, nats_url: str, instance: str = "replica-cli"
+    auth: AuthApp, nats_url: str, instance: str = "replica-cli", **overrides: Any
 ) -> AsyncIterator[ResourceApp]:
-    """A resource replica in process, once it serves."""
+    """A resource replica in process, once it serves (``overrides`` are further settings)."""
     settings = ResourceSettings(
         nats_urls=[nats_url],
         auth_target=auth.grpc_address,
@@ -91,6 +102,7 @@ async def running_replica(
         instance=instance,
         shutdown_grace=0.2,
         log_level="warning",
+        **overrides,
     )
     async with ResourceApp(settings) as replica:
         deadline = time.monotonic() + READY_DEADLINE
@@ -388,3 +400,89 @@ async def test_login_refuses_two_password_sources(services: Services, flags: lis
     result = await services.run("login", ALICE[0], *flags, *services.common(), stdin="x\n")
 
     assert_failed_with(result, "either --password or --password-stdin", exit_code=2)
+
+
+async def test_an_admin_creates_and_lists_users(services: Services) -> None:
+    await services.login(*ADMIN, "--scope", "admin")
+
+    created = await services.run(
+        "user", "create", "bob", "--password-stdin", "--scope", "docs:read", "--scope", "docs:write",
+        *services.common(), stdin="bob-password-1\n",
+    )  # fmt: skip
+    listed = await services.run("user", "list", "--json", *services.common())
+    bobs = await services.run("user", "list", "--prefix", "bo", *services.common())
+
+    assert created.exit_code == 0, created.output
+    assert "Created user bob" in created.stdout
+    assert listed.exit_code == 0, listed.output
+    users = {user["username"]: user for user in json.loads(listed.stdout)["users"]}
+    assert {"alice", "bob", ADMIN[0]} <= set(users)
+    assert users["bob"]["scopes"] == ["docs:read", "docs:write"]
+    assert bobs.exit_code == 0, bobs.output
+    assert "bob" in bobs.stdout
+    assert "alice" not in bobs.stdout
+    assert (await services.client.login("bob", "bob-password-1")).access_token
+
+
+async def test_user_commands_need_an_admin(services: Services) -> None:
+    await services.login(*ALICE)
+
+    listed = await services.run("user", "list", *services.common())
+    created = await services.run("user", "create", "eve", "--password", "eve-password-1", *services.common())
+
+    assert_failed_with(listed, "UNAUTHENTICATED", "WRONG_AUDIENCE", "--scope admin")
+    assert_failed_with(created, "UNAUTHENTICATED", "WRONG_AUDIENCE", "--scope admin")
+
+
+async def test_revoke_by_username_refuses_every_token_of_that_user(services: Services) -> None:
+    victim = await services.client.login(*ALICE)
+    await services.login(*ADMIN, "--scope", "admin")
+
+    result = await services.run("revoke", "--username", ALICE[0], *services.common())
+    unknown = await services.run("revoke", "--username", "nobody", *services.common())
+
+    assert result.exit_code == 0, result.output
+    assert "every token of alice" in result.stdout
+    assert_failed_with(unknown, "no user is named nobody")
+    await expect_error(
+        services.client.stub.Refresh(auth_pb2.RefreshRequest(refresh_token=victim.refresh_token), timeout=10),
+        grpc.StatusCode.UNAUTHENTICATED,
+    )
+
+
+async def test_a_stored_session_the_auth_service_refuses_to_renew_is_reported_once(
+    services: Services,
+) -> None:
+    await services.login(*ALICE)
+    stored = services.stored()
+    await services.run("revoke", "--session", stored.tokens.session_id, *services.common())
+    due = Tokens(
+        stored.tokens.access_token, stored.tokens.refresh_token, stored.tokens.session_id,
+        stored.tokens.scopes, time.time() - 1, stored.tokens.refresh_expires_at,
+    )  # fmt: skip
+    TokenFile(services.token_file).save(stored.with_tokens(due))
+
+    result = await services.run("whoami", "--resource", services.replica.grpc_address, *services.common())
+
+    assert_failed_with(result, "UNAUTHENTICATED", "REFRESH_TOKEN_INVALID")
+    assert services.stored().tokens == due
+
+
+async def test_an_admin_disables_and_enables_a_user_by_name(services: Services) -> None:
+    await services.login(*ADMIN, "--scope", "admin")
+
+    disabled = await services.run("user", "disable", ALICE[0], *services.common())
+    listed = await services.run("user", "list", "--json", *services.common())
+    elsewhere = ["--target", services.auth.grpc_address, "--token-file", str(services.token_file) + ".alice"]
+    refused = await services.run("login", ALICE[0], "--password-stdin", *elsewhere, stdin=f"{ALICE[1]}\n")
+    enabled = await services.run("user", "enable", ALICE[0], *services.common())
+    unknown = await services.run("user", "disable", "nobody", *services.common())
+
+    assert disabled.exit_code == 0, disabled.output
+    assert "Disabled alice" in disabled.stdout
+    users = {user["username"]: user for user in json.loads(listed.stdout)["users"]}
+    assert users["alice"]["disabled"] is True
+    assert_failed_with(refused, "UNAUTHENTICATED", "USER_DISABLED")
+    assert enabled.exit_code == 0, enabled.output
+    assert (await services.client.login(*ALICE)).access_token
+    assert_failed_with(unknown, "no user is named nobody")

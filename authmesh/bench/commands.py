@@ -248,6 +248,30 @@ def _goal_rows(result: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     return rows
 
 
+@bench_app.command("gateway")
+def gateway(
+    json_path: JsonOption = None,
+    plot_dir: PlotOption = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=1024, help="HTTP clients in flight")] = 16,
+    slices: SlicesOption = 10,
+    slice_seconds: SliceSecondsOption = 1.0,
+    revocations: Annotated[int, typer.Option(min=1, max=10_000, help="revocation rounds")] = 50,
+) -> None:
+    """Envoy with authmesh ext_authz vs Envoy with jwt_authn: throughput, latency, revoked-token refusal."""
+    from authmesh.bench.gateway import main
+
+    raise typer.Exit(
+        main(
+            json_path,
+            plot_dir,
+            concurrency=concurrency,
+            slices=slices,
+            slice_s=slice_seconds,
+            revocations=revocations,
+        )
+    )
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``bench`` group to the ``authmesh`` command."""
     app.add_typer(bench_app, name="bench")

@@ -210,7 +210,7 @@ async def test_health_of_the_auth_service_and_the_replicas_revocation_state_foll
         assert await grpc_health_status(target, 2) == "SERVING"
         status, document = await readyz(app.http_address)
         assert status == 503
-        assert own_nats.url in document["unreachable"]["nats"]
+        assert f"127.0.0.1:{own_nats.port}" in document["unreachable"]["nats"]
 
         await own_nats.start()
         await eventually(health_is(app.grpc_address, "SERVING"), within=DEADLINE, what="auth SERVING again")
@@ -221,7 +221,8 @@ async def test_health_of_the_auth_service_and_the_replicas_revocation_state_foll
 
 async def test_a_store_that_does_not_answer_at_start_is_named_without_its_credentials(nats_url: str) -> None:
     closed = free_port()
-    with pytest.raises(Unavailable, match=f"Redis at redis://127.0.0.1:{closed}/0 unreachable") as caught:
-        async with AuthApp(auth_settings(f"redis://:hunter2-secret@127.0.0.1:{closed}/0", [nats_url])):
+    settings = auth_settings(f"redis://:hunter2-secret@127.0.0.1:{closed}/0", [nats_url], connect_timeout=0.5)
+    with pytest.raises(Unavailable, match=f"cannot reach Redis at redis://127.0.0.1:{closed}/0 ") as caught:
+        async with AuthApp(settings):
             pass
     assert "hunter2" not in str(caught.value)

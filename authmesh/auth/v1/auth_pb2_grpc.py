@@ -103,6 +103,11 @@ class AuthServiceStub:
                 request_serializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.EnableUserRequest.SerializeToString,
                 response_deserializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.EnableUserResponse.FromString,
                 _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/authmesh.auth.v1.AuthService/ListUsers',
+                request_serializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -204,6 +209,13 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListUsers(self, request, context):
+        """The users, in username order, one page at a time (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -271,6 +283,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.EnableUser,
                     request_deserializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.EnableUserRequest.FromString,
                     response_serializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.EnableUserResponse.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.ListUsersRequest.FromString,
+                    response_serializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.ListUsersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -628,6 +645,33 @@ class AuthService:
             '/authmesh.auth.v1.AuthService/EnableUser',
             authmesh_dot_auth_dot_v1_dot_auth__pb2.EnableUserRequest.SerializeToString,
             authmesh_dot_auth_dot_v1_dot_auth__pb2.EnableUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authmesh.auth.v1.AuthService/ListUsers',
+            authmesh_dot_auth_dot_v1_dot_auth__pb2.ListUsersRequest.SerializeToString,
+            authmesh_dot_auth_dot_v1_dot_auth__pb2.ListUsersResponse.FromString,
             options,
             channel_credentials,
             insecure,

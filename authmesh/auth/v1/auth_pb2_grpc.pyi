@@ -65,6 +65,8 @@ class AuthServiceStub:
     """
     EnableUser: _grpc.UnaryUnaryMultiCallable[_auth_pb2.EnableUserRequest, _auth_pb2.EnableUserResponse]
     """Lets a disabled account log in again; what was revoked stays revoked."""
+    ListUsers: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListUsersRequest, _auth_pb2.ListUsersResponse]
+    """The users, in username order, one page at a time (admin)."""
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -103,6 +105,8 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """
     EnableUser: _aio.UnaryUnaryMultiCallable[_auth_pb2.EnableUserRequest, _auth_pb2.EnableUserResponse]  # type: ignore[assignment]
     """Lets a disabled account log in again; what was revoked stays revoked."""
+    ListUsers: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListUsersRequest, _auth_pb2.ListUsersResponse]  # type: ignore[assignment]
+    """The users, in username order, one page at a time (admin)."""
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """AuthService issues, rotates and revokes tokens, and manages signing keys and users.
@@ -216,5 +220,13 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.EnableUserResponse, _abc.Awaitable[_auth_pb2.EnableUserResponse]]:
         """Lets a disabled account log in again; what was revoked stays revoked."""
+
+    @_abc_1.abstractmethod
+    def ListUsers(
+        self,
+        request: _auth_pb2.ListUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.ListUsersResponse, _abc.Awaitable[_auth_pb2.ListUsersResponse]]:
+        """The users, in username order, one page at a time (admin)."""
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,251 @@
+"""The rules both renewing sessions follow: when to renew, how, and what ends a session for good.
+
+A session logs in once (a user's password, or a service account's), then attaches its access token to
+every call made through its channel and renews it:
+
+- before it expires: a call made within ``renew_margin`` seconds of the token's end (at most half its
+  lifetime) first spends the refresh token for a new pair (the refresh token rotates);
+- when a server refuses it as expired: a unary call answered ``UNAUTHENTICATED`` with reason
+  ``TOKEN_EXPIRED`` renews and is made again, once.
+
+Renewal is single-flight: however many calls find the token due at once, one ``Refresh`` is made and
+every call uses its result. A session the auth service refuses to renew (revoked, reused refresh token,
+user revoked, wrong password) has ended: :class:`~authmesh._shared.errors.SessionEnded` is raised, then
+and on every later call, without asking the auth service again, and a password is never used to open a
+new session behind a revoked one. Only a refresh token that has simply run out of time is replaced by a
+fresh login, and only when the session holds a password. An auth service that cannot be reached is an
+:class:`~authmesh._shared.errors.Unavailable` for that call; the next call tries again.
+
+:class:`~authmesh._shared.token_session.TokenSession` (``grpc.aio``) and
+:class:`~authmesh._shared.sync_token_session.SyncTokenSession` (``grpc``, threads) are built on
+:class:`SessionRules`; they differ only in how they call the auth service and wait for each other.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Self, TypedDict, Unpack
+
+import grpc
+import structlog
+
+from authmesh._shared.auth_api import Tokens
+from authmesh._shared.errors import ConfigurationError, SessionEnded, Unavailable
+from authmesh._shared.grpc_errors import error_reason
+
+DEFAULT_RENEW_MARGIN_SECONDS = 30.0
+DEFAULT_TIMEOUT_SECONDS = 10.0
+TOKEN_EXPIRED = "TOKEN_EXPIRED"
+AUTHORIZATION = "authorization"
+AUTH_TARGET_VARIABLE = "AUTHMESH_AUTH_TARGET"
+CLIENT_ACCOUNT_VARIABLE = "AUTHMESH_CLIENT_ACCOUNT"
+CLIENT_SCOPES_VARIABLE = "AUTHMESH_CLIENT_SCOPES"
+_log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """The tokens a session holds and when to renew them (Unix seconds)."""
+
+    tokens: Tokens
+    renew_at: float
+
+    @classmethod
+    def of(cls, tokens: Tokens, now: float, margin: float) -> Grant:
+        lifetime = max(tokens.expires_at - now, 0.0)
+        return cls(tokens, tokens.expires_at - min(margin, lifetime / 2))
+
+    def due(self, now: float) -> bool:
+        return now >= self.renew_at
+
+
+class SessionOptions(TypedDict, total=False):
+    """How a session logs in and renews (keyword arguments of both sessions).
+
+    Attributes:
+        scopes: Scopes to ask for; empty asks for every scope the user holds.
+        renew_margin: Renew when this many seconds of the access token are left (at most half its life).
+        timeout: Deadline of each ``Login`` and ``Refresh``, seconds.
+        credentials: Channel credentials for the auth service and the session's channels (TLS);
+            None: insecure.
+        on_renew: Called with every new token pair (to store it, say).
+        clock: Unix seconds.
+    """
+
+    scopes: Sequence[str]
+    renew_margin: float
+    timeout: float
+    credentials: grpc.ChannelCredentials | None
+    on_renew: Callable[[Tokens], None] | None
+    clock: Callable[[], float]
+
+
+class _Login(NamedTuple):
+    username: str
+    password: str
+    scopes: tuple[str, ...]
+
+
+def service_account(value: str) -> tuple[str, str]:
+    """``(username, password)`` from ``username:password`` (the ``AUTHMESH_SERVICE_ACCOUNT`` format).
+
+    Raises:
+        ConfigurationError: The value is not ``username:password``.
+    """
+    username, separator, password = value.partition(":")
+    if not separator or not username or not password:
+        raise ConfigurationError("a service account is written username:password")
+    return username, password
+
+
+class SessionRules:
+    """What both sessions share: their settings, the rules for when and how to renew, and the failure
+    that ends them (the arguments are documented on the two public classes)."""
+
+    def __init__(
+        self,
+        auth_target: str,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tokens: Tokens | None = None,
+        **options: Unpack[SessionOptions],
+    ) -> None:
+        scopes = options.get("scopes", ())
+        renew_margin = options.get("renew_margin", DEFAULT_RENEW_MARGIN_SECONDS)
+        clock = options.get("clock", time.time)
+        if renew_margin < 0:
+            raise ConfigurationError("renew_margin must not be negative")
+        self.auth_target = auth_target
+        self._login = _credentials(username, password, scopes, tokens)
+        self._margin = renew_margin
+        self._timeout = options.get("timeout", DEFAULT_TIMEOUT_SECONDS)
+        self._credentials = options.get("credentials")
+        self._on_renew = options.get("on_renew")
+        self._clock = clock
+        self._grant = None if tokens is None else Grant.of(tokens, clock(), renew_margin)
+        self._ended: SessionEnded | None = None
+        self.renewals = 0
+        self._setup()
+
+    def _setup(self) -> None:
+        """Build what the session calls the auth service with (not connected yet)."""
+        raise NotImplementedError
+
+    @classmethod
+    def login(cls, auth_target: str, username: str, password: str, **options: Unpack[SessionOptions]) -> Self:
+        """A session that logs in as ``username`` (on entry) and renews as needed."""
+        return cls(auth_target, username=username, password=password, **options)
+
+    @classmethod
+    def from_service_account(cls, auth_target: str, account: str, **options: Unpack[SessionOptions]) -> Self:
+        """A session of a service account given as ``username:password``."""
+        username, password = service_account(account)
+        return cls(auth_target, username=username, password=password, **options)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str], **options: Unpack[SessionOptions]) -> Self:
+        """A session configured by the environment, for twelve-factor services and scripts.
+
+        Reads ``AUTHMESH_AUTH_TARGET`` (``host:port`` of the auth service), ``AUTHMESH_CLIENT_ACCOUNT``
+        (``username:password`` of the account the program calls as) and, if set,
+        ``AUTHMESH_CLIENT_SCOPES`` (space-separated scopes to ask for; unset: every scope it holds).
+
+        Raises:
+            ConfigurationError: A variable is missing or malformed.
+        """
+        target, account = environ.get(AUTH_TARGET_VARIABLE), environ.get(CLIENT_ACCOUNT_VARIABLE)
+        if not target or not account:
+            raise ConfigurationError(
+                f"set {AUTH_TARGET_VARIABLE} (host:port) and {CLIENT_ACCOUNT_VARIABLE} (username:password)"
+            )
+        scopes = environ.get(CLIENT_SCOPES_VARIABLE)
+        if scopes is not None and "scopes" not in options:
+            options["scopes"] = tuple(scopes.split())
+        return cls.from_service_account(target, account, **options)
+
+    @classmethod
+    def resume(cls, auth_target: str, tokens: Tokens, **options: Unpack[SessionOptions]) -> Self:
+        """A session that continues from stored tokens (renewed with their refresh token only)."""
+        return cls(auth_target, tokens=tokens, **options)
+
+    @property
+    def tokens(self) -> Tokens | None:
+        """The current tokens, if the session has any yet."""
+        return None if self._grant is None else self._grant.tokens
+
+    def _held(self) -> Grant:
+        if self._ended is not None:
+            raise self._ended
+        if self._grant is None:
+            raise SessionEnded("not logged in", code="NOT_LOGGED_IN")
+        return self._grant
+
+    def _fresh(self) -> Grant | None:
+        if self._ended is not None:
+            raise self._ended
+        grant = self._grant
+        return grant if grant is not None and not grant.due(self._clock()) else None
+
+    def _plan(self, stale: Grant | None) -> tuple[Grant | None, str | None]:
+        """Under the renewal lock: (a grant someone else already renewed, or the refresh token to spend).
+
+        Both None: log in (first use, or the refresh token has run out of time).
+        """
+        if self._ended is not None:
+            raise self._ended
+        current = self._grant
+        if current is not None and current is not stale and not current.due(self._clock()):
+            return current, None
+        if current is not None and current.tokens.refresh_expires_at > self._clock():
+            return None, current.tokens.refresh_token
+        if self._login is None:
+            self._ended = SessionEnded(
+                "the refresh token has expired; log in again", code="REFRESH_TOKEN_EXPIRED"
+            )
+            raise self._ended
+        return None, None
+
+    def _store(self, tokens: Tokens) -> Grant:
+        self._grant = Grant.of(tokens, self._clock(), self._margin)
+        self.renewals += 1
+        return self._grant
+
+    def _refused(self, method: str, error: grpc.RpcError) -> Exception:
+        """What a failed ``Login`` or ``Refresh`` means: an ended session, or an unreachable service."""
+        code = error.code()
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            reason = error_reason(error) or code.name
+            self._ended = SessionEnded(
+                f"the auth service refused {method} ({reason}); log in again", code=reason
+            )
+            _log.warning("session ended", method=method, reason=reason)
+            return self._ended
+        return Unavailable(
+            f"auth service {self.auth_target} did not answer {method} ({code.name}: {error.details()})",
+            code="AUTH_UNAVAILABLE",
+        )
+
+
+def with_token(metadata: Iterable[tuple[str, Any]] | None, token: str) -> list[tuple[str, Any]]:
+    kept = [(key, value) for key, value in (metadata or ()) if key != AUTHORIZATION]
+    kept.append((AUTHORIZATION, f"Bearer {token}"))
+    return kept
+
+
+def refused_as_expired(error: grpc.RpcError) -> bool:
+    return error.code() == grpc.StatusCode.UNAUTHENTICATED and error_reason(error) == TOKEN_EXPIRED
+
+
+def _credentials(
+    username: str | None, password: str | None, scopes: Sequence[str], tokens: Tokens | None
+) -> _Login | None:
+    if (username is None) != (password is None):
+        raise ConfigurationError("give both a username and a password, or neither")
+    if username is None or password is None:
+        if tokens is None:
+            raise ConfigurationError("a session needs a username and password, or tokens to resume")
+        return None
+    return _Login(username, password, tuple(scopes))
