@@ -162,6 +162,11 @@ class ResourceSettings(CommonSettings):
         default="127.0.0.1:50051",
         description="where the auth service listens: host:port, or several ip:port, comma-separated",
     )
+    auth_url: str | None = Field(
+        default=None,
+        description="the auth service's HTTP base URL: issuer, audience, token lifetime and leeway are "
+        "read from its metadata (else taken from these settings)",
+    )
     service_account: SecretStr | None = Field(
         default=None, description="username:password used for Introspect and SnapshotRevocations"
     )
