@@ -392,6 +392,7 @@ class RedisServer(ServerProcess):
         tls: Serve only TLS on ``port`` (no plaintext port) and require client certificates signed
             by ``tls.ca_file``; the binary must be built with TLS (Redis 6+, ``BUILD_TLS=yes``).
         user: ``(name, password)`` of the only account (the ``default`` user is switched off).
+        extra_config: More ``redis.conf`` lines (e.g. ``replicaof 127.0.0.1 PORT``).
     """
 
     def __init__(
@@ -403,6 +404,7 @@ class RedisServer(ServerProcess):
         binary: Path | None = None,
         tls: TlsFiles | None = None,
         user: tuple[str, str] | None = None,
+        extra_config: Sequence[str] = (),
     ) -> None:
         super().__init__("redis", data_dir)
         self.port = port if port is not None else free_port()
@@ -414,6 +416,7 @@ class RedisServer(ServerProcess):
             raise ConfigurationError("a TLS Redis needs a CA, a certificate and a key")
         self.tls = tls
         self.user = user
+        self.extra_config = tuple(extra_config)
 
     @property
     def url(self) -> str:
@@ -447,6 +450,7 @@ class RedisServer(ServerProcess):
             'appendfilename "appendonly.aof"',
             "appendfsync always",
             "maxmemory-policy noeviction",
+            *self.extra_config,
         ]
         if self.tls is not None:
             lines[1] = "port 0"

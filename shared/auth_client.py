@@ -24,6 +24,7 @@ from authmesh._shared.backoff import backoff
 from authmesh._shared.denylist import SnapshotChunk
 from authmesh._shared.errors import Unavailable
 from authmesh._shared.events import SessionRevokedEvent, UserRevokedEvent
+from authmesh._shared.grpc_targets import balanced_channel_options, balanced_target
 from authmesh._shared.lifecycle import raise_if_cancelled
 from authmesh._shared.staleness import Introspection
 from authmesh._shared.tls import TlsFiles, open_channel
@@ -60,7 +61,7 @@ class AuthClient:
     """An async client for the auth service, used by resource services.
 
     Args:
-        target: ``host:port`` of the auth service.
+        target: ``host:port`` of the auth service, or several, comma-separated (balanced round-robin).
         service_account: ``(username, password)`` for ``Introspect`` and ``SnapshotRevocations``.
         timeout: Deadline of one unary call, seconds.
         snapshot_timeout: Deadline of a whole ``SnapshotRevocations`` stream, seconds.
@@ -79,7 +80,7 @@ class AuthClient:
         clock: Callable[[], float] = time.monotonic,
         tls: TlsFiles = TlsFiles(),  # noqa: B008  # frozen, so one shared default is safe
     ) -> None:
-        self._target = target
+        self._target = balanced_target(target)
         self._tls = tls
         self._account = service_account
         self._timeout = timeout
@@ -92,7 +93,9 @@ class AuthClient:
         self._renewed = asyncio.Event()
 
     async def __aenter__(self) -> Self:
-        self._channel = open_channel(self._target, self._tls, channel_options())
+        self._channel = open_channel(
+            self._target, self._tls, [*channel_options(), *balanced_channel_options()]
+        )
         self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
         return self
 
@@ -116,7 +119,7 @@ class AuthClient:
         try:
             response = await self._api().GetJwks(auth_pb2.GetJwksRequest(), timeout=self._timeout)
         except grpc.aio.AioRpcError as error:
-            raise _unavailable("GetJwks", error) from error
+            raise _unavailable("GetJwks", error, self._target) from error
         return response.jwks_json
 
     async def introspect(self, token: str) -> Introspection:
@@ -134,7 +137,7 @@ class AuthClient:
                 if attempt == 0 and error.code() == grpc.StatusCode.UNAUTHENTICATED:
                     self._forget_token()  # our own token was refused: log in afresh, once
                     continue
-                raise _unavailable("Introspect", error) from error
+                raise _unavailable("Introspect", error, self._target) from error
             return Introspection(
                 active=response.active,
                 subject=response.subject,
@@ -164,7 +167,7 @@ class AuthClient:
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._forget_token()
-            raise _unavailable("SnapshotRevocations", error) from error
+            raise _unavailable("SnapshotRevocations", error, self._target) from error
         finally:
             call.cancel()
 
@@ -211,7 +214,7 @@ class AuthClient:
                     )
                 except grpc.aio.AioRpcError as error:
                     if error.code() != grpc.StatusCode.UNAUTHENTICATED:
-                        raise _unavailable("Refresh", error) from error
+                        raise _unavailable("Refresh", error, self._target) from error
             if pair is None:
                 pair = await self._login()
             self._token = renewed = self._service_token(pair)
@@ -228,7 +231,7 @@ class AuthClient:
                 timeout=self._timeout,
             )
         except grpc.aio.AioRpcError as error:
-            raise _unavailable("Login", error) from error
+            raise _unavailable("Login", error, self._target) from error
 
     def _forget_token(self) -> None:
         self._token = None
@@ -250,9 +253,9 @@ class AuthClient:
         return self._stub
 
 
-def _unavailable(method: str, error: grpc.aio.AioRpcError) -> Unavailable:
-    _log.warning("auth service call failed", method=method, code=error.code().name)
-    return Unavailable(f"auth service {method} failed", code=AUTH_UNAVAILABLE)
+def _unavailable(method: str, error: grpc.aio.AioRpcError, target: str) -> Unavailable:
+    _log.warning("auth service call failed", method=method, code=error.code().name, target=target)
+    return Unavailable(f"auth service {method} at {target} failed", code=AUTH_UNAVAILABLE)
 
 
 def _chunk(chunk: auth_pb2.RevocationSnapshotChunk) -> SnapshotChunk:

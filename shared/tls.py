@@ -16,6 +16,7 @@ never its content.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -112,7 +113,7 @@ def grpc_channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials | None:
 
 
 def open_channel(
-    target: str, files: TlsFiles, options: list[tuple[str, int]] | None = None
+    target: str, files: TlsFiles, options: Sequence[tuple[str, Any]] | None = None
 ) -> grpc.aio.Channel:
     """An async channel to ``target``: TLS when ``files`` has a CA, plaintext otherwise.
 
