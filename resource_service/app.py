@@ -61,7 +61,9 @@ class ResourceApp(Startable):
         self.denylist = Denylist(access_token_ttl=settings.access_token_ttl, leeway=settings.leeway)
         self.staleness = StalenessMonitor(settings.staleness_bound)
         account = credentials(settings.service_account) if settings.service_account else None
-        self.auth = AuthClient(settings.auth_target, service_account=account)
+        self.auth = AuthClient(
+            settings.auth_target, service_account=account, login_timeout=settings.login_timeout
+        )
         self.keys = KeyCache(self.auth.get_jwks)
         self.fallback = (
             IntrospectionFallback(
