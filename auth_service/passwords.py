@@ -32,12 +32,10 @@ class PasswordChecker:
         async with self._slots:
             return await asyncio.to_thread(self._hasher.hash, password)
 
-    async def verify(self, password_hash: str | None, password: str) -> bool:
-        """Whether ``password`` matches; ``None`` (unknown user) is checked against the dummy and fails."""
-        return await asyncio.shield(await self.start_verify(password_hash, password))
-
     async def start_verify(self, password_hash: str | None, password: str) -> asyncio.Future[bool]:
         """Start a check once a slot is free; the returned future says whether ``password`` matches.
+
+        ``None`` (an unknown user) is checked against the dummy hash and never matches.
 
         Waiting for the slot can be cancelled, and then nothing is checked. Once started, the check runs
         to its end whatever happens to the caller (a thread cannot be stopped), and keeps its slot till

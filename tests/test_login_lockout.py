@@ -28,7 +28,7 @@ MAX_FAILURES = 5
 WINDOW_SECONDS = 60
 # ~1 s a check here; every deadline called too short below is a small fraction of it.
 SLOW_ARGON2 = {"argon2_time_cost": 20, "argon2_memory_kib": 65_536, "argon2_parallelism": 1}
-TOO_SHORT_SECONDS = 0.05
+TOO_SHORT_SECONDS = 0.3
 SANE_SECONDS = 60.0
 # PasswordChecker's default: checks that may run at once, each holding a unit of the budget.
 PASSWORD_SLOTS = 4
