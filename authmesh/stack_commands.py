@@ -22,12 +22,23 @@ from rich.table import Table
 
 from authmesh._shared.errors import AuthError
 from authmesh.gateway_stack import GATEWAY_STACK_ENV, LocalGateway
-from authmesh.stack import LocalStack, StackSecrets, grpc_health_status, new_password
+from authmesh.stack import (
+    AUTH_NATS_USER,
+    ROUTE_NATS_USER,
+    LocalStack,
+    StackSecrets,
+    compose_password_variable,
+    grpc_health_status,
+    new_password,
+    replica_names,
+)
 from authmesh.terminal import fits
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 DEFAULT_REPLICAS = 3
+# docker-compose.yml runs resource-1 … resource-3, each with a NATS user of its own.
+COMPOSE_REPLICAS = 3
 DEFAULT_HEALTH_TARGET = "127.0.0.1:50051"
 WATCH_SECONDS = 1.0
 
@@ -258,8 +269,12 @@ def compose_environment(stack_secrets: StackSecrets | None = None) -> dict[str, 
         "AUTHMESH_KEY_ENCRYPTION_KEY": chosen.key_encryption_key,
         "AUTHMESH_BOOTSTRAP_ADMIN": chosen.admin.joined,
         "AUTHMESH_SERVICE_ACCOUNT": chosen.service_account.joined,
-        "AUTHMESH_NATS_AUTH_PASSWORD": chosen.nats_auth.password,
-        "AUTHMESH_NATS_RESOURCE_PASSWORD": chosen.nats_resource.password,
+        compose_password_variable(AUTH_NATS_USER): chosen.nats_auth.password,
+        **{
+            compose_password_variable(name): chosen.nats_replica(name).password
+            for name in replica_names(COMPOSE_REPLICAS)
+        },
+        compose_password_variable(ROUTE_NATS_USER): chosen.nats_route.password,
         "AUTHMESH_REDIS_PASSWORD": new_password(),
     }
 

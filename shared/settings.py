@@ -36,7 +36,12 @@ class CommonSettings(BaseSettings):
         default_factory=lambda: ["nats://127.0.0.1:4222"],
         description="NATS servers, comma-separated (a cluster)",
     )
-    nats_user: str | None = Field(default=None, description="NATS user name, if the server requires one")
+    nats_user: str | None = Field(
+        default=None,
+        # One subject token: replies to this user arrive under _INBOX.<user>.
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="NATS user name, if the server requires one (letters, digits, - and _)",
+    )
     nats_password: SecretStr | None = Field(default=None, description="NATS password")
     issuer: str = Field(default="authmesh", min_length=1, description="iss of every token")
     audience: str = Field(

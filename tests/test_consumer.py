@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -421,9 +422,12 @@ async def test_a_gap_in_the_stream_is_detected_and_resynchronised_from_a_snapsho
             assert snapshots.calls >= 2
 
 
-async def test_a_gap_without_a_snapshot_is_counted_and_consumption_goes_on(nats_url: str) -> None:
+async def test_a_gap_without_a_snapshot_keeps_the_replica_degraded_until_the_lost_tokens_have_expired(
+    nats_url: str,
+) -> None:
     lost, later = token_claims(), token_claims()
-    async with rig(nats_url) as r:
+    # Tokens live 2 s here: the lost revocation stops mattering 2 s after it was stored.
+    async with rig(nats_url, access_token_ttl=2, leeway=0, staleness_bound=0.5) as r:
         await r.publisher.publish(HeartbeatEvent(seq=1))
         missing = await r.publisher.publish(TokenRevokedEvent(jti=lost.jti, exp=lost.exp))
         await r.publisher.publish(TokenRevokedEvent(jti=later.jti, exp=later.exp))
@@ -433,6 +437,37 @@ async def test_a_gap_without_a_snapshot_is_counted_and_consumption_goes_on(nats_
             assert is_revoked(r.denylist, later)
             assert not is_revoked(r.denylist, lost)
             assert r.recorder.gaps == 1
+            # Live heartbeats do not make it fresh while the lost revocation may still matter …
+            applied = r.consumer.applied
+            await r.publisher.publish(HeartbeatEvent(seq=2))
+            await poll(lambda: r.consumer.applied > applied)
+            assert r.staleness.degraded
+            # … and it is fresh again once every token the lost event could have revoked has expired.
+            for seq in range(3, 100):
+                await r.publisher.publish(HeartbeatEvent(seq=seq))
+                if not r.staleness.degraded:
+                    break
+                await asyncio.sleep(0.1)
+            assert not r.staleness.degraded
+
+
+async def test_an_event_missing_from_the_live_path_is_read_from_the_stream(nats_url: str) -> None:
+    skipped, after = token_claims(), token_claims()
+    async with rig(nats_url) as r, r.running():
+        await r.ready()
+        await r.publisher.publish(HeartbeatEvent(seq=1))
+        await poll(lambda: r.consumer.last_sequence == 1)
+        # Stored but not republished: only a read of the stream can find it.
+        config = (await r.publisher.js.stream_info(STREAM_NAME)).config
+        await r.publisher.js.update_stream(dataclasses.replace(config, republish=None))
+        await r.publisher.publish(TokenRevokedEvent(jti=skipped.jti, exp=skipped.exp))
+        await ensure_stream(r.publisher.js, r.settings)
+        await r.publisher.publish(TokenRevokedEvent(jti=after.jti, exp=after.exp))
+
+        await poll(lambda: is_revoked(r.denylist, after))
+        assert is_revoked(r.denylist, skipped)
+        assert r.recorder.gaps == 0
+        assert r.consumer.last_sequence == 3
 
 
 async def test_live_heartbeats_keep_the_state_fresh_and_their_absence_makes_it_stale(nats_url: str) -> None:
