@@ -119,7 +119,7 @@ async def test_a_rate_limited_service_login_waits_for_the_window_instead_of_aski
     async with ServiceAuthClient(app.grpc_address, service_account=SERVICE) as service:
         with pytest.raises(Unavailable) as first:
             await service.introspect("any-token")
-        assert WINDOW_SECONDS - 10 <= first.value.retry_after <= WINDOW_SECONDS
+        assert 1.0 < first.value.retry_after <= WINDOW_SECONDS  # what is left of the window
         refused_once = refused()
         for _ in range(5):
             with pytest.raises(Unavailable) as again:
