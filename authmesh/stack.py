@@ -49,6 +49,8 @@ from authmesh._shared.errors import ConfigurationError
 from authmesh._shared.events import LIVE_SUBJECTS, STREAM_NAME, STREAM_SUBJECTS
 from authmesh._shared.lifecycle import Startable
 from authmesh._shared.nats_wiring import inbox_prefix
+from authmesh._shared.settings import CommonSettings
+from authmesh.data_dir_lock import DataDirLock
 from authmesh.processes import (
     LOOPBACK,
     START_TIMEOUT_SECONDS,
@@ -699,6 +701,28 @@ class LocalStack(Startable):
         """The settings a client of this stack needs."""
         return {"AUTHMESH_AUTH_TARGET": self.auth_grpc}
 
+    def service_env(self) -> dict[str, str]:
+        """Every setting a new resource service needs to join this stack (``authmesh up --env-file``).
+
+        It connects to the NATS servers directly (not through a replica's link proxy) as the ``reader``
+        user, which has a replica's permissions, and uses the stack's service account for the snapshot and
+        ``Introspect``.
+        """
+        stack_secrets = self._require(self.secrets, "the stack's secrets")
+        nats_user = stack_secrets.nats_replica(READER_NATS_USER)
+        settings = {**self._base_env(), **self._extra_env}
+        defaults = CommonSettings.model_fields
+        return {
+            "AUTHMESH_AUTH_TARGET": self.auth_grpc,
+            "AUTHMESH_AUTH_URL": f"http://{self.auth_http}",
+            "AUTHMESH_NATS_URLS": ",".join(self.nats_urls),
+            "AUTHMESH_NATS_USER": nats_user.username,
+            "AUTHMESH_NATS_PASSWORD": nats_user.password,
+            "AUTHMESH_SERVICE_ACCOUNT": stack_secrets.service_account.joined,
+            "AUTHMESH_ISSUER": settings.get("AUTHMESH_ISSUER", str(defaults["issuer"].default)),
+            "AUTHMESH_AUDIENCE": settings.get("AUTHMESH_AUDIENCE", str(defaults["audience"].default)),
+        }
+
     def describe(self) -> dict[str, Any]:
         """Everything ``authmesh up --json`` prints: addresses, credentials, logs and process ids."""
         auth = self._require(self.auth, "the auth service")
@@ -777,6 +801,8 @@ class LocalStack(Startable):
         if self._base_dir is None:
             self._temporary_dir = Path(tempfile.mkdtemp(prefix="authmesh-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Two stacks on one data directory would share (and corrupt) Redis's and NATS's files.
+        self._stack.enter_context(DataDirLock(self.data_dir))
         self.secrets = StackSecrets.load_or_create(self.data_dir / SECRETS_FILE)
         await self._start_nats(self.secrets)
         self.redis = RedisServer(self.data_dir / "redis", appendonly=True)
@@ -883,6 +909,7 @@ class LocalStack(Startable):
                 "AUTHMESH_GRPC_LISTEN": grpc_address,
                 "AUTHMESH_HTTP_LISTEN": http_address,
                 "AUTHMESH_AUTH_TARGET": self.auth_grpc,
+                "AUTHMESH_AUTH_URL": f"http://{self.auth_http}",
                 "AUTHMESH_NATS_URLS": ",".join(f"nats://{link.address}" for link in links),
                 "AUTHMESH_NATS_USER": stack_secrets.nats_replica(name).username,
                 "AUTHMESH_NATS_PASSWORD": stack_secrets.nats_replica(name).password,

@@ -30,7 +30,7 @@ from authmesh._shared.errors import AuthError, InsufficientScope
 from authmesh._shared.grpc_errors import bearer_token, status_code_for
 from authmesh._shared.grpc_handlers import BoundedCache
 from authmesh._shared.http_errors import http_refusal
-from authmesh._shared.interceptor import Authenticator
+from authmesh._shared.interceptor import TokenAuthenticator
 from authmesh.envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from authmesh.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
 
@@ -94,7 +94,7 @@ class ExtAuthzServicer(ext_authz_grpc.AuthorizationServicer):
         authenticator: The replica's decision about a bearer token.
     """
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: TokenAuthenticator) -> None:
         self._authenticator = authenticator
         # A refusal depends only on the error's class, code and message: built once each, since a
         # refused token is the path an attacker can drive at will.

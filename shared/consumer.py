@@ -43,7 +43,6 @@ from authmesh._shared.denylist import Denylist, SnapshotChunk
 from authmesh._shared.errors import AuthError, EventRejected, Unavailable, UnknownKey
 from authmesh._shared.events import (
     LIVE_SUBJECTS,
-    MAX_EVENT_BYTES,
     EventType,
     HeartbeatEvent,
     KeyRevokedEvent,
@@ -51,7 +50,6 @@ from authmesh._shared.events import (
     SecurityEvent,
     decode_event,
 )
-from authmesh._shared.jose import decode_compact
 from authmesh._shared.key_cache import KeyCache
 from authmesh._shared.lifecycle import raise_if_cancelled
 from authmesh._shared.nats_wiring import Callback, connect_nats
@@ -513,15 +511,14 @@ class RevocationConsumer:
         try:
             try:
                 return decode_event(message.data, message.subject, self._keys, issuer)
-            except UnknownKey:
-                kid = decode_compact(message.data, max_bytes=MAX_EVENT_BYTES).kid
-                await self._refresh_keys_for(kid)
+            except UnknownKey as unknown:
+                await self._refresh_keys_for(unknown.kid)
                 return decode_event(message.data, message.subject, self._keys, issuer)
         except UnknownKey:
             self._reject("unknown_key")
         except EventRejected as error:
             self._reject(_rejection_reason(error))
-        except AuthError as error:  # decode_compact on the second pass
+        except AuthError as error:  # whatever else the key source raised on the second pass
             self._reject(error.code.lower())
         return None
 

@@ -149,6 +149,11 @@ class ResourceSettings(CommonSettings):
     grpc_listen: str = Field(default="127.0.0.1:50061", description="gRPC listen address")
     http_listen: str = Field(default="127.0.0.1:8091", description="HTTP listen address")
     auth_target: str = Field(default="127.0.0.1:50051", description="where the auth service listens")
+    auth_url: str | None = Field(
+        default=None,
+        description="the auth service's HTTP base URL: issuer, audience, token lifetime and leeway are "
+        "read from its metadata (else taken from these settings)",
+    )
     service_account: SecretStr | None = Field(
         default=None, description="username:password used for Introspect and SnapshotRevocations"
     )
