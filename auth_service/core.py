@@ -225,6 +225,12 @@ class AuthCore:
         finally:
             await self._store.settle_login_check(username, check_id, outcome, self._settings.login_window)
 
+    async def wait_settled(self) -> None:
+        """Wait until every started password check has settled its budget unit (each ends within one
+        Argon2id check and one store call)."""
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+
     def _settled(self, task: asyncio.Task[bool]) -> None:
         self._settling.discard(task)
         if not task.cancelled() and task.exception() is not None:
