@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import structlog
 
 from authmesh._auth_service import validation
+from authmesh._auth_service.audit import audit, username_hash
 from authmesh._auth_service.grants import ADMIN_SCOPE, SERVICE_SCOPE, Audiences, Grant
 from authmesh._auth_service.keyring import Keyring
 from authmesh._auth_service.metrics import AuthMetrics
@@ -155,6 +156,7 @@ class AuthCore:
         user, matched = await self._check_password(username, password)
         if not matched:
             self._metrics.logins.labels("invalid_credentials").inc()
+            audit("login_failed", user=username_hash(username), reason="INVALID_CREDENTIALS")
             raise InvalidCredentials()
         assert user is not None  # a check never matches without a stored hash
         grant = self._audiences.grant(requested, user.scopes)
@@ -165,17 +167,33 @@ class AuthCore:
         # The token is dated by the instant the session was written with, never by a later clock read:
         # a RevokeUser between the two would otherwise revoke the session in Redis and yet not cover the
         # token at the replicas.
-        issued_ms = await self._store.open_session(
-            SessionRecord(
-                sid=sid, sub=user.sub, username=username, scopes=grant.scopes, created_ms=now_ms, revoked_ms=0
-            ),
-            hash_refresh_token(refresh_token),
-            self._settings.refresh_token_ttl * 1000,
-        )
+        try:
+            issued_ms = await self._store.open_session(
+                SessionRecord(
+                    sid=sid,
+                    sub=user.sub,
+                    username=username,
+                    scopes=grant.scopes,
+                    created_ms=now_ms,
+                    revoked_ms=0,
+                ),
+                hash_refresh_token(refresh_token),
+                self._settings.refresh_token_ttl * 1000,
+            )
+        except UserDisabled:
+            audit("login_failed", user=username_hash(username), sub=user.sub, reason="USER_DISABLED")
+            raise
         access_token = await self._mint(
             sub=user.sub, sid=sid, grant=grant, client_id=username, issued_ms=issued_ms
         )
         self._metrics.logins.labels("ok").inc()
+        audit(
+            "login_succeeded",
+            user=username_hash(username),
+            sub=user.sub,
+            sid=sid,
+            scopes=" ".join(grant.scopes),
+        )
         return self._pair(access_token, refresh_token, sid, grant.scopes)
 
     async def _check_password(self, username: str, password: str) -> tuple[UserRecord | None, bool]:
@@ -199,6 +217,7 @@ class AuthCore:
             )
         except RateLimited:
             self._metrics.logins.labels("rate_limited").inc()
+            audit("login_failed", user=username_hash(username), reason="RATE_LIMITED")
             raise
         try:
             user = await self._store.get_user(username)
@@ -258,7 +277,7 @@ class AuthCore:
         )
         self._refreshes(result.status).inc()
         if result.status == "reused":
-            _log.warning("refresh token reuse: session revoked", sid=result.sid, sub=result.sub)
+            audit("refresh_token_reused", sid=result.sid, sub=result.sub)
             # The event exactly as the script wrote it to the outbox (without an origin).
             event = SecurityEvent(
                 event_id=reuse_event_id,
@@ -302,7 +321,7 @@ class AuthCore:
         session = await self._store.get_session(sid)
         if session is None:
             raise InvalidRefreshToken()
-        return await self._revoke_session(session)
+        return await self._revoke_session(session, by=session.sub, reason="logout")
 
     async def _rehash_if_outdated(self, user: UserRecord, password: str) -> None:
         """Store a hash made with the current Argon2 parameters when the stored one was made with others."""
@@ -338,14 +357,14 @@ class AuthCore:
             )
             await self._broadcast(event, result)
             self._metrics.revocations.labels("token").inc()
-            _log.info("token revoked", jti=claims.jti, by=caller.sub, reason=reason)
+            audit("token_revoked", jti=claims.jti, sub=claims.sub, by=caller.sub, reason=reason)
             return result
         sid = await self._store.session_of_refresh(hash_refresh_token(token))
         session = await self._store.get_session(sid) if sid else None
         if session is None:
             raise InvalidRefreshToken()
         self._audiences.require_owner(caller, session.sub)
-        return await self._revoke_session(session)
+        return await self._revoke_session(session, by=caller.sub, reason=reason)
 
     async def revoke_session(self, caller: AccessClaims, sid: str, reason: str) -> RevocationResult:
         """Revoke one session.
@@ -360,9 +379,7 @@ class AuthCore:
         if session is None:
             raise NotFound("session not found", code="SESSION_NOT_FOUND")
         self._audiences.require_owner(caller, session.sub)
-        result = await self._revoke_session(session)
-        _log.info("session revoked", sid=sid, by=caller.sub, reason=reason)
-        return result
+        return await self._revoke_session(session, by=caller.sub, reason=reason)
 
     async def revoke_user(self, caller: AccessClaims, sub: str, reason: str) -> RevocationResult:
         """Revoke every session and token of a user issued up to now.
@@ -397,7 +414,7 @@ class AuthCore:
         if not await self._store.user_exists(sub):
             raise NotFound("user not found", code="USER_NOT_FOUND")
         await self._store.enable_user(sub)
-        _log.info("user enabled", sub=sub, by=caller.sub)
+        audit("user_enabled", sub=sub, by=caller.sub)
 
     async def _cut_user(
         self, caller: AccessClaims, sub: str, reason: str, *, disable: bool
@@ -421,7 +438,7 @@ class AuthCore:
         cut = dataclasses.replace(event, body=UserRevokedEvent(sub=sub, not_before_ms=result.revoked_at_ms))
         await self._broadcast(cut, result)
         self._metrics.revocations.labels("user").inc()
-        _log.info("user disabled" if disable else "user revoked", sub=sub, by=caller.sub, reason=reason)
+        audit("user_disabled" if disable else "user_revoked", sub=sub, by=caller.sub, reason=reason)
         return result
 
     async def rotate_signing_key(
@@ -477,8 +494,8 @@ class AuthCore:
         if retire_previous:
             self._resource_verifier.forget()
             self._auth_verifier.forget()
-        _log.info(
-            "signing key rotated",
+        audit(
+            "signing_key_rotated",
             kid=rotation.kid,
             previous_kid=rotation.previous_kid,
             retired=retire_previous,
@@ -529,7 +546,9 @@ class AuthCore:
             AlreadyExists: The username is taken.
         """
         self._audiences.require_auth_scope(caller, ADMIN_SCOPE)
-        return await self.add_user(username, password, scopes)
+        sub = await self.add_user(username, password, scopes)
+        audit("user_created", sub=sub, user=username_hash(username), scopes=" ".join(scopes), by=caller.sub)
+        return sub
 
     async def add_user(self, username: str, password: str, scopes: list[str] | tuple[str, ...]) -> str:
         """Add a user without an authorisation check (bootstrap accounts).
@@ -579,8 +598,14 @@ class AuthCore:
         """Create a configured account at start if it is absent."""
         if await self._store.get_user(username) is None:
             try:
-                await self.add_user(username, password, scopes)
-                _log.info("account created", username=username, scopes=" ".join(scopes))
+                sub = await self.add_user(username, password, scopes)
+                audit(
+                    "user_created",
+                    sub=sub,
+                    user=username_hash(username),
+                    scopes=" ".join(scopes),
+                    by="config",
+                )
             except AlreadyExists:
                 pass  # another replica created it first
 
@@ -635,12 +660,13 @@ class AuthCore:
 
     # helpers
 
-    async def _revoke_session(self, session: SessionRecord) -> RevocationResult:
+    async def _revoke_session(self, session: SessionRecord, *, by: str, reason: str) -> RevocationResult:
         now_ms = self._now_ms()
         event = self._event(SessionRevokedEvent(sid=session.sid, sub=session.sub), now_ms)
         result = await self._store.revoke_session(session.sid, now_ms, event.event_id, to_record(event))
         await self._broadcast(event, result)
         self._metrics.revocations.labels("session").inc()
+        audit("session_revoked", sid=session.sid, sub=session.sub, by=by, reason=reason)
         return result
 
     async def _broadcast(self, event: SecurityEvent, result: RevocationResult) -> None:

@@ -48,7 +48,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from authmesh._auth_service.redis_scripts import LuaScript, ScriptRunner
+from authmesh._auth_service.redis_scripts import LuaScript, ReplicaAck, ScriptRunner
 from authmesh._shared.errors import (
     ConfigurationError,
     NotFound,
@@ -613,10 +613,15 @@ class AuthStore:
         client: A redis-py asyncio client (``decode_responses=False``).
         access_ttl: Access-token lifetime, s (how long revocations of access tokens matter).
         leeway: Clock leeway, s.
+        replica_ack: Replicas that must hold a revocation, a key rotation, a refresh rotation or a new
+            session before it is acknowledged (None: none, a single Redis).
     """
 
-    def __init__(self, client: redis.Redis, *, access_ttl: int, leeway: float) -> None:
+    def __init__(
+        self, client: redis.Redis, *, access_ttl: int, leeway: float, replica_ack: ReplicaAck | None = None
+    ) -> None:
         self._redis = client
+        self._replica_ack = replica_ack
         self._expiry_margin_ms = int((leeway + 60) * 1000)
         self._revocation_horizon_ms = int(access_ttl * 1000) + self._expiry_margin_ms
         self._scripts = ScriptRunner(client.connection_pool)
@@ -789,6 +794,7 @@ class AuthStore:
                 session.username,
                 " ".join(session.scopes),
             ],
+            ack=self._replica_ack,
         )
         if _text(reply[0]) == "disabled":
             raise UserDisabled()
@@ -834,6 +840,7 @@ class AuthStore:
                 f"{PREFIX}user_disabled:",
                 f"{PREFIX}user_sessions:",
             ],
+            ack=self._replica_ack,
         )
         values = [_text(v) for v in result]
         status = values[0]
@@ -868,6 +875,7 @@ class AuthStore:
             self._revoke_session,
             keys=[session_key(sid), REVOKED_SESSIONS, OUTBOX, ACTIVE_KID],
             args=[now_ms, event_id, event_json, sid],
+            ack=self._replica_ack,
         )
         if _text(result[0]) == "missing":
             raise NotFound("session not found", code="SESSION_NOT_FOUND")
@@ -882,6 +890,7 @@ class AuthStore:
             self._revoke_token,
             keys=[revoked_jti_key(jti), REVOKED_JTIS, OUTBOX, ACTIVE_KID],
             args=[now_ms, event_id, event_json, jti, exp, max(keep_ms, 1)],
+            ack=self._replica_ack,
         )
         return _revocation(result)
 
@@ -912,6 +921,7 @@ class AuthStore:
                 ACTIVE_KID,
             ],
             args=[now_ms, event_id, event_json, sub, f"{PREFIX}session:", disable_reason],
+            ack=self._replica_ack,
         )
         return _revocation(result)
 
@@ -1055,6 +1065,7 @@ class AuthStore:
                 RETIRED_KEYS,
             ],
             args=args,
+            ack=self._replica_ack,
         )
         return _text(result[0]) == "ok"
 

@@ -368,6 +368,7 @@ class RedisServer(ServerProcess):
         port: The port; a free one by default.
         appendonly: Keep an append-only file (``appendfsync always``).
         binary: The ``redis-server`` to run; ``find_redis_server()`` by default.
+        extra_config: More ``redis.conf`` lines (e.g. ``replicaof 127.0.0.1 PORT``).
     """
 
     def __init__(
@@ -377,11 +378,13 @@ class RedisServer(ServerProcess):
         port: int | None = None,
         appendonly: bool = True,
         binary: Path | None = None,
+        extra_config: Sequence[str] = (),
     ) -> None:
         super().__init__("redis", data_dir)
         self.port = port if port is not None else free_port()
         self.appendonly = appendonly
         self.binary = binary if binary is not None else find_redis_server()
+        self.extra_config = tuple(extra_config)
 
     @property
     def url(self) -> str:
@@ -408,6 +411,7 @@ class RedisServer(ServerProcess):
             'appendfilename "appendonly.aof"',
             "appendfsync always",
             "maxmemory-policy noeviction",
+            *self.extra_config,
         ]
         self.config_path.write_text("\n".join(lines) + "\n")
 

@@ -61,6 +61,7 @@ from authmesh.processes import (
     ServerProcess,
     free_ports,
 )
+from authmesh.redis_sentinel import SentinelGroup
 
 AUTH_NATS_USER = "auth"
 # The secrets file keeps one resource secret; each replica's NATS password is derived from it.
@@ -585,6 +586,8 @@ class LocalStack(Startable):
         staleness_bound: The replicas' ``AUTHMESH_STALENESS_BOUND`` (seconds), unless ``env`` sets it.
         service_start_timeout: Seconds each service gets to become healthy.
         stop_timeout: Seconds each process gets to stop after SIGTERM before it is killed.
+        redis_sentinel: Run Redis as a primary, two replicas and three Sentinels, which the auth service
+            follows through a failover (and acknowledges writes once a replica has them).
     """
 
     def __init__(
@@ -597,6 +600,7 @@ class LocalStack(Startable):
         staleness_bound: float | None = None,
         service_start_timeout: float = SERVICE_START_TIMEOUT_SECONDS,
         stop_timeout: float = STOP_TIMEOUT_SECONDS,
+        redis_sentinel: bool = False,
     ) -> None:
         if replicas < 0:
             raise ConfigurationError(f"replicas must be 0 or more, not {replicas}")
@@ -619,6 +623,8 @@ class LocalStack(Startable):
         self.secrets: StackSecrets | None = None
         self.nats: NatsServer | NatsCluster | None = None
         self.redis: RedisServer | None = None
+        self.redis_sentinel = redis_sentinel
+        self.sentinel_group: SentinelGroup | None = None
         self.auth: ServiceProcess | None = None
         self.replica_processes: list[ServiceProcess] = []
         self.links: list[list[LinkProxy]] = []
@@ -644,7 +650,9 @@ class LocalStack(Startable):
 
     @property
     def redis_url(self) -> str:
-        """The auth service's Redis."""
+        """The auth service's Redis (the Sentinels' URL when Redis runs under Sentinel)."""
+        if self.sentinel_group is not None:
+            return self.sentinel_group.url
         return self._require(self.redis, "Redis").url
 
     @property
@@ -679,7 +687,9 @@ class LocalStack(Startable):
 
     def _parts(self) -> list[ServerProcess]:
         parts: list[ServerProcess] = [*self.nats_nodes]
-        parts += [part for part in (self.redis, self.auth) if part is not None]
+        if self.sentinel_group is not None:
+            parts += self.sentinel_group.all_processes
+        parts += [part for part in (self.redis, self.auth) if part is not None and part not in parts]
         return parts + list(self.replica_processes)
 
     def pids(self) -> dict[str, int]:
@@ -805,9 +815,14 @@ class LocalStack(Startable):
         self._stack.enter_context(DataDirLock(self.data_dir))
         self.secrets = StackSecrets.load_or_create(self.data_dir / SECRETS_FILE)
         await self._start_nats(self.secrets)
-        self.redis = RedisServer(self.data_dir / "redis", appendonly=True)
-        self._stack.push_async_callback(self.redis.stop, self._stop_timeout)
-        await _named(self.redis.start(), "redis")
+        if self.redis_sentinel:
+            self.sentinel_group = SentinelGroup(self.data_dir / "redis-sentinel")
+            self.redis = self.sentinel_group.servers[0]
+            await _named(self._stack.enter_async_context(self.sentinel_group), "redis-sentinel")
+        else:
+            self.redis = RedisServer(self.data_dir / "redis", appendonly=True)
+            self._stack.push_async_callback(self.redis.stop, self._stop_timeout)
+            await _named(self.redis.start(), "redis")
         await self._start_links()
         auth_grpc, auth_http, *replica_ports = free_ports(2 + 2 * self.replica_count)
         self.auth = ServiceProcess(
@@ -932,7 +947,7 @@ def _part_name(part: ServerProcess) -> str:
     return part.name
 
 
-async def _named(start: Awaitable[None], what: str) -> None:
+async def _named(start: Awaitable[object], what: str) -> None:
     """Await a part's start; its error says which part did not come up."""
     begun = time.monotonic()
     try:

@@ -96,6 +96,13 @@ def up(
             help="Also run Envoy with authmesh's ext_authz before an echo service with no authmesh code.",
         ),
     ] = False,
+    redis_sentinel: Annotated[
+        bool,
+        typer.Option(
+            "--redis-sentinel",
+            help="Redis as a primary, two replicas and three Sentinels; the auth service follows a failover.",
+        ),
+    ] = False,
 ) -> None:
     """Run NATS (JetStream), Redis, the auth service and N resource replicas until interrupted."""
     err = Console(stderr=True)
@@ -105,7 +112,7 @@ def up(
     if not json_output:
         err.print(f"Starting the stack ({replicas} replica(s), {nats_cluster} NATS node(s))…")
     try:
-        asyncio.run(_serve(replicas, nats_cluster, data_dir, json_output, env_file, gateway))
+        asyncio.run(_serve(replicas, nats_cluster, data_dir, json_output, env_file, gateway, redis_sentinel))
     except AuthError as error:
         err.print(f"[red]the stack did not start[/red]: {escape(error.message)}")
         raise typer.Exit(EXIT_FAILURE) from None
@@ -120,6 +127,7 @@ async def _serve(
     json_output: bool,
     env_file: Path | None = None,
     gateway: bool = False,
+    redis_sentinel: bool = False,
 ) -> None:
     """Start the stack, announce it, and stop it on SIGINT or SIGTERM (even while it is starting)."""
     loop = asyncio.get_running_loop()
@@ -139,7 +147,13 @@ async def _serve(
     try:
         env = GATEWAY_STACK_ENV if gateway else None
         async with (
-            LocalStack(replicas=replicas, nats_cluster=nats_cluster, base_dir=data_dir, env=env) as stack,
+            LocalStack(
+                replicas=replicas,
+                nats_cluster=nats_cluster,
+                base_dir=data_dir,
+                env=env,
+                redis_sentinel=redis_sentinel,
+            ) as stack,
             contextlib.AsyncExitStack() as extras,
         ):
             envoy = (

@@ -27,6 +27,7 @@ from prometheus_client import Gauge
 from authmesh._resource_service.documents import sample_documents
 from authmesh._resource_service.ext_authz import CHECK_METHOD, ExtAuthzServicer
 from authmesh._resource_service.ext_authz import SERVICE_NAME as EXT_AUTHZ_SERVICE_NAME
+from authmesh._resource_service.revocation_health import report_revocation_state
 from authmesh._resource_service.servicer import POLICY, SERVICE_NAME, ResourceServicer
 from authmesh._shared.consumer import RevocationConsumer
 from authmesh._shared.denylist import Denylist
@@ -46,6 +47,8 @@ from authmesh.resource.v1 import resource_pb2_grpc
 
 _T = TypeVar("_T")
 READY_REPORT_SECONDS = 5.0
+# The longest a change of the revocation state waits to show in gRPC health.
+REVOCATION_HEALTH_INTERVAL_SECONDS = 0.25
 _log = structlog.get_logger(__name__)
 
 
@@ -137,10 +140,24 @@ class ResourceApp(Startable):
             serving=False,
         )
         # On stop, gRPC drains first (pushed last), while the guard keeps applying revocations.
-        self._readiness = asyncio.get_running_loop().create_task(self._serve_when_ready(), name="readiness")
+        self._readiness = asyncio.get_running_loop().create_task(self._report_health(), name="readiness")
         self._stack.push_async_callback(self._stop_readiness)
         self._stack.push_async_callback(self._stop_grpc)
         _log.info("resource service started", grpc=self.grpc_address, http=self.http_address)
+
+    async def _report_health(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._serve_when_ready())
+            group.create_task(self._report_revocation_state())
+
+    async def _report_revocation_state(self) -> None:
+        assert self._grpc is not None  # the readiness task starts after the server
+        await report_revocation_state(
+            self._grpc.health,
+            self.staleness,
+            lambda: self.guard.ready,
+            interval=min(self.staleness.bound / 4, REVOCATION_HEALTH_INTERVAL_SECONDS),
+        )
 
     async def _serve_when_ready(self) -> None:
         while True:
@@ -223,5 +240,5 @@ def _started(part: _T | None) -> _T:
 
 def run(settings: ResourceSettings) -> None:
     """Run a replica until SIGTERM or SIGINT, then stop gracefully."""
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, service="resource", instance=settings.instance)
     run_until_signalled(lambda: ResourceApp(settings))

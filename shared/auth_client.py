@@ -30,6 +30,7 @@ from authmesh._shared.denylist import SnapshotChunk
 from authmesh._shared.errors import Unavailable
 from authmesh._shared.events import SessionRevokedEvent, UserRevokedEvent
 from authmesh._shared.grpc_errors import retry_after as asked_retry_after
+from authmesh._shared.grpc_targets import balanced_channel_options, balanced_target
 from authmesh._shared.lifecycle import raise_if_cancelled
 from authmesh._shared.staleness import Introspection
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -68,7 +69,7 @@ class AuthClient:
     """An async client for the auth service, used by resource services.
 
     Args:
-        target: ``host:port`` of the auth service.
+        target: ``host:port`` of the auth service, or several, comma-separated (balanced round-robin).
         service_account: ``(username, password)`` for ``Introspect`` and ``SnapshotRevocations``.
         timeout: Deadline of one unary call, seconds.
         login_timeout: Deadline of the service account's first ``Login``, seconds (an Argon2id check).
@@ -86,7 +87,7 @@ class AuthClient:
         snapshot_timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._target = target
+        self._target = balanced_target(target)
         self._account = service_account
         self._timeout = timeout
         self._login_timeout = min(login_timeout, MAX_LOGIN_TIMEOUT_SECONDS)
@@ -100,7 +101,9 @@ class AuthClient:
         self._renewed = asyncio.Event()
 
     async def __aenter__(self) -> Self:
-        self._channel = grpc.aio.insecure_channel(self._target, options=channel_options())
+        self._channel = grpc.aio.insecure_channel(
+            self._target, options=[*channel_options(), *balanced_channel_options()]
+        )
         self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
         return self
 
@@ -124,7 +127,7 @@ class AuthClient:
         try:
             response = await self._api().GetJwks(auth_pb2.GetJwksRequest(), timeout=self._timeout)
         except grpc.aio.AioRpcError as error:
-            raise _unavailable("GetJwks", error) from error
+            raise _unavailable("GetJwks", error, self._target) from error
         return response.jwks_json
 
     async def introspect(self, token: str) -> Introspection:
@@ -142,7 +145,7 @@ class AuthClient:
                 if attempt == 0 and error.code() == grpc.StatusCode.UNAUTHENTICATED:
                     self._forget_token()  # our own token was refused: log in afresh, once
                     continue
-                raise _unavailable("Introspect", error) from error
+                raise _unavailable("Introspect", error, self._target) from error
             return Introspection(
                 active=response.active,
                 subject=response.subject,
@@ -172,7 +175,7 @@ class AuthClient:
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._forget_token()
-            raise _unavailable("SnapshotRevocations", error) from error
+            raise _unavailable("SnapshotRevocations", error, self._target) from error
         finally:
             call.cancel()
 
@@ -219,7 +222,7 @@ class AuthClient:
                     )
                 except grpc.aio.AioRpcError as error:
                     if error.code() != grpc.StatusCode.UNAUTHENTICATED:
-                        raise _unavailable("Refresh", error) from error
+                        raise _unavailable("Refresh", error, self._target) from error
             if pair is None:
                 pair = await self._login()
             self._token = renewed = self._service_token(pair)
@@ -245,7 +248,7 @@ class AuthClient:
             elif error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 retry_after = asked_retry_after(error) or 1.0
                 self._login_not_before = self._clock() + retry_after
-            raise _unavailable("Login", error, retry_after=retry_after) from error
+            raise _unavailable("Login", error, self._target, retry_after=retry_after) from error
 
     def _forget_token(self) -> None:
         self._token = None
@@ -267,9 +270,13 @@ class AuthClient:
         return self._stub
 
 
-def _unavailable(method: str, error: grpc.aio.AioRpcError, *, retry_after: float = 0.0) -> Unavailable:
-    _log.warning("auth service call failed", method=method, code=error.code().name)
-    return Unavailable(f"auth service {method} failed", code=AUTH_UNAVAILABLE, retry_after=retry_after)
+def _unavailable(
+    method: str, error: grpc.aio.AioRpcError, target: str, *, retry_after: float = 0.0
+) -> Unavailable:
+    _log.warning("auth service call failed", method=method, code=error.code().name, target=target)
+    return Unavailable(
+        f"auth service {method} at {target} failed", code=AUTH_UNAVAILABLE, retry_after=retry_after
+    )
 
 
 def _chunk(chunk: auth_pb2.RevocationSnapshotChunk) -> SnapshotChunk:

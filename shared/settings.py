@@ -89,6 +89,16 @@ class AuthSettings(CommonSettings):
     redis_url: SecretStr = Field(
         default=SecretStr("redis://127.0.0.1:6379/0"), description="the auth service's store"
     )
+    redis_min_replicas_acked: int | None = Field(
+        default=None,
+        ge=0,
+        le=16,
+        description="replicas that must hold a revocation, key rotation or refresh rotation before it "
+        "is acknowledged (WAIT); default 0 for one Redis, 1 with Sentinel",
+    )
+    redis_replica_ack_timeout: float = Field(
+        default=1.0, gt=0, le=2.5, description="how long to wait for those replicas, s (then UNAVAILABLE)"
+    )
     grpc_listen: str = Field(default="127.0.0.1:50051", description="gRPC listen address")
     http_listen: str = Field(default="127.0.0.1:8081", description="HTTP listen address")
     auth_audience: str = Field(
@@ -148,7 +158,10 @@ class ResourceSettings(CommonSettings):
 
     grpc_listen: str = Field(default="127.0.0.1:50061", description="gRPC listen address")
     http_listen: str = Field(default="127.0.0.1:8091", description="HTTP listen address")
-    auth_target: str = Field(default="127.0.0.1:50051", description="where the auth service listens")
+    auth_target: str = Field(
+        default="127.0.0.1:50051",
+        description="where the auth service listens: host:port, or several ip:port, comma-separated",
+    )
     auth_url: str | None = Field(
         default=None,
         description="the auth service's HTTP base URL: issuer, audience, token lifetime and leeway are "
