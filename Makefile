@@ -9,7 +9,7 @@
 #   make lock         re-resolve requirements/lock.txt to the newest versions pyproject.toml allows
 #   make lock-drift   show which pins `make lock` would change (fails when some would)
 #   make test-latest  the suite in .venv-latest, with the newest allowed versions instead of the lock
-#   make lint         ruff check + ruff format --check
+#   make lint         ruff check + ruff format --check + lint-imports (the library imports no service)
 #   make format       ruff format + ruff check --fix
 #   make typecheck    mypy --strict (configured in pyproject.toml)
 #   make proto        regenerate authmesh/{auth,resource}/v1 and authmesh/envoy from protos/
@@ -105,6 +105,7 @@ up: $(VENV_STAMP)
 lint: $(VENV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: $(VENV_STAMP)
 	$(BIN)/ruff format .

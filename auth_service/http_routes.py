@@ -21,6 +21,7 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from authmesh._auth_service.core import AuthCore, IssuedTokens
+from authmesh._shared.auth_metadata import METADATA_PATH, server_metadata_extensions
 from authmesh._shared.errors import (
     AuthError,
     InvalidCredentials,
@@ -35,7 +36,6 @@ from authmesh._shared.http_errors import http_refusal
 from authmesh._shared.settings import AuthSettings
 
 JWKS_PATH = "/.well-known/jwks.json"
-METADATA_PATH = "/.well-known/oauth-authorization-server"
 TOKEN_PATH = "/oauth2/token"
 INTROSPECTION_PATH = "/oauth2/introspect"
 REVOCATION_PATH = "/oauth2/revoke"
@@ -80,6 +80,8 @@ def http_routes(core: AuthCore, settings: AuthSettings, public_base: Callable[[]
                 "token_endpoint_auth_methods_supported": ["none"],
                 "revocation_endpoint_auth_methods_supported": ["none"],
                 "introspection_endpoint_auth_methods_supported": ["none"],
+                # What a resource service must enforce, so it is read from here instead of copied.
+                **server_metadata_extensions(settings),
             }
         )
 

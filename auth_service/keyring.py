@@ -177,7 +177,7 @@ class Keyring:
         """
         key = self._keys.get(kid)
         if key is None:
-            raise UnknownKey()
+            raise UnknownKey(kid)
         if not key.verifies_at(now_ms()):
             raise KeyRevoked()
         return key.public_key

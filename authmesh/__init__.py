@@ -1,11 +1,16 @@
 """authmesh: verify authmesh tokens locally in any Python gRPC service, and learn of every revocation.
 
-A service builds a :class:`KeyCache` (public keys from the auth service), a :class:`Denylist` fed by a
-:class:`RevocationConsumer` (signed events from NATS JetStream), a :class:`TokenVerifier` over both, and
-adds an :class:`AuthInterceptor` to its ``grpc.aio`` server; handlers read :func:`current_claims`.
+A service builds one :class:`ResourceGuard` (``ResourceGuard.from_env()``), adds
+``guard.aio_interceptor(policy)`` to its ``grpc.aio`` server (or ``guard.sync_interceptor(policy)`` to a
+sync ``grpc.server``), and enters the guard; handlers read :func:`current_claims`. The parts the guard
+is built from (:class:`KeyCache`, :class:`Denylist`, :class:`RevocationConsumer`, :class:`TokenVerifier`,
+:class:`Authenticator`) stay public for services that compose them differently. FastAPI and Starlette
+apps use :mod:`authmesh.asgi` (the ``authmesh[asgi]`` extra).
+
 A client logs in with a :class:`TokenSession` (``grpc.aio``) or a :class:`SyncTokenSession` (``grpc``),
 whose channels attach and renew the access token; :func:`forward_token` passes a caller's token on
 downstream; an :class:`AdminClient` makes the auth service's administrative calls.
+
 Everything not listed in ``__all__`` is private: the modules under ``authmesh._shared``,
 ``authmesh._auth_service`` and ``authmesh._resource_service`` may change without notice.
 """
@@ -44,9 +49,11 @@ from authmesh._shared.errors import (
 from authmesh._shared.events import EventType, SecurityEvent, decode_event, encode_event
 from authmesh._shared.forwarding import forward_token
 from authmesh._shared.grpc_errors import bearer_token, error_reason, to_grpc_status
-from authmesh._shared.interceptor import Authenticator, AuthInterceptor, current_claims
+from authmesh._shared.guard import ResourceGuard
+from authmesh._shared.interceptor import Authenticator, AuthInterceptor, SyncAuthInterceptor, current_claims
 from authmesh._shared.key_cache import KeyCache
 from authmesh._shared.metrics import ServiceMetrics
+from authmesh._shared.scopes import AUTHENTICATED, ScopeRequirement
 from authmesh._shared.session_rules import SessionOptions
 from authmesh._shared.settings import AuthSettings, CommonSettings, ResourceSettings
 from authmesh._shared.staleness import IntrospectionFallback, StalenessMonitor
@@ -55,6 +62,7 @@ from authmesh._shared.token_session import TokenSession
 from authmesh._shared.verifier import KeySource, NoRevocations, RevocationCheck, TokenVerifier, VerifierPolicy
 
 __all__ = [
+    "AUTHENTICATED",
     "AccessClaims",
     "AdminClient",
     "AuthClient",
@@ -79,16 +87,19 @@ __all__ = [
     "MalformedToken",
     "NoRevocations",
     "PermissionDenied",
+    "ResourceGuard",
     "ResourceSettings",
     "Revocation",
     "RevocationCheck",
     "RevocationConsumer",
+    "ScopeRequirement",
     "SecurityEvent",
     "ServiceMetrics",
     "SessionEnded",
     "SessionOptions",
     "SnapshotChunk",
     "StalenessMonitor",
+    "SyncAuthInterceptor",
     "SyncTokenSession",
     "TokenExpired",
     "TokenMissing",

@@ -28,8 +28,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -438,12 +439,44 @@ class NatsClusterOptions:
     Args:
         name: The cluster's name, the same on every node.
         port: This node's route port on 127.0.0.1.
-        routes: Route URLs of the other nodes (``nats://127.0.0.1:PORT``).
+        routes: Route URLs of the other nodes (``nats://127.0.0.1:PORT``), without credentials.
+        user: The user every route must authenticate as (and this node's routes use); none when empty.
+        password: That user's password.
+        no_advertise: Keep peers' client URLs from clients (a client then reconnects only where told).
     """
 
     name: str
     port: int
     routes: tuple[str, ...]
+    user: str = ""
+    password: str = field(default="", repr=False)
+    no_advertise: bool = False
+
+    def configuration(self) -> str:
+        """The ``cluster`` block of the node's configuration file.
+
+        It is written to the file, not given as flags: ``--cluster`` would drop the block's
+        ``authorization``, and route credentials on a command line are visible to every local user.
+        """
+        lines = [
+            f"  name: {json.dumps(self.name)}",
+            f"  listen: {json.dumps(f'{LOOPBACK}:{self.port}')}",
+            f"  no_advertise: {json.dumps(self.no_advertise)}",
+        ]
+        routes = list(self.routes)
+        if self.user:
+            lines.append(
+                f"  authorization {{ user: {json.dumps(self.user)}, password: {json.dumps(self.password)} }}"
+            )
+            userinfo = (
+                f"{urllib.parse.quote(self.user, safe='')}:{urllib.parse.quote(self.password, safe='')}@"
+            )
+            routes = [route.replace("://", f"://{userinfo}", 1) for route in routes]
+        if routes:
+            lines.append(f"  routes: [{', '.join(json.dumps(route) for route in routes)}]")
+        # Route TLS (tls { cert_file, key_file, ca_file, verify: true }) belongs here once the stack
+        # has certificates.
+        return "cluster {\n" + "\n".join(lines) + "\n}\n"
 
 
 async def _http_get(port: int, path: str, timeout: float) -> tuple[int, bytes]:
@@ -526,15 +559,22 @@ class NatsServer(ServerProcess):
         """Where ``config_text`` is written."""
         return self.data_dir / "nats.conf"
 
+    def configuration(self) -> str | None:
+        """The text of ``nats.conf``: ``config_text`` and the cluster block; None when there is neither."""
+        if self.cluster is None:
+            return self.config_text
+        return (self.config_text or "") + self.cluster.configuration()
+
     def prepare(self) -> None:
         """Write ``nats.conf`` when there is configuration text."""
-        if self.config_text is not None:
-            self.config_path.write_text(self.config_text)
+        configuration = self.configuration()
+        if configuration is not None:
+            self.config_path.write_text(configuration)
 
     def command(self) -> list[str]:
         """The ``nats-server`` argument list."""
         command = [str(self.binary)]
-        if self.config_text is not None:
+        if self.configuration() is not None:
             command += ["-c", str(self.config_path)]
         command += [
             "--addr", LOOPBACK,
@@ -544,13 +584,6 @@ class NatsServer(ServerProcess):
             "--jetstream",
             "--store_dir", str(self.data_dir / "jetstream"),
         ]  # fmt: skip
-        if self.cluster is not None:
-            command += [
-                "--cluster_name", self.cluster.name,
-                "--cluster", f"nats://{LOOPBACK}:{self.cluster.port}",
-            ]  # fmt: skip
-            if self.cluster.routes:
-                command += ["--routes", ",".join(self.cluster.routes)]
         return command
 
     async def is_ready(self, timeout: float) -> bool:
@@ -605,6 +638,9 @@ class NatsCluster:
         name: Cluster name; node names are ``<name>-<i>``.
         config_text: Configuration text every node gets (see ``NatsServer``).
         binary: The ``nats-server`` to run; ``find_nats_server()`` by default.
+        route_user: The user routes authenticate as; routes are open to anyone when empty.
+        route_password: Its password.
+        no_advertise: See ``NatsClusterOptions``.
     """
 
     def __init__(
@@ -615,6 +651,9 @@ class NatsCluster:
         name: str = "authmesh",
         config_text: str | None = None,
         binary: Path | None = None,
+        route_user: str = "",
+        route_password: str = "",
+        no_advertise: bool = False,
     ) -> None:
         if size < 1:
             raise ConfigurationError(f"a NATS cluster needs at least one node, not {size}")
@@ -634,6 +673,9 @@ class NatsCluster:
                     routes=tuple(
                         f"nats://{LOOPBACK}:{port}" for port in route_ports if port != route_ports[index]
                     ),
+                    user=route_user,
+                    password=route_password,
+                    no_advertise=no_advertise,
                 ),
                 binary=executable,
             )

@@ -2,8 +2,10 @@
 
 :class:`LocalStack` starts, in this order, each part waited for with its own deadline:
 
-1. NATS with JetStream (one node, or a 3-node cluster whose ``AUTH_EVENTS`` keeps 3 replicas), with two
-   users: ``auth`` publishes events and manages the stream, ``resource`` may only read and consume it;
+1. NATS with JetStream (one node, or a 3-node cluster whose ``AUTH_EVENTS`` keeps 3 replicas, routes
+   only for nodes that know the route password), with users: ``auth`` publishes events and manages the
+   stream; each replica (``resource-1`` …, and ``reader`` for tools) may only read it, each through an
+   inbox of its own;
 2. Redis (append-only, ``noeviction``);
 3. one :class:`LinkProxy` per replica and NATS node, so a test can cut one replica off from NATS;
 4. the auth service, until its gRPC health is ``SERVING``;
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -42,8 +46,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from authmesh._shared.errors import ConfigurationError
-from authmesh._shared.events import STREAM_NAME, STREAM_SUBJECTS
+from authmesh._shared.events import LIVE_SUBJECTS, STREAM_NAME, STREAM_SUBJECTS
 from authmesh._shared.lifecycle import Startable
+from authmesh._shared.nats_wiring import inbox_prefix
+from authmesh._shared.settings import CommonSettings
+from authmesh.data_dir_lock import DataDirLock
 from authmesh.processes import (
     LOOPBACK,
     START_TIMEOUT_SECONDS,
@@ -56,7 +63,11 @@ from authmesh.processes import (
 )
 
 AUTH_NATS_USER = "auth"
+# The secrets file keeps one resource secret; each replica's NATS password is derived from it.
 RESOURCE_NATS_USER = "resource"
+# A NATS user with a replica's permissions for tools that watch the stream (benchmarks, tests).
+READER_NATS_USER = "reader"
+ROUTE_NATS_USER = "route"
 ADMIN_USERNAME = "admin"
 SERVICE_USERNAME = "svc-resource"
 SECRETS_FILE = "stack-secrets.json"
@@ -73,42 +84,38 @@ _MAX_NATS_CLUSTER = 5
 # What each NATS user may do. Anything not allowed is refused, and the explicit denials keep the
 # refusals visible even if an allow pattern is widened later (NATS: deny wins).
 _STREAM = STREAM_NAME
-_READ_STREAM = (
+AUTH_PUBLISH_ALLOW = (
+    *STREAM_SUBJECTS,
     "$JS.API.INFO",
     "$JS.API.STREAM.NAMES",
     f"$JS.API.STREAM.INFO.{_STREAM}",
     f"$JS.API.STREAM.MSG.GET.{_STREAM}",
     f"$JS.API.DIRECT.GET.{_STREAM}",
     f"$JS.API.DIRECT.GET.{_STREAM}.>",
-)
-AUTH_PUBLISH_ALLOW = (
-    *STREAM_SUBJECTS,
-    *_READ_STREAM,
     # CREATE, UPDATE, DELETE and PURGE of this one stream.
     f"$JS.API.STREAM.*.{_STREAM}",
 )
-RESOURCE_PUBLISH_ALLOW = (
-    *_READ_STREAM,
-    # nats-py creates an ordered consumer without a name, or with name and filter on newer servers.
-    f"$JS.API.CONSUMER.CREATE.{_STREAM}",
-    f"$JS.API.CONSUMER.CREATE.{_STREAM}.>",
-    f"$JS.API.CONSUMER.INFO.{_STREAM}.*",
-    f"$JS.API.CONSUMER.MSG.NEXT.{_STREAM}.*",
-    f"$JS.ACK.{_STREAM}.>",
-    # Flow-control replies of push consumers (the ordered consumer uses flow control).
-    f"$JS.FC.{_STREAM}.>",
+# A replica reads the stream's live copy (core NATS) and its history (direct gets): nothing it may send
+# creates or changes anything on the server, so it cannot steer what another replica receives.
+REPLICA_PUBLISH_ALLOW = (
+    f"$JS.API.STREAM.INFO.{_STREAM}",
+    f"$JS.API.DIRECT.GET.{_STREAM}",
 )
-RESOURCE_PUBLISH_DENY = (
+REPLICA_PUBLISH_DENY = (
     *STREAM_SUBJECTS,
+    *LIVE_SUBJECTS,
+    "$JS.API.CONSUMER.>",
     "$JS.API.STREAM.CREATE.>",
     "$JS.API.STREAM.UPDATE.>",
     "$JS.API.STREAM.DELETE.>",
     "$JS.API.STREAM.PURGE.>",
     "$JS.API.STREAM.MSG.DELETE.>",
-    "$JS.API.CONSUMER.DELETE.>",
 )
-# Replies to requests (JetStream API answers, publish acknowledgements) and push-consumer deliveries.
-SUBSCRIBE_ALLOW = ("_INBOX.>",)
+
+
+def own_inboxes(user: str) -> str:
+    """The inboxes ``user`` alone may subscribe to: replies to its requests (see ``inbox_prefix``)."""
+    return f"{inbox_prefix(user)}.>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +151,19 @@ class StackSecrets:
     service_account: Credentials
     nats_auth: Credentials
     nats_resource: Credentials
+
+    def nats_replica(self, name: str) -> Credentials:
+        """The NATS user of one replica (or of ``reader``): its own name, its own password.
+
+        The password is derived from ``nats_resource`` (HMAC-SHA256 by the name), so the secrets file
+        keeps one secret whatever the number of replicas, and no replica can work out another's.
+        """
+        return Credentials(name, _derived_password(self.nats_resource.password, name))
+
+    @property
+    def nats_route(self) -> Credentials:
+        """The user NATS cluster routes authenticate as."""
+        return Credentials(ROUTE_NATS_USER, _derived_password(self.nats_resource.password, ROUTE_NATS_USER))
 
     @classmethod
     def generate(cls) -> StackSecrets:
@@ -190,6 +210,12 @@ class StackSecrets:
         return created
 
 
+def _derived_password(secret: str, label: str) -> str:
+    """A password for ``label`` derived from ``secret``, in the alphabet of :func:`new_password`."""
+    digest = hmac.new(secret.encode(), f"authmesh nats {label}".encode(), hashlib.sha256).hexdigest()
+    return "k" + digest[: _SECRET_LENGTH - 1]
+
+
 def _credentials(joined: object) -> Credentials:
     username, sep, password = str(joined).partition(":")
     if not sep or not username or not password:
@@ -202,7 +228,9 @@ def _conf_list(values: Sequence[str], indent: int) -> str:
     return "[\n" + ",\n".join(f"{pad}  {json.dumps(value)}" for value in values) + f"\n{pad}]"
 
 
-def _conf_user(name: str, password: str, allow: Sequence[str], deny: Sequence[str]) -> str:
+def _conf_user(
+    name: str, password: str, allow: Sequence[str], deny: Sequence[str], subscribe: Sequence[str]
+) -> str:
     publish = f"          allow: {_conf_list(allow, 10)}\n"
     if deny:
         publish += f"          deny: {_conf_list(deny, 10)}\n"
@@ -212,14 +240,14 @@ def _conf_user(name: str, password: str, allow: Sequence[str], deny: Sequence[st
         f"      password: {password}\n"
         "      permissions: {\n"
         f"        publish: {{\n{publish}        }}\n"
-        f"        subscribe: {{\n          allow: {_conf_list(SUBSCRIBE_ALLOW, 10)}\n        }}\n"
+        f"        subscribe: {{\n          allow: {_conf_list(subscribe, 10)}\n        }}\n"
         "      }\n"
         "    }\n"
     )
 
 
-def nats_authorization(auth_password: str, resource_password: str) -> str:
-    """The NATS ``authorization`` block: the ``auth`` and ``resource`` users and their permissions.
+def nats_authorization(auth_password: str, replicas: Sequence[tuple[str, str]]) -> str:
+    """The NATS ``authorization`` block: the ``auth`` user and one user per replica, with permissions.
 
     ``docker-compose.yml`` mounts the same block (``deploy/nats/authorization.conf``) with the passwords
     taken from the environment; a test keeps the two identical.
@@ -227,30 +255,57 @@ def nats_authorization(auth_password: str, resource_password: str) -> str:
     Args:
         auth_password: The ``auth`` user's password as a NATS configuration value: a quoted string, or a
             ``$VARIABLE`` the server resolves from its environment.
-        resource_password: The ``resource`` user's password, likewise.
+        replicas: Each replica's user name (one subject token) and password, likewise.
 
     Returns:
         Configuration text.
     """
-    return (
-        "authorization {\n"
-        "  users: [\n"
-        + _conf_user(AUTH_NATS_USER, auth_password, AUTH_PUBLISH_ALLOW, ())
-        + _conf_user(RESOURCE_NATS_USER, resource_password, RESOURCE_PUBLISH_ALLOW, RESOURCE_PUBLISH_DENY)
-        + "  ]\n"
-        "}\n"
+    users = _conf_user(AUTH_NATS_USER, auth_password, AUTH_PUBLISH_ALLOW, (), (own_inboxes(AUTH_NATS_USER),))
+    for name, password in replicas:
+        subscribe = (*LIVE_SUBJECTS, own_inboxes(name))
+        users += _conf_user(name, password, REPLICA_PUBLISH_ALLOW, REPLICA_PUBLISH_DENY, subscribe)
+    return "authorization {\n  users: [\n" + users + "  ]\n}\n"
+
+
+def compose_password_variable(user: str) -> str:
+    """Where ``docker-compose.yml`` passes a NATS user's password: ``AUTHMESH_NATS_<USER>_PASSWORD``."""
+    return f"AUTHMESH_NATS_{user.upper().replace('-', '_')}_PASSWORD"
+
+
+def replica_names(count: int) -> list[str]:
+    """The names of a stack's replicas, which are also their NATS users."""
+    return [f"resource-{index + 1}" for index in range(count)]
+
+
+def stack_nats_config(stack_secrets: StackSecrets, replicas: Sequence[str]) -> str:
+    """The NATS configuration ``authmesh up`` runs with: the ``auth`` user, one per replica, ``reader``."""
+    readers = [stack_secrets.nats_replica(name) for name in (*replicas, READER_NATS_USER)]
+    return nats_authorization(
+        json.dumps(stack_secrets.nats_auth.password),
+        [(reader.username, json.dumps(reader.password)) for reader in readers],
     )
 
 
-def _nats_config(stack_secrets: StackSecrets, *, cluster: bool) -> str:
-    text = nats_authorization(
-        json.dumps(stack_secrets.nats_auth.password), json.dumps(stack_secrets.nats_resource.password)
-    )
-    if cluster:
+def stack_nats_cluster(data_dir: Path, stack_secrets: StackSecrets, config: str, *, size: int) -> NatsCluster:
+    """The stack's NATS cluster (not started): routes only for servers that know the route password.
+
+    Args:
+        data_dir: Where the nodes keep their files.
+        stack_secrets: The route password's source.
+        config: Configuration every node gets (users and permissions).
+        size: How many nodes.
+    """
+    route = stack_secrets.nats_route
+    return NatsCluster(
+        data_dir,
+        size=size,
+        config_text=config,
+        route_user=route.username,
+        route_password=route.password,
         # Servers advertise their peers' client URLs, and a client reconnecting after a cut link would
         # reach a peer directly, around its link proxy.
-        text += "cluster {\n  no_advertise: true\n}\n"
-    return text
+        no_advertise=True,
+    )
 
 
 async def grpc_health_status(target: str, timeout: float, service: str = "") -> str | None:
@@ -646,6 +701,28 @@ class LocalStack(Startable):
         """The settings a client of this stack needs."""
         return {"AUTHMESH_AUTH_TARGET": self.auth_grpc}
 
+    def service_env(self) -> dict[str, str]:
+        """Every setting a new resource service needs to join this stack (``authmesh up --env-file``).
+
+        It connects to the NATS servers directly (not through a replica's link proxy) as the ``reader``
+        user, which has a replica's permissions, and uses the stack's service account for the snapshot and
+        ``Introspect``.
+        """
+        stack_secrets = self._require(self.secrets, "the stack's secrets")
+        nats_user = stack_secrets.nats_replica(READER_NATS_USER)
+        settings = {**self._base_env(), **self._extra_env}
+        defaults = CommonSettings.model_fields
+        return {
+            "AUTHMESH_AUTH_TARGET": self.auth_grpc,
+            "AUTHMESH_AUTH_URL": f"http://{self.auth_http}",
+            "AUTHMESH_NATS_URLS": ",".join(self.nats_urls),
+            "AUTHMESH_NATS_USER": nats_user.username,
+            "AUTHMESH_NATS_PASSWORD": nats_user.password,
+            "AUTHMESH_SERVICE_ACCOUNT": stack_secrets.service_account.joined,
+            "AUTHMESH_ISSUER": settings.get("AUTHMESH_ISSUER", str(defaults["issuer"].default)),
+            "AUTHMESH_AUDIENCE": settings.get("AUTHMESH_AUDIENCE", str(defaults["audience"].default)),
+        }
+
     def describe(self) -> dict[str, Any]:
         """Everything ``authmesh up --json`` prints: addresses, credentials, logs and process ids."""
         auth = self._require(self.auth, "the auth service")
@@ -724,6 +801,8 @@ class LocalStack(Startable):
         if self._base_dir is None:
             self._temporary_dir = Path(tempfile.mkdtemp(prefix="authmesh-"))
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        # Two stacks on one data directory would share (and corrupt) Redis's and NATS's files.
+        self._stack.enter_context(DataDirLock(self.data_dir))
         self.secrets = StackSecrets.load_or_create(self.data_dir / SECRETS_FILE)
         await self._start_nats(self.secrets)
         self.redis = RedisServer(self.data_dir / "redis", appendonly=True)
@@ -741,8 +820,7 @@ class LocalStack(Startable):
         )
         self._stack.push_async_callback(self.auth.stop, self._stop_timeout)
         await self.auth.start(self._service_start_timeout)
-        for index in range(self.replica_count):
-            name = f"resource-{index + 1}"
+        for index, name in enumerate(replica_names(self.replica_count)):
             grpc_address = f"{LOOPBACK}:{replica_ports[2 * index]}"
             http_address = f"{LOOPBACK}:{replica_ports[2 * index + 1]}"
             env = self._resource_env(self.secrets, name, grpc_address, http_address, self.links[index])
@@ -762,11 +840,10 @@ class LocalStack(Startable):
         )
 
     async def _start_nats(self, stack_secrets: StackSecrets) -> None:
-        cluster = self.nats_cluster_size > 1
-        config = _nats_config(stack_secrets, cluster=cluster)
-        if cluster:
-            nats: NatsServer | NatsCluster = NatsCluster(
-                self.data_dir / "nats", size=self.nats_cluster_size, config_text=config
+        config = stack_nats_config(stack_secrets, replica_names(self.replica_count))
+        if self.nats_cluster_size > 1:
+            nats: NatsServer | NatsCluster = stack_nats_cluster(
+                self.data_dir / "nats", stack_secrets, config, size=self.nats_cluster_size
             )
             self._stack.push_async_callback(nats.stop, self._stop_timeout)
             self.nats = nats
@@ -778,10 +855,9 @@ class LocalStack(Startable):
             await _named(nats.start(START_TIMEOUT_SECONDS), "NATS")
 
     async def _start_links(self) -> None:
-        for index in range(self.replica_count):
+        for name in replica_names(self.replica_count):
             links = [
-                LinkProxy(f"resource-{index + 1} → {node.server_name}", (LOOPBACK, node.port))
-                for node in self.nats_nodes
+                LinkProxy(f"{name} → {node.server_name}", (LOOPBACK, node.port)) for node in self.nats_nodes
             ]
             self.links.append(links)
             for link in links:
@@ -833,9 +909,10 @@ class LocalStack(Startable):
                 "AUTHMESH_GRPC_LISTEN": grpc_address,
                 "AUTHMESH_HTTP_LISTEN": http_address,
                 "AUTHMESH_AUTH_TARGET": self.auth_grpc,
+                "AUTHMESH_AUTH_URL": f"http://{self.auth_http}",
                 "AUTHMESH_NATS_URLS": ",".join(f"nats://{link.address}" for link in links),
-                "AUTHMESH_NATS_USER": stack_secrets.nats_resource.username,
-                "AUTHMESH_NATS_PASSWORD": stack_secrets.nats_resource.password,
+                "AUTHMESH_NATS_USER": stack_secrets.nats_replica(name).username,
+                "AUTHMESH_NATS_PASSWORD": stack_secrets.nats_replica(name).password,
                 "AUTHMESH_SERVICE_ACCOUNT": stack_secrets.service_account.joined,
             }
         )

@@ -1,7 +1,8 @@
 """``authmesh up``, ``authmesh healthcheck`` and ``authmesh compose-env``.
 
 ``up`` runs :class:`~authmesh.stack.LocalStack` until Ctrl-C or SIGTERM and prints where each part
-listens (or one JSON object with ``--json``). ``healthcheck`` asks a gRPC server for its health and exits
+listens (or one JSON object with ``--json``); ``--env-file`` also writes what a service of one's own needs
+to join it. ``healthcheck`` asks a gRPC server for its health and exits
 0 only when it is SERVING (the compose healthchecks run it). ``compose-env`` prints fresh secrets for
 ``docker-compose.yml`` as a ``.env`` file.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,12 +24,23 @@ from rich.table import Table
 
 from authmesh._shared.errors import AuthError
 from authmesh.gateway_stack import GATEWAY_STACK_ENV, LocalGateway
-from authmesh.stack import LocalStack, StackSecrets, grpc_health_status, new_password
+from authmesh.stack import (
+    AUTH_NATS_USER,
+    ROUTE_NATS_USER,
+    LocalStack,
+    StackSecrets,
+    compose_password_variable,
+    grpc_health_status,
+    new_password,
+    replica_names,
+)
 from authmesh.terminal import fits
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 DEFAULT_REPLICAS = 3
+# docker-compose.yml runs resource-1 … resource-3, each with a NATS user of its own.
+COMPOSE_REPLICAS = 3
 DEFAULT_HEALTH_TARGET = "127.0.0.1:50051"
 WATCH_SECONDS = 1.0
 
@@ -41,7 +54,13 @@ def register(app: typer.Typer) -> None:
 
 def up(
     replicas: Annotated[
-        int, typer.Option("--replicas", min=1, max=16, help="How many resource-service replicas.")
+        int,
+        typer.Option(
+            "--replicas",
+            min=0,
+            max=16,
+            help="How many resource-service replicas (0: only the auth side, for services of your own).",
+        ),
     ] = DEFAULT_REPLICAS,
     nats_cluster: Annotated[
         int,
@@ -57,7 +76,17 @@ def up(
         typer.Option(
             "--data-dir",
             file_okay=False,
-            help="Keep data, logs and secrets here (reused next time); a temporary directory otherwise.",
+            help="Keep data, logs and secrets here (reused next time); a temporary directory otherwise. "
+            "One running stack per directory.",
+        ),
+    ] = None,
+    env_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--env-file",
+            dir_okay=False,
+            help="Once the stack is up, write here (mode 600) every AUTHMESH_* variable a service of your "
+            "own needs to join it: NATS, the service account, the auth service, issuer and audience.",
         ),
     ] = None,
     gateway: Annotated[
@@ -76,7 +105,7 @@ def up(
     if not json_output:
         err.print(f"Starting the stack ({replicas} replica(s), {nats_cluster} NATS node(s))…")
     try:
-        asyncio.run(_serve(replicas, nats_cluster, data_dir, json_output, gateway))
+        asyncio.run(_serve(replicas, nats_cluster, data_dir, json_output, env_file, gateway))
     except AuthError as error:
         err.print(f"[red]the stack did not start[/red]: {escape(error.message)}")
         raise typer.Exit(EXIT_FAILURE) from None
@@ -85,7 +114,12 @@ def up(
 
 
 async def _serve(
-    replicas: int, nats_cluster: int, data_dir: Path | None, json_output: bool, gateway: bool = False
+    replicas: int,
+    nats_cluster: int,
+    data_dir: Path | None,
+    json_output: bool,
+    env_file: Path | None = None,
+    gateway: bool = False,
 ) -> None:
     """Start the stack, announce it, and stop it on SIGINT or SIGTERM (even while it is starting)."""
     loop = asyncio.get_running_loop()
@@ -113,6 +147,8 @@ async def _serve(
                 if gateway
                 else None
             )
+            if env_file is not None:
+                write_env_file(env_file, stack.service_env())
             _announce(stack, json_output, envoy)
             announced.set()
             await _watch(stack, stop)
@@ -226,6 +262,21 @@ def _stack_rows(description: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def write_env_file(path: Path, variables: dict[str, str]) -> None:
+    """Write ``NAME=value`` lines, readable by the owner only (it holds passwords), replacing the file.
+
+    The values are URLs, names and generated passwords of letters and digits: nothing to quote, so the
+    file works for ``set -a; . FILE``, ``docker --env-file`` and python-dotenv alike.
+    """
+    lines = ["# Written by `authmesh up --env-file`: a service of your own joins the stack with these."]
+    lines += [f"{name}={value}" for name, value in variables.items()]
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    temporary.replace(path)  # a reader never sees half a file
+
+
 def healthcheck(
     target: Annotated[
         str, typer.Option("--target", help="The gRPC server's host:port.")
@@ -258,8 +309,12 @@ def compose_environment(stack_secrets: StackSecrets | None = None) -> dict[str, 
         "AUTHMESH_KEY_ENCRYPTION_KEY": chosen.key_encryption_key,
         "AUTHMESH_BOOTSTRAP_ADMIN": chosen.admin.joined,
         "AUTHMESH_SERVICE_ACCOUNT": chosen.service_account.joined,
-        "AUTHMESH_NATS_AUTH_PASSWORD": chosen.nats_auth.password,
-        "AUTHMESH_NATS_RESOURCE_PASSWORD": chosen.nats_resource.password,
+        compose_password_variable(AUTH_NATS_USER): chosen.nats_auth.password,
+        **{
+            compose_password_variable(name): chosen.nats_replica(name).password
+            for name in replica_names(COMPOSE_REPLICAS)
+        },
+        compose_password_variable(ROUTE_NATS_USER): chosen.nats_route.password,
         "AUTHMESH_REDIS_PASSWORD": new_password(),
     }
 

@@ -30,7 +30,7 @@ from authmesh._shared.errors import AuthError, InsufficientScope
 from authmesh._shared.grpc_errors import bearer_token, status_code_for
 from authmesh._shared.grpc_handlers import BoundedCache
 from authmesh._shared.http_errors import http_refusal
-from authmesh._shared.interceptor import Authenticator
+from authmesh._shared.interceptor import TokenAuthenticator
 from authmesh.envoy.auth.v3 import external_auth_pb2 as ext_authz
 
 # Envoy's names, served by a generic handler: no descriptor in this process claims them, so Envoy's own
@@ -95,7 +95,7 @@ class ExtAuthzServicer:
         authenticator: The replica's decision about a bearer token.
     """
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: TokenAuthenticator) -> None:
         self._authenticator = authenticator
         # A refusal depends only on the error's class, code and message: built once each, since a
         # refused token is the path an attacker can drive at will.

@@ -10,12 +10,14 @@ from authmesh._resource_service.documents import DocumentStore
 from authmesh._shared.errors import AuthError, InvalidRequest
 from authmesh._shared.grpc_errors import abort_with_error
 from authmesh._shared.interceptor import current_claims
+from authmesh._shared.scopes import AUTHENTICATED, ScopeRequirement
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 
 SERVICE_NAME = resource_pb2.DESCRIPTOR.services_by_name["ResourceService"].full_name
 GET_DOCUMENT = f"/{SERVICE_NAME}/GetDocument"
-# The scope each method needs beyond a valid token.
-REQUIRED_SCOPES = {GET_DOCUMENT: "docs:read"}
+WHO_AM_I = f"/{SERVICE_NAME}/WhoAmI"
+# What each method needs beyond a valid token; a method not listed here is refused.
+POLICY = {WHO_AM_I: AUTHENTICATED, GET_DOCUMENT: ScopeRequirement(all_of={"docs:read"})}
 MAX_DOCUMENT_ID = 128
 
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -8,11 +8,18 @@ How a replica gets and stays in step:
    lifetime (plus leeway) ago, which covers every revocation still in force.
 3. **Ready** once it has applied everything up to the stream's tip: until then the service must serve
    nothing (health ``NOT_SERVING``).
-4. **Follow** with an ordered consumer: each message is a SET, verified (an unknown ``kid`` triggers one
-   key refetch and a second try) and applied idempotently; anything that does not verify is dropped and
-   counted. A jump in stream sequence means events were missed: the state is reloaded from a snapshot
-   when one is available. A reconnect resubscribes from the last sequence applied; a stream that went
-   backwards (recreated) starts over.
+4. **Follow** the live copy the stream republishes (core NATS, each message with its stream sequence),
+   and read history with batched direct gets (:mod:`~authmesh._shared.stream_reader`) over a second
+   connection, so that replies never wait behind a burst of live messages: the replica's NATS user
+   needs no consumer, so it can change nothing another replica receives. Each message is a
+   SET, verified (an unknown ``kid`` triggers one key refetch and a second try) and applied
+   idempotently, in stream order; anything that does not verify is dropped and counted. A jump in the
+   live sequence is filled from the stream. Events gone from the stream are never passed over
+   silently: the state is reloaded from a snapshot when one is available, and otherwise the replica
+   stays degraded until every token they could have revoked has expired. A read that fails keeps the
+   live subscription and is tried again a moment later (live messages that need it wait, so the state
+   turns stale rather than skip anything). A reconnect catches up from the last sequence applied; a
+   stream that went backwards (recreated) starts over.
 5. **Heartbeats** tell the :class:`~authmesh._shared.staleness.StalenessMonitor` how fresh the state is.
 """
 
@@ -20,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import functools
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,17 +36,13 @@ import nats.errors
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from authmesh._shared.backoff import backoff
 from authmesh._shared.connecting import address_of
 from authmesh._shared.denylist import Denylist, SnapshotChunk
 from authmesh._shared.errors import AuthError, EventRejected, Unavailable, UnknownKey
 from authmesh._shared.events import (
-    MAX_EVENT_BYTES,
-    STREAM_NAME,
-    STREAM_SUBJECTS,
+    LIVE_SUBJECTS,
     EventType,
     HeartbeatEvent,
     KeyRevokedEvent,
@@ -48,12 +50,12 @@ from authmesh._shared.events import (
     SecurityEvent,
     decode_event,
 )
-from authmesh._shared.jose import decode_compact
 from authmesh._shared.key_cache import KeyCache
 from authmesh._shared.lifecycle import raise_if_cancelled
-from authmesh._shared.nats_wiring import connect_nats
+from authmesh._shared.nats_wiring import Callback, connect_nats
 from authmesh._shared.settings import CommonSettings
 from authmesh._shared.staleness import StalenessMonitor
+from authmesh._shared.stream_reader import StreamMessage, StreamReader, live_message
 
 # Retries of the stream are quicker than the library's default: every second of them is staleness.
 _retrying = functools.partial(backoff, initial=0.25, maximum=5.0)
@@ -61,9 +63,12 @@ _NATS_ERRORS = (nats.errors.Error, OSError, TimeoutError)
 _POLL_SECONDS = 0.25
 # Heartbeats arrive every second: this long without any message is worth a look at the stream.
 _IDLE_CHECK_SECONDS = 2.5
-_JETSTREAM_TIMEOUT_SECONDS = 2.0
-# The ordered consumer's idle heartbeat: nats-py recreates the consumer after two missed ones.
-_CONSUMER_IDLE_HEARTBEAT_SECONDS = 2.0
+# A failed read of the stream (to fill a gap in the live sequence) is tried again after this long.
+_READ_RETRY_SECONDS = 1.0
+_FLUSH_TIMEOUT_SECONDS = 2
+_READ_FAILURES = (*_NATS_ERRORS, AuthError)
+# Live messages wait here while history is read; beyond it nats-py drops them (a gap, filled later).
+_LIVE_PENDING_MESSAGES = 262_144
 _log = structlog.get_logger(__name__)
 
 
@@ -153,7 +158,13 @@ class RevocationConsumer:
         self._reconnected = asyncio.Event()
         self._last_sequence: int | None = None
         self._synchronised = False
-        self._gap_tolerated = False
+        # The gap (by the sequence after it) a snapshot was last reloaded for, so that a snapshot older
+        # than the gap does not make the replica reload it again and again; and the last sequence known
+        # lost and not covered by a snapshot since.
+        self._resynchronised_for: int | None = None
+        self._unfilled_through: int | None = None
+        self._applying = asyncio.Lock()
+        self._read_again_at = 0.0
         self._connected = False
         self._applied = 0
         self._rejected = 0
@@ -201,26 +212,42 @@ class RevocationConsumer:
 
     async def run(self) -> None:
         """Connect, catch up and follow the stream until cancelled; every failure is retried."""
+        async with contextlib.AsyncExitStack() as connections:
+            live = await self._connect(
+                connections,
+                name=self._name,
+                disconnected=self._on_disconnected,
+                reconnected=self._on_reconnected,
+            )
+            # Reads go over a connection of their own: on the live one their replies would wait behind a
+            # burst of live messages (which has no flow control).
+            reads = await self._connect(connections, name=f"{self._name} reads")
+            self._connected = True
+            try:
+                await self._follow_forever(live, StreamReader(reads))
+            finally:
+                self._connected = False
+
+    async def _connect(
+        self,
+        connections: contextlib.AsyncExitStack,
+        *,
+        name: str,
+        disconnected: Callback | None = None,
+        reconnected: Callback | None = None,
+    ) -> NatsClient:
+        """A connection, retried until it is made; closed when ``connections`` closes."""
         # Unavailable: no server answered within the connect timeout (connect_nats logs each attempt).
         async for attempt in _retrying((*_NATS_ERRORS, Unavailable), what="nats connect"):
             with attempt:
                 raise_if_cancelled()
                 client = await connect_nats(
-                    self._settings,
-                    name=self._name,
-                    disconnected=self._on_disconnected,
-                    reconnected=self._on_reconnected,
+                    self._settings, name=name, disconnected=disconnected, reconnected=reconnected
                 )
-        self._connected = True
-        try:
-            await self._follow_forever(client)
-        finally:
-            self._connected = False
-            with contextlib.suppress(Exception):
-                await client.close()
+        connections.push_async_callback(_close, client)
+        return client
 
-    async def _follow_forever(self, client: NatsClient) -> None:
-        js = client.jetstream(timeout=_JETSTREAM_TIMEOUT_SECONDS)
+    async def _follow_forever(self, client: NatsClient, reader: StreamReader) -> None:
         while True:
             raise_if_cancelled()
             # A resubscription starts afresh, without a wait; a failure waits (less once NATS is back).
@@ -234,12 +261,12 @@ class RevocationConsumer:
                 async for attempt in retrying:
                     with attempt:
                         raise_if_cancelled()
-                        await self._follow_logged(js)
+                        await self._follow_logged(client, reader)
 
-    async def _follow_logged(self, js: JetStreamContext) -> None:
+    async def _follow_logged(self, client: NatsClient, reader: StreamReader) -> None:
         try:
-            await self._follow(js)
-        except (*_NATS_ERRORS, AuthError, _Resubscribe):
+            await self._follow(client, reader)
+        except (*_READ_FAILURES, _Resubscribe):
             raise
         except Exception:
             # A bug must not silently end revocation updates; the state turns stale meanwhile.
@@ -252,59 +279,39 @@ class RevocationConsumer:
             async with asyncio.timeout(seconds):
                 await self._reconnected.wait()
 
-    async def _follow(self, js: JetStreamContext) -> None:
-        """One subscription's life: (re)synchronise if needed, subscribe, apply until told to stop."""
+    async def _follow(self, client: NatsClient, reader: StreamReader) -> None:
+        """One subscription's life: (re)synchronise if needed, subscribe, catch up, apply until it ends."""
         self._reconnected.clear()
-        fresh = not self._synchronised
-        if fresh:
+        if not self._synchronised:
             await self._synchronise()
-        info = await js.stream_info(STREAM_NAME)
-        first, last = info.state.first_seq, info.state.last_seq
-        after = self._last_sequence
-        if after is not None and last < after:
-            _log.warning("event stream went backwards; starting over", last=last, applied=after)
-            self._synchronised = False
-            self._last_sequence = None
-            raise _Resubscribe()
-        if after is not None and after + 1 < first:
-            # Events we never read have already left the stream.
-            self._observer.gap_detected()
-            if self._snapshot is not None and not fresh:
-                self._synchronised = False
-                raise _Resubscribe()
-            _log.warning("events expired before they were read", first=first, expected=after + 1)
-            after = self._last_sequence = first - 1
-        if after is not None and after >= last:
-            self._mark_ready()  # nothing newer than what we hold
-        # A callback subscription: nats-py hands each message straight to it, in order, where next_msg()
-        # would cost two tasks and a timer per message. What the callback cannot handle (a gap, a bug)
-        # ends this subscription through ``outcome``.
+        # Live messages go through the same lock as the catch-up: they wait in the subscription's queue
+        # while history is read, and whatever both delivered is applied once, in stream order. What the
+        # callback cannot handle (a bug, a stream that cannot be read) ends this subscription.
         outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def on_message(message: Msg) -> None:
             if outcome.done():
-                return  # leaving: the next subscription starts after the last sequence applied
+                return  # leaving: the next subscription catches up from the last sequence applied
             try:
-                await self._on_message(message)
+                async with self._applying:
+                    await self._on_live(reader, live_message(message))
+            except _READ_FAILURES as error:
+                self._read_failed(error)  # the subscription stays; the message is read again later
             except Exception as error:  # _follow_forever decides what it means, as for any other failure
                 outcome.set_exception(error)
 
-        self._last_message_at = time.monotonic()
-        subscription = await js.subscribe(
-            STREAM_SUBJECTS[0],
-            stream=STREAM_NAME,
-            cb=on_message,
-            ordered_consumer=True,
-            idle_heartbeat=_CONSUMER_IDLE_HEARTBEAT_SECONDS,
-            config=_consumer_config(after, self._since()),
+        subscription = await client.subscribe(
+            LIVE_SUBJECTS[0], cb=on_message, pending_msgs_limit=_LIVE_PENDING_MESSAGES
         )
         try:
-            if not self._ready.is_set():
-                consumer = await subscription.consumer_info()
-                delivered = consumer.delivered.consumer_seq if consumer.delivered else 0
-                if not consumer.num_pending and not delivered:
-                    self._mark_ready()  # nothing at all to replay
-            await self._watch(js, outcome)
+            # The subscription in place before the catch-up reads the stream's end; should the flush time
+            # out, a message missed in between shows as a gap at the next live one and is read then.
+            with contextlib.suppress(nats.errors.TimeoutError):
+                await client.flush(timeout=_FLUSH_TIMEOUT_SECONDS)
+            self._last_message_at = time.monotonic()
+            async with self._applying:
+                await self._catch_up(reader)
+            await self._watch(reader, outcome)
         finally:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
@@ -313,7 +320,7 @@ class RevocationConsumer:
             elif not outcome.cancelled():
                 outcome.exception()  # retrieved, so asyncio does not log it as never retrieved
 
-    async def _watch(self, js: JetStreamContext, outcome: asyncio.Future[None]) -> None:
+    async def _watch(self, reader: StreamReader, outcome: asyncio.Future[None]) -> None:
         """Until the subscription must end: a reconnect, a quiet spell that finds it stuck, or ``outcome``."""
         while True:
             raise_if_cancelled()
@@ -324,46 +331,83 @@ class RevocationConsumer:
                 outcome.result()  # raises what ended the subscription
                 return
             if time.monotonic() - self._last_message_at >= _IDLE_CHECK_SECONDS:
-                await self._check_subscription(js)
+                try:
+                    async with self._applying:
+                        await self._catch_up(reader)
+                except _READ_FAILURES as error:
+                    self._read_failed(error)
                 self._last_message_at = time.monotonic()
 
-    async def _on_message(self, message: Msg) -> None:
-        """Apply one message in stream order; a jump in sequence ends the subscription."""
-        self._last_message_at = time.monotonic()
-        metadata = message.metadata
-        sequence = metadata.sequence.stream
-        last = self._last_sequence
-        if last is not None and sequence <= last:
-            return  # already applied
-        if last is not None and sequence > last + 1:
-            self._observer.gap_detected()
-            _log.warning("event stream gap", expected=last + 1, got=sequence)
-            if self._snapshot is not None and not self._gap_tolerated:
-                self._synchronised = False
-                raise _Resubscribe()
-        self._gap_tolerated = False
-        await self._handle(message, live=self._ready.is_set() or metadata.num_pending == 0)
-        self._last_sequence = sequence
-        if metadata.num_pending == 0:
-            self._mark_ready()
+    async def _catch_up(self, reader: StreamReader) -> None:
+        """Apply everything the stream holds after the last sequence applied; ready once at its end.
 
-    async def _check_subscription(self, js: JetStreamContext) -> None:
-        """After a quiet spell, make sure the subscription is not stuck on a stream that moved on.
-
-        The auth service publishes every second, so silence means it is down, or the subscription no
-        longer matches the stream (recreated, or a consumer lost in a way nats-py did not notice).
+        Raises:
+            _Resubscribe: The stream went backwards (it was recreated), or a gap calls for a snapshot.
         """
-        info = await js.stream_info(STREAM_NAME)
-        last = info.state.last_seq
+        bounds = await reader.bounds()
         applied = self._last_sequence
-        if applied is not None and last < applied:
-            _log.warning("event stream went backwards; starting over", last=last, applied=applied)
+        if applied is not None and bounds.last < applied:
+            _log.warning("event stream went backwards; starting over", last=bounds.last, applied=applied)
             self._synchronised = False
             self._last_sequence = None
             raise _Resubscribe()
-        if applied is not None and last > applied:
-            _log.warning("subscription idle behind the stream; resubscribing", last=last, applied=applied)
+        async for message in reader.read(after=applied, since=self._since()):
+            await self._on_stored(message)
+        self._mark_ready()
+
+    async def _on_live(self, reader: StreamReader, message: StreamMessage) -> None:
+        """Apply one live message; a jump in sequence is filled from the stream first."""
+        last = self._last_sequence
+        if last is not None and message.sequence <= last:
+            return  # already applied (or a stream that went backwards: the quiet check finds it)
+        if last is not None and message.sequence > last + 1:
+            if time.monotonic() < self._read_again_at:
+                return  # a read just failed: this one waits for the next try (heartbeats too, so the
+                # state turns stale rather than skip what is missing)
+            await self._catch_up(reader)
+            if self._last_sequence is not None and self._last_sequence >= message.sequence:
+                return
+            if self._last_sequence != message.sequence - 1:
+                # The server that answered does not hold them yet (a lagging stream replica): read again.
+                raise Unavailable("events missing from the live path are not readable yet")
+        await self._apply(message, live=True)
+
+    async def _on_stored(self, message: StreamMessage) -> None:
+        """Apply one message read from the stream, in order; a jump in sequence is a gap."""
+        last = self._last_sequence
+        if last is not None and message.sequence <= last:
+            return
+        if last is not None and message.sequence > last + 1:
+            self._missed(last + 1, message)
+        await self._apply(message, live=self._ready.is_set() or message.pending == 0)
+
+    def _read_failed(self, error: Exception) -> None:
+        """A read of the stream failed: try again after a pause, keeping the live subscription."""
+        self._read_again_at = time.monotonic() + _READ_RETRY_SECONDS
+        _log.warning("revocation stream read failed", error=type(error).__name__, detail=str(error))
+
+    def _missed(self, expected: int, message: StreamMessage) -> None:
+        """Events ``expected`` … before ``message`` are gone from the stream: never let that pass silently.
+
+        With a snapshot the state is reloaded (once per gap). Otherwise the replica stays degraded (it
+        confirms tokens with ``Introspect``, or refuses them) until any token those events could have
+        revoked has expired: they were stored no later than ``message``.
+
+        Raises:
+            _Resubscribe: To reload from the snapshot.
+        """
+        self._observer.gap_detected()
+        _log.warning("event stream gap", expected=expected, got=message.sequence)
+        if self._snapshot is not None and self._resynchronised_for != message.sequence:
+            self._resynchronised_for = message.sequence
+            self._unfilled_through = max(self._unfilled_through or 0, message.sequence - 1)
+            self._synchronised = False
             raise _Resubscribe()
+        held = message.stored_at + self._replay_window - self._clock()
+        if held > 0:
+            _log.warning("revocations lost; degraded until their tokens have expired", seconds=round(held, 3))
+            self._staleness.hold(held)
+            self._unfilled_through = max(self._unfilled_through or 0, message.sequence - 1)
 
     async def _synchronise(self) -> None:
         """Fetch keys and load the snapshot, side by side (or settle for a replay of the stream).
@@ -381,12 +425,14 @@ class RevocationConsumer:
             raise loaded
         sequence = loaded
         if sequence is None:
-            # Without a snapshot a gap cannot be filled: the next one is accepted, not chased again.
-            self._gap_tolerated = True
             self._observer.resynchronised("replay")
         else:
             self._observer.resynchronised("snapshot")
             self._last_sequence = sequence
+            if self._unfilled_through is not None and sequence >= self._unfilled_through:
+                # The snapshot holds what the lost events said.
+                self._unfilled_through = None
+                self._staleness.release()
         self._synchronised = True
 
     async def _try_snapshot(self) -> int | None:
@@ -415,7 +461,17 @@ class RevocationConsumer:
     def _since(self) -> float:
         return self._clock() - self._replay_window
 
-    async def _handle(self, message: Msg, *, live: bool) -> None:
+    async def _apply(self, message: StreamMessage, *, live: bool) -> None:
+        """Apply one message in stream order and move the last sequence past it."""
+        self._last_message_at = time.monotonic()
+        await self._handle(message, live=live)
+        self._last_sequence = message.sequence
+        # Let nats-py read the socket between messages: the live copy has no flow control, and a
+        # replica working through a burst without reading would be cut off by the server as a slow
+        # consumer (and its replies would wait behind the burst).
+        await asyncio.sleep(0)
+
+    async def _handle(self, message: StreamMessage, *, live: bool) -> None:
         event = await self._verify(message)
         if event is None:
             return
@@ -449,21 +505,20 @@ class RevocationConsumer:
             lag = self._clock() - event.occurred_at_ms / 1000
         self._observer.event_applied(event.type.value, lag)
 
-    async def _verify(self, message: Msg) -> SecurityEvent | None:
+    async def _verify(self, message: StreamMessage) -> SecurityEvent | None:
         """The verified event, or None (counted) when it cannot be trusted."""
         issuer = self._settings.issuer
         try:
             try:
                 return decode_event(message.data, message.subject, self._keys, issuer)
-            except UnknownKey:
-                kid = decode_compact(message.data, max_bytes=MAX_EVENT_BYTES).kid
-                await self._refresh_keys_for(kid)
+            except UnknownKey as unknown:
+                await self._refresh_keys_for(unknown.kid)
                 return decode_event(message.data, message.subject, self._keys, issuer)
         except UnknownKey:
             self._reject("unknown_key")
         except EventRejected as error:
             self._reject(_rejection_reason(error))
-        except AuthError as error:  # decode_compact on the second pass
+        except AuthError as error:  # whatever else the key source raised on the second pass
             self._reject(error.code.lower())
         return None
 
@@ -500,16 +555,9 @@ class RevocationConsumer:
         self._reconnected.set()
 
 
-def _consumer_config(after_sequence: int | None, since: float) -> ConsumerConfig:
-    """Start after a known sequence, or (when none is known) from a point in time."""
-    if after_sequence is not None:
-        return ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_sequence + 1
-        )
-    return ConsumerConfig(
-        deliver_policy=DeliverPolicy.BY_START_TIME,
-        opt_start_time=datetime.datetime.fromtimestamp(since, tz=datetime.UTC),
-    )
+async def _close(client: NatsClient) -> None:
+    with contextlib.suppress(Exception):
+        await client.close()
 
 
 def _rejection_reason(error: EventRejected) -> str:

@@ -1,14 +1,15 @@
 """The in-memory revocation state of a resource service: what must be refused, and until when.
 
-Four kinds of entry, each applied idempotently (applying an event twice changes nothing):
+Three kinds of entry, each applied idempotently (applying an event twice changes nothing):
 
 * a revoked access token (``jti``) until its ``exp`` plus the leeway, after which the verifier refuses
   the token as expired anyway;
 * a revoked session (``sid``) for one access-token lifetime after the revocation, by when every token
   issued in it has expired;
-* a revoked user (``sub``): every token issued at or before ``not_before_ms``, for one lifetime after it;
-* a retired signing key (``kid``), kept for the life of the process: a retired key may be compromised,
-  and a token freshly forged with it must be refused however late it shows up.
+* a revoked user (``sub``): every token issued at or before ``not_before_ms``, for one lifetime after it.
+
+Retired signing keys are not kept here: the key cache (:mod:`authmesh._shared.key_cache`) owns them,
+evicts them at once and refuses them for the life of the process, and the verifier asks it on every call.
 
 Entries expire on their own, so memory is bounded by the revocations of one access-token lifetime
 (plus, after a forward step of the clock, the step: see below). They are kept in *generations*: one
@@ -38,15 +39,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence, Sized
+from collections.abc import Callable, Hashable, Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
 from authmesh._shared.claims import AccessClaims
-from authmesh._shared.errors import KeyRevoked, TokenRevoked
+from authmesh._shared.errors import TokenRevoked
 from authmesh._shared.events import (
     EventBody,
-    KeyRevokedEvent,
     SecurityEvent,
     SessionRevokedEvent,
     TokenRevokedEvent,
@@ -162,12 +162,11 @@ class DenylistSizes:
     tokens: int
     sessions: int
     users: int
-    keys: int
 
     @property
     def total(self) -> int:
         """All entries."""
-        return self.tokens + self.sessions + self.users + self.keys
+        return self.tokens + self.sessions + self.users
 
 
 class _Generations(Generic[_Generation]):
@@ -250,7 +249,7 @@ class _ExpiringMax(_Generations[dict[str, int]]):
 
 
 class Denylist:
-    """Revoked tokens, sessions, users and keys; a :class:`authmesh._shared.verifier.RevocationCheck`.
+    """Revoked tokens, sessions and users; a :class:`authmesh._shared.verifier.RevocationCheck`.
 
     Args:
         access_token_ttl: Longest access-token lifetime, seconds (must match the auth service's).
@@ -277,20 +276,21 @@ class Denylist:
         self._tokens = _ExpiringSet(width)
         self._sessions = _ExpiringSet(width)
         self._users = _ExpiringMax(width)
-        self._retired_keys: set[str] = set()
         self._width = width
         self._next_purge = 0.0
 
+    @property
+    def retention(self) -> float:
+        """Seconds a session or user revocation is kept: the longest token lifetime plus the leeway."""
+        return self._lifetime
+
     def check(self, claims: AccessClaims) -> None:
-        """Raise if the token, its session, its user or its signing key is revoked.
+        """Raise if the token, its session or its user is revoked.
 
         Raises:
-            KeyRevoked: Its signing key was retired.
             TokenRevoked: With code ``TOKEN_REVOKED``, ``SESSION_REVOKED`` or ``USER_REVOKED``.
         """
         self._purge_if_due()
-        if claims.kid in self._retired_keys:
-            raise KeyRevoked()
         if jti_key(claims.jti) in self._tokens:
             raise TokenRevoked("token revoked", code="TOKEN_REVOKED")
         if claims.sid in self._sessions:
@@ -300,7 +300,7 @@ class Denylist:
             raise TokenRevoked("user revoked", code="USER_REVOKED")
 
     def apply(self, event: SecurityEvent) -> bool:
-        """Apply one broadcast event; events that revoke nothing are ignored.
+        """Apply one broadcast event; events that revoke no token, session or user are ignored.
 
         Returns:
             Whether the state changed (False for a repeat or an already expired entry).
@@ -321,8 +321,6 @@ class Denylist:
                 return self.revoke_session(sid, revoked_at=occurred_at)
             case UserRevokedEvent(sub=sub, not_before_ms=not_before_ms):
                 return self.revoke_user(sub, not_before_ms)
-            case KeyRevokedEvent(kid=kid):
-                return self.retire_key(kid)
             case _:
                 return False
 
@@ -359,19 +357,9 @@ class Denylist:
             return False
         return self._users.put(sub, not_before_ms, expires_at)
 
-    def retire_key(self, kid: str) -> bool:
-        """Refuse every token signed by ``kid`` from now on.
-
-        Returns:
-            Whether the state changed.
-        """
-        if kid in self._retired_keys:
-            return False
-        self._retired_keys.add(kid)
-        return True
-
     def load(self, chunk: SnapshotChunk) -> None:
-        """Merge a snapshot chunk (revocations only ever add, so merging is always safe)."""
+        """Merge a snapshot chunk (revocations only ever add, so merging is always safe); its retired keys
+        are the key cache's to apply."""
         now, earliest = self._earliest.read()
         # revoke_token() inlined, with the clock read once: a snapshot holds up to hundreds of thousands
         # of tokens, and a starting replica serves nothing until they are in.
@@ -389,12 +377,6 @@ class Denylist:
             self.revoke_session(session.sid, revoked_at=now if revoked_ms is None else revoked_ms / 1000)
         for user in chunk.users:
             self.revoke_user(user.sub, user.not_before_ms)
-        self.retire_keys(chunk.retired_key_ids)
-
-    def retire_keys(self, kids: Iterable[str]) -> None:
-        """Retire several keys."""
-        for kid in kids:
-            self.retire_key(kid)
 
     def purge(self) -> None:
         """Drop every generation whose entries have all expired, by the earliest time the clock could read."""
@@ -413,7 +395,6 @@ class Denylist:
             tokens=len(self._tokens),
             sessions=len(self._sessions),
             users=len(self._users),
-            keys=len(self._retired_keys),
         )
 
     def __len__(self) -> int:

@@ -112,10 +112,19 @@ class WrongTokenType(MalformedToken):
 
 
 class UnknownKey(TokenRejected):
-    """No public key is known for the token's ``kid``."""
+    """No public key is known for the token's ``kid``.
+
+    Args:
+        kid: The key id the token or event named, so a caller can fetch keys for it without decoding
+            the token again.
+    """
 
     code = "KEY_UNKNOWN"
     default_message = "signing key unknown"
+
+    def __init__(self, kid: str, message: str | None = None) -> None:
+        self.kid = kid
+        super().__init__(message)
 
 
 class KeyRevoked(TokenRejected):

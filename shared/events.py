@@ -23,6 +23,10 @@ from authmesh._shared.verifier import KeySource
 STREAM_NAME = "AUTH_EVENTS"
 SUBJECT_PREFIX = "auth.events."
 STREAM_SUBJECTS = ("auth.events.>",)
+# The stream republishes every event it stores here, with its stream sequence in headers: replicas
+# follow this live copy over core NATS (no consumer), see nats_wiring.stream_config.
+LIVE_SUBJECT_PREFIX = "auth.live."
+LIVE_SUBJECTS = (LIVE_SUBJECT_PREFIX + ">",)
 SET_TYPE = "secevent+jwt"
 EVENT_URI_PREFIX = "urn:authmesh:event:"
 MAX_EVENT_BYTES = 64 * 1024
@@ -48,6 +52,11 @@ class EventType(StrEnum):
     def subject(self) -> str:
         """The NATS subject events of this type are published on."""
         return SUBJECT_PREFIX + self.value
+
+    @property
+    def live_subject(self) -> str:
+        """Where the stream republishes events of this type (see ``LIVE_SUBJECTS``)."""
+        return LIVE_SUBJECT_PREFIX + self.value
 
     @property
     def uri(self) -> str:

@@ -1,4 +1,4 @@
-"""The async gRPC server interceptor any service adds to verify bearer tokens locally.
+"""The gRPC server interceptors (``grpc.aio`` and sync ``grpc.server``) that verify bearer tokens locally.
 
 Every call outside the open services (health, reflection, and any the service names) must carry
 ``authorization: Bearer <access token>``. The :class:`Authenticator` decides:
@@ -11,47 +11,67 @@ Every call outside the open services (health, reflection, and any the service na
 3. when the revocation state is stale, confirm the token with ``Introspect``
    (:class:`~authmesh._shared.staleness.IntrospectionFallback`).
 
-The interceptor then checks the method's required scope and hands the verified claims to the handler
-through a context variable (:func:`current_claims`); each call runs in its own task, so the variable
-never leaks from one call to another. Errors become statuses through :mod:`authmesh._shared.grpc_errors`.
+The interceptor then checks what the method needs (:mod:`authmesh._shared.scopes`; with a policy, a
+method it does not list is refused) and hands the verified claims to the handler through a context
+variable (:func:`current_claims`): each aio call runs in its own task, and the sync interceptor clears
+the variable when its call ends, so it never leaks from one call to another. Errors become statuses
+through :mod:`authmesh._shared.grpc_errors`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping
+import asyncio
+from collections.abc import Callable, Coroutine, Iterator
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Protocol, cast
 
 import grpc
 
 from authmesh._shared.claims import AccessClaims
 from authmesh._shared.errors import (
     AuthError,
-    InsufficientScope,
+    ConfigurationError,
     RateLimited,
     TokenMissing,
     Unavailable,
     UnknownKey,
 )
 from authmesh._shared.grpc_errors import bearer_token, to_grpc_status
-from authmesh._shared.grpc_handlers import BoundedCache, Continuation, RpcHandler, rebuild_handler
-from authmesh._shared.jose import decode_compact
+from authmesh._shared.grpc_handlers import (
+    BoundedCache,
+    Continuation,
+    RpcHandler,
+    WrappedHandlers,
+    rebuild_handler,
+)
 from authmesh._shared.key_cache import KeyCache
 from authmesh._shared.metrics import VerificationMetrics
+from authmesh._shared.scopes import OPEN_SERVICE_PREFIXES, AccessPolicy
 from authmesh._shared.staleness import REVOCATION_STATE_STALE, IntrospectionFallback, StalenessMonitor
 from authmesh._shared.verifier import TokenVerifier
 
-# Methods of these services never need a token: load balancers and tools call them unauthenticated.
-OPEN_SERVICE_PREFIXES = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/grpc.reflection.v1.ServerReflection/",
-)
+# OPEN_SERVICE_PREFIXES lives with the policy; importers of this module keep finding it here.
+__all__ = [
+    "OPEN_SERVICE_PREFIXES",
+    "AuthInterceptor",
+    "Authenticator",
+    "SyncAuthInterceptor",
+    "bind_claims",
+    "current_claims",
+]
 
 # A refusal's handler depends on the handler it stands in for and on the error's class, code and text.
 _RefusalKey = tuple[RpcHandler, type[AuthError], str, str]
 
+RunOnLoop = Callable[[Coroutine[Any, Any, Any]], Any]
+"""Runs a coroutine on the guard's event loop from another thread and returns its result."""
+
 _claims: ContextVar[AccessClaims | None] = ContextVar("authmesh_claims", default=None)
+
+
+def bind_claims(claims: AccessClaims | None) -> None:
+    """Make ``claims`` what :func:`current_claims` returns in this context (None: no call)."""
+    _claims.set(claims)
 
 
 def current_claims() -> AccessClaims:
@@ -111,26 +131,70 @@ class Authenticator:
         try:
             claims, degraded = await self._authenticate(token)
         except AuthError as error:
-            if self._metrics is not None:
-                if isinstance(error, Unavailable):
-                    self._metrics.unavailable(error.code)
-                else:
-                    self._metrics.rejected(error.code)
-            raise
-        if self._metrics is not None:
-            self._metrics.accepted(degraded)
+            raise self._refused(error) from None
+        return self._accepted(claims, degraded)
+
+    def authenticate_blocking(self, token: str | None, run: RunOnLoop) -> AccessClaims:
+        """Verify a bearer token from a thread that is not the event loop's (a sync gRPC server's).
+
+        The usual case (a known key, a fresh revocation state) is decided right here, without I/O; only
+        an unknown ``kid`` or a stale state goes to the event loop, through ``run``.
+
+        Args:
+            token: The token from the ``authorization`` metadata, or None when there was none.
+            run: Runs a coroutine on the event loop that owns the key cache and the fallback, and returns
+                its result (raising :class:`Unavailable` when it takes too long).
+
+        Raises:
+            TokenRejected: The token is not acceptable (``UNAUTHENTICATED``).
+            Unavailable: The service cannot decide now (``UNAVAILABLE``).
+        """
+        try:
+            claims, degraded = self._decide_locally(token), False
+            if claims is None:
+                claims, degraded = run(self._authenticate(token))
+        except AuthError as error:
+            raise self._refused(error) from None
+        return self._accepted(claims, degraded)
+
+    def _decide_locally(self, token: str | None) -> AccessClaims | None:
+        """The claims when no I/O is needed to decide; None when the auth service must be asked."""
+        try:
+            claims = self._verifier.verify(self._presented(token))
+        except UnknownKey:
+            return None
+        staleness = self._staleness
+        if staleness is not None and staleness.degraded:
+            return None
         return claims
 
-    async def _authenticate(self, token: str | None) -> tuple[AccessClaims, bool]:
+    def _presented(self, token: str | None) -> str:
+        """The token, if there is one and the revocation state is ready to judge it."""
         if not self._ready():
             raise Unavailable("revocation state still loading", code=REVOCATION_STATE_STALE)
         if token is None:
             raise TokenMissing()
+        return token
+
+    def _accepted(self, claims: AccessClaims, degraded: bool) -> AccessClaims:
+        if self._metrics is not None:
+            self._metrics.accepted(degraded)
+        return claims
+
+    def _refused(self, error: AuthError) -> AuthError:
+        if self._metrics is not None:
+            if isinstance(error, Unavailable):
+                self._metrics.unavailable(error.code)
+            else:
+                self._metrics.rejected(error.code)
+        return error
+
+    async def _authenticate(self, presented: str | None) -> tuple[AccessClaims, bool]:
+        token = self._presented(presented)
         try:
             claims = self._verifier.verify(token)
-        except UnknownKey:
-            # verify() decoded the token before asking for its key, so this cannot fail now.
-            if not await self._keys.refresh_for(decode_compact(token).kid):
+        except UnknownKey as unknown:
+            if not await self._keys.refresh_for(unknown.kid):
                 raise
             claims = self._verifier.verify(token)
         staleness = self._staleness
@@ -142,48 +206,63 @@ class Authenticator:
         return claims, True
 
 
+class TokenAuthenticator(Protocol):
+    """Decides about a bearer token on the server's event loop (:class:`Authenticator`, a guard)."""
+
+    async def authenticate(self, token: str | None) -> AccessClaims:
+        """The verified claims, or an :class:`AuthError`."""
+        ...
+
+
+class BlockingTokenAuthenticator(Protocol):
+    """Decides about a bearer token from a sync server's worker thread (a guard entered with ``with``)."""
+
+    def authenticate_blocking(self, token: str | None) -> AccessClaims:
+        """The verified claims, or an :class:`AuthError`."""
+        ...
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Verifies the bearer token of every call that is not open, and enforces per-method scopes.
+    """The ``grpc.aio`` server interceptor: verifies every call that is not open, against the policy.
 
     Args:
         authenticator: Decides about each token.
-        required_scopes: Full method name (``/pkg.Service/Method``) → scope the token must hold.
-        open_methods: Full method names that need no token.
-        open_prefixes: Method-name prefixes that need no token (health and reflection by default).
+        policy: Which methods are open and what the others need; any valid token for every method
+            that is not open by default.
     """
 
-    def __init__(
-        self,
-        authenticator: Authenticator,
-        *,
-        required_scopes: Mapping[str, str] | None = None,
-        open_methods: Collection[str] = (),
-        open_prefixes: tuple[str, ...] = OPEN_SERVICE_PREFIXES,
-    ) -> None:
+    def __init__(self, authenticator: TokenAuthenticator, policy: AccessPolicy | None = None) -> None:
         self._authenticator = authenticator
-        self._required = dict(required_scopes or {})
-        self._open = frozenset(open_methods)
-        self._open_prefixes = open_prefixes
+        self._gate = policy or AccessPolicy()
         # A refused call is the cheap path an attacker can drive at will: its handler is built once per
         # handler and reason, not per call.
-        self._refusals: BoundedCache[tuple[RpcHandler, type[AuthError], str, str], RpcHandler] = (
-            BoundedCache()
-        )
+        self._refusals: BoundedCache[_RefusalKey, RpcHandler] = BoundedCache()
 
-    async def intercept_service(
+    def intercept_service(  # returns the coroutine grpc.aio awaits
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> Coroutine[Any, Any, RpcHandler | None]:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            # A sync grpc.server calls this from a plain thread and would wait on the coroutine forever.
+            raise ConfigurationError(
+                "AuthInterceptor is for grpc.aio servers; a sync grpc.server needs "
+                "ResourceGuard.sync_interceptor() (entered with `with guard:`)"
+            ) from None
+        return self._intercept(continuation, handler_call_details)
+
+    async def _intercept(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> RpcHandler | None:
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
-        if handler is None or method in self._open or method.startswith(self._open_prefixes):
+        if handler is None or self._gate.is_open(method):
             return handler
         try:
             claims = await self._authenticator.authenticate(
                 bearer_token(handler_call_details.invocation_metadata)
             )
-            scope = self._required.get(method)
-            if scope is not None and not claims.has_scope(scope):
-                raise InsufficientScope(scope)
+            self._gate.requirement(method).check(claims)
         except AuthError as error:
             return self._refusal(handler, error)
         _claims.set(claims)
@@ -197,6 +276,70 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if refusal is None:
             refusal = self._refusals.keep(key, _refusal(handler, error))
         return refusal
+
+
+class SyncAuthInterceptor(grpc.ServerInterceptor):
+    """The sync ``grpc.server`` interceptor: the same decision as :class:`AuthInterceptor`.
+
+    The check runs in the server's worker thread, inside the handler it wraps, so :func:`current_claims`
+    works in sync handlers. The usual case is decided in that thread without I/O; an unknown ``kid`` or
+    a stale revocation state is handed to the guard's event loop (running in its own thread) and waited
+    for with a deadline, so no call hangs.
+
+    Args:
+        authenticator: Decides about each token (deciding what needs I/O on the guard's event loop).
+        policy: As for :class:`AuthInterceptor`.
+    """
+
+    def __init__(self, authenticator: BlockingTokenAuthenticator, policy: AccessPolicy | None = None) -> None:
+        self._authenticator = authenticator
+        self._gate = policy or AccessPolicy()
+        self._wrapped = WrappedHandlers(self._guarded)
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], RpcHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> RpcHandler | None:
+        method = handler_call_details.method
+        handler = continuation(handler_call_details)
+        if handler is None or self._gate.is_open(method):
+            return handler
+        return self._wrapped.get(handler, method)
+
+    def _admit(self, method: str, context: grpc.ServicerContext) -> AccessClaims:
+        """The caller's claims, or the call ends here with the refusal's status."""
+        try:
+            claims = self._authenticator.authenticate_blocking(bearer_token(context.invocation_metadata()))
+            self._gate.requirement(method).check(claims)
+        except AuthError as error:
+            context.abort_with_status(to_grpc_status(error))
+            raise AssertionError("unreachable: abort_with_status raises") from None  # pragma: no cover
+        return claims
+
+    def _guarded(self, handler: RpcHandler, method: str) -> RpcHandler:
+        behavior = cast(
+            Callable[..., Any],
+            handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream,
+        )
+        admit = self._admit
+
+        # Worker threads are reused: the claims are cleared when the call ends, not left for the next.
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            _claims.set(admit(method, context))
+            try:
+                return behavior(request, context)
+            finally:
+                _claims.set(None)
+
+        def guarded_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            _claims.set(admit(method, context))
+            try:
+                yield from behavior(request, context)
+            finally:
+                _claims.set(None)
+
+        return rebuild_handler(handler, guarded_stream if handler.response_streaming else guarded)
 
 
 def _refusal(handler: RpcHandler, error: AuthError) -> RpcHandler:

@@ -81,6 +81,11 @@ class KeyCache:
         return self._failures
 
     @property
+    def retired(self) -> frozenset[str]:
+        """The key ids retired so far (refused for the life of the process)."""
+        return frozenset(self._retired)
+
+    @property
     def kids(self) -> frozenset[str]:
         """The key ids currently usable."""
         return frozenset(self._keys)
@@ -96,7 +101,7 @@ class KeyCache:
             raise KeyRevoked()
         key = self._keys.get(kid)
         if key is None:
-            raise UnknownKey()
+            raise UnknownKey(kid)
         return key
 
     def retire(self, kid: str) -> None:

@@ -8,11 +8,11 @@ from collections.abc import Awaitable, Callable
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RePublish, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
 from authmesh._shared.connecting import StartupConnection, address_of
-from authmesh._shared.events import STREAM_NAME, STREAM_SUBJECTS
+from authmesh._shared.events import LIVE_SUBJECTS, STREAM_NAME, STREAM_SUBJECTS
 from authmesh._shared.settings import CommonSettings
 
 Callback = Callable[[], Awaitable[None]]
@@ -25,6 +25,20 @@ CONNECT_TIMEOUT_SECONDS = 2
 # Publishes while disconnected fail at once instead of piling up in the client's buffer, so a
 # revocation RPC answers UNAVAILABLE rather than "OK" for an event that may never leave.
 PENDING_BYTES_WHILE_DISCONNECTED = 0
+# Nobody needs a consumer on AUTH_EVENTS (replicas read with direct gets and the republished copy):
+# this bounds what an account whose permissions were widened by mistake could pile up.
+STREAM_MAX_CONSUMERS = 16
+DUPLICATE_WINDOW_SECONDS = 120.0
+DEFAULT_INBOX_PREFIX = "_INBOX"
+
+
+def inbox_prefix(user: str | None) -> str:
+    """Where a connection's replies arrive: ``_INBOX.<user>``, the only inboxes that user may read.
+
+    NATS permissions cannot tell one connection's inbox from another's, so each replica has a user of
+    its own and its replies go under that user's name.
+    """
+    return f"{DEFAULT_INBOX_PREFIX}.{user}" if user else DEFAULT_INBOX_PREFIX
 
 
 async def _ignore_error(_: Exception) -> None:
@@ -58,7 +72,7 @@ async def connect_nats(
     Raises:
         Unavailable: ``BROKER_UNAVAILABLE`` when no server answered within the connect timeout.
     """
-    options: dict[str, object] = {}
+    options: dict[str, object] = {"inbox_prefix": inbox_prefix(settings.nats_user)}
     if settings.nats_user:
         options["user"] = settings.nats_user
         options["password"] = settings.nats_password.get_secret_value() if settings.nats_password else ""
@@ -116,6 +130,8 @@ def stream_config(settings: CommonSettings) -> StreamConfig:
         # JetStream refuses a window longer than the stream keeps messages (short token lifetimes).
         duplicate_window=min(DUPLICATE_WINDOW_SECONDS, settings.stream_max_age),
         allow_direct=True,
+        republish=RePublish(src=STREAM_SUBJECTS[0], dest=LIVE_SUBJECTS[0]),
+        max_consumers=STREAM_MAX_CONSUMERS,
     )
 
 

@@ -36,7 +36,12 @@ class CommonSettings(BaseSettings):
         default_factory=lambda: ["nats://127.0.0.1:4222"],
         description="NATS servers, comma-separated (a cluster)",
     )
-    nats_user: str | None = Field(default=None, description="NATS user name, if the server requires one")
+    nats_user: str | None = Field(
+        default=None,
+        # One subject token: replies to this user arrive under _INBOX.<user>.
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="NATS user name, if the server requires one (letters, digits, - and _)",
+    )
     nats_password: SecretStr | None = Field(default=None, description="NATS password")
     issuer: str = Field(default="authmesh", min_length=1, description="iss of every token")
     audience: str = Field(
@@ -144,6 +149,11 @@ class ResourceSettings(CommonSettings):
     grpc_listen: str = Field(default="127.0.0.1:50061", description="gRPC listen address")
     http_listen: str = Field(default="127.0.0.1:8091", description="HTTP listen address")
     auth_target: str = Field(default="127.0.0.1:50051", description="where the auth service listens")
+    auth_url: str | None = Field(
+        default=None,
+        description="the auth service's HTTP base URL: issuer, audience, token lifetime and leeway are "
+        "read from its metadata (else taken from these settings)",
+    )
     service_account: SecretStr | None = Field(
         default=None, description="username:password used for Introspect and SnapshotRevocations"
     )

@@ -39,6 +39,7 @@ class StalenessMonitor:
         self._clock = clock
         self._created = clock()
         self._last: float | None = None
+        self._held_until: float | None = None
 
     @property
     def bound(self) -> float:
@@ -51,6 +52,21 @@ class StalenessMonitor:
         if self._last is None or at > self._last:
             self._last = at
 
+    def hold(self, seconds: float) -> None:
+        """Stay degraded for ``seconds`` whatever the heartbeats say (revocations are known to be lost)."""
+        until = self._clock() + seconds
+        if self._held_until is None or until > self._held_until:
+            self._held_until = until
+
+    def release(self) -> None:
+        """End a :meth:`hold` early (what was lost has been recovered)."""
+        self._held_until = None
+
+    @property
+    def held(self) -> bool:
+        """Whether a :meth:`hold` keeps the state degraded."""
+        return self._held_until is not None and self._clock() < self._held_until
+
     @property
     def seconds(self) -> float:
         """Seconds since the last heartbeat (since start when none has arrived)."""
@@ -58,8 +74,8 @@ class StalenessMonitor:
 
     @property
     def degraded(self) -> bool:
-        """Whether the last heartbeat is older than the bound (or none has arrived)."""
-        return self._last is None or self._clock() - self._last > self._bound
+        """Whether the last heartbeat is older than the bound (or none has arrived), or a hold is on."""
+        return self._last is None or self._clock() - self._last > self._bound or self.held
 
 
 @dataclass(frozen=True, slots=True)

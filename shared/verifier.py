@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from authmesh._shared.claims import ACCESS_TOKEN_TYPE, AccessClaims
 from authmesh._shared.errors import (
+    InvalidClaim,
     TokenExpired,
     TokenNotYetValid,
     TokenTooLarge,
@@ -75,6 +76,9 @@ class VerifierPolicy:
         leeway: Seconds of clock skew tolerated on ``exp``, ``nbf`` and ``iat``.
         max_token_bytes: Size cap checked before decoding.
         cache_size: How many verified tokens to remember (0 turns the cache off).
+        max_lifetime: Longest ``exp - iat`` accepted, seconds (the auth service's access-token lifetime):
+            a longer-lived token was not issued by it as configured, and would outlive the denylist's
+            memory of a revocation. None accepts any.
     """
 
     issuer: str
@@ -82,6 +86,7 @@ class VerifierPolicy:
     leeway: float = 5.0
     max_token_bytes: int = MAX_TOKEN_BYTES
     cache_size: int = 65_536
+    max_lifetime: float | None = None
 
 
 class TokenVerifier:
@@ -112,6 +117,7 @@ class TokenVerifier:
         self._leeway = policy.leeway
         self._max_bytes = policy.max_token_bytes
         self._cache_size = policy.cache_size
+        self._max_lifetime = policy.max_lifetime
 
     @property
     def policy(self) -> VerifierPolicy:
@@ -170,6 +176,8 @@ class TokenVerifier:
             raise WrongIssuer()
         if self._audience not in claims.aud:
             raise WrongAudience()
+        if self._max_lifetime is not None and claims.exp - claims.iat > self._max_lifetime:
+            raise InvalidClaim("exp", "token lives longer than the auth service issues tokens for")
         self._check_times(claims, now)
         return claims
 

@@ -95,7 +95,7 @@ class StaticKeys:
         try:
             return self._keys[kid]
         except KeyError:
-            raise UnknownKey() from None
+            raise UnknownKey(kid) from None
 
     def add(self, key: SigningKey) -> None:
         """Serve one more key."""

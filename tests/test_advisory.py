@@ -13,9 +13,12 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from authmesh._shared.auth_metadata import TokenRules, server_metadata_extensions
+from authmesh._shared.denylist import Denylist
 from authmesh._shared.errors import (
     BadSignature,
     EventRejected,
+    InvalidClaim,
     MalformedToken,
     TokenRevoked,
     TokenTooLarge,
@@ -26,13 +29,16 @@ from authmesh._shared.errors import (
 from authmesh._shared.events import EventType, SecurityEvent, TokenRevokedEvent, decode_event, encode_event
 from authmesh._shared.jose import P256_ORDER, b64url_encode
 from authmesh._shared.keys import public_jwk
-from authmesh._shared.verifier import TokenVerifier
+from authmesh._shared.settings import AuthSettings
+from authmesh._shared.verifier import TokenVerifier, VerifierPolicy
 from authmesh.auth.v1 import auth_pb2
 from tests.auth_support import SERVICE, auth_settings, bearer, expect_error, running_auth
 from tests.helpers_tokens import (
+    AUDIENCE,
     ISSUER,
     KID,
     NOW,
+    FrozenClock,
     SetRevocations,
     SigningKey,
     StaticKeys,
@@ -343,6 +349,31 @@ def test_unsigned_event_injection(keys: StaticKeys) -> None:
     token = f"{json_segment(header)}.{json_segment(payload)}.{b64url_encode(bytes(64))}"
     with pytest.raises(EventRejected):
         decode_event(token.encode(), EventType.KEY_REVOKED.subject, keys, ISSUER)
+
+
+def test_a_replica_with_a_shorter_lifetime_setting_forgot_a_session_revocation_at_t_plus_400_s(
+    key: SigningKey,
+) -> None:
+    """authmesh's own: a replica whose lifetime setting (300 s) was below the auth service's (900 s)
+    dropped a revoked session after 300 s, while the session's tokens lived on, and accepted one again
+    at t+400 s. The lifetime now comes from the auth service's metadata; a token claiming to live longer
+    than that is refused."""
+    auth_side = AuthSettings(access_token_ttl=900, issuer=ISSUER, audience=AUDIENCE)
+    published = {"issuer": ISSUER, **server_metadata_extensions(auth_side)}
+    rules = TokenRules.from_metadata(json.loads(json.dumps(published)))
+    clock = FrozenClock()
+    denylist = Denylist(access_token_ttl=rules.access_token_ttl, leeway=rules.leeway, clock=clock)
+    policy = VerifierPolicy(
+        issuer=rules.issuer, audience=rules.audience, leeway=rules.leeway, max_lifetime=rules.access_token_ttl
+    )
+    verifier = TokenVerifier(StaticKeys(key), denylist, policy, clock=clock)
+    token = mint_access_token(key, NOW, exp=NOW + 900, sid="session-stolen")
+    denylist.revoke_session("session-stolen", revoked_at=NOW)
+    clock.advance(400)
+    with pytest.raises(TokenRevoked):
+        verifier.verify(token)
+    with pytest.raises(InvalidClaim):
+        verifier.verify(mint_access_token(key, NOW, exp=NOW + 1800))
 
 
 def test_a_nested_jwt_is_refused_as_an_access_token_and_as_an_event(

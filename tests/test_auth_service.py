@@ -42,7 +42,7 @@ class StaticKeys:
 
     def public_key(self, kid: str) -> ec.EllipticCurvePublicKey:
         if kid not in self.keys:
-            raise UnknownKey()
+            raise UnknownKey(kid)
         return self.keys[kid]
 
 

@@ -40,6 +40,10 @@ def assert_latency(summary: Mapping[str, Any], *, samples: bool = True) -> None:
 
 def assert_judged(result: Mapping[str, Any], goal: str) -> None:
     assert set(result["goals"]) == {goal}
+    assert_goal_judged(result, goal)
+
+
+def assert_goal_judged(result: Mapping[str, Any], goal: str) -> None:
     assert result["passed"][goal] is common.Goal(
         goal,
         "",
@@ -143,7 +147,9 @@ def test_uuid7_shaped_jtis_are_distinct_and_shaped_like_uuid7() -> None:
 
 
 @pytest.mark.slow
-async def test_rpc_bench_times_whoami_beside_health_at_each_concurrency(tmp_path: Path) -> None:
+async def test_rpc_bench_times_protected_calls_beside_open_ones_on_every_kind_of_server(
+    tmp_path: Path,
+) -> None:
     result = await rpc.measure(concurrency=(1, 3), slices=2, slice_s=0.1)
     assert result["benchmark"] == "rpc"
     assert [level["concurrency"] for level in result["levels"]] == [1, 3]
@@ -155,15 +161,26 @@ async def test_rpc_bench_times_whoami_beside_health_at_each_concurrency(tmp_path
             assert figures["errors"] == {}
             assert_latency(figures["latency"])
         assert level["whoami_over_health"] > 0
-    assert_judged(result, "whoami_over_health")
+    for name, (kinds, ratio_name) in rpc.PROTECTED_SERVERS.items():
+        assert [level["concurrency"] for level in result["servers"][name]] == [1, 3]
+        for level in result["servers"][name]:
+            for kind in kinds:
+                assert level[kind]["per_second"] > 0
+                assert level[kind]["errors"] == {}
+            assert level[ratio_name] > 0
+    ratios = {"whoami_over_health"} | {ratio_name for _, ratio_name in rpc.PROTECTED_SERVERS.values()}
+    assert set(result["goals"]) == ratios
+    for goal in ratios:
+        assert_goal_judged(result, goal)
     text = rendered(rpc.render(result))
     assert "WhoAmI / health" in text
+    assert "FastAPI: GET /whoami" in text
     assert_charts(rpc.draw(result, tmp_path))
 
 
 @pytest.mark.slow
 async def test_refresh_bench_times_refresh_and_login_beside_health(tmp_path: Path) -> None:
-    result = await refresh.measure(concurrency=(1, 2), slices=2, slice_s=0.1, login_s=0.3)
+    result = await refresh.measure(concurrency=(1, 2), slices=2, slice_s=0.1, login_s=1.0)
     assert result["benchmark"] == "refresh"
     assert set(result["config"]["argon2"]) == {"time_cost", "memory_kib", "parallelism"}
     for level in result["levels"]:

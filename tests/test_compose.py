@@ -31,26 +31,32 @@ import typer
 from ruamel.yaml import YAML
 
 from authmesh._shared.events import STREAM_NAME
+from authmesh._shared.nats_wiring import inbox_prefix
 from authmesh._shared.settings import AuthSettings, CommonSettings, ResourceSettings
 from authmesh.envoy_gateway import ext_authz_filter, find_envoy
 from authmesh.processes import find_nats_server, find_redis_server, free_ports
 from authmesh.stack import (
+    AUTH_NATS_USER,
     ChildProcess,
     Probe,
     authmesh_command,
+    compose_password_variable,
     grpc_health_status,
     nats_authorization,
+    replica_names,
 )
-from authmesh.stack_commands import compose_environment
+from authmesh.stack_commands import COMPOSE_REPLICAS, compose_environment
 from scripts.check_compose import compose_command, compose_env
+from tests.nats_routes import intruder_joins, route_count
 from tests.test_stack import USER_PASSWORD, StackClient
 from tests.waiting import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 AUTHORIZATION_CONF = ROOT / "deploy" / "nats" / "authorization.conf"
+NATS_CONF = ROOT / "deploy" / "nats" / "nats.conf"
 # What the images listen on and keep their data in, as docker-compose.yml uses them.
-NATS_CLIENT_PORT, NATS_MONITOR_PORT = 4222, 8222
+NATS_CLIENT_PORT, NATS_ROUTE_PORT, NATS_MONITOR_PORT = 4222, 6222, 8222
 REDIS_PORT, REDIS_DATA = 6379, "/data"
 AUTH_GRPC_PORT, RESOURCE_GRPC_PORT = 50051, 50061
 GATEWAY_PORT = 8080
@@ -119,6 +125,12 @@ class LocalNetwork:
                 (name, int(port))
                 for name, service in services.items()
                 for port in service.get("expose") or []
+            }
+            # NATS's monitoring port, which nats.conf keeps on the container's own loopback.
+            | {
+                (name, NATS_MONITOR_PORT)
+                for name, service in services.items()
+                if str(service.get("image", "")).startswith("nats:")
             }
         )
         return cls(dict(zip(wanted, free_ports(len(wanted)), strict=True)), volumes_dir)
@@ -379,7 +391,8 @@ def test_the_compose_nats_users_are_the_ones_authmesh_up_runs_with() -> None:
     lines = AUTHORIZATION_CONF.read_text().splitlines(keepends=True)
     body = "".join(line for line in lines if not line.startswith("#")).lstrip("\n")
 
-    assert body == nats_authorization("$AUTHMESH_NATS_AUTH_PASSWORD", "$AUTHMESH_NATS_RESOURCE_PASSWORD")
+    replicas = [(name, f"${compose_password_variable(name)}") for name in replica_names(COMPOSE_REPLICAS)]
+    assert body == nats_authorization(f"${compose_password_variable(AUTH_NATS_USER)}", replicas)
 
 
 def test_the_services_take_only_the_contracts_settings(secrets: dict[str, str]) -> None:
@@ -541,8 +554,9 @@ async def test_the_event_stream_is_replicated_on_the_three_nats_nodes(
     servers = [f"nats://{compose_run.network.address(f'nats-{n}', NATS_CLIENT_PORT)}" for n in (1, 2, 3)]
     connection = await nats.connect(
         servers=servers,
-        user="auth",
-        password=secrets["AUTHMESH_NATS_AUTH_PASSWORD"],
+        user=AUTH_NATS_USER,
+        password=secrets[compose_password_variable(AUTH_NATS_USER)],
+        inbox_prefix=inbox_prefix(AUTH_NATS_USER),
         connect_timeout=2,
         max_reconnect_attempts=0,
     )
@@ -570,3 +584,30 @@ async def test_the_healthcheck_commands_of_the_compose_file_pass(compose_run: Co
 
         assert process.returncode == 0, (name, stderr.decode())
         assert stdout.decode().strip() == "SERVING"
+
+
+def test_the_nats_monitoring_port_is_reachable_only_inside_its_container(secrets: dict[str, str]) -> None:
+    services = compose_config(secrets)["services"]
+    nats_services = {name: service for name, service in services.items() if name.startswith("nats-")}
+
+    assert len(nats_services) == 3
+    for name, service in nats_services.items():
+        published = {int(port["target"]) for port in service.get("ports") or []}
+        exposed = {int(port) for port in service.get("expose") or []}
+        assert NATS_MONITOR_PORT not in published | exposed, name
+    listen = re.findall(r"^http:\s*\"?([^\"\s]+)\"?\s*$", NATS_CONF.read_text(), flags=re.MULTILINE)
+    assert listen == [f"127.0.0.1:{NATS_MONITOR_PORT}"]
+
+
+async def test_a_nats_server_without_the_route_password_cannot_join_the_compose_cluster(
+    compose_run: ComposeRun, tmp_path: Path
+) -> None:
+    monitors = [f"http://{compose_run.network.address(f'nats-{n}', NATS_MONITOR_PORT)}" for n in (1, 2, 3)]
+    before = [await route_count(monitor) for monitor in monitors]
+
+    joined = await intruder_joins(
+        tmp_path / "intruder", f"nats://{compose_run.network.address('nats-1', NATS_ROUTE_PORT)}"
+    )
+
+    assert not joined
+    assert [await route_count(monitor) for monitor in monitors] == before

@@ -192,34 +192,25 @@ def test_an_older_user_revocation_does_not_shorten_a_newer_one(denylist: Denylis
         denylist.check(claims(sub="user-1", issued_ms=cut - 1))
 
 
-def test_a_retired_key_refuses_its_tokens_for_good(denylist: Denylist, clock: FakeClock) -> None:
-    denylist.retire_key("key-1")
-    with pytest.raises(KeyRevoked):
-        denylist.check(claims(kid="key-1"))
-    clock.now = NOW + 100 * TTL
-    with pytest.raises(KeyRevoked):
-        denylist.check(claims(kid="key-1", issued_ms=int(clock.now * 1000)))
-    denylist.check(claims(kid="key-2", issued_ms=int(clock.now * 1000)))
-
-
 def test_each_revocation_event_is_applied_and_applying_it_again_changes_nothing(denylist: Denylist) -> None:
     token = claims()
     events = [
         event(TokenRevokedEvent(jti=token.jti, exp=token.exp)),
         event(SessionRevokedEvent(sid="session-9", sub="user-9")),
         event(UserRevokedEvent(sub="user-8", not_before_ms=int(NOW * 1000))),
-        event(KeyRevokedEvent(kid="key-7")),
     ]
     assert all(denylist.apply(e) for e in events)
     sizes = denylist.sizes()
-    assert (sizes.tokens, sizes.sessions, sizes.users, sizes.keys) == (1, 1, 1, 1)
+    assert (sizes.tokens, sizes.sessions, sizes.users) == (1, 1, 1)
     assert not any(denylist.apply(e) for e in events)
     assert denylist.sizes() == sizes
 
 
-def test_heartbeats_and_key_rotations_revoke_nothing(denylist: Denylist) -> None:
+def test_heartbeats_and_key_events_are_not_the_denylists(denylist: Denylist) -> None:
+    # Retired keys belong to the key cache alone (tests/test_key_cache.py).
     assert denylist.apply(event(HeartbeatEvent(seq=1))) is False
     assert denylist.apply(event(KeyRotatedEvent(kid="key-2", previous_kid="key-1"))) is False
+    assert denylist.apply(event(KeyRevokedEvent(kid="key-1"))) is False
     assert len(denylist) == 0
 
 
@@ -243,8 +234,6 @@ def test_a_snapshot_is_merged_into_what_is_already_known(denylist: Denylist) -> 
     ):
         with pytest.raises(TokenRevoked):
             denylist.check(refused)
-    with pytest.raises(KeyRevoked):
-        denylist.check(claims(kid="key-old"))
 
 
 def test_memory_is_bounded_by_one_token_lifetime_of_revocations(denylist: Denylist, clock: FakeClock) -> None:
@@ -273,7 +262,7 @@ def test_a_forward_clock_step_and_its_correction_forget_no_revocation() -> None:
     assert clocks.wall.now > before.exp + LEEWAY + (TTL + LEEWAY) / GENERATIONS_PER_LIFETIME
     assert denylist.revoke_token(during.jti, during.exp) is True
     denylist.purge()
-    assert denylist.sizes() == DenylistSizes(tokens=2, sessions=1, users=1, keys=0)
+    assert denylist.sizes() == DenylistSizes(tokens=2, sessions=1, users=1)
     clocks.step(-100)
     for token, code in [
         (before, "TOKEN_REVOKED"),
@@ -355,7 +344,7 @@ def test_the_boot_clock_never_goes_back() -> None:
 
 
 @given(
-    st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3)), max_size=40), st.randoms(use_true_random=False)
+    st.lists(st.tuples(st.integers(0, 4), st.integers(0, 2)), max_size=40), st.randoms(use_true_random=False)
 )
 def test_the_state_does_not_depend_on_order_or_repetition(
     revocations: list[tuple[int, int]], shuffler: random.Random
@@ -370,7 +359,6 @@ def test_the_state_does_not_depend_on_order_or_repetition(
             TokenRevokedEvent(jti=token.jti, exp=token.exp),
             SessionRevokedEvent(sid=token.sid, sub=token.sub),
             UserRevokedEvent(sub=token.sub, not_before_ms=token.issued_at_ms),
-            KeyRevokedEvent(kid=f"key-{index}"),
         ]
         bodies.append(choices[kind])
     once = Denylist(access_token_ttl=TTL, leeway=LEEWAY, clock=FakeClock(), elapsed=FakeClock())

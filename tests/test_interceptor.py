@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,15 +16,16 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from prometheus_client import generate_latest
 
 from authmesh._resource_service.documents import sample_documents
-from authmesh._resource_service.servicer import REQUIRED_SCOPES, SERVICE_NAME, ResourceServicer
+from authmesh._resource_service.servicer import POLICY, SERVICE_NAME, ResourceServicer
 from authmesh._shared.denylist import Denylist
 from authmesh._shared.errors import TokenMissing
 from authmesh._shared.events import EventBody, SessionRevokedEvent, TokenRevokedEvent, UserRevokedEvent
 from authmesh._shared.grpc_errors import error_reason
-from authmesh._shared.interceptor import OPEN_SERVICE_PREFIXES, Authenticator, AuthInterceptor, current_claims
+from authmesh._shared.interceptor import Authenticator, AuthInterceptor, current_claims
 from authmesh._shared.key_cache import KeyCache
 from authmesh._shared.keys import jwks_json
 from authmesh._shared.metrics import ServiceMetrics, VerificationMetrics
+from authmesh._shared.scopes import AUTHENTICATED, OPEN_SERVICE_PREFIXES, AccessPolicy, ScopeRequirement
 from authmesh._shared.staleness import Introspection, IntrospectionFallback, StalenessMonitor
 from authmesh._shared.verifier import TokenVerifier, VerifierPolicy
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
@@ -85,7 +86,9 @@ class Stack:
         fallback: bool = True,
         open_prefixes: tuple[str, ...] = OPEN_SERVICE_PREFIXES,
         cooldown: float = 0.05,
+        policy: Mapping[str, ScopeRequirement] = POLICY,
     ) -> None:
+        self.policy = policy
         self.key = SigningKey.generate("k1")
         self.jwks = JwksServer(self.key)
         self.keys = KeyCache(self.jwks.fetch, cooldown=cooldown, negative_ttl=60.0)
@@ -129,7 +132,7 @@ class Stack:
             interceptors=[
                 self.metrics.grpc_interceptor(),
                 AuthInterceptor(
-                    self.authenticator, required_scopes=REQUIRED_SCOPES, open_prefixes=self.open_prefixes
+                    self.authenticator, AccessPolicy(self.policy, open_prefixes=self.open_prefixes)
                 ),
             ]
         )
@@ -336,7 +339,8 @@ async def test_health_and_reflection_need_no_token() -> None:
 
 
 async def test_streaming_methods_that_are_not_open_are_refused_like_unary_ones() -> None:
-    async with serving(open_prefixes=()) as stack:
+    watch_too = {**POLICY, "/grpc.health.v1.Health/Watch": AUTHENTICATED}
+    async with serving(open_prefixes=(), policy=watch_too) as stack:
         await refused(
             stack.health.Check(health_pb2.HealthCheckRequest()),
             grpc.StatusCode.UNAUTHENTICATED,

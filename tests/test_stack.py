@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import os
@@ -19,17 +20,30 @@ import nats.errors
 import pytest
 import pytest_asyncio
 from nats.aio.client import Client as NatsClient
-from nats.js.errors import NotFoundError
+from nats.js.api import ConsumerConfig
 from rich.console import Console
 
-from authmesh._shared.events import STREAM_NAME, EventType
+from authmesh._shared.events import LIVE_SUBJECTS, STREAM_NAME, EventType
 from authmesh._shared.grpc_errors import error_reason
+from authmesh._shared.nats_wiring import inbox_prefix
+from authmesh._shared.stream_reader import DIRECT_GET_SUBJECT, StreamReader, live_message
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+from authmesh.processes import LOOPBACK
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
-from authmesh.stack import LocalStack, authmesh_command, grpc_health_status
+from authmesh.stack import (
+    READER_NATS_USER,
+    LocalStack,
+    StackSecrets,
+    authmesh_command,
+    grpc_health_status,
+    replica_names,
+    stack_nats_cluster,
+    stack_nats_config,
+)
 from authmesh.stack_commands import print_stack
 from tests.auth_support import admin_login
 from tests.legible import assert_legible
+from tests.nats_routes import intruder_joins, route_count
 from tests.waiting import eventually
 
 # Cheap password hashing and quick heartbeats and shutdowns: the stack is the subject, not Argon2.
@@ -148,9 +162,9 @@ async def replica_health(stack: LocalStack, index: int) -> dict[str, Any]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
-    """One stack with one replica for the tests that do not stop it (they may cut and restore it)."""
+    """One stack with two replicas for the tests that do not stop it (they may cut and restore the first)."""
     async with LocalStack(
-        replicas=1,
+        replicas=2,
         base_dir=tmp_path_factory.mktemp("stack"),
         env=FAST_ENV,
         staleness_bound=STALENESS_BOUND,
@@ -172,17 +186,19 @@ async def client(stack: LocalStack) -> AsyncIterator[StackClient]:
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def resource_nats(stack: LocalStack) -> AsyncIterator[tuple[NatsClient, list[Exception]]]:
-    """A NATS connection as the ``resource`` user, and the asynchronous errors the server sent it."""
+    """A NATS connection with the first replica's credentials, and the errors the server sent it."""
     assert stack.secrets is not None
     errors: list[Exception] = []
 
     async def collect(error: Exception) -> None:
         errors.append(error)
 
+    credentials = stack.secrets.nats_replica(stack.replicas[0].name)
     connection = await nats.connect(
         servers=stack.nats_urls,
-        user=stack.secrets.nats_resource.username,
-        password=stack.secrets.nats_resource.password,
+        user=credentials.username,
+        password=credentials.password,
+        inbox_prefix=inbox_prefix(credentials.username),
         error_cb=collect,
         connect_timeout=2,
         max_reconnect_attempts=0,
@@ -193,10 +209,13 @@ async def resource_nats(stack: LocalStack) -> AsyncIterator[tuple[NatsClient, li
         await connection.close()
 
 
-def refused(errors: list[Exception], subject: str) -> bool:
-    """Whether the server reported a permissions violation for publishing on ``subject``."""
+def refused(errors: list[Exception], subject: str, operation: str = "publish to") -> bool:
+    """Whether the server reported a permissions violation for ``operation`` ``subject``.
+
+    ``operation`` is ``publish to`` or ``subscription to``.
+    """
     # nats-py lower-cases the server's message.
-    expected = f'permissions violation for publish to "{subject}"'.lower()
+    expected = f'permissions violation for {operation} "{subject}"'.lower()
     return any(expected in str(error).lower() for error in errors)
 
 
@@ -268,8 +287,17 @@ async def test_the_resource_nats_user_cannot_publish_an_event(
         return refused(errors, subject)
 
     await eventually(reported, within=5, what="the server to refuse the publish")
-    with pytest.raises(NotFoundError):
-        await jetstream.get_last_msg(STREAM_NAME, subject)
+    forged_live = EventType.TOKEN_REVOKED.live_subject  # nor a forged live copy
+    await connection.publish(forged_live, b"forged")
+
+    async def reported_live() -> bool:
+        return refused(errors, forged_live)
+
+    await eventually(reported_live, within=5, what="the server to refuse the live publish")
+    last = await connection.request(
+        DIRECT_GET_SUBJECT, json.dumps({"last_by_subj": subject}).encode(), timeout=2
+    )
+    assert (last.headers or {}).get("Status") == "404"
 
 
 @pytest.mark.parametrize("operation", ["DELETE", "PURGE"])
@@ -293,22 +321,122 @@ async def test_the_resource_nats_user_cannot_delete_or_purge_the_event_stream(
     assert after.state.last_seq >= before.state.last_seq
 
 
-async def test_the_resource_nats_user_can_replay_the_event_stream(
+async def test_the_resource_nats_user_can_read_the_live_events_and_the_stream_history(
     stack: LocalStack, resource_nats: tuple[NatsClient, list[Exception]]
 ) -> None:
     connection, errors = resource_nats
-    jetstream = connection.jetstream(timeout=2)
-
-    subscription = await jetstream.subscribe(
-        EventType.HEARTBEAT.subject, stream=STREAM_NAME, ordered_consumer=True
-    )
+    live = await connection.subscribe(LIVE_SUBJECTS[0])
     try:
-        message = await subscription.next_msg(timeout=5)
+        message = live_message(await live.next_msg(timeout=5))
     finally:
-        await subscription.unsubscribe()
+        await live.unsubscribe()
+
+    history = [stored async for stored in StreamReader(connection).read(after=message.sequence - 1, since=0)]
 
     assert message.subject == EventType.HEARTBEAT.subject
+    assert history[0] == dataclasses.replace(message, pending=history[0].pending)
     assert errors == []
+
+
+async def test_a_replicas_nats_user_can_neither_steer_nor_read_another_replica(
+    stack: LocalStack, client: StackClient, resource_nats: tuple[NatsClient, list[Exception]]
+) -> None:
+    """One replica's credentials cannot change what another receives, nor read another's replies."""
+    connection, errors = resource_nats
+    jetstream = connection.jetstream(timeout=_NATS_REQUEST_TIMEOUT_SECONDS)
+    other = stack.replicas[1].name
+    # Consumers of every kind: ephemeral, named (which would also update another's), durable.
+    attempts = {
+        f"$JS.API.CONSUMER.CREATE.{STREAM_NAME}": ConsumerConfig(deliver_subject=f"_INBOX.{other}.stolen"),
+        f"$JS.API.CONSUMER.CREATE.{STREAM_NAME}.mine": ConsumerConfig(name="mine"),
+        f"$JS.API.CONSUMER.DURABLE.CREATE.{STREAM_NAME}.kept": ConsumerConfig(durable_name="kept"),
+    }
+    for subject, config in attempts.items():
+        with pytest.raises((nats.errors.TimeoutError, nats.errors.NoRespondersError)):
+            await jetstream.add_consumer(STREAM_NAME, config)
+
+        async def reported(subject: str = subject) -> bool:
+            return refused(errors, subject)
+
+        await eventually(reported, within=5, what=f"the server to refuse {subject}")
+    for inboxes in ("_INBOX.>", f"_INBOX.{other}.>", ">"):
+        await connection.subscribe(inboxes)
+
+        async def refused_subscription(inboxes: str = inboxes) -> bool:
+            return refused(errors, inboxes, "subscription to")
+
+        await eventually(
+            refused_subscription, within=5, what=f"the server to refuse a subscription to {inboxes}"
+        )
+    reader = await _stream_reader_info(stack)
+    assert reader["consumer_count"] == 0
+
+    # The other replica still receives every event: a revocation made now reaches it, and it stays fresh.
+    subject = await client.create_user("carol")
+    pair = await client.login("carol", USER_PASSWORD)
+    assert (await client.whoami(1, pair.access_token)).subject == subject
+    session_id = (await client.whoami(1, pair.access_token)).session_id
+    await client.revoke_session(session_id)
+
+    async def rejected() -> bool:
+        return await client.rejects(1, pair.access_token, "SESSION_REVOKED")
+
+    await eventually(rejected, within=5, what="the other replica to refuse the revoked session")
+    assert (await replica_health(stack, 1))["degraded"] is False
+
+
+async def _stream_reader_info(stack: LocalStack) -> dict[str, Any]:
+    """``AUTH_EVENTS``'s state as the ``reader`` user sees it."""
+    assert stack.secrets is not None
+    credentials = stack.secrets.nats_replica(READER_NATS_USER)
+    connection = await nats.connect(
+        servers=stack.nats_urls,
+        user=credentials.username,
+        password=credentials.password,
+        inbox_prefix=inbox_prefix(credentials.username),
+        connect_timeout=2,
+        max_reconnect_attempts=0,
+    )
+    try:
+        reply = await connection.request(f"$JS.API.STREAM.INFO.{STREAM_NAME}", b"", timeout=2)
+    finally:
+        await connection.close()
+    state = json.loads(reply.data)["state"]
+    assert isinstance(state, dict)
+    return state
+
+
+async def test_a_nats_server_without_the_route_password_cannot_join_the_stacks_cluster(
+    tmp_path: Path,
+) -> None:
+    """``authmesh up --nats-cluster 3``'s cluster takes no route without its password."""
+    secrets = StackSecrets.generate()
+    cluster = stack_nats_cluster(
+        tmp_path / "nats", secrets, stack_nats_config(secrets, replica_names(1)), size=3
+    )
+    async with cluster:
+        before = [await route_count(node.monitor_url) for node in cluster.nodes]
+        first = cluster.nodes[0]
+        assert first.cluster is not None
+
+        joined = await intruder_joins(tmp_path / "intruder", f"nats://{LOOPBACK}:{first.cluster.port}")
+
+        assert not joined
+        assert [await route_count(node.monitor_url) for node in cluster.nodes] == before
+        for node in cluster.nodes:  # monitoring and routes listen on loopback only
+            varz = await node_varz(node.monitor_url)
+            assert (varz["http_host"], varz["cluster"]["addr"]) == (LOOPBACK, LOOPBACK)
+
+
+async def node_varz(monitor_url: str) -> dict[str, Any]:
+    """A NATS server's ``/varz``."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{monitor_url}/varz", timeout=aiohttp.ClientTimeout(2)) as reply,
+    ):
+        document = await reply.json()
+    assert isinstance(document, dict)
+    return document
 
 
 async def test_a_revoked_session_is_rejected_by_the_replica(client: StackClient) -> None:

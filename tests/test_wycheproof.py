@@ -350,7 +350,7 @@ def verify_with_keyset(case: JwkCase) -> None:
     try:
         key = keys[decoded.kid]
     except KeyError:
-        raise UnknownKey() from None
+        raise UnknownKey(decoded.kid) from None
     verify_signature(key, decoded.signing_input, decoded.signature)
 
 

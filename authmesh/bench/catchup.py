@@ -44,6 +44,7 @@ from authmesh._auth_service.keyring import Keyring, KeySealer
 from authmesh._auth_service.store import REVOKED_JTIS, AuthStore, revoked_jti_key
 from authmesh._shared.claims import new_uuid7
 from authmesh._shared.events import SecurityEvent, TokenRevokedEvent, encode_event
+from authmesh._shared.nats_wiring import inbox_prefix
 from authmesh._shared.settings import AuthSettings
 from authmesh.bench.common import (
     Goal,
@@ -55,7 +56,7 @@ from authmesh.bench.common import (
     measure_and_report,
 )
 from authmesh.processes import LOOPBACK, free_ports
-from authmesh.stack import ChildProcess, LocalStack, authmesh_command
+from authmesh.stack import READER_NATS_USER, ChildProcess, LocalStack, authmesh_command
 
 GOAL_SECONDS_AT_100K = 2.0
 EVENT_COUNTS = (10_000, 100_000)
@@ -97,6 +98,7 @@ class _Seeder:
             servers=stack.nats_urls,
             user=stack.secrets.nats_auth.username,
             password=stack.secrets.nats_auth.password,
+            inbox_prefix=inbox_prefix(stack.secrets.nats_auth.username),
             connect_timeout=5,
             max_reconnect_attempts=0,
         )
@@ -203,8 +205,8 @@ def replica_env(
             "AUTHMESH_HTTP_LISTEN": http_address,
             "AUTHMESH_AUTH_TARGET": stack.auth_grpc,
             "AUTHMESH_NATS_URLS": ",".join(stack.nats_urls),
-            "AUTHMESH_NATS_USER": stack.secrets.nats_resource.username,
-            "AUTHMESH_NATS_PASSWORD": stack.secrets.nats_resource.password,
+            "AUTHMESH_NATS_USER": stack.secrets.nats_replica(READER_NATS_USER).username,
+            "AUTHMESH_NATS_PASSWORD": stack.secrets.nats_replica(READER_NATS_USER).password,
         }
     )
     env.pop("AUTHMESH_SERVICE_ACCOUNT", None)

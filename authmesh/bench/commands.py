@@ -52,7 +52,7 @@ def rpc(
     slice_seconds: SliceSecondsOption = 0.25,
     pin: PinOption = False,
 ) -> None:
-    """Protected WhoAmI vs the same replica's health Check: throughput, p50/p99 at 1, 16, 64 in flight."""
+    """Protected calls vs the same server's open one: the replica, a sync grpc.server, a FastAPI app."""
     from authmesh.bench.rpc import CONCURRENCY, main
 
     raise typer.Exit(

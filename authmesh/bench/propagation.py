@@ -22,10 +22,11 @@ replicas' own view, with no probe involved, is read from their propagation histo
 (``authmesh_revocation_propagation_lag_seconds``: event time to applied) and shown beside.
 
 **The floor.** The same machine's NATS fan-out without authmesh: a dedicated ``nats-server`` (JetStream,
-file storage, like ``AUTH_EVENTS``), N subscriber processes (plain nats-py, one ordered push consumer
-each, as the replicas consume) and one publisher; a message's time is from just before the publish until
-the last subscriber has it. The same for a core NATS subscription. The floor is sampled between
-revocations (one message after each), so both see the same background load.
+file storage and a republished live copy, like ``AUTH_EVENTS``), N subscriber processes (plain nats-py,
+one core subscription to the live copy each, as the replicas consume) and one publisher; a message's
+time is from just before the publish until the last subscriber has it. The same for a core NATS
+subscription. The floor is sampled between revocations (one message after each), so both see the same
+background load.
 
 Goal: p99 at most 10 ms with 10 replicas. This module is also the prober and the floor subscriber:
 ``python -m authmesh.bench.propagation --worker``.
@@ -50,11 +51,12 @@ import grpc
 import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import RePublish, StorageType, StreamConfig
 from rich.table import Table
 
-from authmesh._shared.events import STREAM_NAME, TokenRevokedEvent
+from authmesh._shared.events import TokenRevokedEvent
 from authmesh._shared.jose import b64url_decode
+from authmesh._shared.nats_wiring import inbox_prefix
 from authmesh.bench.common import (
     CpuAccount,
     Goal,
@@ -73,7 +75,7 @@ from authmesh.client import AuthApi
 from authmesh.processes import NatsServer
 from authmesh.refusal_watch import ACCEPTED, NO_ANSWER, REFUSED, Answer, watch_until_refused
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
-from authmesh.stack import LocalStack
+from authmesh.stack import READER_NATS_USER, LocalStack
 
 GOAL_P99_MS = 10.0
 # How the CPU account groups the run's processes.
@@ -90,6 +92,8 @@ SETTLE_SECONDS = 0.02
 FLOOR_PAYLOAD_BYTES = 520
 FLOOR_STREAM = "BENCH_FLOOR"
 FLOOR_SUBJECT = "bench.floor"
+# Where the floor stream republishes what it stores, as AUTH_EVENTS does to auth.live.>.
+FLOOR_LIVE_SUBJECT = "bench.floor-live"
 # Quiet time after each floor message, so its fan-out never overlaps what comes next.
 FLOOR_GAP_SECONDS = 0.01
 _FLOOR_COLLECT_SECONDS = 5.0
@@ -132,16 +136,13 @@ class Prober:
             servers=list(command["nats_urls"]),
             user=command["nats_user"],
             password=command["nats_password"],
+            inbox_prefix=inbox_prefix(command["nats_user"]),
             connect_timeout=5,
             max_reconnect_attempts=0,
         )
-        await self._nats.jetstream(timeout=5).subscribe(
-            TokenRevokedEvent.TYPE.subject,
-            stream=STREAM_NAME,
-            cb=self._on_event,
-            ordered_consumer=True,
-            config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
-        )
+        # The live copy of the stream, as the replicas follow it.
+        await self._nats.subscribe(TokenRevokedEvent.TYPE.live_subject, cb=self._on_event)
+        await self._nats.flush(timeout=5)
         return {"replicas": len(self._replicas)}
 
     async def _on_event(self, message: Msg) -> None:
@@ -269,7 +270,7 @@ class FloorSubscriber:
         self._subscriptions: list[Any] = []
 
     async def subscribe(self, command: JsonDict) -> JsonDict:
-        """Subscribe to ``subject`` on ``url``: a core subscription and an ordered JetStream consumer."""
+        """Subscribe to ``subject`` on ``url``: a core subscription, and one to the stream's live copy."""
         await self.aclose()
         self._client = await nats.connect(
             servers=[str(command["url"])], connect_timeout=5, max_reconnect_attempts=0
@@ -286,16 +287,8 @@ class FloorSubscriber:
             return record
 
         self._subscriptions.append(await self._client.subscribe(f"{subject}.core", cb=recorder("core")))
-        js = self._client.jetstream(timeout=5)
-        self._subscriptions.append(
-            await js.subscribe(
-                f"{subject}.js",
-                stream=str(command["stream"]),
-                cb=recorder("jetstream"),
-                ordered_consumer=True,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW),
-            )
-        )
+        live = subject.replace(FLOOR_SUBJECT, FLOOR_LIVE_SUBJECT, 1)
+        self._subscriptions.append(await self._client.subscribe(f"{live}.js", cb=recorder("jetstream")))
         await self._client.flush(timeout=5)
         return {"subscribed": subject}
 
@@ -548,9 +541,7 @@ class _Floor:
 
     async def __aenter__(self) -> _Floor:
         for subscriber in self._subscribers:
-            await subscriber.request(
-                {"op": "subscribe", "url": self._url, "subject": self._subject, "stream": FLOOR_STREAM}
-            )
+            await subscriber.request({"op": "subscribe", "url": self._url, "subject": self._subject})
         self._client = await nats.connect(servers=[self._url], connect_timeout=5, max_reconnect_attempts=0)
         return self
 
@@ -689,7 +680,7 @@ async def measure(
             caller, victims = await victim_tokens(stack, per_level * len(counts))
             revoker = await resources.enter_async_context(_Revoker(stack.auth_grpc, caller))
             assert stack.secrets is not None  # the stack is started
-            reader = stack.secrets.nats_resource
+            reader = stack.secrets.nats_replica(READER_NATS_USER)
             running = most
             for level_index, count in enumerate(counts):
                 while running > count:
@@ -798,7 +789,12 @@ async def _create_floor_stream(url: str) -> None:
     client = await nats.connect(servers=[url], connect_timeout=5, max_reconnect_attempts=0)
     try:
         await client.jetstream(timeout=5).add_stream(
-            StreamConfig(name=FLOOR_STREAM, subjects=[f"{FLOOR_SUBJECT}.>"], storage=StorageType.FILE)
+            StreamConfig(
+                name=FLOOR_STREAM,
+                subjects=[f"{FLOOR_SUBJECT}.>"],
+                storage=StorageType.FILE,
+                republish=RePublish(src=f"{FLOOR_SUBJECT}.>", dest=f"{FLOOR_LIVE_SUBJECT}.>"),
+            )
         )
     finally:
         await client.close()

@@ -14,6 +14,11 @@ call is read from ``/proc`` at each window's edges. Each concurrent caller has i
 cold once, then from the verifier's cache, as a client that reuses its token for its lifetime sees).
 Goal: at every concurrency, at least 0.85 times the health check's throughput.
 
+The same is measured on two more servers protected by one :class:`~authmesh.ResourceGuard` each
+(:mod:`authmesh.bench.protected_servers`, joined to the same stack): a sync ``grpc.server`` with the sync
+interceptor (``WhoAmI`` against its open health check) and a FastAPI app with
+:class:`~authmesh.asgi.BearerAuth` (``GET /whoami`` against its open ``GET /healthz``), with the same goal.
+
 This module is also the load generator: ``python -m authmesh.bench.rpc --worker`` (see
 :class:`LoadGenerator`); ``authmesh bench refresh`` drives it too.
 """
@@ -22,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -29,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.table import Table
@@ -51,9 +59,11 @@ from authmesh.bench.common import (
     serve_worker,
     split_cpus,
 )
+from authmesh.bench.protected_servers import server_process
 from authmesh.client import AuthApi
+from authmesh.processes import LOOPBACK, STOP_TIMEOUT_SECONDS, free_ports
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
-from authmesh.stack import LocalStack
+from authmesh.stack import SERVICE_START_TIMEOUT_SECONDS, LocalStack
 
 GOAL_OVER_HEALTH = 0.85
 CONCURRENCY = (1, 16, 64)
@@ -65,9 +75,36 @@ CALL_TIMEOUT_SECONDS = 120.0
 _MAX_SAMPLES = 2_000_000
 GOALS = (
     Goal("whoami_over_health", "WhoAmI / health throughput, lowest level", GOAL_OVER_HEALTH, True, "ratio"),
+    Goal(
+        "sync_whoami_over_health",
+        "sync grpc.server: WhoAmI / health, lowest level",
+        GOAL_OVER_HEALTH,
+        True,
+        "ratio",
+    ),
+    Goal(
+        "asgi_whoami_over_open",
+        "FastAPI: GET /whoami / GET /healthz, lowest level",
+        GOAL_OVER_HEALTH,
+        True,
+        "ratio",
+    ),
 )
+# The protected servers beside the replica: name → the kinds of call (open, protected) and the ratio.
+PROTECTED_SERVERS = {
+    "sync": (("health", "whoami"), "sync_whoami_over_health"),
+    "asgi": (("http_open", "http_whoami"), "asgi_whoami_over_open"),
+}
 
 Call = Callable[[], Awaitable[Any]]
+
+
+class HttpRefused(Exception):
+    """An HTTP call answered with another status than 200."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP {status}")
+        self.status = status
 
 
 # --- the load generator (worker side) -------------------------------------------------------------------
@@ -86,6 +123,7 @@ class LoadGenerator:
 
     def __init__(self) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._http: aiohttp.ClientSession | None = None
         self._tokens: list[str] = []
         self._users: list[tuple[str, str]] = []
         self._refresh: list[str] = []
@@ -107,6 +145,8 @@ class LoadGenerator:
         return {"tokens": len(self._tokens), "users": len(self._users), "refresh_tokens": len(self._refresh)}
 
     def _caller(self, kind: str, target: str, index: int) -> Call:
+        if kind in ("http_open", "http_whoami"):
+            return self._http_caller(kind, target, index)
         channel = self._channel(target)
         if kind in ("health", "health_token"):
             health = health_pb2_grpc.HealthStub(channel).Check
@@ -137,6 +177,23 @@ class LoadGenerator:
 
             return refresh
         raise ValueError(f"unknown kind of call {kind!r}")
+
+    def _http_caller(self, kind: str, base: str, index: int) -> Call:
+        if self._http is None:
+            # One connection per caller in flight, kept alive: as one gRPC channel carries the others.
+            connector = aiohttp.TCPConnector(limit=0, force_close=False)
+            self._http = aiohttp.ClientSession(connector=connector)
+        session = self._http
+        url = f"{base}/whoami" if kind == "http_whoami" else f"{base}/healthz"
+        headers = {"Authorization": f"Bearer {self._tokens[index % len(self._tokens)]}"}
+
+        async def get() -> None:
+            async with session.get(url, headers=headers) as response:
+                await response.read()
+                if response.status != 200:
+                    raise HttpRefused(response.status)
+
+        return get
 
     async def run(self, command: JsonDict) -> JsonDict:
         """Time one or more kinds of call in alternating slices.
@@ -174,6 +231,9 @@ class LoadGenerator:
         for channel in self._channels.values():
             await channel.close(grace=None)
         self._channels.clear()
+        http, self._http = self._http, None
+        if http is not None:
+            await http.close()
 
 
 @dataclass(slots=True)
@@ -226,6 +286,8 @@ async def _slice(
                 await call()
             except grpc.aio.AioRpcError as error:
                 errors[error.code().name] += 1
+            except HttpRefused as error:
+                errors[f"HTTP {error.status}"] += 1
             ended = time.perf_counter_ns()
             if window and window[0] <= ended <= window[1] and len(timed) < _MAX_SAMPLES:
                 timed.append((ended - started) / 1e6)
@@ -356,31 +418,54 @@ async def measure(
     if slices < 1 or slice_s <= 0 or not concurrency or min(concurrency) < 1:
         raise ValueError("slices, slice_s and the concurrency levels must be positive")
     progress("starting a local stack with one replica")
+    servers: dict[str, list[JsonDict]] = {}
     async with LocalStack(replicas=1) as stack, Worker("authmesh.bench.rpc", "load generator") as load:
         replica = stack.replicas[0]
         server_pid = stack.pids().get(replica.name)
         pinned = await pin_apart(server_pid, load.pid) if pin_cpus and server_pid is not None else None
         await load.request({"op": "setup", "tokens": await bench_tokens(stack, max(concurrency))})
-        levels: list[JsonDict] = []
-        for level in concurrency:
-            progress(f"{level} calls in flight")
-            figures = await alternate(
-                load,
-                kinds=("health", "whoami"),
-                target=replica.grpc,
-                concurrency=level,
-                slices=slices,
-                slice_s=slice_s,
-                server_pid=server_pid,
-            )
-            levels.append(
-                {
-                    "concurrency": level,
-                    **figures,
-                    "whoami_over_health": paired_ratio(figures["whoami"], figures["health"]),
-                }
-            )
-    lowest = min(float(level["whoami_over_health"]) for level in levels)
+        levels = await _levels(
+            load,
+            ("health", "whoami"),
+            "whoami_over_health",
+            replica.grpc,
+            server_pid,
+            concurrency,
+            slices,
+            slice_s,
+            progress,
+        )
+        for name in PROTECTED_SERVERS:
+            kinds, ratio_name = PROTECTED_SERVERS[name]
+            (port,) = free_ports(1)
+            listen = f"{LOOPBACK}:{port}"
+            env = {**os.environ, **stack.service_env(), "PYTHONUNBUFFERED": "1"}
+            process = server_process(name, listen, stack.data_dir / f"bench-{name}", env)
+            try:
+                await process.start(SERVICE_START_TIMEOUT_SECONDS)
+                if pinned is not None and process.pid is not None:
+                    pin(process.pid, pinned["server"])
+                target = listen if name == "sync" else f"http://{listen}"
+                servers[name] = await _levels(
+                    load,
+                    kinds,
+                    ratio_name,
+                    target,
+                    process.pid,
+                    concurrency,
+                    slices,
+                    slice_s,
+                    functools.partial(_prefixed, progress, name),
+                )
+            finally:
+                await process.stop(STOP_TIMEOUT_SECONDS)
+    lowest = {
+        "whoami_over_health": min(float(level["whoami_over_health"]) for level in levels),
+        **{
+            ratio_name: min(float(level[ratio_name]) for level in servers[name])
+            for name, (_, ratio_name) in PROTECTED_SERVERS.items()
+        },
+    }
     return {
         "benchmark": "rpc",
         "environment": environment(),
@@ -392,8 +477,48 @@ async def measure(
             "pinned": pinned,
         },
         "levels": levels,
-        **judge(GOALS, {"whoami_over_health": lowest}),
+        "servers": servers,
+        **judge(GOALS, lowest),
     }
+
+
+def _prefixed(progress: Callable[[str], None], prefix: str, text: str) -> None:
+    progress(f"{prefix}: {text}")
+
+
+async def _levels(
+    load: Worker,
+    kinds: tuple[str, str],
+    ratio_name: str,
+    target: str,
+    server_pid: int | None,
+    concurrency: Sequence[int],
+    slices: int,
+    slice_s: float,
+    progress: Callable[[str], None],
+) -> list[JsonDict]:
+    """Each concurrency level: the open call (``kinds[0]``) and the protected one, and their ratio."""
+    levels: list[JsonDict] = []
+    for level in concurrency:
+        progress(f"{level} calls in flight")
+        figures = await alternate(
+            load,
+            kinds=kinds,
+            target=target,
+            concurrency=level,
+            slices=slices,
+            slice_s=slice_s,
+            server_pid=server_pid,
+        )
+        open_call, protected = kinds
+        levels.append(
+            {
+                "concurrency": level,
+                **figures,
+                ratio_name: paired_ratio(figures[protected], figures[open_call]),
+            }
+        )
+    return levels
 
 
 def run(**options: Any) -> JsonDict:
@@ -402,6 +527,13 @@ def run(**options: Any) -> JsonDict:
 
 
 _KIND_LABELS = {"health": "health Check (baseline)", "whoami": "WhoAmI (verified token)"}
+_SERVER_LABELS = {
+    "sync": {"health": "sync: health Check (baseline)", "whoami": "sync: WhoAmI (verified)"},
+    "asgi": {
+        "http_open": "FastAPI: GET /healthz (baseline)",
+        "http_whoami": "FastAPI: GET /whoami (verified)",
+    },
+}
 
 
 def level_rows(
@@ -452,6 +584,13 @@ def render(result: Mapping[str, Any]) -> Table:
         level_rows(table, level, ("health", "whoami"), _KIND_LABELS)
         table.add_row("", "WhoAmI / health", f"{level['whoami_over_health']:.2f}×", "", "", "", "")
         table.add_section()
+    for name, (kinds, ratio_name) in PROTECTED_SERVERS.items():
+        labels = _SERVER_LABELS[name]
+        for level in result.get("servers", {}).get(name, []):
+            level_rows(table, level, kinds, labels)
+            ratio_label = f"{labels[kinds[1]]} / {labels[kinds[0]]}".replace(" (baseline)", "")
+            table.add_row("", ratio_label, f"{level[ratio_name]:.2f}×", "", "", "", "")
+            table.add_section()
     add_goal_rows(table, result, 5)
     return table
 

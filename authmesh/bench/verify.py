@@ -71,7 +71,7 @@ class _OneKey:
         try:
             return self._keys[kid]
         except KeyError:
-            raise UnknownKey() from None
+            raise UnknownKey(kid) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ import pytest_asyncio
 
 from authmesh._shared.claims import new_uuid7
 from authmesh._shared.events import STREAM_NAME, EventType, SecurityEvent, TokenRevokedEvent, encode_event
+from authmesh._shared.nats_wiring import inbox_prefix
 from authmesh.auth.v1 import auth_pb2
 from authmesh.client import ResourceApi
 from authmesh.stack import LocalStack
@@ -153,6 +154,7 @@ async def run_burst(stack: LocalStack) -> Burst:
             servers=stack.nats_urls,
             user=stack.secrets.nats_auth.username,
             password=stack.secrets.nats_auth.password,
+            inbox_prefix=inbox_prefix(stack.secrets.nats_auth.username),
             connect_timeout=2,
             max_reconnect_attempts=3,
         )
