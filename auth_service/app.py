@@ -118,6 +118,8 @@ class AuthApp(Startable):
             parallelism=settings.argon2_parallelism,
         )
         self.core = AuthCore(settings, store, keyring, passwords, self.publisher, counters)
+        # After gRPC has drained, before Redis closes: checks of logins whose clients left still settle.
+        self._stack.push_async_callback(self.core.wait_settled)
         await self._ensure_accounts(self.core)
 
         servicer = AuthServicer(self.core)

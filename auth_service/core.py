@@ -6,6 +6,7 @@ then has the publisher deliver the event, and returns only once JetStream acknow
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import secrets
 import time
@@ -25,6 +26,7 @@ from authmesh._auth_service.passwords import PasswordChecker
 from authmesh._auth_service.publisher import EventPublisher
 from authmesh._auth_service.store import (
     AuthStore,
+    LoginOutcome,
     RevocationResult,
     RevocationSnapshot,
     SessionRecord,
@@ -116,6 +118,8 @@ class AuthCore:
         self._store = store
         self._keyring = keyring
         self._passwords = passwords
+        # Checks whose login was cancelled (the client's deadline) run on to settle their budget unit.
+        self._settling: set[asyncio.Task[bool]] = set()
         self._publisher = publisher
         self._metrics = metrics
         self._clock = clock
@@ -149,18 +153,12 @@ class AuthCore:
         validation.username(username)
         validation.password(password)
         requested = validation.scopes(scopes)
-        attempts, retry_after = await self._store.reserve_login_attempt(username, self._settings.login_window)
-        if attempts > self._settings.login_max_failures:
-            self._metrics.logins.labels("rate_limited").inc()
-            audit("login_failed", user=username_hash(username), reason="RATE_LIMITED")
-            raise RateLimited(retry_after)
-        user = await self._store.get_user(username)
-        if not await self._passwords.verify(user.password_hash if user else None, password):
+        user, matched = await self._check_password(username, password)
+        if not matched:
             self._metrics.logins.labels("invalid_credentials").inc()
             audit("login_failed", user=username_hash(username), reason="INVALID_CREDENTIALS")
             raise InvalidCredentials()
-        assert user is not None  # verify() never matches without a stored hash
-        await self._store.release_login_attempt(username)
+        assert user is not None  # a check never matches without a stored hash
         grant = self._audiences.grant(requested, user.scopes)
         await self._rehash_if_outdated(user, password)
         now_ms = self._now_ms()
@@ -197,6 +195,65 @@ class AuthCore:
             scopes=" ".join(grant.scopes),
         )
         return self._pair(access_token, refresh_token, sid, grant.scopes)
+
+    async def _check_password(self, username: str, password: str) -> tuple[UserRecord | None, bool]:
+        """The user and whether ``password`` is theirs, within the username's failure budget.
+
+        Only a failed check counts against the username. Once a check has started it is settled by its
+        real outcome even when the login is cancelled meanwhile (a client whose deadline passed): a right
+        password then clears the failures rather than leaving a unit spent, and a guess cancelled after
+        it was sent still counts.
+
+        Raises:
+            RateLimited: The budget is used up by failures in the window and checks in flight.
+        """
+        check_id = uuid.uuid4().hex
+        try:
+            await self._store.reserve_login_check(
+                username,
+                check_id,
+                max_failures=self._settings.login_max_failures,
+                lease=self._settings.login_window,
+            )
+        except RateLimited:
+            self._metrics.logins.labels("rate_limited").inc()
+            audit("login_failed", user=username_hash(username), reason="RATE_LIMITED")
+            raise
+        try:
+            user = await self._store.get_user(username)
+            check = await self._passwords.start_verify(user.password_hash if user else None, password)
+        except BaseException:
+            await self._store.settle_login_check(
+                username, check_id, LoginOutcome.ABANDONED, self._settings.login_window
+            )
+            raise
+        settling = asyncio.create_task(self._settle(username, check_id, check))
+        self._settling.add(settling)
+        settling.add_done_callback(self._settled)
+        return user, await asyncio.shield(settling)
+
+    async def _settle(self, username: str, check_id: str, check: asyncio.Future[bool]) -> bool:
+        try:
+            matched = await check
+        except BaseException:
+            outcome = LoginOutcome.ABANDONED
+            raise
+        else:
+            outcome = LoginOutcome.SUCCEEDED if matched else LoginOutcome.FAILED
+            return matched
+        finally:
+            await self._store.settle_login_check(username, check_id, outcome, self._settings.login_window)
+
+    async def wait_settled(self) -> None:
+        """Wait until every started password check has settled its budget unit (each ends within one
+        Argon2id check and one store call)."""
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+
+    def _settled(self, task: asyncio.Task[bool]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.warning("a login's password check was not settled", error=type(task.exception()).__name__)
 
     async def refresh(self, refresh_token: str) -> IssuedTokens:
         """Spend a refresh token and issue a new pair in the same session.

@@ -3,7 +3,8 @@
 By default the demo starts a fresh local stack (NATS, Redis, the auth service, N replicas as local
 processes) with a short staleness bound, and stops it at the end. With ``--target-auth``,
 ``--target-replicas`` and ``--admin`` it runs on a stack that is already up (compose, say); the act
-that cuts a replica off from NATS then is skipped, since only a stack the demo started can be cut.
+that cuts a replica off from NATS then is skipped, since only a stack the demo started can be cut, and
+the gateway act runs when ``--target-gateway`` names the stack's Envoy.
 
 Exit codes: 0 when every act behaved as expected, 1 when one did not (or the stack would not start),
 2 for a usage error.
@@ -65,6 +66,13 @@ def demo(
         str | None,
         typer.Option("--target-replicas", help="The existing stack's replicas: host:port,host:port,..."),
     ] = None,
+    target_gateway: Annotated[
+        str | None,
+        typer.Option(
+            "--target-gateway",
+            help="The existing stack's Envoy with authmesh's ext_authz: its base URL (http://host:port).",
+        ),
+    ] = None,
     admin: Annotated[
         str | None,
         typer.Option(
@@ -93,7 +101,9 @@ def demo(
     """Simulate a token theft and the revocations that stop it, measured on every replica."""
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    target = _existing_stack(target_auth, target_replicas, admin, err, TlsFiles(ca_file=tls_ca_file))
+    target = _existing_stack(
+        target_auth, target_replicas, admin, err, TlsFiles(ca_file=tls_ca_file), gateway=target_gateway
+    )
     if plot_file is not None:
         from authmesh.plot import require_matplotlib
 
@@ -132,16 +142,24 @@ def demo(
 
 
 def _existing_stack(
-    auth: str | None, replicas: str | None, admin: str | None, err: Console, tls: TlsFiles
+    auth: str | None,
+    replicas: str | None,
+    admin: str | None,
+    err: Console,
+    tls: TlsFiles,
+    *,
+    gateway: str | None = None,
 ) -> DemoTarget | None:
     """The ``--target-*`` stack, or None for a local one; exits 2 when the flags are incomplete."""
-    if auth is None and replicas is None:
+    if auth is None and replicas is None and gateway is None:
         return None
     addresses = [part.strip() for part in (replicas or "").split(",") if part.strip()]
     username, _, password = (admin or "").partition(":")
     problems = []
     if auth is None or not addresses:
-        problems.append("--target-auth and --target-replicas go together")
+        problems.append("--target-auth and --target-replicas go together (and --target-gateway needs them)")
+    if gateway is not None and not gateway.startswith(("http://", "https://")):
+        problems.append("--target-gateway is a base URL: http://host:port")
     if not username or not password:
         problems.append("--admin user:password (or AUTHMESH_BOOTSTRAP_ADMIN) is needed with --target-auth")
     if problems:
@@ -154,6 +172,7 @@ def _existing_stack(
         replicas=tuple(ReplicaTarget(name=address, grpc=address) for address in addresses),
         admin=(username, password),
         tls=tls,
+        gateway=gateway.rstrip("/") if gateway is not None else None,
     )
 
 

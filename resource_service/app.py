@@ -25,7 +25,7 @@ from aiohttp import web
 from prometheus_client import Gauge
 
 from authmesh._resource_service.documents import sample_documents
-from authmesh._resource_service.ext_authz import CHECK_METHOD, ExtAuthzServicer
+from authmesh._resource_service.ext_authz import CHECK_METHOD, ExtAuthzServicer, add_ext_authz_to_server
 from authmesh._resource_service.ext_authz import SERVICE_NAME as EXT_AUTHZ_SERVICE_NAME
 from authmesh._resource_service.revocation_health import report_revocation_state
 from authmesh._resource_service.servicer import POLICY, SERVICE_NAME, ResourceServicer
@@ -42,7 +42,6 @@ from authmesh._shared.metrics import ServiceMetrics, gauge_function
 from authmesh._shared.nats_wiring import connect_nats
 from authmesh._shared.settings import ResourceSettings
 from authmesh._shared.staleness import StalenessMonitor
-from authmesh.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
 from authmesh.resource.v1 import resource_pb2_grpc
 
 _T = TypeVar("_T")
@@ -126,7 +125,7 @@ class ResourceApp(Startable):
         def register(server: grpc.aio.Server) -> None:
             resource_pb2_grpc.add_ResourceServiceServicer_to_server(servicer, server)
             if gateway is not None:
-                ext_authz_grpc.add_AuthorizationServicer_to_server(gateway, server)
+                add_ext_authz_to_server(gateway, server)
 
         self._grpc = await start_grpc_server(
             settings.grpc_listen,

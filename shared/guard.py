@@ -31,7 +31,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from authmesh._shared.auth_client import AuthClient
+from authmesh._shared.auth_client import DEFAULT_LOGIN_TIMEOUT_SECONDS, AuthClient
 from authmesh._shared.auth_metadata import TokenRules, fetch_token_rules
 from authmesh._shared.claims import AccessClaims
 from authmesh._shared.consumer import RevocationConsumer
@@ -70,6 +70,8 @@ class ResourceGuard(Startable):
         service_account: ``(username, password)`` of an account with scope ``service``: for the
             revocation snapshot at start and the ``Introspect`` fallback while the state is stale.
             Without it the guard replays the stream at start and refuses calls while stale.
+        login_timeout: Deadline, seconds, of the service account's first ``Login`` (an Argon2id check
+            on a host that may be busy); doubled after each timeout.
         issuer: ``iss`` to require; with ``auth_url``, checked against the auth service's.
         audience: ``aud`` to require; with ``auth_url``, checked against the auth service's.
         access_token_ttl: The auth service's access-token lifetime, seconds; with ``auth_url``, checked.
@@ -99,6 +101,7 @@ class ResourceGuard(Startable):
         nats_user: str | None = None,
         nats_password: str | None = None,
         service_account: tuple[str, str] | None = None,
+        login_timeout: float = DEFAULT_LOGIN_TIMEOUT_SECONDS,
         issuer: str | None = None,
         audience: str | None = None,
         access_token_ttl: float | None = None,
@@ -124,14 +127,17 @@ class ResourceGuard(Startable):
                 "without auth_url (AUTHMESH_AUTH_URL) to read them from, issuer, audience and "
                 "access_token_ttl must be given"
             )
-        if staleness_bound <= 0 or ready_timeout <= 0 or call_timeout <= 0:
-            raise ConfigurationError("staleness_bound, ready_timeout and call_timeout must be positive")
+        if min(staleness_bound, ready_timeout, call_timeout, login_timeout) <= 0:
+            raise ConfigurationError(
+                "staleness_bound, ready_timeout, call_timeout and login_timeout must be positive"
+            )
         self._auth_target = auth_target
         self._auth_url = auth_url
         self._nats_urls = list(nats_urls)
         self._nats_user = nats_user
         self._nats_password = nats_password
         self._service_account = service_account
+        self._login_timeout = login_timeout
         self._given = {"issuer": issuer, "audience": audience, "access_token_ttl": access_token_ttl}
         self._leeway = leeway
         self._staleness_bound = staleness_bound
@@ -177,6 +183,7 @@ class ResourceGuard(Startable):
             "nats_user": settings.nats_user,
             "nats_password": settings.nats_password.get_secret_value() if settings.nats_password else None,
             "service_account": credentials(settings.service_account) if settings.service_account else None,
+            "login_timeout": settings.login_timeout,
             "staleness_bound": settings.staleness_bound,
             "name": f"resource-guard {settings.instance}",
             "tls": settings.tls,
@@ -291,7 +298,12 @@ class ResourceGuard(Startable):
         rules = self._rules = await self._resolve_rules()
         settings = self._consumer_settings(rules)
         auth = self._auth = await self._exit.enter_async_context(
-            AuthClient(self._auth_target, service_account=self._service_account, tls=self._tls)
+            AuthClient(
+                self._auth_target,
+                service_account=self._service_account,
+                login_timeout=self._login_timeout,
+                tls=self._tls,
+            )
         )
         keys = self.keys = KeyCache(auth.get_jwks)
         self._exit.push_async_callback(keys.aclose)

@@ -256,6 +256,12 @@ class ResourceSettings(CommonSettings):
         default=None, description="username:password used for Introspect and SnapshotRevocations"
     )
     service_account_file: Path | None = _secret_file_field("service_account")
+    login_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=60,
+        description="deadline of the service account's Login (an Argon2id check), s; doubled after a timeout",
+    )
     shutdown_grace: float = Field(default=5.0, ge=0, le=120, description="drain time on SIGTERM, s")
     ext_authz: bool = Field(
         default=False,

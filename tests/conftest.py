@@ -58,6 +58,16 @@ async def redis_url(redis_server: RedisServer) -> str:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
+async def raw_redis(redis_url: str) -> AsyncIterator[redis.Redis]:
+    """A plain client on the session's (emptied) Redis, to read or write what the services store."""
+    client = redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
 async def nats_url(nats_server: NatsServer) -> str:
     """The URL of the session's NATS server, with every JetStream stream deleted before the test."""
     client = await nats.connect(servers=[nats_server.url], connect_timeout=2, max_reconnect_attempts=0)
