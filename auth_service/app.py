@@ -22,6 +22,9 @@ from authmesh._auth_service.keyring import Keyring, KeySealer
 from authmesh._auth_service.metrics import AuthMetrics
 from authmesh._auth_service.passwords import PasswordChecker
 from authmesh._auth_service.publisher import EventPublisher
+from authmesh._auth_service.readiness import DependencyProbe
+from authmesh._auth_service.redis_client import connect_redis, describe_redis_url
+from authmesh._auth_service.redis_scripts import ReplicaAck
 from authmesh._auth_service.servicer import AuthServicer
 from authmesh._auth_service.store import AuthStore
 from authmesh._shared.connecting import StartupConnection, address_of
@@ -33,8 +36,12 @@ from authmesh._shared.logs import configure_logging
 from authmesh._shared.metrics import ServiceMetrics
 from authmesh._shared.nats_wiring import connect_nats, ensure_stream
 from authmesh._shared.settings import AuthSettings, credentials
+from authmesh._shared.tls import redis_tls_options
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
+REDIS_TIMEOUT_SECONDS = 3.0
+# How often Redis and NATS are probed for the health status.
+PROBE_INTERVAL_SECONDS = 1.0
 SERVICE_NAME = auth_pb2.DESCRIPTOR.services_by_name["AuthService"].full_name
 # Redis is probed with a short socket timeout and an exponential backoff between probes, up to this.
 STORE_PROBE_MAX_WAIT_SECONDS = 2.0
@@ -57,8 +64,10 @@ class AuthApp(Startable):
         self._http: HttpServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._nats: NatsClient | None = None
+        self.redis_target = describe_redis_url(settings.redis_url.get_secret_value())
         self.core: AuthCore | None = None
         self.publisher: EventPublisher | None = None
+        self.probe: DependencyProbe | None = None
 
     @property
     def grpc_address(self) -> str:
@@ -74,12 +83,19 @@ class AuthApp(Startable):
     async def _start(self) -> None:
         settings = self.settings
         sealer = KeySealer(settings.require_key_encryption_key())
-        client = redis.Redis.from_url(
-            settings.redis_url.get_secret_value(), socket_timeout=3, socket_connect_timeout=3
+        redis_url = settings.redis_url.get_secret_value()
+        options = redis_tls_options(redis_url, settings.tls)
+        if settings.redis_password is not None:
+            options["password"] = settings.redis_password.get_secret_value()
+        connection = connect_redis(redis_url, timeout=REDIS_TIMEOUT_SECONDS, options=options)
+        self._stack.push_async_callback(connection.aclose)
+        store = AuthStore(
+            connection.client,
+            access_ttl=settings.access_token_ttl,
+            leeway=settings.leeway,
+            replica_ack=_replica_ack(settings, replicated=connection.replicated),
         )
-        self._stack.push_async_callback(client.aclose)
-        store = AuthStore(client, access_ttl=settings.access_token_ttl, leeway=settings.leeway)
-        await self._reach_store(client)
+        await self._reach_store(connection.client)
         await store.check_server_version()
         keyring = Keyring(store, sealer, int((settings.access_token_ttl + settings.leeway) * 1000))
         await keyring.start()
@@ -103,6 +119,8 @@ class AuthApp(Startable):
             parallelism=settings.argon2_parallelism,
         )
         self.core = AuthCore(settings, store, keyring, passwords, self.publisher, counters)
+        # After gRPC has drained, before Redis closes: checks of logins whose clients left still settle.
+        self._stack.push_async_callback(self.core.wait_settled)
         await self._ensure_accounts(self.core)
 
         servicer = AuthServicer(self.core, proof_gate(settings, settings.grpc_listen, settings.auth_audience))
@@ -112,17 +130,28 @@ class AuthApp(Startable):
             service_names=(SERVICE_NAME,),
             interceptors=(self.metrics.grpc_interceptor(),),
             serving=False,
+            tls=settings.tls,
         )
         self._stack.push_async_callback(self._stop_grpc)
 
+        self.probe = DependencyProbe(
+            store,
+            self._nats,
+            redis_target=self.redis_target,
+            nats_targets=",".join(address_of(url) for url in settings.nats_urls),
+            set_serving=self._grpc.set_serving,
+        )
         self._http = await self._stack.enter_async_context(
             HttpServer(
-                settings.http_listen, http_routes(self.core, settings, self._public_base), self.registry
+                settings.http_listen,
+                [*http_routes(self.core, settings, self._public_base), *self.probe.routes()],
+                self.registry,
             )
         )
         self._tasks.append(asyncio.create_task(self.publisher.run_heartbeat(settings.heartbeat_interval)))
         self._stack.push_async_callback(self._cancel_tasks)
         await self._grpc.set_serving(True)
+        self._tasks.append(asyncio.create_task(self.probe.run(PROBE_INTERVAL_SECONDS)))
         _log.info("auth service ready", grpc=self.grpc_address, http=self.http_address)
 
     async def _reach_store(self, client: redis.Redis) -> None:
@@ -133,7 +162,7 @@ class AuthApp(Startable):
         """
         url = self.settings.redis_url.get_secret_value()
         attempts = StartupConnection(
-            "Redis", address_of(url), self.settings.connect_timeout, "STORE_UNAVAILABLE"
+            "Redis", describe_redis_url(url), self.settings.connect_timeout, "STORE_UNAVAILABLE"
         )
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception_type((RedisConnectionError, RedisTimeoutError, OSError)),
@@ -188,6 +217,15 @@ class AuthApp(Startable):
         await self._stack.aclose()
 
 
+def _replica_ack(settings: AuthSettings, *, replicated: bool) -> ReplicaAck | None:
+    replicas = settings.redis_min_replicas_acked
+    if replicas is None:
+        replicas = 1 if replicated else 0
+    if replicas == 0:
+        return None
+    return ReplicaAck(replicas, int(settings.redis_replica_ack_timeout * 1000))
+
+
 def _outcome_error(state: tenacity.RetryCallState) -> BaseException:
     error = state.outcome.exception() if state.outcome is not None else None
     return error if error is not None else TimeoutError("no answer")
@@ -195,5 +233,5 @@ def _outcome_error(state: tenacity.RetryCallState) -> BaseException:
 
 def run(settings: AuthSettings) -> None:
     """Run the auth service until SIGTERM or SIGINT, then stop gracefully."""
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, service="auth", instance=settings.instance)
     run_until_signalled(lambda: AuthApp(settings))

@@ -6,6 +6,7 @@ then has the publisher deliver the event, and returns only once JetStream acknow
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import secrets
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import structlog
 
 from authmesh._auth_service import validation
+from authmesh._auth_service.audit import audit, username_hash
 from authmesh._auth_service.grants import ADMIN_SCOPE, SERVICE_SCOPE, Audiences, Grant
 from authmesh._auth_service.keyring import Keyring
 from authmesh._auth_service.metrics import AuthMetrics
@@ -24,6 +26,7 @@ from authmesh._auth_service.passwords import PasswordChecker
 from authmesh._auth_service.publisher import EventPublisher
 from authmesh._auth_service.store import (
     AuthStore,
+    LoginOutcome,
     RevocationResult,
     RevocationSnapshot,
     SessionRecord,
@@ -119,6 +122,8 @@ class AuthCore:
         self._store = store
         self._keyring = keyring
         self._passwords = passwords
+        # Checks whose login was cancelled (the client's deadline) run on to settle their budget unit.
+        self._settling: set[asyncio.Task[bool]] = set()
         self._publisher = publisher
         self._metrics = metrics
         self._clock = clock
@@ -162,16 +167,12 @@ class AuthCore:
         requested = validation.scopes(scopes)
         if jkt is not None and await self._store.key_binding_revoked(jkt):
             raise TokenRevoked("key binding revoked", code="TOKEN_REVOKED")
-        attempts, retry_after = await self._store.reserve_login_attempt(username, self._settings.login_window)
-        if attempts > self._settings.login_max_failures:
-            self._metrics.logins.labels("rate_limited").inc()
-            raise RateLimited(retry_after)
-        user = await self._store.get_user(username)
-        if not await self._passwords.verify(user.password_hash if user else None, password):
+        user, matched = await self._check_password(username, password)
+        if not matched:
             self._metrics.logins.labels("invalid_credentials").inc()
+            audit("login_failed", user=username_hash(username), reason="INVALID_CREDENTIALS")
             raise InvalidCredentials()
-        assert user is not None  # verify() never matches without a stored hash
-        await self._store.release_login_attempt(username)
+        assert user is not None  # a check never matches without a stored hash
         grant = self._audiences.grant(requested, user.scopes)
         await self._rehash_if_outdated(user, password)
         now_ms = self._now_ms()
@@ -180,24 +181,94 @@ class AuthCore:
         # The token is dated by the instant the session was written with, never by a later clock read:
         # a RevokeUser between the two would otherwise revoke the session in Redis and yet not cover the
         # token at the replicas.
-        issued_ms = await self._store.open_session(
-            SessionRecord(
-                sid=sid,
-                sub=user.sub,
-                username=username,
-                scopes=grant.scopes,
-                created_ms=now_ms,
-                revoked_ms=0,
-                jkt=jkt,
-            ),
-            hash_refresh_token(refresh_token),
-            self._settings.refresh_token_ttl * 1000,
-        )
+        try:
+            issued_ms = await self._store.open_session(
+                SessionRecord(
+                    sid=sid,
+                    sub=user.sub,
+                    username=username,
+                    scopes=grant.scopes,
+                    created_ms=now_ms,
+                    revoked_ms=0,
+                    jkt=jkt,
+                ),
+                hash_refresh_token(refresh_token),
+                self._settings.refresh_token_ttl * 1000,
+            )
+        except UserDisabled:
+            audit("login_failed", user=username_hash(username), sub=user.sub, reason="USER_DISABLED")
+            raise
         access_token = await self._mint(
             sub=user.sub, sid=sid, grant=grant, client_id=username, issued_ms=issued_ms, jkt=jkt
         )
         self._metrics.logins.labels("ok").inc()
+        audit(
+            "login_succeeded",
+            user=username_hash(username),
+            sub=user.sub,
+            sid=sid,
+            scopes=" ".join(grant.scopes),
+        )
         return self._pair(access_token, refresh_token, sid, grant.scopes, jkt)
+
+    async def _check_password(self, username: str, password: str) -> tuple[UserRecord | None, bool]:
+        """The user and whether ``password`` is theirs, within the username's failure budget.
+
+        Only a failed check counts against the username. Once a check has started it is settled by its
+        real outcome even when the login is cancelled meanwhile (a client whose deadline passed): a right
+        password then clears the failures rather than leaving a unit spent, and a guess cancelled after
+        it was sent still counts.
+
+        Raises:
+            RateLimited: The budget is used up by failures in the window and checks in flight.
+        """
+        check_id = uuid.uuid4().hex
+        try:
+            await self._store.reserve_login_check(
+                username,
+                check_id,
+                max_failures=self._settings.login_max_failures,
+                lease=self._settings.login_window,
+            )
+        except RateLimited:
+            self._metrics.logins.labels("rate_limited").inc()
+            audit("login_failed", user=username_hash(username), reason="RATE_LIMITED")
+            raise
+        try:
+            user = await self._store.get_user(username)
+            check = await self._passwords.start_verify(user.password_hash if user else None, password)
+        except BaseException:
+            await self._store.settle_login_check(
+                username, check_id, LoginOutcome.ABANDONED, self._settings.login_window
+            )
+            raise
+        settling = asyncio.create_task(self._settle(username, check_id, check))
+        self._settling.add(settling)
+        settling.add_done_callback(self._settled)
+        return user, await asyncio.shield(settling)
+
+    async def _settle(self, username: str, check_id: str, check: asyncio.Future[bool]) -> bool:
+        try:
+            matched = await check
+        except BaseException:
+            outcome = LoginOutcome.ABANDONED
+            raise
+        else:
+            outcome = LoginOutcome.SUCCEEDED if matched else LoginOutcome.FAILED
+            return matched
+        finally:
+            await self._store.settle_login_check(username, check_id, outcome, self._settings.login_window)
+
+    async def wait_settled(self) -> None:
+        """Wait until every started password check has settled its budget unit (each ends within one
+        Argon2id check and one store call)."""
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+
+    def _settled(self, task: asyncio.Task[bool]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            _log.warning("a login's password check was not settled", error=type(task.exception()).__name__)
 
     async def refresh(self, refresh_token: str, *, jkt: str | None = None) -> IssuedTokens:
         """Spend a refresh token and issue a new pair in the same session.
@@ -226,7 +297,7 @@ class AuthCore:
         )
         self._refreshes(result.status).inc()
         if result.status == "reused":
-            _log.warning("refresh token reuse: session revoked", sid=result.sid, sub=result.sub)
+            audit("refresh_token_reused", sid=result.sid, sub=result.sub)
             # The event exactly as the script wrote it to the outbox (without an origin).
             event = SecurityEvent(
                 event_id=reuse_event_id,
@@ -273,7 +344,7 @@ class AuthCore:
         session = await self._store.get_session(sid)
         if session is None:
             raise InvalidRefreshToken()
-        return await self._revoke_session(session)
+        return await self._revoke_session(session, by=session.sub, reason="logout")
 
     async def _rehash_if_outdated(self, user: UserRecord, password: str) -> None:
         """Store a hash made with the current Argon2 parameters when the stored one was made with others."""
@@ -309,14 +380,14 @@ class AuthCore:
             )
             await self._broadcast(event, result)
             self._metrics.revocations.labels("token").inc()
-            _log.info("token revoked", jti=claims.jti, by=caller.sub, reason=reason)
+            audit("token_revoked", jti=claims.jti, sub=claims.sub, by=caller.sub, reason=reason)
             return result
         sid = await self._store.session_of_refresh(hash_refresh_token(token))
         session = await self._store.get_session(sid) if sid else None
         if session is None:
             raise InvalidRefreshToken()
         self._audiences.require_owner(caller, session.sub)
-        return await self._revoke_session(session)
+        return await self._revoke_session(session, by=caller.sub, reason=reason)
 
     async def revoke_session(self, caller: AccessClaims, sid: str, reason: str) -> RevocationResult:
         """Revoke one session.
@@ -331,9 +402,7 @@ class AuthCore:
         if session is None:
             raise NotFound("session not found", code="SESSION_NOT_FOUND")
         self._audiences.require_owner(caller, session.sub)
-        result = await self._revoke_session(session)
-        _log.info("session revoked", sid=sid, by=caller.sub, reason=reason)
-        return result
+        return await self._revoke_session(session, by=caller.sub, reason=reason)
 
     async def revoke_user(self, caller: AccessClaims, sub: str, reason: str) -> RevocationResult:
         """Revoke every session and token of a user issued up to now.
@@ -389,7 +458,7 @@ class AuthCore:
         if not await self._store.user_exists(sub):
             raise NotFound("user not found", code="USER_NOT_FOUND")
         await self._store.enable_user(sub)
-        _log.info("user enabled", sub=sub, by=caller.sub)
+        audit("user_enabled", sub=sub, by=caller.sub)
 
     async def _cut_user(
         self, caller: AccessClaims, sub: str, reason: str, *, disable: bool
@@ -413,7 +482,7 @@ class AuthCore:
         cut = dataclasses.replace(event, body=UserRevokedEvent(sub=sub, not_before_ms=result.revoked_at_ms))
         await self._broadcast(cut, result)
         self._metrics.revocations.labels("user").inc()
-        _log.info("user disabled" if disable else "user revoked", sub=sub, by=caller.sub, reason=reason)
+        audit("user_disabled" if disable else "user_revoked", sub=sub, by=caller.sub, reason=reason)
         return result
 
     async def rotate_signing_key(
@@ -469,8 +538,8 @@ class AuthCore:
         if retire_previous:
             self._resource_verifier.forget()
             self._auth_verifier.forget()
-        _log.info(
-            "signing key rotated",
+        audit(
+            "signing_key_rotated",
             kid=rotation.kid,
             previous_kid=rotation.previous_kid,
             retired=retire_previous,
@@ -521,7 +590,9 @@ class AuthCore:
             AlreadyExists: The username is taken.
         """
         self._audiences.require_auth_scope(caller, ADMIN_SCOPE)
-        return await self.add_user(username, password, scopes)
+        sub = await self.add_user(username, password, scopes)
+        audit("user_created", sub=sub, user=username_hash(username), scopes=" ".join(scopes), by=caller.sub)
+        return sub
 
     async def add_user(self, username: str, password: str, scopes: list[str] | tuple[str, ...]) -> str:
         """Add a user without an authorisation check (bootstrap accounts).
@@ -571,8 +642,14 @@ class AuthCore:
         """Create a configured account at start if it is absent."""
         if await self._store.get_user(username) is None:
             try:
-                await self.add_user(username, password, scopes)
-                _log.info("account created", username=username, scopes=" ".join(scopes))
+                sub = await self.add_user(username, password, scopes)
+                audit(
+                    "user_created",
+                    sub=sub,
+                    user=username_hash(username),
+                    scopes=" ".join(scopes),
+                    by="config",
+                )
             except AlreadyExists:
                 pass  # another replica created it first
 
@@ -633,12 +710,13 @@ class AuthCore:
 
     # helpers
 
-    async def _revoke_session(self, session: SessionRecord) -> RevocationResult:
+    async def _revoke_session(self, session: SessionRecord, *, by: str, reason: str) -> RevocationResult:
         now_ms = self._now_ms()
         event = self._event(SessionRevokedEvent(sid=session.sid, sub=session.sub), now_ms)
         result = await self._store.revoke_session(session.sid, now_ms, event.event_id, to_record(event))
         await self._broadcast(event, result)
         self._metrics.revocations.labels("session").inc()
+        audit("session_revoked", sid=session.sid, sub=session.sub, by=by, reason=reason)
         return result
 
     async def _broadcast(self, event: SecurityEvent, result: RevocationResult) -> None:

@@ -139,16 +139,12 @@ def http_routes(core: AuthCore, settings: AuthSettings, public_base: Callable[[]
             return _refusal(error)
         return web.Response(status=200)
 
-    async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "serving"})
-
     return [
         web.get(JWKS_PATH, jwks),
         web.get(METADATA_PATH, metadata),
         web.post(TOKEN_PATH, token),
         web.post(INTROSPECTION_PATH, introspect),
         web.post(REVOCATION_PATH, revoke),
-        web.get("/healthz", healthz),
     ]
 
 

@@ -32,12 +32,22 @@ class PasswordChecker:
         async with self._slots:
             return await asyncio.to_thread(self._hasher.hash, password)
 
-    async def verify(self, password_hash: str | None, password: str) -> bool:
-        """Whether ``password`` matches; ``None`` (unknown user) is checked against the dummy and fails."""
+    async def start_verify(self, password_hash: str | None, password: str) -> asyncio.Future[bool]:
+        """Start a check once a slot is free; the returned future says whether ``password`` matches.
+
+        ``None`` (an unknown user) is checked against the dummy hash and never matches.
+
+        Waiting for the slot can be cancelled, and then nothing is checked. Once started, the check runs
+        to its end whatever happens to the caller (a thread cannot be stopped), and keeps its slot till
+        then, so cancelled calls never run more checks at once than ``concurrency``.
+        """
         target = password_hash if password_hash is not None else self._dummy_hash
-        async with self._slots:
-            matched = await asyncio.to_thread(self._verify_sync, target, password)
-        return matched and password_hash is not None
+        await self._slots.acquire()
+        check = asyncio.get_running_loop().run_in_executor(
+            None, self._verify_sync, target, password, password_hash is not None
+        )
+        check.add_done_callback(lambda _: self._slots.release())
+        return check
 
     def needs_rehash(self, password_hash: str) -> bool:
         """Whether a (verified) hash was made with other parameters than the configured ones."""
@@ -46,8 +56,8 @@ class PasswordChecker:
         except InvalidHashError:
             return False
 
-    def _verify_sync(self, password_hash: str, password: str) -> bool:
+    def _verify_sync(self, password_hash: str, password: str, known_user: bool) -> bool:
         try:
-            return self._hasher.verify(password_hash, password)
+            return self._hasher.verify(password_hash, password) and known_user
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return False

@@ -18,10 +18,25 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from authmesh._shared.errors import Unavailable
+
 # The deadline of a script call when the client has no socket timeout: a script call never waits forever.
 DEFAULT_SCRIPT_TIMEOUT_SECONDS = 5.0
 # At most this many connections (and never more than half the pool) stay borrowed between script calls.
 MAX_IDLE_SCRIPT_CONNECTIONS = 32
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaAck:
+    """How many replicas must hold a write before it is acknowledged, and how long to wait for them.
+
+    Replication is asynchronous: a primary that dies right after answering takes the write with it,
+    and the replica promoted in its place never had it. ``WAIT`` on the writing connection holds the
+    answer until that many replicas have the write.
+    """
+
+    replicas: int
+    timeout_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,16 +81,27 @@ class ScriptRunner:
         self._max_idle = min(MAX_IDLE_SCRIPT_CONNECTIONS, pool.max_connections // 2)
         self._idle: list[AbstractConnection] = []
 
-    async def run(self, script: LuaScript, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        """The script's reply.
+    async def run(
+        self,
+        script: LuaScript,
+        keys: Sequence[str],
+        args: Sequence[str | int],
+        ack: ReplicaAck | None = None,
+    ) -> Any:
+        """The script's reply; with ``ack``, only once that many replicas hold what it wrote.
 
         Raises:
             redis.exceptions.RedisError: Redis failed, did not answer in time, or the script failed.
+            Unavailable: ``STORE_NOT_REPLICATED``: too few replicas had the write in time (it may
+                still be on the primary; a retry of the call is idempotent).
         """
         conn = await self._acquire()
         try:
-            return await self._evalsha(conn, script, keys, args)
-        except ResponseError:
+            reply = await self._evalsha(conn, script, keys, args)
+            if ack is not None and ack.replicas > 0:
+                await self._wait_for_replicas(conn, ack)
+            return reply
+        except (ResponseError, Unavailable):
             raise  # the reply was read in full: the connection is in step
         except BaseException:
             # A lost connection, the deadline or a cancellation may leave a reply in flight.
@@ -97,6 +123,18 @@ class ScriptRunner:
                     return await self._call(conn, command)
         except TimeoutError as error:
             raise RedisTimeoutError(f"no reply from Redis within {self._deadline} s") from error
+
+    async def _wait_for_replicas(self, conn: AbstractConnection, ack: ReplicaAck) -> None:
+        try:
+            async with asyncio.timeout(self._deadline + ack.timeout_ms / 1000):
+                acked = await self._call(conn, ("WAIT", ack.replicas, ack.timeout_ms))
+        except TimeoutError as error:
+            raise RedisTimeoutError("no reply from Redis to WAIT") from error
+        if int(acked) < ack.replicas:
+            raise Unavailable(
+                f"the store's write reached {acked} of {ack.replicas} replicas in {ack.timeout_ms} ms",
+                code="STORE_NOT_REPLICATED",
+            )
 
     @staticmethod
     async def _call(conn: AbstractConnection, command: tuple[str | int, ...]) -> Any:

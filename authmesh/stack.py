@@ -50,6 +50,8 @@ from authmesh._shared.events import LIVE_SUBJECTS, STREAM_NAME, STREAM_SUBJECTS
 from authmesh._shared.lifecycle import Startable
 from authmesh._shared.nats_wiring import inbox_prefix
 from authmesh._shared.settings import CommonSettings
+from authmesh._shared.tls import TlsFiles, open_channel
+from authmesh.certs import LOCAL_HOSTS, CertificateAuthority
 from authmesh.data_dir_lock import DataDirLock
 from authmesh.processes import (
     LOOPBACK,
@@ -61,6 +63,7 @@ from authmesh.processes import (
     ServerProcess,
     free_ports,
 )
+from authmesh.redis_sentinel import SentinelGroup
 
 AUTH_NATS_USER = "auth"
 # The secrets file keeps one resource secret; each replica's NATS password is derived from it.
@@ -71,6 +74,10 @@ ROUTE_NATS_USER = "route"
 ADMIN_USERNAME = "admin"
 SERVICE_USERNAME = "svc-resource"
 SECRETS_FILE = "stack-secrets.json"
+REDIS_USER = "auth"
+TLS_DIR = "tls"
+# The part whose certificate the stack itself (health probes, the demo) presents as a client.
+CLIENT_CERT_NAME = "client"
 # A service imports grpc, cryptography and pydantic, connects to Redis and NATS, and a replica loads
 # the snapshot before it serves: seconds, not milliseconds.
 SERVICE_START_TIMEOUT_SECONDS = 30.0
@@ -151,6 +158,9 @@ class StackSecrets:
     service_account: Credentials
     nats_auth: Credentials
     nats_resource: Credentials
+    # Files written before Redis had an account lack it; such a stack gets a new one at each start
+    # (Redis reads its accounts from the configuration, not from its data).
+    redis_password: str = field(repr=False, default_factory=new_password)
 
     def nats_replica(self, name: str) -> Credentials:
         """The NATS user of one replica (or of ``reader``): its own name, its own password.
@@ -192,6 +202,7 @@ class StackSecrets:
                     service_account=_credentials(document["service_account"]),
                     nats_auth=_credentials(document["nats_auth"]),
                     nats_resource=_credentials(document["nats_resource"]),
+                    redis_password=str(document.get("redis_password") or new_password()),
                 )
             except (OSError, ValueError, KeyError, TypeError) as error:
                 raise ConfigurationError(f"{path} is not a stack secrets file: {error}") from None
@@ -202,6 +213,7 @@ class StackSecrets:
             "service_account": created.service_account.joined,
             "nats_auth": created.nats_auth.joined,
             "nats_resource": created.nats_resource.joined,
+            "redis_password": created.redis_password,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -286,7 +298,9 @@ def stack_nats_config(stack_secrets: StackSecrets, replicas: Sequence[str]) -> s
     )
 
 
-def stack_nats_cluster(data_dir: Path, stack_secrets: StackSecrets, config: str, *, size: int) -> NatsCluster:
+def stack_nats_cluster(
+    data_dir: Path, stack_secrets: StackSecrets, config: str, *, size: int, tls: TlsFiles | None = None
+) -> NatsCluster:
     """The stack's NATS cluster (not started): routes only for servers that know the route password.
 
     Args:
@@ -294,6 +308,7 @@ def stack_nats_cluster(data_dir: Path, stack_secrets: StackSecrets, config: str,
         stack_secrets: The route password's source.
         config: Configuration every node gets (users and permissions).
         size: How many nodes.
+        tls: Clients and routes on TLS with this certificate and CA.
     """
     route = stack_secrets.nats_route
     return NatsCluster(
@@ -305,21 +320,28 @@ def stack_nats_cluster(data_dir: Path, stack_secrets: StackSecrets, config: str,
         # Servers advertise their peers' client URLs, and a client reconnecting after a cut link would
         # reach a peer directly, around its link proxy.
         no_advertise=True,
+        tls=tls,
     )
 
 
-async def grpc_health_status(target: str, timeout: float, service: str = "") -> str | None:
+async def grpc_health_status(
+    target: str,
+    timeout: float,
+    service: str = "",
+    tls: TlsFiles = TlsFiles(),  # noqa: B008  # frozen, so one shared default is safe
+) -> str | None:
     """The ``grpc.health.v1`` status of ``service`` at ``target``.
 
     Args:
         target: ``host:port``.
         timeout: Seconds for the whole check.
         service: The service name to ask about; ``""`` is the server as a whole.
+        tls: The CA to verify the server against (and a client certificate); plaintext without.
 
     Returns:
         The status name (``SERVING``, ``NOT_SERVING``, ...), or None when the server did not answer.
     """
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with open_channel(target, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -379,6 +401,7 @@ class ServiceProcess(ChildProcess):
         env: Its complete environment.
         grpc_address: Where its gRPC server listens (``AUTHMESH_GRPC_LISTEN``).
         http_address: Where its HTTP side listens (``AUTHMESH_HTTP_LISTEN``).
+        probe_tls: How the health probe reaches it (plaintext by default).
     """
 
     def __init__(
@@ -390,13 +413,15 @@ class ServiceProcess(ChildProcess):
         env: Mapping[str, str],
         grpc_address: str,
         http_address: str,
+        probe_tls: TlsFiles = TlsFiles(),  # noqa: B008  # frozen, so one shared default is safe
     ) -> None:
         super().__init__(name, data_dir, authmesh_command(command), env, self._serving)
         self.grpc_address = grpc_address
         self.http_address = http_address
+        self.probe_tls = probe_tls
 
     async def _serving(self, timeout: float) -> bool:
-        return await grpc_health_status(self.grpc_address, timeout) == "SERVING"
+        return await grpc_health_status(self.grpc_address, timeout, tls=self.probe_tls) == "SERVING"
 
     async def start(self, timeout: float = SERVICE_START_TIMEOUT_SECONDS) -> None:
         """Start the service and wait until its gRPC health is SERVING.
@@ -585,6 +610,11 @@ class LocalStack(Startable):
         staleness_bound: The replicas' ``AUTHMESH_STALENESS_BOUND`` (seconds), unless ``env`` sets it.
         service_start_timeout: Seconds each service gets to become healthy.
         stop_timeout: Seconds each process gets to stop after SIGTERM before it is killed.
+        tls: Every hop on TLS with certificates from a throwaway CA made in ``<data_dir>/tls``: gRPC
+            (servers verified by their clients), NATS and Redis (both also demand client certificates;
+            Redis an account and password too).
+        redis_sentinel: Run Redis as a primary, two replicas and three Sentinels, which the auth service
+            follows through a failover (and acknowledges writes once a replica has them).
     """
 
     def __init__(
@@ -597,6 +627,8 @@ class LocalStack(Startable):
         staleness_bound: float | None = None,
         service_start_timeout: float = SERVICE_START_TIMEOUT_SECONDS,
         stop_timeout: float = STOP_TIMEOUT_SECONDS,
+        tls: bool = False,
+        redis_sentinel: bool = False,
     ) -> None:
         if replicas < 0:
             raise ConfigurationError(f"replicas must be 0 or more, not {replicas}")
@@ -619,9 +651,13 @@ class LocalStack(Startable):
         self.secrets: StackSecrets | None = None
         self.nats: NatsServer | NatsCluster | None = None
         self.redis: RedisServer | None = None
+        self.redis_sentinel = redis_sentinel
+        self.sentinel_group: SentinelGroup | None = None
         self.auth: ServiceProcess | None = None
         self.replica_processes: list[ServiceProcess] = []
         self.links: list[list[LinkProxy]] = []
+        self.tls = tls
+        self._tls_files: dict[str, TlsFiles] = {}
 
     # --- what runs where ---------------------------------------------------------------------------
 
@@ -644,7 +680,9 @@ class LocalStack(Startable):
 
     @property
     def redis_url(self) -> str:
-        """The auth service's Redis."""
+        """The auth service's Redis (the Sentinels' URL when Redis runs under Sentinel)."""
+        if self.sentinel_group is not None:
+            return self.sentinel_group.url
         return self._require(self.redis, "Redis").url
 
     @property
@@ -679,7 +717,9 @@ class LocalStack(Startable):
 
     def _parts(self) -> list[ServerProcess]:
         parts: list[ServerProcess] = [*self.nats_nodes]
-        parts += [part for part in (self.redis, self.auth) if part is not None]
+        if self.sentinel_group is not None:
+            parts += self.sentinel_group.all_processes
+        parts += [part for part in (self.redis, self.auth) if part is not None and part not in parts]
         return parts + list(self.replica_processes)
 
     def pids(self) -> dict[str, int]:
@@ -697,9 +737,17 @@ class LocalStack(Startable):
             if part.pid is not None and not part.running
         }
 
+    @property
+    def client_tls(self) -> TlsFiles:
+        """What a client of this stack verifies its servers with (plaintext when the stack is)."""
+        return self._tls_files.get(CLIENT_CERT_NAME, TlsFiles())
+
     def client_env(self) -> dict[str, str]:
         """The settings a client of this stack needs."""
-        return {"AUTHMESH_AUTH_TARGET": self.auth_grpc}
+        env = {"AUTHMESH_AUTH_TARGET": self.auth_grpc}
+        if self.client_tls.ca_file is not None:
+            env["AUTHMESH_TLS_CA_FILE"] = str(self.client_tls.ca_file)
+        return env
 
     def service_env(self) -> dict[str, str]:
         """Every setting a new resource service needs to join this stack (``authmesh up --env-file``).
@@ -735,7 +783,10 @@ class LocalStack(Startable):
                 "cluster_size": self.nats_cluster_size,
                 "logs": [str(node.log_path) for node in self.nats_nodes],
             },
-            "redis": {"url": self.redis_url, "log": str(self._require(self.redis, "Redis").log_path)},
+            "redis": {
+                "url": self._require(self.redis, "Redis").redacted_url,
+                "log": str(self._require(self.redis, "Redis").log_path),
+            },
             "auth": {
                 "grpc": auth.grpc_address,
                 "http": auth.http_address,
@@ -754,6 +805,8 @@ class LocalStack(Startable):
             ],
             "admin": {"username": username, "password": password},
             "client_env": self.client_env(),
+            "tls": {name: str(files.cert_file) for name, files in self._tls_files.items()}
+            | ({"ca": str(self.client_tls.ca_file)} if self.tls else {}),
             "pids": self.pids(),
         }
 
@@ -804,10 +857,23 @@ class LocalStack(Startable):
         # Two stacks on one data directory would share (and corrupt) Redis's and NATS's files.
         self._stack.enter_context(DataDirLock(self.data_dir))
         self.secrets = StackSecrets.load_or_create(self.data_dir / SECRETS_FILE)
+        if self.tls:
+            self._tls_files = _issue_certificates(self.data_dir / TLS_DIR, self.replica_count)
         await self._start_nats(self.secrets)
-        self.redis = RedisServer(self.data_dir / "redis", appendonly=True)
-        self._stack.push_async_callback(self.redis.stop, self._stop_timeout)
-        await _named(self.redis.start(), "redis")
+        if self.redis_sentinel:
+            self.sentinel_group = SentinelGroup(self.data_dir / "redis-sentinel")
+            self.redis = self.sentinel_group.servers[0]
+            await _named(self._stack.enter_async_context(self.sentinel_group), "redis-sentinel")
+        else:
+            self.redis = RedisServer(
+                self.data_dir / "redis",
+                appendonly=True,
+                tls=self._tls_files.get("redis"),
+                # The key-encryption key is as secret and as random; a TLS stack also closes Redis by account.
+                user=(REDIS_USER, self.secrets.redis_password) if self.tls else None,
+            )
+            self._stack.push_async_callback(self.redis.stop, self._stop_timeout)
+            await _named(self.redis.start(), "redis")
         await self._start_links()
         auth_grpc, auth_http, *replica_ports = free_ports(2 + 2 * self.replica_count)
         self.auth = ServiceProcess(
@@ -817,6 +883,7 @@ class LocalStack(Startable):
             env=self._auth_env(self.secrets, f"{LOOPBACK}:{auth_grpc}", f"{LOOPBACK}:{auth_http}"),
             grpc_address=f"{LOOPBACK}:{auth_grpc}",
             http_address=f"{LOOPBACK}:{auth_http}",
+            probe_tls=self.client_tls,
         )
         self._stack.push_async_callback(self.auth.stop, self._stop_timeout)
         await self.auth.start(self._service_start_timeout)
@@ -832,6 +899,7 @@ class LocalStack(Startable):
                     env=env,
                     grpc_address=grpc_address,
                     http_address=http_address,
+                    probe_tls=self.client_tls,
                 )
             )
         self._stack.push_async_callback(self._stop_replicas)
@@ -840,16 +908,17 @@ class LocalStack(Startable):
         )
 
     async def _start_nats(self, stack_secrets: StackSecrets) -> None:
+        tls = self._tls_files.get("nats")
         config = stack_nats_config(stack_secrets, replica_names(self.replica_count))
         if self.nats_cluster_size > 1:
             nats: NatsServer | NatsCluster = stack_nats_cluster(
-                self.data_dir / "nats", stack_secrets, config, size=self.nats_cluster_size
+                self.data_dir / "nats", stack_secrets, config, size=self.nats_cluster_size, tls=tls
             )
             self._stack.push_async_callback(nats.stop, self._stop_timeout)
             self.nats = nats
             await _named(nats.start(NATS_CLUSTER_START_TIMEOUT_SECONDS), "the NATS cluster")
         else:
-            nats = NatsServer(self.data_dir / "nats", config_text=config)
+            nats = NatsServer(self.data_dir / "nats", config_text=config, tls=tls)
             self._stack.push_async_callback(nats.stop, self._stop_timeout)
             self.nats = nats
             await _named(nats.start(START_TIMEOUT_SECONDS), "NATS")
@@ -891,6 +960,7 @@ class LocalStack(Startable):
                 "AUTHMESH_SERVICE_ACCOUNT": stack_secrets.service_account.joined,
             }
         )
+        env.update(_tls_env(self._tls_files.get("auth")))
         env.update(self._extra_env)
         return env
 
@@ -903,6 +973,7 @@ class LocalStack(Startable):
         links: Sequence[LinkProxy],
     ) -> dict[str, str]:
         env = self._base_env()
+        scheme = "tls" if self.tls else "nats"
         env.update(
             {
                 "AUTHMESH_INSTANCE": name,
@@ -910,12 +981,13 @@ class LocalStack(Startable):
                 "AUTHMESH_HTTP_LISTEN": http_address,
                 "AUTHMESH_AUTH_TARGET": self.auth_grpc,
                 "AUTHMESH_AUTH_URL": f"http://{self.auth_http}",
-                "AUTHMESH_NATS_URLS": ",".join(f"nats://{link.address}" for link in links),
+                "AUTHMESH_NATS_URLS": ",".join(f"{scheme}://{link.address}" for link in links),
                 "AUTHMESH_NATS_USER": stack_secrets.nats_replica(name).username,
                 "AUTHMESH_NATS_PASSWORD": stack_secrets.nats_replica(name).password,
                 "AUTHMESH_SERVICE_ACCOUNT": stack_secrets.service_account.joined,
             }
         )
+        env.update(_tls_env(self._tls_files.get(name)))
         env.update(self._extra_env)
         return env
 
@@ -926,13 +998,34 @@ class LocalStack(Startable):
         return value
 
 
+def _issue_certificates(directory: Path, replicas: int) -> dict[str, TlsFiles]:
+    """A new CA and a certificate for every part of a stack (and one for its own client calls)."""
+    authority = CertificateAuthority.create("authmesh local stack CA")
+    names = [
+        "nats",
+        "redis",
+        "auth",
+        CLIENT_CERT_NAME,
+        *(f"resource-{index + 1}" for index in range(replicas)),
+    ]
+    return {name: authority.write_issued(directory, name, LOCAL_HOSTS) for name in names}
+
+
+def _tls_env(files: TlsFiles | None) -> dict[str, str]:
+    """The ``AUTHMESH_TLS_*`` settings that hand a service ``files``."""
+    if files is None:
+        return {}
+    named = {"CA_FILE": files.ca_file, "CERT_FILE": files.cert_file, "KEY_FILE": files.key_file}
+    return {f"AUTHMESH_TLS_{key}": str(path) for key, path in named.items() if path is not None}
+
+
 def _part_name(part: ServerProcess) -> str:
     if isinstance(part, NatsServer):
         return part.server_name
     return part.name
 
 
-async def _named(start: Awaitable[None], what: str) -> None:
+async def _named(start: Awaitable[object], what: str) -> None:
     """Await a part's start; its error says which part did not come up."""
     begun = time.monotonic()
     try:

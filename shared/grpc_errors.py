@@ -28,6 +28,8 @@ from authmesh._shared.errors import (
 ERROR_DOMAIN = "authmesh"
 # RFC 9449 §8: the nonce a client must put in its next proof (HTTP's DPoP-Nonce header).
 DPOP_NONCE_METADATA_KEY = "dpop-nonce"
+# A longer wait than this in a RATE_LIMITED answer is taken as a garbled one.
+_MAX_RETRY_AFTER_SECONDS = 3600.0
 
 # Most specific first: the first class an error is an instance of decides.
 STATUS_BY_ERROR: tuple[tuple[type[AuthError], grpc.StatusCode], ...] = (
@@ -84,6 +86,24 @@ async def abort_with_error(context: grpc.aio.ServicerContext[object, object], er
 
 def error_reason(call_error: grpc.aio.AioRpcError | grpc.RpcError) -> str | None:
     """The ``ErrorInfo.reason`` a failed call carried, if any (for clients and tests)."""
+    info = _error_info(call_error)
+    return None if info is None else str(info.reason)
+
+
+def retry_after(call_error: grpc.aio.AioRpcError | grpc.RpcError) -> float | None:
+    """The seconds a ``RATE_LIMITED`` answer asks the caller to wait, if it says (1 s to an hour)."""
+    info = _error_info(call_error)
+    if info is None or "retry_after_seconds" not in info.metadata:
+        return None
+    try:
+        seconds = float(info.metadata["retry_after_seconds"])
+    except ValueError:
+        return None
+    # A garbled value (NaN, inf, negative) must neither hammer nor wait forever.
+    return min(max(seconds, 1.0), _MAX_RETRY_AFTER_SECONDS) if seconds == seconds else None
+
+
+def _error_info(call_error: grpc.aio.AioRpcError | grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
     status = rpc_status.from_call(call_error)
     if status is None:
         return None
@@ -91,7 +111,7 @@ def error_reason(call_error: grpc.aio.AioRpcError | grpc.RpcError) -> str | None
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            return str(info.reason)
+            return info
     return None
 
 

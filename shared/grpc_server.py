@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from authmesh._shared.errors import ConfigurationError, InvalidRequest
 from authmesh._shared.grpc_errors import abort_with_error
 from authmesh._shared.grpc_handlers import RpcHandler, WrappedHandlers, replace_handler
+from authmesh._shared.tls import TlsFiles, grpc_server_credentials
 
 HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 # Requests are a few short strings; anything near this size is hostile and refused unread.
@@ -136,6 +137,7 @@ async def start_grpc_server(
     service_names: Sequence[str],
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     serving: bool = True,
+    tls: TlsFiles = TlsFiles(),  # noqa: B008  # frozen, so one shared default is safe
 ) -> RunningServer:
     """Build, bind and start a server with health and reflection.
 
@@ -146,9 +148,11 @@ async def start_grpc_server(
         interceptors: Server interceptors, outermost first (after the one that refuses undecodable
             request bodies, which always comes first).
         serving: The initial health status.
+        tls: The server's certificate, key and client-certificate policy; plaintext without a
+            certificate.
 
     Raises:
-        ConfigurationError: The address cannot be bound.
+        ConfigurationError: The address cannot be bound, or a TLS file cannot be read.
     """
     server = grpc.aio.server(
         interceptors=[UndecodableRequestInterceptor(), *interceptors], options=grpc_server_options()
@@ -159,7 +163,11 @@ async def start_grpc_server(
     reflection.enable_server_reflection(
         (*service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(listen)
+    credentials = grpc_server_credentials(tls)
+    if credentials is None:
+        port = server.add_insecure_port(listen)
+    else:
+        port = server.add_secure_port(listen, credentials)
     if port == 0:
         raise ConfigurationError(f"cannot listen on {listen}")
     running = RunningServer(server, health, tuple(service_names), port)

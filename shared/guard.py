@@ -31,7 +31,7 @@ import structlog
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from authmesh._shared.auth_client import AuthClient
+from authmesh._shared.auth_client import DEFAULT_LOGIN_TIMEOUT_SECONDS, AuthClient
 from authmesh._shared.auth_metadata import TokenRules, fetch_token_rules
 from authmesh._shared.claims import AccessClaims
 from authmesh._shared.consumer import RevocationConsumer
@@ -45,6 +45,7 @@ from authmesh._shared.metrics import RevocationMetrics, VerificationMetrics
 from authmesh._shared.scopes import OPEN_SERVICE_PREFIXES, AccessPolicy, ScopeRequirement
 from authmesh._shared.settings import CommonSettings, ResourceSettings, credentials
 from authmesh._shared.staleness import REVOCATION_STATE_STALE, IntrospectionFallback, StalenessMonitor
+from authmesh._shared.tls import TlsFiles
 from authmesh._shared.verifier import NoRevocations, RevocationCheck, TokenVerifier, VerifierPolicy
 
 GUARD_NOT_STARTED = "GUARD_NOT_STARTED"
@@ -70,6 +71,8 @@ class ResourceGuard(Startable):
         service_account: ``(username, password)`` of an account with scope ``service``: for the
             revocation snapshot at start and the ``Introspect`` fallback while the state is stale.
             Without it the guard replays the stream at start and refuses calls while stale.
+        login_timeout: Deadline, seconds, of the service account's first ``Login`` (an Argon2id check
+            on a host that may be busy); doubled after each timeout.
         issuer: ``iss`` to require; with ``auth_url``, checked against the auth service's.
         audience: ``aud`` to require; with ``auth_url``, checked against the auth service's.
         access_token_ttl: The auth service's access-token lifetime, seconds; with ``auth_url``, checked.
@@ -86,6 +89,8 @@ class ResourceGuard(Startable):
             token is refused either way.
         unsafe_without_revocation: Build without a revocation source: revoked tokens stay valid until
             they expire. For tests and tools only.
+        tls: The CA the auth service and NATS are verified against, and this service's certificate
+            for them (see :mod:`authmesh._shared.tls`); plaintext by default.
 
     Raises:
         ConfigurationError: A setting is missing or contradicts another.
@@ -100,6 +105,7 @@ class ResourceGuard(Startable):
         nats_user: str | None = None,
         nats_password: str | None = None,
         service_account: tuple[str, str] | None = None,
+        login_timeout: float = DEFAULT_LOGIN_TIMEOUT_SECONDS,
         issuer: str | None = None,
         audience: str | None = None,
         access_token_ttl: float | None = None,
@@ -112,6 +118,7 @@ class ResourceGuard(Startable):
         name: str = "authmesh-resource-guard",
         dpop: ProofGate | None = None,
         unsafe_without_revocation: bool = False,
+        tls: TlsFiles = TlsFiles(),  # noqa: B008  # frozen, so one shared default is safe
     ) -> None:
         if not nats_urls and not unsafe_without_revocation:
             raise ConfigurationError(
@@ -125,14 +132,17 @@ class ResourceGuard(Startable):
                 "without auth_url (AUTHMESH_AUTH_URL) to read them from, issuer, audience and "
                 "access_token_ttl must be given"
             )
-        if staleness_bound <= 0 or ready_timeout <= 0 or call_timeout <= 0:
-            raise ConfigurationError("staleness_bound, ready_timeout and call_timeout must be positive")
+        if min(staleness_bound, ready_timeout, call_timeout, login_timeout) <= 0:
+            raise ConfigurationError(
+                "staleness_bound, ready_timeout, call_timeout and login_timeout must be positive"
+            )
         self._auth_target = auth_target
         self._auth_url = auth_url
         self._nats_urls = list(nats_urls)
         self._nats_user = nats_user
         self._nats_password = nats_password
         self._service_account = service_account
+        self._login_timeout = login_timeout
         self._given = {"issuer": issuer, "audience": audience, "access_token_ttl": access_token_ttl}
         self._leeway = leeway
         self._staleness_bound = staleness_bound
@@ -143,6 +153,7 @@ class ResourceGuard(Startable):
         self._name = name
         self._dpop = dpop
         self._unsafe = unsafe_without_revocation
+        self._tls = tls
         self._authenticator: Authenticator | None = None
         self._rules: TokenRules | None = None
         self._auth: AuthClient | None = None
@@ -178,10 +189,12 @@ class ResourceGuard(Startable):
             "nats_user": settings.nats_user,
             "nats_password": settings.nats_password.get_secret_value() if settings.nats_password else None,
             "service_account": credentials(settings.service_account) if settings.service_account else None,
+            "login_timeout": settings.login_timeout,
             "staleness_bound": settings.staleness_bound,
             "name": f"resource-guard {settings.instance}",
             # Nonces are bound to the configured audience: the same on every replica of the service.
             "dpop": proof_gate(settings, settings.grpc_listen, settings.audience),
+            "tls": settings.tls,
         }
         for field in ("issuer", "audience", "access_token_ttl", "leeway"):
             if field in chosen or settings.auth_url is None:
@@ -309,7 +322,12 @@ class ResourceGuard(Startable):
         rules = self._rules = await self._resolve_rules()
         settings = self._consumer_settings(rules)
         auth = self._auth = await self._exit.enter_async_context(
-            AuthClient(self._auth_target, service_account=self._service_account)
+            AuthClient(
+                self._auth_target,
+                service_account=self._service_account,
+                login_timeout=self._login_timeout,
+                tls=self._tls,
+            )
         )
         keys = self.keys = KeyCache(auth.get_jwks)
         self._exit.push_async_callback(keys.aclose)
@@ -414,6 +432,9 @@ class ResourceGuard(Startable):
             access_token_ttl=int(rules.access_token_ttl),
             leeway=rules.leeway,
             staleness_bound=self._staleness_bound,
+            tls_ca_file=self._tls.ca_file,
+            tls_cert_file=self._tls.cert_file,
+            tls_key_file=self._tls.key_file,
         )
 
     async def _run_loops(self) -> None:

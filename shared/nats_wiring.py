@@ -14,6 +14,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from authmesh._shared.connecting import StartupConnection, address_of
 from authmesh._shared.events import LIVE_SUBJECTS, STREAM_NAME, STREAM_SUBJECTS
 from authmesh._shared.settings import CommonSettings
+from authmesh._shared.tls import client_ssl_context
 
 Callback = Callable[[], Awaitable[None]]
 ErrorCallback = Callable[[Exception], Awaitable[None]]
@@ -76,6 +77,10 @@ async def connect_nats(
     if settings.nats_user:
         options["user"] = settings.nats_user
         options["password"] = settings.nats_password.get_secret_value() if settings.nats_password else ""
+    tls = client_ssl_context(settings.tls)
+    if tls is not None:
+        # Verified against the fleet's CA; the server asks for TLS (nats-py upgrades when it does).
+        options["tls"] = tls
     if disconnected is not None:
         options["disconnected_cb"] = disconnected
     if reconnected is not None:

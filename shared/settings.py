@@ -2,17 +2,23 @@
 
 Every name is ``AUTHMESH_<FIELD>`` (and ``--<field>`` on the command line). A service builds its
 settings once at start and passes the frozen object down; nothing else reads ``os.environ``.
+
+Every secret is a ``SecretStr`` (it never prints) and may instead be read from a file named by
+``AUTHMESH_<FIELD>_FILE`` (the Docker and Kubernetes secrets convention); one trailing newline is
+dropped, and setting both forms is an error.
 """
 
 from __future__ import annotations
 
 import socket
-from typing import Annotated, Self
+from pathlib import Path
+from typing import Annotated, Any, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from authmesh._shared.errors import ConfigurationError
+from authmesh._shared.tls import TlsFiles
 
 
 def _split_urls(value: object) -> object:
@@ -23,6 +29,43 @@ def _split_urls(value: object) -> object:
 
 def _default_instance() -> str:
     return socket.gethostname()
+
+
+FILE_SUFFIX = "_file"
+
+
+def _secret_file_field(secret: str) -> Any:
+    return Field(
+        default=None, description=f"a file holding AUTHMESH_{secret.upper()} (instead of the variable)"
+    )
+
+
+def _read_secret_files(model: type[BaseSettings], data: Any) -> Any:
+    """``data`` with every ``<secret>_file`` replaced by the file's content as ``<secret>``.
+
+    Raises:
+        ValueError: Both forms are set, or the file cannot be read (the message names the file only).
+    """
+    if not isinstance(data, dict):
+        return data
+    values = dict(data)
+    for name in model.model_fields:
+        secret = name.removesuffix(FILE_SUFFIX)
+        if not name.endswith(FILE_SUFFIX) or secret not in model.model_fields:
+            continue
+        path = values.pop(name, None)
+        if path is None:
+            continue
+        variable = f"AUTHMESH_{secret.upper()}"
+        if values.get(secret) is not None:
+            raise ValueError(f"set {variable} or {variable}_FILE, not both")
+        try:
+            content = Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+            raise ValueError(f"cannot read {variable}_FILE {path}: {reason}") from None
+        values[secret] = content.removesuffix("\n").removesuffix("\r")
+    return values
 
 
 class CommonSettings(BaseSettings):
@@ -43,6 +86,7 @@ class CommonSettings(BaseSettings):
         description="NATS user name, if the server requires one (letters, digits, - and _)",
     )
     nats_password: SecretStr | None = Field(default=None, description="NATS password")
+    nats_password_file: Path | None = _secret_file_field("nats_password")
     issuer: str = Field(default="authmesh", min_length=1, description="iss of every token")
     audience: str = Field(
         default="authmesh-resources",
@@ -83,8 +127,23 @@ class CommonSettings(BaseSettings):
     )
     log_level: str = Field(default="info", description="debug, info, warning or error")
     log_format: str = Field(default="console", pattern="^(console|json)$", description="console or json")
+    tls_ca_file: Path | None = Field(
+        default=None, description="CA (PEM) that signs every peer; set, clients verify servers with it"
+    )
+    tls_cert_file: Path | None = Field(
+        default=None, description="this service's certificate (PEM); set, its gRPC server speaks TLS"
+    )
+    tls_key_file: Path | None = Field(default=None, description="the private key of the certificate (PEM)")
+    tls_require_client_cert: bool = Field(
+        default=False, description="refuse gRPC clients without a certificate signed by the CA (mTLS)"
+    )
 
     _split_nats_urls = field_validator("nats_urls", "dpop_origins", mode="before")(_split_urls)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secrets_from_files(cls, data: Any) -> Any:
+        return _read_secret_files(cls, data)
 
     @field_validator("nats_urls")
     @classmethod
@@ -94,8 +153,28 @@ class CommonSettings(BaseSettings):
         return value
 
     def proof_origins(self, grpc_listen: str) -> tuple[str, ...]:
-        """The origins a DPoP proof's ``htu`` may name: the configured ones, else ``http://<grpc_listen>``."""
-        return tuple(self.dpop_origins) or (f"http://{grpc_listen}",)
+        """The origins a DPoP proof's ``htu`` may name: the configured ones, else ``http(s)://<grpc_listen>``
+        (``https`` when this service's gRPC server speaks TLS)."""
+        scheme = "https" if self.tls_cert_file is not None else "http"
+        return tuple(self.dpop_origins) or (f"{scheme}://{grpc_listen}",)
+
+    @model_validator(mode="after")
+    def _check_tls_files(self) -> Self:
+        try:
+            _ = self.tls
+        except ConfigurationError as error:
+            raise ValueError(error.message) from None
+        return self
+
+    @property
+    def tls(self) -> TlsFiles:
+        """The TLS material of this service (see :mod:`authmesh._shared.tls`)."""
+        return TlsFiles(
+            ca_file=self.tls_ca_file,
+            cert_file=self.tls_cert_file,
+            key_file=self.tls_key_file,
+            require_client_cert=self.tls_require_client_cert,
+        )
 
     @property
     def stream_max_age(self) -> float:
@@ -108,6 +187,21 @@ class AuthSettings(CommonSettings):
 
     redis_url: SecretStr = Field(
         default=SecretStr("redis://127.0.0.1:6379/0"), description="the auth service's store"
+    )
+    redis_url_file: Path | None = _secret_file_field("redis_url")
+    redis_password: SecretStr | None = Field(
+        default=None, description="password of the Redis account (over any in the URL)"
+    )
+    redis_password_file: Path | None = _secret_file_field("redis_password")
+    redis_min_replicas_acked: int | None = Field(
+        default=None,
+        ge=0,
+        le=16,
+        description="replicas that must hold a revocation, key rotation or refresh rotation before it "
+        "is acknowledged (WAIT); default 0 for one Redis, 1 with Sentinel",
+    )
+    redis_replica_ack_timeout: float = Field(
+        default=1.0, gt=0, le=2.5, description="how long to wait for those replicas, s (then UNAVAILABLE)"
     )
     grpc_listen: str = Field(default="127.0.0.1:50051", description="gRPC listen address")
     http_listen: str = Field(default="127.0.0.1:8081", description="HTTP listen address")
@@ -122,12 +216,15 @@ class AuthSettings(CommonSettings):
     key_encryption_key: SecretStr | None = Field(
         default=None, description="secret that encrypts signing keys at rest in Redis"
     )
+    key_encryption_key_file: Path | None = _secret_file_field("key_encryption_key")
     bootstrap_admin: SecretStr | None = Field(
         default=None, description="username:password of an admin created at start if absent"
     )
+    bootstrap_admin_file: Path | None = _secret_file_field("bootstrap_admin")
     service_account: SecretStr | None = Field(
         default=None, description="username:password of the resource services' account"
     )
+    service_account_file: Path | None = _secret_file_field("service_account")
     login_max_failures: int = Field(default=10, ge=1, description="failed logins per username per window")
     login_window: int = Field(default=60, ge=1, description="rate-limit window, s")
     argon2_time_cost: int = Field(default=3, ge=1, le=20, description="Argon2id passes")
@@ -168,7 +265,10 @@ class ResourceSettings(CommonSettings):
 
     grpc_listen: str = Field(default="127.0.0.1:50061", description="gRPC listen address")
     http_listen: str = Field(default="127.0.0.1:8091", description="HTTP listen address")
-    auth_target: str = Field(default="127.0.0.1:50051", description="where the auth service listens")
+    auth_target: str = Field(
+        default="127.0.0.1:50051",
+        description="where the auth service listens: host:port, or several ip:port, comma-separated",
+    )
     auth_url: str | None = Field(
         default=None,
         description="the auth service's HTTP base URL: issuer, audience, token lifetime and leeway are "
@@ -176,6 +276,13 @@ class ResourceSettings(CommonSettings):
     )
     service_account: SecretStr | None = Field(
         default=None, description="username:password used for Introspect and SnapshotRevocations"
+    )
+    service_account_file: Path | None = _secret_file_field("service_account")
+    login_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        le=60,
+        description="deadline of the service account's Login (an Argon2id check), s; doubled after a timeout",
     )
     shutdown_grace: float = Field(default=5.0, ge=0, le=120, description="drain time on SIGTERM, s")
     ext_authz: bool = Field(

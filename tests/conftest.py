@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as redis
 
+from authmesh.certs import CertificateAuthority
 from authmesh.processes import NatsServer, RedisServer
 
 # A test session never holds anywhere near this many streams; the bound keeps the cleanup loop finite.
@@ -57,6 +58,16 @@ async def redis_url(redis_server: RedisServer) -> str:
 
 
 @pytest_asyncio.fixture(loop_scope="session")
+async def raw_redis(redis_url: str) -> AsyncIterator[redis.Redis]:
+    """A plain client on the session's (emptied) Redis, to read or write what the services store."""
+    client = redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
 async def nats_url(nats_server: NatsServer) -> str:
     """The URL of the session's NATS server, with every JetStream stream deleted before the test."""
     client = await nats.connect(servers=[nats_server.url], connect_timeout=2, max_reconnect_attempts=0)
@@ -88,3 +99,15 @@ async def own_nats(tmp_path: Path) -> AsyncIterator[NatsServer]:
     """A NATS of the test's own, which it may stop and restart."""
     async with NatsServer(tmp_path / "nats") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def ca() -> CertificateAuthority:
+    """A throwaway CA: the fleet's, whose certificates every TLS test's parts trust."""
+    return CertificateAuthority.create("test CA")
+
+
+@pytest.fixture(scope="session")
+def other_ca() -> CertificateAuthority:
+    """A second CA that no part trusts: its certificates must be refused."""
+    return CertificateAuthority.create("stranger CA")

@@ -54,3 +54,19 @@ async def test_an_excepted_subclass_propagates_at_once() -> None:
     with pytest.raises(Special):
         await attempt_until_done(flaky, unless=(Special,))
     assert flaky.calls == 1
+
+
+async def test_an_error_that_says_how_long_to_wait_is_waited_out_in_full_with_jitter() -> None:
+    flaky = Flaky(Unavailable(retry_after=30.0), Unavailable())
+    waits: list[float] = []
+
+    async def record(seconds: float) -> None:
+        waits.append(seconds)
+
+    async for attempt in backoff(Unavailable, what="test", initial=0.5, sleep=record):
+        with attempt:
+            await flaky()
+
+    assert flaky.calls == 3
+    assert 30.0 <= waits[0] <= 30.5, waits
+    assert waits[1] <= 1.0 + 0.5, waits  # the next plain failure backs off as usual

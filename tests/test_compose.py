@@ -4,8 +4,9 @@ The compose v2 binary and the compose-spec schema accept the file; its NATS user
 ``authmesh up`` runs with; its services take only the contract's settings. Then the file's own services
 run as local processes, with the commands and environment ``compose config`` resolves, every container
 port remapped to a free loopback port and every service name to 127.0.0.1, the bind mounts (the NATS
-configuration in ``deploy/nats``) used as they are: a login works on every replica and a revoked session
-is rejected by all three.
+configuration in ``deploy/nats``) used as they are, and the Envoy configuration in ``deploy/envoy`` with
+its addresses moved the same way: a login works on every replica and a revoked session is rejected by all
+three, and by the gateway in front of the service with no authmesh code.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as redis
 import typer
+from ruamel.yaml import YAML
 
 from authmesh._shared.events import STREAM_NAME
 from authmesh._shared.nats_wiring import inbox_prefix
 from authmesh._shared.settings import AuthSettings, CommonSettings, ResourceSettings
+from authmesh.envoy_gateway import ext_authz_filter, find_envoy
 from authmesh.processes import find_nats_server, find_redis_server, free_ports
 from authmesh.stack import (
     AUTH_NATS_USER,
@@ -56,6 +59,8 @@ NATS_CONF = ROOT / "deploy" / "nats" / "nats.conf"
 NATS_CLIENT_PORT, NATS_ROUTE_PORT, NATS_MONITOR_PORT = 4222, 6222, 8222
 REDIS_PORT, REDIS_DATA = 6379, "/data"
 AUTH_GRPC_PORT, RESOURCE_GRPC_PORT = 50051, 50061
+GATEWAY_PORT = 8080
+ENVOY_CONFIG = ROOT / "deploy" / "envoy" / "envoy.yaml"
 # Inside a container these name the container itself.
 OWN_HOSTS = frozenset({"0.0.0.0", "127.0.0.1", "localhost"})  # noqa: S104  # names, not a bind
 _ADDRESS = re.compile(r"(?<![\w.-])(?P<host>[A-Za-z0-9_.-]+):(?P<port>\d{1,5})(?!\d)")
@@ -209,7 +214,8 @@ class ComposeRun:
         mounts = self.network.paths(service)
         arguments = [local_path(self.network.rewrite(str(part), name), mounts) for part in service["command"]]
         environment = {
-            key: self.network.rewrite(str(value), name) for key, value in service["environment"].items()
+            key: self.network.rewrite(str(value), name)
+            for key, value in (service.get("environment") or {}).items()
         }
         environment |= {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONUNBUFFERED": "1"}
         image = str(service.get("image", ""))
@@ -228,12 +234,49 @@ class ComposeRun:
             command += ["--port", str(self.network.port(name, REDIS_PORT)), "--bind", "127.0.0.1"]
             command += ["--dir", str(mounts[REDIS_DATA])]
             probe = self._redis_probe(self.network.port(name, REDIS_PORT), environment["REDISCLI_AUTH"])
+        elif image.startswith("envoyproxy/envoy:"):
+            command, probe = self._envoy(name, arguments)
+        elif image.startswith("python:"):
+            # python -I SCRIPT --host H --port P: the service binds loopback on its own free port.
+            assert arguments[0] == "python"
+            command = [sys.executable, *arguments[1:]]
+            port = self.network.port(name, int(command[command.index("--port") + 1]))
+            command[command.index("--host") + 1] = "127.0.0.1"
+            command[command.index("--port") + 1] = str(port)
+            probe = self._http_probe(f"http://127.0.0.1:{port}/healthz")
         else:
             assert "build" in service, f"{name}: an image this test cannot run locally: {image}"
             command = authmesh_command(*arguments)
             target = self.network.rewrite(healthcheck_argument(service, flag="--target"), name)
             probe = self._grpc_probe(target)
         return ChildProcess(name, self.work_dir / name, command, environment, probe)
+
+    def _envoy(self, name: str, arguments: list[str]) -> tuple[list[str], Probe]:
+        """Envoy with the mounted configuration, every socket address moved to a loopback port."""
+        assert arguments[0] == "envoy"
+        source = Path(arguments[arguments.index("-c") + 1])
+        config = YAML(typ="safe").load(source.read_text())
+        admin = free_ports(1)[0]
+        pending = [config]
+        while pending:
+            node = pending.pop()
+            children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+            pending += [child for child in children if isinstance(child, dict | list)]
+            address = node.get("socket_address") if isinstance(node, dict) else None
+            if address is None:
+                continue
+            owner = name if address["address"] in OWN_HOSTS else address["address"]
+            mapped = self.network.ports.get((owner, int(address["port_value"])))
+            # Only the admin interface has no port of the compose network.
+            address["address"], address["port_value"] = "127.0.0.1", mapped or admin
+        local = self.work_dir / name / "envoy.json"
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(json.dumps(config))
+        command = [str(find_envoy()), *arguments[1:]]
+        command[command.index("-c") + 1] = str(local)
+        # Several Envoys on one machine would share hot-restart memory; a container has its own.
+        command.append("--disable-hot-restart")
+        return command, self._http_probe(f"http://127.0.0.1:{admin}/ready")
 
     @staticmethod
     def _http_probe(url: str) -> Probe:
@@ -403,6 +446,7 @@ def test_the_demo_service_runs_the_demo_command_with_flags_it_accepts(secrets: d
     assert name == "demo"
     assert context.params["target_auth"] == "auth:50051"
     assert context.params["target_replicas"] == "resource-1:50061,resource-2:50061,resource-3:50061"
+    assert context.params["target_gateway"] == "http://gateway:8080"
     assert context.params["admin"] == secrets["AUTHMESH_BOOTSTRAP_ADMIN"]
 
 
@@ -424,13 +468,18 @@ def test_the_image_runs_authmesh_as_an_unprivileged_user_without_dev_extras() ->
     assert not any(".env" in line for line in ignored)
 
 
-async def test_the_compose_services_serve_a_login_and_reject_a_revoked_session_everywhere(
-    compose_run: ComposeRun, secrets: dict[str, str]
-) -> None:
+def stack_client(compose_run: ComposeRun, secrets: dict[str, str]) -> StackClient:
+    """A client of the locally running auth service and replicas, as the bootstrap admin."""
     network = compose_run.network
     replicas = [network.address(f"resource-{n}", RESOURCE_GRPC_PORT) for n in (1, 2, 3)]
     username, _, password = secrets["AUTHMESH_BOOTSTRAP_ADMIN"].partition(":")
-    client = StackClient(network.address("auth", AUTH_GRPC_PORT), replicas, (username, password))
+    return StackClient(network.address("auth", AUTH_GRPC_PORT), replicas, (username, password))
+
+
+async def test_the_compose_services_serve_a_login_and_reject_a_revoked_session_everywhere(
+    compose_run: ComposeRun, secrets: dict[str, str]
+) -> None:
+    client = stack_client(compose_run, secrets)
     try:
         await client.create_user("carol")
         pair = await client.login("carol", USER_PASSWORD)
@@ -448,6 +497,55 @@ async def test_the_compose_services_serve_a_login_and_reject_a_revoked_session_e
         await client.aclose()
 
     assert [answer.instance for answer in answers] == ["resource-1", "resource-2", "resource-3"]
+
+
+async def test_the_compose_gateway_passes_a_token_to_the_upstream_and_refuses_it_once_revoked(
+    compose_run: ComposeRun, secrets: dict[str, str]
+) -> None:
+    network = compose_run.network
+    client = stack_client(compose_run, secrets)
+    gateway = f"http://{network.address('gateway', GATEWAY_PORT)}/docs/1"
+
+    async def through_the_gateway(token: str) -> tuple[int, dict[str, Any]]:
+        headers = {"authorization": f"Bearer {token}", "x-authmesh-subject": "forged-by-the-client"}
+        async with aiohttp.ClientSession() as session, session.get(gateway, headers=headers) as reply:
+            text = await reply.text()
+            return reply.status, json.loads(text) if text.startswith("{") else {}
+
+    try:
+        subject = await client.create_user("heidi")
+        pair = await client.login("heidi", USER_PASSWORD)
+        status, passed = await through_the_gateway(pair.access_token)
+
+        await client.revoke_session(pair.session_id)
+
+        async def refused() -> bool:
+            return (await through_the_gateway(pair.access_token))[0] == 401
+
+        await eventually(refused, within=10, what="the gateway to refuse the revoked session")
+        _, body = await through_the_gateway(pair.access_token)
+    finally:
+        await client.aclose()
+
+    assert status == 200
+    assert passed["headers"]["x-authmesh-subject"] == [subject]
+    assert body["reason"] == "SESSION_REVOKED"
+
+
+def test_the_gateway_configuration_asks_authmesh_and_fails_closed() -> None:
+    config = YAML(typ="safe").load(ENVOY_CONFIG.read_text())
+    manager = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    authz = manager["http_filters"][0]
+    clusters = {cluster["name"]: cluster for cluster in config["static_resources"]["clusters"]}
+    endpoints = clusters["authmesh_authz"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+
+    assert authz == ext_authz_filter()
+    assert {
+        (endpoint["endpoint"]["address"]["socket_address"]["address"],
+         endpoint["endpoint"]["address"]["socket_address"]["port_value"])
+        for endpoint in endpoints
+    } == {(f"resource-{n}", RESOURCE_GRPC_PORT) for n in (1, 2, 3)}  # fmt: skip
+    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
 
 
 async def test_the_event_stream_is_replicated_on_the_three_nats_nodes(

@@ -2,7 +2,9 @@
 
 Needs a Docker engine, the compose v2 plugin and the base images; ``scripts/compose_e2e.sh`` provides all
 three (and stand-ins for the base images where no registry answers). One compose project with a name of
-its own comes up with ``--wait``, and then, in order: the demo profile passes; it passes again with one
+its own comes up with ``--wait``, and then, in order: the demo profile passes; a token passes through the
+Envoy gateway to the service behind it, which sees the verified subject, and once its session is revoked
+the gateway refuses it (401); the demo passes again with one
 NATS node killed; revocations acknowledged while Redis is killed and the auth service restarted are all
 still refused by every replica (one of them restarted too); a replica cut from the NATS network refuses a
 token revoked during the cut within its staleness bound. ``docker compose down -v`` runs at the end
@@ -43,6 +45,7 @@ COMPOSE_FILE = ROOT / "docker-compose.yml"
 REPLICAS = ("resource-1", "resource-2", "resource-3")
 AUTH_GRPC_PORT, RESOURCE_GRPC_PORT = 50051, 50061
 AUTH_HTTP_PORT, RESOURCE_HTTP_PORT = 8081, 8091
+GATEWAY_PORT = 8080
 # The first `up` builds the authmesh image (pip install from the package index).
 UP_TIMEOUT_SECONDS = 600
 COMMAND_TIMEOUT_SECONDS = 180
@@ -62,9 +65,10 @@ AFTER_RESTART = 3
 # A login hashes a password (argon2): seconds, not milliseconds, on a busy machine.
 CALL_TIMEOUT_SECONDS = 30.0
 
-SERVICE_PORTS = {
+SERVICE_PORTS: dict[str, tuple[int, ...]] = {
     "auth": (AUTH_GRPC_PORT, AUTH_HTTP_PORT),
     **dict.fromkeys(REPLICAS, (RESOURCE_GRPC_PORT, RESOURCE_HTTP_PORT)),
+    "gateway": (GATEWAY_PORT,),
 }
 
 
@@ -158,6 +162,7 @@ class Stack:
     auth_target: str
     replica_targets: list[str]
     replica_http: list[str]
+    gateway: str
     admin: tuple[str, str]
 
     @contextlib.asynccontextmanager
@@ -200,6 +205,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
             f"127.0.0.1:{host_ports[('auth', AUTH_GRPC_PORT)]}",
             [f"127.0.0.1:{host_ports[(replica, RESOURCE_GRPC_PORT)]}" for replica in REPLICAS],
             [f"127.0.0.1:{host_ports[(replica, RESOURCE_HTTP_PORT)]}" for replica in REPLICAS],
+            f"http://127.0.0.1:{host_ports[('gateway', GATEWAY_PORT)]}",
             (username, password),
         )
     finally:
@@ -319,23 +325,64 @@ async def test_the_stack_is_healthy_on_its_own_networks_and_publishes_on_loopbac
         name: (
             await docker("network", "inspect", "--format", "{{.Internal}}", stack.project.network(name))
         ).strip()
-        for name in ("nats", "redis")
+        for name in ("nats", "redis", "upstream")
     }
 
-    assert set(services) == {"nats-1", "nats-2", "nats-3", "redis", "auth", *REPLICAS}
+    assert set(services) == {"nats-1", "nats-2", "nats-3", "redis", "auth", *REPLICAS, "gateway", "upstream"}
     assert {entry["Health"] for entry in services.values()} == {"healthy"}
     published = [
         port for entry in services.values() for port in entry.get("Publishers") or [] if port["PublishedPort"]
     ]
     assert {port["URL"] for port in published} == {"127.0.0.1"}
     assert set(redis_networks) == {stack.project.network("redis")}
-    assert internal == {"nats": "true", "redis": "true"}
+    assert internal == {"nats": "true", "redis": "true", "upstream": "true"}
 
 
 async def test_the_demo_profile_passes(stack: Stack) -> None:
     output = await run_demo(stack)
 
     assert "resource-1" in output
+    # The gateway act ran against the compose file's Envoy (the profile passes --target-gateway).
+    assert "no Envoy gateway" not in output
+    assert "through Envoy to the echo service (no authmesh code): HTTP 200" in output
+
+
+async def through_the_gateway(stack: Stack, token: str) -> tuple[int, dict[str, object]]:
+    """The gateway's status for ``GET /docs/1`` with ``token``, and the JSON body it answered."""
+    headers = {"authorization": f"Bearer {token}", "x-authmesh-subject": "forged-by-the-client"}
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS)) as session,
+        session.get(f"{stack.gateway}/docs/1", headers=headers) as reply,
+    ):
+        text = await reply.text()
+        return reply.status, (json.loads(text) if text.startswith("{") else {})
+
+
+async def test_the_gateway_passes_a_token_to_the_upstream_and_refuses_it_once_its_session_is_revoked(
+    stack: Stack,
+) -> None:
+    async with stack.client() as client:
+        subject = await client.create_user("grace")
+        pair = await client.login("grace", USER_PASSWORD)
+        status, passed = await through_the_gateway(stack, pair.access_token)
+
+        await client.revoke_session(pair.session_id)
+        with timer() as elapsed:
+
+            async def refused_at_the_gateway() -> bool:
+                return (await through_the_gateway(stack, pair.access_token))[0] == 401
+
+            await eventually(
+                refused_at_the_gateway, within=PROPAGATION_SECONDS, what="the gateway to refuse the session"
+            )
+        _, refusal_body = await through_the_gateway(stack, pair.access_token)
+
+    print(f"the gateway refused the revoked session {elapsed[0] * 1000:.0f} ms after RevokeSession returned")
+    assert status == 200
+    headers = passed["headers"]
+    assert isinstance(headers, dict)
+    assert headers["x-authmesh-subject"] == [subject]
+    assert refusal_body.get("reason") == "SESSION_REVOKED"
 
 
 async def test_the_demo_passes_with_one_nats_node_killed(stack: Stack) -> None:

@@ -208,6 +208,14 @@ async def test_the_target_flags_must_come_together() -> None:
     assert "--admin" in result.stderr
 
 
+async def test_the_target_gateway_needs_the_stack_and_a_url() -> None:
+    result = await run_cli("demo", "--target-gateway", f"{LOOPBACK}:8080", "--admin", "admin:secret")
+
+    assert result.exit_code == 2
+    assert "--target-gateway needs them" in result.stderr
+    assert "--target-gateway is a base URL" in result.stderr
+
+
 @pytest.mark.slow
 async def test_every_act_behaves_on_a_fresh_local_stack() -> None:
     pytest.importorskip("authmesh.stack", reason="authmesh.stack.LocalStack is not available")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,6 +23,8 @@ import aiohttp
 import grpc
 import pytest
 import pytest_asyncio
+from envoy.service.auth.v3 import external_auth_pb2 as envoy_ext_authz
+from envoy.service.auth.v3 import external_auth_pb2_grpc as envoy_ext_authz_grpc
 from rich.console import Console
 
 from authmesh.client import AuthApi, Tokens
@@ -194,6 +198,48 @@ async def _gateways(base: Path, grpc_upstream_port: int) -> AsyncIterator[Setup]
 
 def test_the_envoy_binary_is_found_in_the_wheel() -> None:
     assert find_envoy().name == "envoy"
+
+
+@pytest.mark.parametrize(
+    "modules",
+    [
+        ("authmesh._resource_service.app", "envoy.service.auth.v3.external_auth_pb2"),
+        ("envoy.service.auth.v3.external_auth_pb2", "authmesh._resource_service.app"),
+    ],
+    ids=["authmesh-first", "envoy-first"],
+)
+def test_envoys_own_ext_authz_definitions_load_beside_the_resource_service(modules: tuple[str, str]) -> None:
+    # A fresh interpreter: the order of the two imports is the point, and this process has both loaded.
+    loaded = subprocess.run(
+        [sys.executable, "-c", "; ".join(f"import {module}" for module in modules)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert loaded.returncode == 0, loaded.stderr
+
+
+async def test_envoys_own_client_is_answered_at_envoys_method_path(setup: Setup) -> None:
+    tokens = await setup.login()
+
+    def check(token: str) -> envoy_ext_authz.CheckRequest:
+        request = envoy_ext_authz.CheckRequest()
+        request.attributes.request.http.headers["authorization"] = f"Bearer {token}"
+        request.attributes.context_extensions["authmesh_scopes"] = "docs:read"
+        return request
+
+    async with grpc.aio.insecure_channel(setup.stack.replicas[0].grpc) as channel:
+        stub = envoy_ext_authz_grpc.AuthorizationStub(channel)
+        allowed = await stub.Check(check(tokens.access_token), timeout=DEADLINE)
+        denied = await stub.Check(check("not-a-token"), timeout=DEADLINE)
+
+    headers = {option.header.key: option.header.value for option in allowed.ok_response.headers}
+    assert allowed.status.code == 0
+    assert headers["x-authmesh-subject"] == setup.subject
+    assert denied.status.code != 0
+    assert denied.denied_response.status.code == 401
 
 
 async def test_a_valid_token_passes_and_the_upstream_sees_only_the_verified_identity(setup: Setup) -> None:

@@ -247,6 +247,22 @@ async def test_a_local_stack_serves_a_login_on_every_replica_and_leaves_no_proce
     assert stack.pids() == {}
 
 
+async def test_a_stack_on_redis_sentinel_runs_three_data_nodes_and_three_sentinels_and_serves_logins(
+    tmp_path: Path,
+) -> None:
+    async with LocalStack(replicas=0, base_dir=tmp_path, env=FAST_ENV, redis_sentinel=True) as stack:
+        pids = stack.pids()
+        assert {"redis-0", "redis-1", "redis-2", "sentinel-0", "sentinel-1", "sentinel-2"} <= set(pids)
+        assert stack.redis_url.startswith("redis+sentinel://")
+        client = StackClient(stack.auth_grpc, [], stack.admin_credentials)
+        try:
+            await client.create_user("alice")
+            assert (await client.login("alice", USER_PASSWORD)).access_token
+        finally:
+            await client.aclose()
+    assert await all_gone(pids.values())
+
+
 async def test_a_stack_restarted_on_its_data_directory_keeps_its_admin(tmp_path: Path) -> None:
     async with LocalStack(replicas=0, base_dir=tmp_path, env=FAST_ENV) as stack:
         first_admin = stack.admin_credentials

@@ -3,19 +3,18 @@ refused at start. Against real Redis-compatible servers."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import grpc
 import pytest
-import pytest_asyncio
 import redis.asyncio as redis
 from redis.exceptions import ResponseError
 from structlog.testing import capture_logs
 
 from authmesh._auth_service.store import (
+    KEYS_SET,
     AuthStore,
-    login_failures_key,
     redis_error_message,
     server_version_problem,
     session_key,
@@ -25,16 +24,6 @@ from authmesh.processes import RedisServer
 from tests.auth_support import auth_settings, expect_error, running_auth
 
 SECRET_VALUE = "do-not-log-this-value"
-
-
-@pytest_asyncio.fixture(loop_scope="session")
-async def raw(redis_url: str) -> AsyncIterator[redis.Redis]:
-    """A plain client on the session's (emptied) Redis, for writing what the store does not expect."""
-    client = redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def _refusals(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
@@ -73,12 +62,12 @@ def test_the_server_version_check_names_what_it_found_and_what_it_needs(
     assert server_version_problem(info) == problem
 
 
-async def test_the_test_server_passes_the_version_check_on_its_real_info(raw: redis.Redis) -> None:
-    store = AuthStore(raw, access_ttl=300, leeway=5)
+async def test_the_test_server_passes_the_version_check_on_its_real_info(raw_redis: redis.Redis) -> None:
+    store = AuthStore(raw_redis, access_ttl=300, leeway=5)
 
     await store.check_server_version()
 
-    assert server_version_problem(await raw.info("server")) is None
+    assert server_version_problem(await raw_redis.info("server")) is None
 
 
 def test_a_pipeline_error_and_an_unknown_command_are_logged_without_their_arguments() -> None:
@@ -93,25 +82,23 @@ def test_a_pipeline_error_and_an_unknown_command_are_logged_without_their_argume
 
 
 async def test_a_wrongtype_reply_in_a_pipeline_is_a_store_error_logged_with_its_command(
-    raw: redis.Redis, redis_url: str, nats_url: str
+    raw_redis: redis.Redis,
 ) -> None:
-    async with running_auth(auth_settings(redis_url, [nats_url])) as (_, client):
-        await client.create_user("mallory", "mallory-password")
-        await raw.hset(login_failures_key("mallory"), "field", SECRET_VALUE)
-        with capture_logs() as logs:
-            await expect_error(
-                client.login("mallory", "mallory-password"), grpc.StatusCode.INTERNAL, "STORE_ERROR"
-            )
+    store = AuthStore(raw_redis, access_ttl=300, leeway=5)
+    await raw_redis.set(KEYS_SET, SECRET_VALUE)
+
+    with capture_logs() as logs, pytest.raises(StoreError):
+        await store.delete_key("kid-1")
     [refusal] = _refusals(logs)
-    assert refusal["command"] == "INCRBY"
+    assert refusal["command"] == "SREM"
     assert refusal["redis_error"].startswith("WRONGTYPE")
     assert SECRET_VALUE not in repr(logs)
     assert not [entry for entry in logs if entry["event"] == "token store unavailable"]
 
 
-async def test_a_script_error_is_a_store_error_logged_with_the_script_name(raw: redis.Redis) -> None:
-    store = AuthStore(raw, access_ttl=300, leeway=5)
-    await raw.set(session_key("sid-1"), SECRET_VALUE)
+async def test_a_script_error_is_a_store_error_logged_with_the_script_name(raw_redis: redis.Redis) -> None:
+    store = AuthStore(raw_redis, access_ttl=300, leeway=5)
+    await raw_redis.set(session_key("sid-1"), SECRET_VALUE)
 
     with capture_logs() as logs, pytest.raises(StoreError) as raised:
         await store.revoke_session("sid-1", 1, "event-1", "{}")

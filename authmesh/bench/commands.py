@@ -51,6 +51,7 @@ def rpc(
     slices: SlicesOption = 24,
     slice_seconds: SliceSecondsOption = 0.25,
     pin: PinOption = False,
+    tls: Annotated[bool, typer.Option("--tls", help="the stack and every call on TLS")] = False,
 ) -> None:
     """Protected calls vs the same server's open one: the replica, a sync grpc.server, a FastAPI app."""
     from authmesh.bench.rpc import CONCURRENCY, main
@@ -63,6 +64,7 @@ def rpc(
             slice_s=slice_seconds,
             concurrency=tuple(concurrency or CONCURRENCY),
             pin_cpus=pin,
+            tls=tls,
         )
     )
 

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,57 @@ FAST_AUTH_ENV = {
     "AUTHMESH_HEARTBEAT_INTERVAL": "0.2",
     "AUTHMESH_SHUTDOWN_GRACE": "0.5",
 }
+
+
+@dataclass
+class Answers:
+    """Every answer a load saw, with when it came; any label but OK and ``allowed`` is a wrong answer.
+
+    Args:
+        allowed: The failure labels the fault may cause (an outage's UNAVAILABLE reasons).
+    """
+
+    allowed: frozenset[str]
+    seen: list[tuple[str, str, float]] = field(default_factory=list)
+    wrong: list[str] = field(default_factory=list)
+
+    def saw(self, call: str, label: str) -> None:
+        """Record an answer of ``call``."""
+        self.seen.append((call, label, time.monotonic()))
+        if label != OK and label not in self.allowed:
+            self.wrong.append(f"{call}: {label}")
+
+    def oks_after(self, call: str, instant: float) -> int:
+        """How many OK answers of ``call`` came after ``instant`` (monotonic seconds)."""
+        return sum(1 for c, label, at in self.seen if c == call and label == OK and at > instant)
+
+    def failures_after(self, instant: float) -> list[str]:
+        """The labels of the answers after ``instant`` that were not OK."""
+        return [label for _, label, at in self.seen if label != OK and at > instant]
+
+
+async def revoke_next(
+    stub: auth_pb2_grpc.AuthServiceAsyncStub,
+    pool: list[auth_pb2.TokenPair],
+    admin: tuple[tuple[str, str]],
+    answers: Answers,
+) -> str | None:
+    """``RevokeToken`` the last access token of ``pool``; when acknowledged, take it off the pool.
+
+    Returns:
+        The revoked token, or None when the call failed (the token stays for the next try).
+    """
+    token = pool[-1].access_token
+    label, _ = await outcome(
+        stub.RevokeToken(
+            auth_pb2.RevokeTokenRequest(token=token), metadata=admin, timeout=CALL_TIMEOUT_SECONDS
+        )
+    )
+    answers.saw("RevokeToken", label)
+    if label != OK:
+        return None
+    pool.pop()
+    return token
 
 
 async def outcome(call: Awaitable[Any]) -> tuple[str, Any]:

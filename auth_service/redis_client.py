@@ -1,0 +1,129 @@
+"""The auth service's Redis connection: one Redis URL, or Redis Sentinel that follows a failover.
+
+``AUTHMESH_REDIS_URL`` is either ``redis://[user:password@]host:port/db`` (one server) or
+``redis+sentinel://[user:password@]host:port,host:port,.../service_name/db`` (the Sentinels that
+watch the group ``service_name``). With Sentinel every new connection asks the Sentinels where the
+primary is, so after a failover the service reconnects to the promoted replica by itself; while no
+primary answers, calls fail with a connection error (UNAVAILABLE), never against a replica.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as redis
+from redis.asyncio.sentinel import Sentinel
+
+from authmesh._shared.errors import ConfigurationError
+
+SENTINEL_SCHEME = "redis+sentinel"
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """Where the Sentinels are and which group they watch."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service_name: str
+    db: int
+    username: str | None = None
+    password: str | None = None
+
+    def describe(self) -> str:
+        """The target without credentials, for logs and errors."""
+        hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
+        return f"{SENTINEL_SCHEME}://{hosts}/{self.service_name}/{self.db}"
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget | None:
+    """The Sentinel target of a ``redis+sentinel://`` URL; None for any other URL.
+
+    Raises:
+        ConfigurationError: A Sentinel URL without hosts, ports or service name, or with a bad db.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != SENTINEL_SCHEME:
+        return None
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username, _, password = userinfo.partition(":")
+    sentinels = tuple(_host_port(item) for item in hosts.split(",") if item.strip())
+    path = [segment for segment in parts.path.split("/") if segment]
+    if not sentinels or not path or len(path) > 2:
+        raise ConfigurationError(
+            f"a Sentinel URL is {SENTINEL_SCHEME}://host:port[,host:port...]/service_name[/db]"
+        )
+    db = path[1] if len(path) == 2 else "0"
+    if not db.isdigit():
+        raise ConfigurationError(f"the database of a Sentinel URL must be a number, not {db!r}")
+    return SentinelTarget(
+        sentinels=sentinels,
+        service_name=unquote(path[0]),
+        db=int(db),
+        username=unquote(username) or None,
+        password=unquote(password) or None,
+    )
+
+
+def _host_port(item: str) -> tuple[str, int]:
+    host, sep, port = item.strip().rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigurationError(f"a Sentinel address must be host:port, not {item.strip()!r}")
+    return host.strip("[]"), int(port)
+
+
+def describe_redis_url(url: str) -> str:
+    """The store's address without credentials: what logs and connection errors name."""
+    sentinel = parse_sentinel_url(url)
+    if sentinel is not None:
+        return sentinel.describe()
+    parts = urlsplit(url)
+    host = parts.hostname or parts.path or "?"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path if parts.hostname else ''}"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConnection:
+    """The store's client and, with Sentinel, the clients of the Sentinels it asks."""
+
+    client: redis.Redis
+    sentinels: tuple[redis.Redis, ...] = ()
+    replicated: bool = False
+
+    async def aclose(self) -> None:
+        """Close every connection."""
+        await self.client.aclose()
+        for sentinel in self.sentinels:
+            await sentinel.aclose()
+
+
+def connect_redis(url: str, *, timeout: float, options: Mapping[str, Any] | None = None) -> StoreConnection:
+    """A client for the store (connections are opened on first use).
+
+    Args:
+        url: ``redis://…``, ``rediss://…`` or ``redis+sentinel://…``.
+        timeout: Socket and connect timeout of every connection, s.
+        options: More redis-py keyword arguments for a direct URL (TLS files, a password); a
+            Sentinel group does not take them yet.
+    """
+    sentinel = parse_sentinel_url(url)
+    if sentinel is None:
+        return StoreConnection(
+            redis.Redis.from_url(
+                url, socket_timeout=timeout, socket_connect_timeout=timeout, **dict(options or {})
+            )
+        )
+    watchers = Sentinel(
+        list(sentinel.sentinels),
+        sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        db=sentinel.db,
+        username=sentinel.username,
+        password=sentinel.password,
+    )
+    client: redis.Redis = watchers.master_for(sentinel.service_name)
+    return StoreConnection(client, tuple(watchers.sentinels), replicated=True)

@@ -1,0 +1,114 @@
+"""NATS and Redis on TLS: only clients with a certificate from the fleet's CA get in."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import nats
+import redis.asyncio as redis
+from nats.errors import NoServersError
+
+from authmesh._shared.tls import TlsFiles, client_ssl_context, redis_tls_options
+from authmesh.certs import LOCAL_HOSTS, CertificateAuthority
+from authmesh.processes import NatsCluster, NatsServer, RedisServer
+
+REDIS_USER = ("auth", "redis-password-1")
+
+
+async def nats_connects(url: str, context: ssl.SSLContext | None) -> bool:
+    """Whether a client gets a working connection (a round trip) to ``url``."""
+    options = {"tls": context} if context is not None else {}
+    try:
+        client = await nats.connect(
+            servers=[url], connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0, **options
+        )
+    except (NoServersError, OSError, nats.errors.Error):
+        return False
+    try:
+        await client.flush(timeout=2)
+        return True
+    except (OSError, nats.errors.Error):
+        return False
+    finally:
+        await client.close()
+
+
+async def test_nats_on_tls_admits_only_clients_with_a_certificate_from_its_ca(
+    tmp_path: Path, ca: CertificateAuthority, other_ca: CertificateAuthority
+) -> None:
+    server_files = ca.write_issued(tmp_path / "server", "nats", LOCAL_HOSTS)
+    member = ca.write_issued(tmp_path / "member", "auth", LOCAL_HOSTS)
+    stranger = other_ca.write_issued(tmp_path / "stranger", "intruder", LOCAL_HOSTS)
+    async with NatsServer(tmp_path / "nats", tls=server_files) as server:
+        assert server.url.startswith("tls://")
+        assert await nats_connects(server.url, client_ssl_context(member))
+        plaintext = f"nats://127.0.0.1:{server.port}"
+        assert not await nats_connects(plaintext, None), "a plaintext client got in"
+        no_certificate = TlsFiles(ca_file=member.ca_file)
+        assert not await nats_connects(server.url, client_ssl_context(no_certificate))
+        foreign = TlsFiles(ca_file=member.ca_file, cert_file=stranger.cert_file, key_file=stranger.key_file)
+        assert not await nats_connects(server.url, client_ssl_context(foreign))
+
+
+async def test_a_nats_server_from_another_ca_is_refused_by_the_client(
+    tmp_path: Path, ca: CertificateAuthority, other_ca: CertificateAuthority
+) -> None:
+    impostor = other_ca.write_issued(tmp_path / "impostor", "nats", LOCAL_HOSTS)
+    member = ca.write_issued(tmp_path / "member", "auth", LOCAL_HOSTS)
+    # It would accept our client certificates: only the client's check of the server stands in the way.
+    accepting = TlsFiles(ca_file=member.ca_file, cert_file=impostor.cert_file, key_file=impostor.key_file)
+    async with NatsServer(tmp_path / "nats", tls=accepting) as server:
+        assert not await nats_connects(server.url, client_ssl_context(member))
+
+
+async def test_a_nats_cluster_forms_over_tls_routes(tmp_path: Path, ca: CertificateAuthority) -> None:
+    node_files = ca.write_issued(tmp_path / "tls", "nats", LOCAL_HOSTS)
+    member = ca.write_issued(tmp_path / "member", "auth", LOCAL_HOSTS)
+    cluster = NatsCluster(tmp_path / "cluster", size=3, tls=node_files)
+    async with cluster:
+        # Healthy means every node knows the JetStream meta leader: the routes are up, on TLS.
+        assert await nats_connects(cluster.urls[0], client_ssl_context(member))
+        routes = [line for line in cluster.nodes[0].config_path.read_text().splitlines() if "verify" in line]
+        assert routes == ["    verify: true"]
+
+
+async def redis_answers(url: str, files: TlsFiles) -> bool:
+    """Whether PING works at ``url`` with ``files`` as the client's TLS material."""
+    client = redis.Redis.from_url(
+        url, socket_timeout=2, socket_connect_timeout=2, **redis_tls_options(url, files)
+    )
+    try:
+        return bool(await client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        await client.aclose()
+
+
+async def test_redis_on_tls_admits_only_its_user_with_a_certificate_from_its_ca(
+    tmp_path: Path, ca: CertificateAuthority, other_ca: CertificateAuthority
+) -> None:
+    server_files = ca.write_issued(tmp_path / "server", "redis", LOCAL_HOSTS)
+    member = ca.write_issued(tmp_path / "member", "auth", LOCAL_HOSTS)
+    stranger = other_ca.write_issued(tmp_path / "stranger", "intruder", LOCAL_HOSTS)
+    async with RedisServer(tmp_path / "redis", tls=server_files, user=REDIS_USER) as server:
+        assert server.url.startswith("rediss://")
+        assert await redis_answers(server.url, member)
+        plaintext = server.url.replace("rediss://", "redis://")
+        assert not await redis_answers(plaintext, member), "a plaintext client got in"
+        foreign = TlsFiles(ca_file=member.ca_file, cert_file=stranger.cert_file, key_file=stranger.key_file)
+        assert not await redis_answers(server.url, foreign)
+        assert not await redis_answers(server.url, TlsFiles(ca_file=member.ca_file))
+        wrong_password = server.url.replace(REDIS_USER[1], "not-the-password")
+        assert not await redis_answers(wrong_password, member)
+        assert REDIS_USER[1] not in server.log_path.read_text()
+
+
+async def test_a_redis_server_from_another_ca_is_refused_by_the_client(
+    tmp_path: Path, ca: CertificateAuthority, other_ca: CertificateAuthority
+) -> None:
+    impostor = other_ca.write_issued(tmp_path / "impostor", "redis", LOCAL_HOSTS)
+    member = ca.write_issued(tmp_path / "member", "auth", LOCAL_HOSTS)
+    async with RedisServer(tmp_path / "redis", tls=impostor, user=REDIS_USER) as server:
+        assert not await redis_answers(server.url, member)

@@ -1,0 +1,51 @@
+"""``authmesh up --tls``: the whole local stack on TLS, and nothing of it reachable in plaintext."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from authmesh.bench import rpc
+from authmesh.demo import run_local_demo
+from authmesh.stack import LocalStack, grpc_health_status
+from tests.test_demo import assert_every_act_as_expected
+from tests.test_stack import FAST_ENV
+from tests.test_tls_hops import nats_connects, redis_answers
+
+
+async def test_a_tls_stack_serves_on_tls_and_refuses_plaintext_on_every_hop(tmp_path: Path) -> None:
+    async with LocalStack(replicas=1, base_dir=tmp_path, env=FAST_ENV, tls=True) as stack:
+        tls = stack.client_tls
+        assert await grpc_health_status(stack.auth_grpc, 5, tls=tls) == "SERVING"
+        assert await grpc_health_status(stack.replicas[0].grpc, 5, tls=tls) == "SERVING"
+        assert await grpc_health_status(stack.auth_grpc, 2) is None, "plaintext gRPC got an answer"
+
+        assert stack.redis_url.startswith("rediss://")
+        plaintext_redis = stack.redis_url.replace("rediss://", "redis://")
+        assert not await redis_answers(plaintext_redis, tls), "a plaintext Redis client got in"
+        assert await redis_answers(stack.redis_url, tls)
+
+        assert not await nats_connects(stack.nats_urls[0].replace("tls://", "nats://"), None)
+
+        description = json.dumps(stack.describe())
+        assert stack.secrets is not None
+        assert stack.secrets.redis_password not in description
+        assert stack.client_env()["AUTHMESH_TLS_CA_FILE"].endswith("ca.pem")
+
+
+@pytest.mark.slow
+async def test_every_act_of_the_demo_behaves_on_a_tls_stack() -> None:
+    report = await run_local_demo(2, staleness_bound=1.0, tls=True)
+
+    assert_every_act_as_expected(report, skipped=("gateway",))
+
+
+async def test_the_rpc_bench_runs_every_call_on_tls() -> None:
+    result = await rpc.measure(concurrency=(2,), slices=2, slice_s=0.1, tls=True)
+
+    assert result["config"]["tls"] is True
+    for kind in ("health", "whoami"):
+        assert result["levels"][0][kind]["errors"] == {}
+        assert result["levels"][0][kind]["per_second"] > 0
