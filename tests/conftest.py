@@ -15,8 +15,9 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as redis
 
+from authmesh._shared.errors import ConfigurationError
 from authmesh.certs import CertificateAuthority
-from authmesh.processes import NatsServer, RedisServer
+from authmesh.processes import NatsServer, RedisServer, find_tls_redis_server
 
 # A test session never holds anywhere near this many streams; the bound keeps the cleanup loop finite.
 _MAX_STREAM_PAGES = 100
@@ -25,11 +26,33 @@ _MAX_STREAM_PAGES = 100
 _REDIS_FIXTURES = frozenset({"redis_server", "redis_url", "own_redis"})
 
 
+def _no_tls_redis_server() -> str | None:
+    """Why no Redis on TLS can run here, or None when one can."""
+    try:
+        find_tls_redis_server()
+    except ConfigurationError as error:
+        return str(error)
+    return None
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test that uses a Redis fixture ``redis``."""
+    """Mark every test that uses a Redis fixture ``redis``; skip ``redis_tls`` tests without such a server.
+
+    The embedded valkey-server has no TLS, so on a machine with no ``redis-server`` the tests of Redis on
+    TLS are skipped with the reason; they are ``redis`` tests too, so CI's pass against the machine's own
+    ``redis-server`` runs them.
+    """
+    tls_missing: str | None = None
+    looked = False
     for item in items:
         if _REDIS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.redis)
+        if item.get_closest_marker("redis_tls") is not None:
+            item.add_marker(pytest.mark.redis)
+            if not looked:
+                tls_missing, looked = _no_tls_redis_server(), True
+            if tls_missing is not None:
+                item.add_marker(pytest.mark.skip(reason=tls_missing))
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

@@ -6,6 +6,7 @@ import ssl
 from pathlib import Path
 
 import nats
+import pytest
 import redis.asyncio as redis
 from nats.errors import NoServersError
 
@@ -86,6 +87,7 @@ async def redis_answers(url: str, files: TlsFiles) -> bool:
         await client.aclose()
 
 
+@pytest.mark.redis_tls
 async def test_redis_on_tls_admits_only_its_user_with_a_certificate_from_its_ca(
     tmp_path: Path, ca: CertificateAuthority, other_ca: CertificateAuthority
 ) -> None:
@@ -105,6 +107,7 @@ async def test_redis_on_tls_admits_only_its_user_with_a_certificate_from_its_ca(
         assert REDIS_USER[1] not in server.log_path.read_text()
 
 
+@pytest.mark.redis_tls
 async def test_a_redis_server_from_another_ca_is_refused_by_the_client(
     tmp_path: Path, ca: CertificateAuthority, other_ca: CertificateAuthority
 ) -> None:

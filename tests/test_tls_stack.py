@@ -14,6 +14,9 @@ from tests.test_demo import assert_every_act_as_expected
 from tests.test_stack import FAST_ENV
 from tests.test_tls_hops import nats_connects, redis_answers
 
+# The stack's Redis on TLS needs a redis-server built with TLS (the embedded valkey-server has none).
+pytestmark = pytest.mark.redis_tls
+
 
 async def test_a_tls_stack_serves_on_tls_and_refuses_plaintext_on_every_hop(tmp_path: Path) -> None:
     async with LocalStack(replicas=1, base_dir=tmp_path, env=FAST_ENV, tls=True) as stack:
