@@ -932,7 +932,6 @@ class AuthStore:
         )
         return _revocation(result)
 
-    @_store_call("EVALSHA revoke_user")
     @_store_call("EVALSHA revoke_key_binding")
     async def revoke_key_binding(
         self, jkt: str, now_ms: int, event_id: str, event_json: str, keep_ms: int
@@ -955,6 +954,7 @@ class AuthStore:
         """Whether a DPoP key binding has been revoked."""
         return bool(await self._redis.exists(revoked_jkt_key(jkt)))
 
+    @_store_call("EVALSHA revoke_user")
     async def revoke_user(
         self, sub: str, now_ms: int, event_id: str, event_json: str, *, disable_reason: str = ""
     ) -> RevocationResult:
