@@ -15,6 +15,10 @@ attacker's refresh is refused and alice logs in again; refresh-token reuse kills
 compromised signing key is retired; a replica cut off from NATS fails closed and recovers (only when
 the stack can cut a replica's NATS link). :func:`run_demo` returns a :class:`DemoReport`; a
 :class:`Narrator` hears about each act as it happens.
+
+The stack's description (:mod:`authmesh.demo_target`), the report (:mod:`authmesh.demo_report`), the
+narrator (:mod:`authmesh.demo_narrator`) and the one-line texts (:mod:`authmesh.demo_wording`) live in
+modules of their own; this module re-exports what its importers use.
 """
 
 from __future__ import annotations
