@@ -28,6 +28,7 @@ from authmesh._auth_service.redis_scripts import ReplicaAck
 from authmesh._auth_service.servicer import AuthServicer
 from authmesh._auth_service.store import AuthStore
 from authmesh._shared.connecting import StartupConnection, address_of
+from authmesh._shared.dpop import proof_gate
 from authmesh._shared.grpc_server import RunningServer, start_grpc_server
 from authmesh._shared.http_server import HttpServer, join_host_port, split_host_port
 from authmesh._shared.lifecycle import Startable, run_until_signalled
@@ -122,7 +123,7 @@ class AuthApp(Startable):
         self._stack.push_async_callback(self.core.wait_settled)
         await self._ensure_accounts(self.core)
 
-        servicer = AuthServicer(self.core)
+        servicer = AuthServicer(self.core, proof_gate(settings, settings.grpc_listen, settings.auth_audience))
         self._grpc = await start_grpc_server(
             settings.grpc_listen,
             register=lambda server: auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server),

@@ -36,6 +36,8 @@ from authmesh._auth_service.store import (
 from authmesh._shared.claims import ACCESS_TOKEN_TYPE, AccessClaims, new_uuid7
 from authmesh._shared.errors import (
     AlreadyExists,
+    DpopKeyMismatch,
+    DpopProofMissing,
     InvalidCredentials,
     InvalidRefreshToken,
     KeyRevoked,
@@ -52,6 +54,7 @@ from authmesh._shared.errors import (
 )
 from authmesh._shared.events import (
     EventBody,
+    KeyBindingRevokedEvent,
     KeyRevokedEvent,
     KeyRotatedEvent,
     SecurityEvent,
@@ -80,6 +83,7 @@ class IssuedTokens:
     refresh_expires_in: int
     session_id: str
     scopes: tuple[str, ...]
+    jkt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +145,16 @@ class AuthCore:
 
     # credentials
 
-    async def login(self, username: str, password: str, scopes: list[str]) -> IssuedTokens:
+    async def login(
+        self, username: str, password: str, scopes: list[str], *, jkt: str | None = None
+    ) -> IssuedTokens:
         """Check a password and open a session.
+
+        Args:
+            username: The user.
+            password: Their password.
+            scopes: Scopes asked for.
+            jkt: The key of the request's verified DPoP proof: the session and its tokens are bound to it.
 
         Raises:
             InvalidRequest: Malformed fields, or scopes the user does not hold.
@@ -153,6 +165,8 @@ class AuthCore:
         validation.username(username)
         validation.password(password)
         requested = validation.scopes(scopes)
+        if jkt is not None and await self._store.key_binding_revoked(jkt):
+            raise TokenRevoked("key binding revoked", code="TOKEN_REVOKED")
         user, matched = await self._check_password(username, password)
         if not matched:
             self._metrics.logins.labels("invalid_credentials").inc()
@@ -176,6 +190,7 @@ class AuthCore:
                     scopes=grant.scopes,
                     created_ms=now_ms,
                     revoked_ms=0,
+                    jkt=jkt,
                 ),
                 hash_refresh_token(refresh_token),
                 self._settings.refresh_token_ttl * 1000,
@@ -184,7 +199,7 @@ class AuthCore:
             audit("login_failed", user=username_hash(username), sub=user.sub, reason="USER_DISABLED")
             raise
         access_token = await self._mint(
-            sub=user.sub, sid=sid, grant=grant, client_id=username, issued_ms=issued_ms
+            sub=user.sub, sid=sid, grant=grant, client_id=username, issued_ms=issued_ms, jkt=jkt
         )
         self._metrics.logins.labels("ok").inc()
         audit(
@@ -194,7 +209,7 @@ class AuthCore:
             sid=sid,
             scopes=" ".join(grant.scopes),
         )
-        return self._pair(access_token, refresh_token, sid, grant.scopes)
+        return self._pair(access_token, refresh_token, sid, grant.scopes, jkt)
 
     async def _check_password(self, username: str, password: str) -> tuple[UserRecord | None, bool]:
         """The user and whether ``password`` is theirs, within the username's failure budget.
@@ -255,14 +270,18 @@ class AuthCore:
         if not task.cancelled() and task.exception() is not None:
             _log.warning("a login's password check was not settled", error=type(task.exception()).__name__)
 
-    async def refresh(self, refresh_token: str) -> IssuedTokens:
+    async def refresh(self, refresh_token: str, *, jkt: str | None = None) -> IssuedTokens:
         """Spend a refresh token and issue a new pair in the same session.
+
+        A session bound to a DPoP key refreshes only with a proof of that key (``jkt``), and a proof of
+        any key does not bind a session that is not bound.
 
         Raises:
             InvalidRefreshToken: Unknown, expired, or its session or its user is revoked.
             RefreshTokenReused: A spent token: the session is now revoked and broadcast.
             UserDisabled: The account is disabled.
             Unavailable: The reuse (or an earlier one's) event could not be broadcast yet.
+            DpopKeyMismatch: The request did not prove the session's key.
         """
         validation.token(refresh_token, "refresh_token")
         successor = _new_refresh_token()
@@ -274,6 +293,7 @@ class AuthCore:
             now_ms,
             self._settings.refresh_token_ttl * 1000,
             reuse_event_id,
+            jkt,
         )
         self._refreshes(result.status).inc()
         if result.status == "reused":
@@ -295,6 +315,8 @@ class AuthCore:
             await self._publisher.deliver(result.revoke_event)
         if result.status == "disabled":
             raise UserDisabled()
+        if result.status == "key_mismatch":
+            raise DpopProofMissing() if jkt is None else DpopKeyMismatch()
         if result.status != "ok":
             raise InvalidRefreshToken()
         grant = self._audiences.of_session(result.scopes)
@@ -305,8 +327,9 @@ class AuthCore:
             client_id=result.username,
             active_kid=result.active_kid,
             issued_ms=result.issued_ms,
+            jkt=result.jkt,
         )
-        return self._pair(access_token, successor, result.sid, grant.scopes)
+        return self._pair(access_token, successor, result.sid, grant.scopes, result.jkt)
 
     async def logout(self, refresh_token: str) -> RevocationResult:
         """Revoke the session a refresh token belongs to.
@@ -344,7 +367,7 @@ class AuthCore:
         validation.reason(reason)
         if token.count(".") == 2:
             try:
-                claims = await self._verify_signed(token, any_audience=True)
+                claims = await self._verify_signed(token, any_audience=True, ignore_binding=True)
             except (TokenExpired, KeyRevoked):
                 # Already dead everywhere: nothing to broadcast.
                 return RevocationResult(self._now_ms(), "", already=True)
@@ -390,6 +413,27 @@ class AuthCore:
             NotFound: No such user.
         """
         return await self._cut_user(caller, sub, reason, disable=False)
+
+    async def revoke_key_binding(self, caller: AccessClaims, jkt: str, reason: str) -> RevocationResult:
+        """Revoke a DPoP key binding (a lost device): its tokens are refused, its sessions cannot refresh.
+
+        Raises:
+            WrongAudience: The caller's token is not for the auth audience.
+            InsufficientScope: The caller is not an admin.
+            InvalidRequest: ``jkt`` is not a thumbprint.
+        """
+        self._audiences.require_auth_scope(caller, ADMIN_SCOPE)
+        validation.jkt(jkt)
+        validation.reason(reason)
+        now_ms = self._now_ms()
+        event = self._event(KeyBindingRevokedEvent(jkt=jkt), now_ms)
+        result = await self._store.revoke_key_binding(
+            jkt, now_ms, event.event_id, to_record(event), self._settings.refresh_token_ttl * 1000
+        )
+        await self._broadcast(event, result)
+        self._metrics.revocations.labels("key_binding").inc()
+        _log.info("key binding revoked", jkt=jkt, by=caller.sub, reason=reason)
+        return result
 
     async def disable_user(self, caller: AccessClaims, sub: str, reason: str) -> RevocationResult:
         """Disable an account: no login or refresh until enabled again; every session is revoked.
@@ -515,7 +559,7 @@ class AuthCore:
         self._audiences.require_auth_scope(caller, SERVICE_SCOPE, ADMIN_SCOPE)
         validation.token(token)
         try:
-            claims = await self._verify_fresh(token)
+            claims = await self._verify_fresh(token, ignore_binding=True)
         except TokenRejected as error:
             return Introspection(active=False, inactive_reason=error.code)
         return Introspection(active=True, claims=claims)
@@ -621,36 +665,42 @@ class AuthCore:
             raise TokenMissing()
         return await self._verify_fresh(bearer, any_audience=True)
 
-    async def _verify_signed(self, token: str, *, any_audience: bool = False) -> AccessClaims:
+    async def _verify_signed(
+        self, token: str, *, any_audience: bool = False, ignore_binding: bool = False
+    ) -> AccessClaims:
         """Signature and claims, reloading the keys once for a kid another replica just made.
 
         Args:
             token: The access token.
             any_audience: Accept the auth audience as well as the resource audience (a caller's own
                 token, or a token to revoke); otherwise the resource audience only.
+            ignore_binding: The token is looked at, not presented as a credential (a key-bound token
+                is a credential only with a DPoP proof, which the auth service's own API does not take).
         """
         try:
-            return self._verify_audiences(token, any_audience)
+            return self._verify_audiences(token, any_audience, ignore_binding)
         except UnknownKey:
             # Garbage kids must not each cost a Redis reload: at most one per cooldown.
             if time.monotonic() - self._last_key_reload < KEY_RELOAD_COOLDOWN_SECONDS:
                 raise
             self._last_key_reload = time.monotonic()
             await self._keyring.reload()
-            return self._verify_audiences(token, any_audience)
+            return self._verify_audiences(token, any_audience, ignore_binding)
 
-    def _verify_audiences(self, token: str, any_audience: bool) -> AccessClaims:
+    def _verify_audiences(self, token: str, any_audience: bool, ignore_binding: bool) -> AccessClaims:
         if not any_audience:
-            return self._resource_verifier.verify(token)
+            return self._resource_verifier.verify(token, ignore_binding=ignore_binding)
         try:
-            return self._auth_verifier.verify(token)
+            return self._auth_verifier.verify(token, ignore_binding=ignore_binding)
         except WrongAudience:
-            return self._resource_verifier.verify(token)
+            return self._resource_verifier.verify(token, ignore_binding=ignore_binding)
 
-    async def _verify_fresh(self, token: str, *, any_audience: bool = False) -> AccessClaims:
-        claims = await self._verify_signed(token, any_audience=any_audience)
+    async def _verify_fresh(
+        self, token: str, *, any_audience: bool = False, ignore_binding: bool = False
+    ) -> AccessClaims:
+        claims = await self._verify_signed(token, any_audience=any_audience, ignore_binding=ignore_binding)
         reason = await self._store.revocation_reason(
-            claims.jti, claims.sid, claims.sub, claims.issued_at_ms, claims.kid
+            claims.jti, claims.sid, claims.sub, claims.issued_at_ms, claims.kid, claims.jkt
         )
         if reason == "KEY_REVOKED":
             raise KeyRevoked()
@@ -687,6 +737,7 @@ class AuthCore:
         client_id: str,
         issued_ms: int,
         active_kid: str | None = None,
+        jkt: str | None = None,
     ) -> str:
         """Sign an access token issued at ``issued_ms``, the instant Redis dated it by."""
         key = await self._keyring.signing_key(active_kid)
@@ -703,10 +754,13 @@ class AuthCore:
             scopes=grant.scopes,
             client_id=client_id,
             kid=key.kid,
+            jkt=jkt,
         )
         return sign_compact({"typ": ACCESS_TOKEN_TYPE, "kid": key.kid}, claims.to_payload(), key.private_key)
 
-    def _pair(self, access_token: str, refresh_token: str, sid: str, scopes: tuple[str, ...]) -> IssuedTokens:
+    def _pair(
+        self, access_token: str, refresh_token: str, sid: str, scopes: tuple[str, ...], jkt: str | None = None
+    ) -> IssuedTokens:
         return IssuedTokens(
             access_token=access_token,
             refresh_token=refresh_token,
@@ -714,6 +768,7 @@ class AuthCore:
             refresh_expires_in=self._settings.refresh_token_ttl,
             session_id=sid,
             scopes=scopes,
+            jkt=jkt,
         )
 
     def _event(self, body: EventBody, now_ms: int) -> SecurityEvent:

@@ -12,6 +12,7 @@ import structlog
 from authmesh._auth_service.core import AuthCore, IssuedTokens
 from authmesh._auth_service.snapshot_chunks import snapshot_chunks
 from authmesh._auth_service.store import RevocationResult
+from authmesh._shared.dpop import LOGIN_METHOD, REFRESH_METHOD, DpopMode, ProofGate, proof_from_metadata
 from authmesh._shared.errors import AuthError
 from authmesh._shared.grpc_errors import abort_with_error, bearer_token
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
@@ -47,7 +48,7 @@ def _pair(tokens: IssuedTokens) -> auth_pb2.TokenPair:
     return auth_pb2.TokenPair(
         access_token=tokens.access_token,
         refresh_token=tokens.refresh_token,
-        token_type="Bearer",
+        token_type="DPoP" if tokens.jkt is not None else "Bearer",
         expires_in=tokens.expires_in,
         refresh_expires_in=tokens.refresh_expires_in,
         session_id=tokens.session_id,
@@ -64,23 +65,33 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     Args:
         core: The service's behaviour.
+        dpop: Which DPoP proofs Login and Refresh take (bearer only when None).
     """
 
-    def __init__(self, core: AuthCore) -> None:
+    def __init__(self, core: AuthCore, dpop: ProofGate | None = None) -> None:
         self._core = core
+        self._dpop = dpop if dpop is not None else ProofGate(DpopMode.OFF, None)
+
+    def _proven_key(self, context: Context, method: str) -> str | None:
+        proof = proof_from_metadata(context.invocation_metadata())
+        return self._dpop.proven_key(proof, method, dpop_scheme=proof is not None)
 
     async def _caller(self, context: Context) -> Any:
         return await self._core.authenticate(bearer_token(context.invocation_metadata()))
 
     @unary
     async def Login(self, request: auth_pb2.LoginRequest, context: Context) -> auth_pb2.TokenPair:
-        """Check a password and open a session."""
-        return _pair(await self._core.login(request.username, request.password, list(request.scopes)))
+        """Check a password and open a session (bound to the key of a DPoP proof, when one comes)."""
+        jkt = self._proven_key(context, LOGIN_METHOD)
+        return _pair(
+            await self._core.login(request.username, request.password, list(request.scopes), jkt=jkt)
+        )
 
     @unary
     async def Refresh(self, request: auth_pb2.RefreshRequest, context: Context) -> auth_pb2.TokenPair:
-        """Rotate a refresh token."""
-        return _pair(await self._core.refresh(request.refresh_token))
+        """Rotate a refresh token (a bound session's needs a proof of its key)."""
+        jkt = self._proven_key(context, REFRESH_METHOD)
+        return _pair(await self._core.refresh(request.refresh_token, jkt=jkt))
 
     @unary
     async def Logout(self, request: auth_pb2.LogoutRequest, context: Context) -> auth_pb2.RevokeResponse:
@@ -110,6 +121,14 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         """Revoke a user."""
         caller = await self._caller(context)
         return _revoked(await self._core.revoke_user(caller, request.subject, request.reason))
+
+    @unary
+    async def RevokeKeyBinding(
+        self, request: auth_pb2.RevokeKeyBindingRequest, context: Context
+    ) -> auth_pb2.RevokeResponse:
+        """Revoke a DPoP key binding (admin)."""
+        caller = await self._caller(context)
+        return _revoked(await self._core.revoke_key_binding(caller, request.jkt, request.reason))
 
     @unary
     async def DisableUser(

@@ -2,7 +2,8 @@
 
 A gRPC client refuses a message over its receive limit (4 MiB by default) with ``RESOURCE_EXHAUSTED``,
 so every chunk is kept under :data:`SNAPSHOT_CHUNK_BYTES`, whatever kind of entry fills it: tokens, then
-sessions, then users, then retired keys, each kind carried over into as many chunks as it needs.
+sessions, then users, then retired keys, then revoked DPoP key bindings, each kind carried over into as
+many chunks as it needs.
 
 A chunk's size is counted from its entries' strings (their UTF-8 bytes) plus an upper bound on the
 tags, lengths and varints around them, so the count never falls short of the encoded size. Chunks are
@@ -31,6 +32,7 @@ _TOKEN_OVERHEAD = 2 * _LENGTH_DELIMITED + _INTEGER
 _SESSION_OVERHEAD = 3 * _LENGTH_DELIMITED + _INTEGER
 _USER_OVERHEAD = 2 * _LENGTH_DELIMITED + _INTEGER
 _KID_OVERHEAD = _LENGTH_DELIMITED
+_KEY_BINDING_OVERHEAD = 2 * _LENGTH_DELIMITED + _INTEGER
 
 
 _Chunk = auth_pb2.RevocationSnapshotChunk
@@ -104,6 +106,12 @@ def _add_kids(chunk: _Chunk, kids: Sequence[str]) -> None:
     chunk.retired_key_ids.extend(kids)
 
 
+def _add_key_bindings(chunk: _Chunk, bindings: Sequence[tuple[str, int]]) -> None:
+    add = chunk.key_bindings.add
+    for jkt, revoked_ms in bindings:
+        add(jkt=jkt, revoked_at_unix_ms=revoked_ms)
+
+
 def snapshot_chunks(
     snapshot: RevocationSnapshot, sequence: int, max_bytes: int = SNAPSHOT_CHUNK_BYTES
 ) -> Iterator[auth_pb2.RevocationSnapshotChunk]:
@@ -115,7 +123,7 @@ def snapshot_chunks(
         max_bytes: Size bound of one chunk (an entry larger than it travels alone).
 
     Yields:
-        The chunks, in order: tokens, sessions, users, retired keys.
+        The chunks, in order: tokens, sessions, users, retired keys, key bindings.
     """
     chunks = _Chunks(sequence, max_bytes)
     tokens, sessions, users, kids = (
@@ -129,4 +137,7 @@ def snapshot_chunks(
     yield from chunks.fill(sessions, sizes, _add_sessions)
     yield from chunks.fill(users, [_USER_OVERHEAD + len(sub.encode()) for sub, _ in users], _add_users)
     yield from chunks.fill(kids, [_KID_OVERHEAD + len(kid.encode()) for kid in kids], _add_kids)
+    bindings = snapshot.key_bindings
+    sizes = [_KEY_BINDING_OVERHEAD + len(jkt.encode()) for jkt, _ in bindings]
+    yield from chunks.fill(bindings, sizes, _add_key_bindings)
     yield chunks.last()

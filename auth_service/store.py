@@ -38,7 +38,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -65,6 +65,7 @@ ACTIVE_KID = PREFIX + "keys:active"
 REVOKED_JTIS = PREFIX + "revoked_jtis"
 REVOKED_SESSIONS = PREFIX + "revoked_sessions"
 REVOKED_USERS = PREFIX + "revoked_users"
+REVOKED_KEY_BINDINGS = PREFIX + "revoked_jkts"
 RETIRED_KEYS = PREFIX + "retired_keys"
 USERS = PREFIX + "users"
 # SCAN batch of the start-up user index backfill.
@@ -212,6 +213,11 @@ def revoked_jti_key(jti: str) -> str:
     return f"{PREFIX}revoked_jti:{jti}"
 
 
+def revoked_jkt_key(jkt: str) -> str:
+    """A revoked DPoP key binding (kept as long as a refresh token lives)."""
+    return f"{PREFIX}revoked_jkt:{jkt}"
+
+
 def key_record_key(kid: str) -> str:
     """A signing key record."""
     return f"{PREFIX}key:{kid}"
@@ -287,21 +293,29 @@ return 1
 
 # KEYS: refresh(old), refresh(new), outbox, revoked_sessions, active kid
 # ARGV: now_ms, new_exp_ms, ttl_ms, reuse_event_id, session_prefix, user_nbf prefix,
-#       user_disabled prefix, user_sessions prefix
-# Returns {ok, sid, sub, scopes, username, active kid, issue ms}, {reused, sid, sub, active kid},
+#       user_disabled prefix, user_sessions prefix, the jkt of the request's DPoP proof ('' for none),
+#       revoked_jkt prefix
+# Returns {ok, sid, sub, scopes, username, active kid, issue ms, jkt}, {reused, sid, sub, active kid},
 # {revoked, sid, sub, the event that revoked it}, {disabled, sid, sub} or {invalid}. The active kid
 # rides along so that minting the new access token, or signing the reuse event, needs no second round
 # trip. A session opened at or before its user's cut is revoked whatever the per-user set remembers,
 # and the new token's issue instant is after that cut: Redis decides both in one step, so a replica
-# (which knows only the cut) and Introspect (which reads the session) always agree.
+# (which knows only the cut) and Introspect (which reads the session) always agree. A session bound to
+# a DPoP key is refused ({key_mismatch}) before anything else, spent or not, unless the request proves
+# that key: a stolen refresh token without the key neither rotates nor revokes anything.
 _ROTATE_REFRESH = """
 local old = redis.call('HMGET', KEYS[1], 'sid', 'state', 'exp_ms')
 if not old[1] then return {'invalid'} end
 local now = tonumber(ARGV[1])
 if tonumber(old[3]) <= now then return {'invalid'} end
 local skey = ARGV[5] .. old[1]
-local s = redis.call('HMGET', skey, 'sub', 'scopes', 'username', 'revoked_ms', 'created_ms', 'revoke_event')
+local s = redis.call('HMGET', skey, 'sub', 'scopes', 'username', 'revoked_ms', 'created_ms', 'revoke_event',
+                     'jkt')
 if not s[1] then return {'invalid'} end
+if (s[7] or '') ~= ARGV[9] then return {'key_mismatch', old[1], s[1]} end
+if ARGV[9] ~= '' and redis.call('EXISTS', ARGV[10] .. ARGV[9]) == 1 then
+  return {'revoked', old[1], s[1], ''}
+end
 if s[4] ~= '0' then return {'revoked', old[1], s[1], s[6] or ''} end
 local cut = tonumber(redis.call('GET', ARGV[6] .. s[1]) or '0')
 if cut >= tonumber(s[5]) then return {'revoked', old[1], s[1], ''} end
@@ -323,11 +337,12 @@ redis.call('HSET', skey, 'refresh', KEYS[2], 'last_ms', string.format('%d', issu
 if redis.call('PTTL', skey) < tonumber(ARGV[3]) then redis.call('PEXPIRE', skey, ARGV[3]) end
 local sessions = ARGV[8] .. s[1]
 if redis.call('PTTL', sessions) < tonumber(ARGV[3]) then redis.call('PEXPIRE', sessions, ARGV[3]) end
-return {'ok', old[1], s[1], s[2], s[3], redis.call('GET', KEYS[5]) or '', string.format('%d', issued)}
+return {'ok', old[1], s[1], s[2], s[3], redis.call('GET', KEYS[5]) or '', string.format('%d', issued),
+        s[7] or ''}
 """
 
 # KEYS: session, refresh, user_sessions, user_nbf, user_disabled
-# ARGV: now_ms, ttl_ms, sid, sub, username, scopes
+# ARGV: now_ms, ttl_ms, sid, sub, username, scopes, jkt of the DPoP key the session is bound to ('' for none)
 # Returns {ok, issue ms} or {disabled}. The session is born after its user's latest cut (its issue
 # instant is moved past the cut when this clock is behind the one that made it), so a Login racing a
 # RevokeUser either lands before the cut (and is revoked with everything else) or after it.
@@ -339,7 +354,7 @@ if issued <= cut then issued = cut + 1 end
 local ms = string.format('%d', issued)
 local ttl = tonumber(ARGV[2])
 redis.call('HSET', KEYS[1], 'sub', ARGV[4], 'username', ARGV[5], 'scopes', ARGV[6], 'created_ms', ms,
-           'last_ms', ms, 'refresh', KEYS[2], 'revoked_ms', '0', 'revoke_event', '')
+           'last_ms', ms, 'refresh', KEYS[2], 'revoked_ms', '0', 'revoke_event', '', 'jkt', ARGV[7])
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('HSET', KEYS[2], 'sid', ARGV[3], 'state', 'live', 'exp_ms', string.format('%d', issued + ttl))
 redis.call('PEXPIRE', KEYS[2], ttl)
@@ -383,8 +398,8 @@ redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
 return {'ok', ARGV[1], ARGV[2], active}
 """
 
-# KEYS: revoked_jti, revoked_jtis, outbox, active kid
-# ARGV: now_ms, event_id, event_json, jti, exp (s), ttl_ms
+# KEYS: revoked_jti, revoked_jtis, outbox, active kid (or a DPoP key binding's marker and zset)
+# ARGV: now_ms, event_id, event_json, jti (or jkt), zset score (exp in s, or now_ms), ttl_ms
 # status ok | already.
 _REVOKE_TOKEN = """
 local active = redis.call('GET', KEYS[4]) or ''
@@ -444,13 +459,15 @@ return {'ok', ms, ARGV[2], redis.call('GET', KEYS[6]) or ''}
 # KEYS: active, keys set, new key record, previous key record, outbox, retired_keys
 # ARGV: expected previous kid, new kid, sealed, now_ms, previous state, previous not_after_ms,
 #       then pairs of (event_id, event_json)
-# KEYS: revoked_jti, session, user_nbf, key record
-# Returns {jti revoked (0|1), session revoked_ms, user nbf_ms, key state}, '' for what is not stored. A
+# KEYS: revoked_jti, session, user_nbf, key record, revoked_jkt
+# Returns {jti revoked (0|1), session revoked_ms, user nbf_ms, key state, key binding revoked (0|1)}, ''
+# for what is not stored. A
 # script rather than a pipeline: this check guards every authenticated call and Introspect, and a script
 # call costs the client less than half the CPU of redis-py's pipeline (about 130 µs against 350 µs).
 _REVOCATION_STATE = """
 return {redis.call('EXISTS', KEYS[1]), redis.call('HGET', KEYS[2], 'revoked_ms') or '',
-        redis.call('GET', KEYS[3]) or '', redis.call('HGET', KEYS[4], 'state') or ''}
+        redis.call('GET', KEYS[3]) or '', redis.call('HGET', KEYS[4], 'state') or '',
+        redis.call('EXISTS', KEYS[5])}
 """
 
 # KEYS: outbox
@@ -459,8 +476,8 @@ _OUTBOX_DONE = """
 return redis.call('HDEL', KEYS[1], ARGV[1])
 """
 
-# KEYS: revoked_jtis, revoked_sessions, revoked_users, retired_keys
-# ARGV: expired jtis up to (s), expired sessions and users up to (ms)
+# KEYS: revoked_jtis, revoked_sessions, revoked_users, retired_keys, revoked_key_bindings
+# ARGV: expired jtis up to (s), expired sessions, users and key bindings up to (ms)
 # Drops what can no longer matter, then returns {jti, exp, …}, {"sid sub", revoked_ms, …},
 # {sub, nbf_ms, …} and {kid, …}: flat arrays that hiredis parses in C, where redis-py's pipeline turned
 # every score into a Python float and every member into a tuple: 0.3 to 0.5 s of CPU per 100k tokens
@@ -469,10 +486,12 @@ _SNAPSHOT = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', ARGV[2])
 return {redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES'),
         redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES'),
         redis.call('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES'),
-        redis.call('ZRANGE', KEYS[4], 0, -1)}
+        redis.call('ZRANGE', KEYS[4], 0, -1),
+        redis.call('ZRANGE', KEYS[5], 0, -1, 'WITHSCORES')}
 """
 
 _ROTATE_KEY = """
@@ -537,6 +556,7 @@ class SessionRecord:
     scopes: tuple[str, ...]
     created_ms: int
     revoked_ms: int
+    jkt: str | None = None
 
     @property
     def revoked(self) -> bool:
@@ -549,10 +569,12 @@ class RotationResult:
     """What a refresh-token rotation found.
 
     ``status`` is ``ok`` (rotated), ``invalid`` (unknown or expired), ``revoked`` (its session or its
-    user is revoked), ``disabled`` (its user is disabled) or ``reused`` (a spent token: the session has
-    just been revoked, its event is in the outbox). ``active_kid`` and ``issued_ms`` (the issue instant
-    of the new access token) come with ``ok``, ``active_kid`` with ``reused``; ``revoke_event`` is the
-    event that revoked the session, when a session revocation did.
+    user is revoked), ``disabled`` (its user is disabled), ``key_mismatch`` (the session is bound to a
+    DPoP key the request did not prove, or the request proved a key the session is not bound to) or
+    ``reused`` (a spent token: the session has just been revoked, its event is in the outbox).
+    ``active_kid`` and ``issued_ms`` (the issue instant of the new access token) and ``jkt`` (the
+    session's DPoP key) come with ``ok``, ``active_kid`` with ``reused``; ``revoke_event`` is the event
+    that revoked the session, when a session revocation did.
     """
 
     status: str
@@ -563,6 +585,7 @@ class RotationResult:
     active_kid: str | None = None
     issued_ms: int = 0
     revoke_event: str = ""
+    jkt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -604,6 +627,7 @@ class RevocationSnapshot:
     sessions: list[tuple[str, str, int]]
     users: list[tuple[str, int]]
     retired_key_ids: list[str]
+    key_bindings: list[tuple[str, int]] = field(default_factory=list)
 
 
 class AuthStore:
@@ -793,6 +817,7 @@ class AuthStore:
                 session.sub,
                 session.username,
                 " ".join(session.scopes),
+                session.jkt or "",
             ],
             ack=self._replica_ack,
         )
@@ -814,6 +839,7 @@ class AuthStore:
             scopes=tuple(data["scopes"].split()),
             created_ms=int(data["created_ms"]),
             revoked_ms=int(data["revoked_ms"]),
+            jkt=data.get("jkt") or None,
         )
 
     @_store_call("HGET")
@@ -824,9 +850,18 @@ class AuthStore:
 
     @_store_call("EVALSHA rotate_refresh")
     async def rotate_refresh(
-        self, old_hash: str, new_hash: str, now_ms: int, ttl_ms: int, reuse_event_id: str
+        self,
+        old_hash: str,
+        new_hash: str,
+        now_ms: int,
+        ttl_ms: int,
+        reuse_event_id: str,
+        jkt: str | None = None,
     ) -> RotationResult:
-        """Spend a refresh token and store its successor, atomically; detect reuse."""
+        """Spend a refresh token and store its successor, atomically; detect reuse.
+
+        ``jkt`` is the key the request proved possession of (DPoP): it must be the session's binding.
+        """
         result = await self._scripts.run(
             self._rotate_refresh,
             keys=[refresh_key(old_hash), refresh_key(new_hash), OUTBOX, REVOKED_SESSIONS, ACTIVE_KID],
@@ -839,6 +874,8 @@ class AuthStore:
                 f"{PREFIX}user_nbf:",
                 f"{PREFIX}user_disabled:",
                 f"{PREFIX}user_sessions:",
+                jkt or "",
+                f"{PREFIX}revoked_jkt:",
             ],
             ack=self._replica_ack,
         )
@@ -853,12 +890,13 @@ class AuthStore:
                 values[4],
                 values[5] or None,
                 issued_ms=int(values[6]),
+                jkt=values[7] or None,
             )
         if status == "reused":
             return RotationResult(status, values[1], values[2], active_kid=values[3] or None)
         if status == "revoked":
             return RotationResult(status, values[1], values[2], revoke_event=values[3])
-        if status == "disabled":
+        if status in ("disabled", "key_mismatch"):
             return RotationResult(status, values[1], values[2])
         return RotationResult(status)
 
@@ -895,6 +933,28 @@ class AuthStore:
         return _revocation(result)
 
     @_store_call("EVALSHA revoke_user")
+    @_store_call("EVALSHA revoke_key_binding")
+    async def revoke_key_binding(
+        self, jkt: str, now_ms: int, event_id: str, event_json: str, keep_ms: int
+    ) -> RevocationResult:
+        """Record a DPoP key binding as revoked and queue its event; idempotent.
+
+        The marker (checked by Login, Refresh and Introspect) lives ``keep_ms``, as long as a refresh
+        token; the snapshot's entry, scored by the revocation instant, as long as an access token.
+        """
+        # The token revocation's script: the same marker, zset entry and outbox write.
+        result = await self._scripts.run(
+            self._revoke_token,
+            keys=[revoked_jkt_key(jkt), REVOKED_KEY_BINDINGS, OUTBOX, ACTIVE_KID],
+            args=[now_ms, event_id, event_json, jkt, now_ms, max(keep_ms, 1)],
+        )
+        return _revocation(result)
+
+    @_store_call("EXISTS")
+    async def key_binding_revoked(self, jkt: str) -> bool:
+        """Whether a DPoP key binding has been revoked."""
+        return bool(await self._redis.exists(revoked_jkt_key(jkt)))
+
     async def revoke_user(
         self, sub: str, now_ms: int, event_id: str, event_json: str, *, disable_reason: str = ""
     ) -> RevocationResult:
@@ -937,17 +997,23 @@ class AuthStore:
 
     @_store_call("EVALSHA revocation_state")
     async def revocation_reason(
-        self, jti: str, sid: str, sub: str, issued_at_ms: int, kid: str
+        self, jti: str, sid: str, sub: str, issued_at_ms: int, kid: str, jkt: str | None = None
     ) -> str | None:
         """Why a token is revoked (a stable code), or None if it is not."""
         reply = await self._scripts.run(
             self._revocation_state,
-            keys=[revoked_jti_key(jti), session_key(sid), user_nbf_key(sub), key_record_key(kid)],
+            keys=[
+                revoked_jti_key(jti),
+                session_key(sid),
+                user_nbf_key(sub),
+                key_record_key(kid),
+                revoked_jkt_key(jkt or ""),
+            ],
             args=[],
         )
         jti_revoked = int(reply[0])
-        session_revoked_ms, user_nbf, key_state = (_text(value) for value in reply[1:])
-        if jti_revoked:
+        session_revoked_ms, user_nbf, key_state = (_text(value) for value in reply[1:4])
+        if jti_revoked or (jkt is not None and int(reply[4])):
             return "TOKEN_REVOKED"
         if user_nbf and issued_at_ms <= int(user_nbf):
             return "USER_REVOKED"
@@ -962,9 +1028,9 @@ class AuthStore:
         """Every revocation that can still matter (newer than one access-token lifetime)."""
         horizon = now_ms - self._revocation_horizon_ms
         # A revoked jti matters until its token expires (its score is that exp, in seconds).
-        tokens, sessions, users, retired = await self._scripts.run(
+        tokens, sessions, users, retired, key_bindings = await self._scripts.run(
             self._snapshot,
-            keys=[REVOKED_JTIS, REVOKED_SESSIONS, REVOKED_USERS, RETIRED_KEYS],
+            keys=[REVOKED_JTIS, REVOKED_SESSIONS, REVOKED_USERS, RETIRED_KEYS, REVOKED_KEY_BINDINGS],
             args=[(now_ms - self._expiry_margin_ms) // 1000, horizon],
         )
         return RevocationSnapshot(
@@ -972,6 +1038,7 @@ class AuthStore:
             sessions=[(*_sid_and_sub(member), int(revoked_ms)) for member, revoked_ms in _pairs(sessions)],
             users=[(_text(sub), int(nbf)) for sub, nbf in _pairs(users)],
             retired_key_ids=[_text(kid) for kid in retired],
+            key_bindings=[(_text(jkt), int(revoked_ms)) for jkt, revoked_ms in _pairs(key_bindings)],
         )
 
     # outbox

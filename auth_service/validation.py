@@ -22,6 +22,8 @@ _USERNAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]*")
 # RFC 6749 §3.3 scope-token: printable ASCII except space, '"' and '\'.
 _SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,64}")
 _ID = re.compile(r"[A-Za-z0-9_.:-]+")
+# An RFC 7638 SHA-256 thumbprint: 32 bytes as unpadded base64url.
+_JKT = re.compile(r"[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
 
 
 def _required(name: str, value: str, limit: int) -> str:
@@ -61,6 +63,14 @@ def identifier(value: str, name: str) -> str:
     _required(name, value, MAX_ID)
     if not _ID.fullmatch(value):
         raise InvalidRequest(f"{name} is malformed", code="FIELD_INVALID")
+    return value
+
+
+def jkt(value: str) -> str:
+    """A DPoP key thumbprint (RFC 7638, SHA-256, base64url)."""
+    _required("jkt", value, MAX_ID)
+    if not _JKT.fullmatch(value):
+        raise InvalidRequest("jkt is not a SHA-256 JWK thumbprint", code="FIELD_INVALID")
     return value
 
 

@@ -21,10 +21,16 @@ from authmesh._shared.auth_client import AuthClient
 from authmesh._shared.claims import AccessClaims
 from authmesh._shared.consumer import RevocationConsumer
 from authmesh._shared.denylist import Denylist, SnapshotChunk
+from authmesh._shared.dpop import DpopMode, NonceSource, ProofGate, ProofPolicy, ProofSigner, ProofVerifier
 from authmesh._shared.errors import (
     AuthError,
     BadSignature,
     ConfigurationError,
+    DpopKeyMismatch,
+    DpopNonceRequired,
+    DpopProofMissing,
+    DpopProofReplayed,
+    DpopRejected,
     EventRejected,
     InsufficientScope,
     InvalidClaim,
@@ -74,6 +80,12 @@ __all__ = [
     "CommonSettings",
     "ConfigurationError",
     "Denylist",
+    "DpopKeyMismatch",
+    "DpopMode",
+    "DpopNonceRequired",
+    "DpopProofMissing",
+    "DpopProofReplayed",
+    "DpopRejected",
     "EventRejected",
     "EventType",
     "InsufficientScope",
@@ -86,7 +98,12 @@ __all__ = [
     "KeySource",
     "MalformedToken",
     "NoRevocations",
+    "NonceSource",
     "PermissionDenied",
+    "ProofGate",
+    "ProofPolicy",
+    "ProofSigner",
+    "ProofVerifier",
     "ResourceGuard",
     "ResourceSettings",
     "Revocation",

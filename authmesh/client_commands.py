@@ -252,6 +252,12 @@ def revoke(
         str | None,
         typer.Option("--token", help="Revoke this access or refresh token ('-' reads it from stdin)."),
     ] = None,
+    jkt: Annotated[
+        str | None,
+        typer.Option(
+            "--jkt", help="Revoke every token bound to this DPoP key thumbprint (a lost device; admin only)."
+        ),
+    ] = None,
     reason: Annotated[
         str, typer.Option("--reason", help="Why (recorded with the revocation).")
     ] = DEFAULT_REASON,
@@ -259,12 +265,18 @@ def revoke(
     token_file: TokenFileOption = None,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
 ) -> None:
-    """Revoke the stored access token, or a session, a user's tokens or a given token.
+    """Revoke the stored access token, or a session, a user's tokens, a DPoP key's or a given token.
 
     The call is made as the logged-in user: anyone may revoke their own tokens and sessions; an admin
     may revoke anyone's.
     """
-    given = (("--session", session), ("--user", user), ("--username", username), ("--token", token))
+    given = (
+        ("--session", session),
+        ("--user", user),
+        ("--username", username),
+        ("--token", token),
+        ("--jkt", jkt),
+    )
     chosen = [name for name, value in given if value]
     if len(chosen) > 1:
         _usage(f"give at most one of {', '.join(chosen)}")
@@ -287,6 +299,8 @@ def revoke(
                 what = f"every token of {username} ({found.subject})"
             elif token is not None:
                 done, what = await admin.revoke_token(token, reason), "the given token"
+            elif jkt is not None:
+                done, what = await admin.revoke_key_binding(jkt, reason), f"every token bound to key {jkt}"
             else:
                 caller = await current.access_token()
                 done, what = await admin.revoke_token(caller, reason), "the stored access token"

@@ -206,7 +206,7 @@ class ResourceApp(Startable):
         entries = Gauge(
             "authmesh_denylist_entries", "Revocations held in memory, by kind.", ["kind"], registry=registry
         )
-        for kind in ("tokens", "sessions", "users"):
+        for kind in ("tokens", "sessions", "users", "key_bindings"):
             entries.labels(kind).set_function(self._denylist_size(kind))
         # Retired keys are the key cache's: the gauge keeps its "keys" series.
         entries.labels("keys").set_function(

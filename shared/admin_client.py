@@ -88,6 +88,11 @@ class AdminClient(Startable):
         """Revoke one session."""
         return await self._api.revoke_session(None, session_id, reason)
 
+    async def revoke_key_binding(self, jkt: str, reason: str = "") -> Revocation:
+        """Refuse every token bound to the DPoP key ``jkt`` (its RFC 7638 thumbprint: a lost device),
+        everywhere, and the refresh of the sessions bound to it."""
+        return await self._api.revoke_key_binding(None, jkt, reason)
+
     async def revoke_token(self, token: str, reason: str = "") -> Revocation:
         """Revoke one access token, or a refresh token's session."""
         return await self._api.revoke_token(None, token, reason)

@@ -16,6 +16,12 @@ Handlers then read :func:`~authmesh.current_claims` (or ``request.scope["authmes
 route's ``bearer.require(...)`` dependency checks its scopes on the claims the middleware verified
 instead of verifying the token again.
 
+DPoP (RFC 9449) works as on gRPC, with the guard's DPoP settings: a request may carry
+``Authorization: DPoP <token>`` and a ``DPoP`` proof header whose ``htm`` is the request's method and
+whose ``htu`` is the request's URL without the query, as one of the service's configured origins
+(``AUTHMESH_DPOP_ORIGINS``) followed by the path; a refused proof gets a ``DPoP`` challenge
+(``error="invalid_dpop_proof"``, or ``error="use_dpop_nonce"`` with a ``DPoP-Nonce`` header).
+
 Refusals follow RFC 6750: ``401`` with ``WWW-Authenticate: Bearer error="invalid_token"`` (and an
 ``error_description``) for a token that is not acceptable, a bare ``Bearer`` challenge when there was
 none; ``403`` with ``error="insufficient_scope"`` for a valid token without the scope; ``503`` (with
@@ -34,10 +40,17 @@ from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from authmesh._shared.claims import AccessClaims
-from authmesh._shared.errors import AuthError, InsufficientScope, PermissionDenied, TokenMissing, Unavailable
-from authmesh._shared.grpc_errors import bearer_token
+from authmesh._shared.errors import (
+    AuthError,
+    DpopNonceRequired,
+    DpopRejected,
+    InsufficientScope,
+    PermissionDenied,
+    TokenMissing,
+    Unavailable,
+)
 from authmesh._shared.guard import ResourceGuard
-from authmesh._shared.interceptor import bind_claims
+from authmesh._shared.interceptor import bind_claims, presented_credentials
 from authmesh._shared.scopes import AUTHENTICATED, ScopeRequirement
 
 RETRY_AFTER_SECONDS = "1"
@@ -88,10 +101,7 @@ class BearerAuth:
             if isinstance(verified, AccessClaims):
                 claims = verified
             else:
-                header = request.headers.get("authorization")
-                claims = await self._guard.authenticate(
-                    bearer_token((("authorization", header),)) if header is not None else None
-                )
+                claims = await _authenticate(self._guard, request.scope)
             requirement.check(claims)
         except AuthError as error:
             raise http_error(error, realm=self._realm) from None
@@ -132,13 +142,8 @@ class BearerAuthMiddleware:
         if scope["type"] != "http" or scope["path"] in self._open:
             await self._app(scope, receive, send)
             return
-        token = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                token = bearer_token((("authorization", value.decode("latin-1")),))
-                break
         try:
-            claims = await self._guard.authenticate(token)
+            claims = await _authenticate(self._guard, scope)
             self._requirement.check(claims)
         except AuthError as error:
             refusal = http_error(error, realm=self._realm)
@@ -150,10 +155,33 @@ class BearerAuthMiddleware:
         await self._app(scope, receive, send)
 
 
+async def _authenticate(guard: ResourceGuard, scope: Scope) -> AccessClaims:
+    """The claims of an HTTP request's token, its DPoP proof checked against the request."""
+    headers = [
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in scope["headers"]
+        if name in (b"authorization", b"dpop")
+    ]
+    token, dpop_scheme, proof = presented_credentials(headers)
+    return await guard.authenticate(
+        token, dpop_scheme=dpop_scheme, proof=proof, method=scope["path"], htm=scope["method"]
+    )
+
+
 def http_error(error: AuthError, *, realm: str | None = None) -> HTTPException:
-    """The RFC 6750 response for a refusal."""
+    """The RFC 6750 (RFC 9449 for DPoP) response for a refusal."""
     detail = f"{error.message} ({error.code})"
     params = [f'realm="{_quoted(realm)}"'] if realm is not None else []
+    if isinstance(error, DpopRejected):
+        nonce = error.nonce if isinstance(error, DpopNonceRequired) else None
+        params += [
+            'error="invalid_dpop_proof"' if nonce is None else 'error="use_dpop_nonce"',
+            f'error_description="{_quoted(error.message)}"',
+        ]
+        headers = {"WWW-Authenticate": "DPoP " + ", ".join(params)}
+        if nonce is not None:
+            headers["DPoP-Nonce"] = nonce
+        return HTTPException(401, detail, headers=headers)
     if isinstance(error, Unavailable):
         return HTTPException(503, detail, headers={"Retry-After": RETRY_AFTER_SECONDS})
     if isinstance(error, PermissionDenied):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import grpc
 
 from authmesh._shared.auth_client import channel_options
+from authmesh._shared.dpop import DPOP_METADATA_KEY
 from authmesh._shared.lifecycle import Startable
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
@@ -145,6 +146,10 @@ def bearer(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)
 
 
+def _proof(dpop: str | None) -> tuple[tuple[str, str], ...] | None:
+    return None if dpop is None else ((DPOP_METADATA_KEY, dpop),)
+
+
 def _as(caller: str | None) -> tuple[tuple[str, str], ...] | None:
     return None if caller is None else bearer(caller)
 
@@ -208,20 +213,25 @@ class AuthApi(Startable):
             raise RuntimeError(f"the client for {self.target} is not open")
         return self._auth_stub
 
-    async def login(self, username: str, password: str, scopes: tuple[str, ...] = ()) -> Tokens:
-        """Log in; an empty ``scopes`` asks for the user's resource scopes (never ``admin``)."""
+    async def login(
+        self, username: str, password: str, scopes: tuple[str, ...] = (), *, dpop: str | None = None
+    ) -> Tokens:
+        """Log in; an empty ``scopes`` asks for the user's resource scopes (never ``admin``).
+
+        ``dpop`` is a DPoP proof for ``Login``: the session and its tokens are then bound to its key.
+        """
         request = auth_pb2.LoginRequest(username=username, password=password, scopes=list(scopes))
-        pair = await self._stub.Login(request, timeout=self.timeout)
+        pair = await self._stub.Login(request, timeout=self.timeout, metadata=_proof(dpop))
         return Tokens.from_pair(pair, self._clock())
 
     async def admin_login(self, username: str, password: str) -> Tokens:
         """Log in for the administrative RPCs: scope ``admin``, for the auth service's audience."""
         return await self.login(username, password, (ADMIN_SCOPE,))
 
-    async def refresh(self, refresh_token: str) -> Tokens:
-        """Spend a refresh token for a new pair in the same session."""
+    async def refresh(self, refresh_token: str, *, dpop: str | None = None) -> Tokens:
+        """Spend a refresh token for a new pair in the same session (a bound one needs ``dpop``)."""
         pair = await self._stub.Refresh(
-            auth_pb2.RefreshRequest(refresh_token=refresh_token), timeout=self.timeout
+            auth_pb2.RefreshRequest(refresh_token=refresh_token), timeout=self.timeout, metadata=_proof(dpop)
         )
         return Tokens.from_pair(pair, self._clock())
 
@@ -254,6 +264,16 @@ class AuthApi(Startable):
         """Revoke every session and token of a user, as ``caller`` (an admin)."""
         response = await self._stub.RevokeUser(
             auth_pb2.RevokeUserRequest(subject=subject, reason=reason),
+            metadata=_as(caller),
+            timeout=self.timeout,
+        )
+        return _revocation(response)
+
+    async def revoke_key_binding(self, caller: str | None, jkt: str, reason: str = "") -> Revocation:
+        """Refuse every token bound to the DPoP key ``jkt`` (RFC 7638 thumbprint; a lost device) and the
+        refresh of its sessions, as ``caller`` (an admin)."""
+        response = await self._stub.RevokeKeyBinding(
+            auth_pb2.RevokeKeyBindingRequest(jkt=jkt, reason=reason),
             metadata=_as(caller),
             timeout=self.timeout,
         )

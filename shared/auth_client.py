@@ -297,4 +297,5 @@ def _chunk(chunk: auth_pb2.RevocationSnapshotChunk) -> SnapshotChunk:
         users=tuple(UserRevokedEvent(sub=user.sub, not_before_ms=user.not_before_ms) for user in chunk.users),
         retired_key_ids=tuple(chunk.retired_key_ids),
         stream_sequence=chunk.stream_sequence,
+        key_bindings=tuple((binding.jkt, binding.revoked_at_unix_ms) for binding in chunk.key_bindings),
     )

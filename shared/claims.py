@@ -63,6 +63,8 @@ class AccessClaims:
         scopes: Granted scopes.
         client_id: The client the token was issued to.
         kid: The key that signed it.
+        jkt: The RFC 7638 thumbprint of the client key the token is bound to (``cnf.jkt``, RFC 9449),
+            or None for a bearer token.
     """
 
     iss: str
@@ -76,6 +78,7 @@ class AccessClaims:
     scopes: tuple[str, ...]
     client_id: str
     kid: str
+    jkt: str | None = None
 
     @property
     def scope(self) -> str:
@@ -153,13 +156,22 @@ class AccessClaims:
         client_id = get("client_id")
         if type(client_id) is not str or not 0 < len(client_id) <= MAX_STRING_CLAIM:
             raise InvalidClaim("client_id")
+        cnf = get("cnf")
+        if cnf is None:
+            jkt = None
+        elif (
+            type(cnf) is dict and len(cnf) == 1 and type(cnf.get("jkt")) is str and 0 < len(cnf["jkt"]) <= 64
+        ):
+            jkt = cnf["jkt"]
+        else:
+            raise InvalidClaim("cnf")
         if cls is not AccessClaims:
-            return cls(iss, sub, audiences, exp, iat, nbf, jti, sid, scopes, client_id, kid)
-        return _build(iss, sub, audiences, exp, iat, nbf, jti, sid, scopes, client_id, kid)
+            return cls(iss, sub, audiences, exp, iat, nbf, jti, sid, scopes, client_id, kid, jkt)
+        return _build(iss, sub, audiences, exp, iat, nbf, jti, sid, scopes, client_id, kid, jkt)
 
     def to_payload(self) -> dict[str, Any]:
         """The JSON payload of the token (``aud`` a string when there is one audience)."""
-        return {
+        payload: dict[str, Any] = {
             "iss": self.iss,
             "sub": self.sub,
             "aud": self.aud[0] if len(self.aud) == 1 else list(self.aud),
@@ -171,6 +183,9 @@ class AccessClaims:
             "scope": self.scope,
             "client_id": self.client_id,
         }
+        if self.jkt is not None:
+            payload["cnf"] = {"jkt": self.jkt}
+        return payload
 
 
 # A frozen dataclass's generated __init__ sets each field through object.__setattr__; writing the slots
@@ -188,6 +203,7 @@ class AccessClaims:
     _SET_SCOPES,
     _SET_CLIENT_ID,
     _SET_KID,
+    _SET_JKT,
 ) = (getattr(AccessClaims, field.name).__set__ for field in fields(AccessClaims))
 
 
@@ -203,6 +219,7 @@ def _build(
     scopes: tuple[str, ...],
     client_id: str,
     kid: str,
+    jkt: str | None,
 ) -> AccessClaims:
     claims = object.__new__(AccessClaims)
     _SET_ISS(claims, iss)
@@ -216,4 +233,5 @@ def _build(
     _SET_SCOPES(claims, scopes)
     _SET_CLIENT_ID(claims, client_id)
     _SET_KID(claims, kid)
+    _SET_JKT(claims, jkt)
     return claims

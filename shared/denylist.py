@@ -1,12 +1,14 @@
 """The in-memory revocation state of a resource service: what must be refused, and until when.
 
-Three kinds of entry, each applied idempotently (applying an event twice changes nothing):
+Four kinds of entry, each applied idempotently (applying an event twice changes nothing):
 
 * a revoked access token (``jti``) until its ``exp`` plus the leeway, after which the verifier refuses
   the token as expired anyway;
 * a revoked session (``sid``) for one access-token lifetime after the revocation, by when every token
   issued in it has expired;
-* a revoked user (``sub``): every token issued at or before ``not_before_ms``, for one lifetime after it.
+* a revoked user (``sub``): every token issued at or before ``not_before_ms``, for one lifetime after it;
+* a revoked DPoP key binding (``jkt``) for one lifetime after the revocation (the auth service binds no
+  new token to it).
 
 Retired signing keys are not kept here: the key cache (:mod:`authmesh._shared.key_cache`) owns them,
 evicts them at once and refuses them for the life of the process, and the verifier asks it on every call.
@@ -47,6 +49,7 @@ from authmesh._shared.claims import AccessClaims
 from authmesh._shared.errors import TokenRevoked
 from authmesh._shared.events import (
     EventBody,
+    KeyBindingRevokedEvent,
     SecurityEvent,
     SessionRevokedEvent,
     TokenRevokedEvent,
@@ -142,6 +145,7 @@ class SnapshotChunk:
             them over as the records it received rather than building a value object for each.
         sessions: Revoked sessions.
         users: Revoked users.
+        key_bindings: Revoked DPoP key bindings, as ``(jkt, revoked_at_ms)``.
         retired_key_ids: Retired signing keys.
         stream_sequence: The last ``AUTH_EVENTS`` sequence the snapshot reflects (0: an empty stream).
         session_revoked_at_ms: When each session was revoked, by the issuer's clock, where known.
@@ -150,6 +154,7 @@ class SnapshotChunk:
     tokens: Sequence[RevokedTokenEntry] = ()
     sessions: tuple[SessionRevokedEvent, ...] = ()
     users: tuple[UserRevokedEvent, ...] = ()
+    key_bindings: tuple[tuple[str, int], ...] = ()
     retired_key_ids: tuple[str, ...] = ()
     stream_sequence: int = 0
     session_revoked_at_ms: Mapping[str, int] = field(default_factory=dict)
@@ -162,11 +167,12 @@ class DenylistSizes:
     tokens: int
     sessions: int
     users: int
+    key_bindings: int = 0
 
     @property
     def total(self) -> int:
         """All entries."""
-        return self.tokens + self.sessions + self.users
+        return self.tokens + self.sessions + self.users + self.key_bindings
 
 
 class _Generations(Generic[_Generation]):
@@ -276,6 +282,7 @@ class Denylist:
         self._tokens = _ExpiringSet(width)
         self._sessions = _ExpiringSet(width)
         self._users = _ExpiringMax(width)
+        self._key_bindings = _ExpiringSet(width)
         self._width = width
         self._next_purge = 0.0
 
@@ -298,6 +305,8 @@ class Denylist:
         not_before_ms = self._users.get(claims.sub)
         if not_before_ms is not None and claims.issued_at_ms <= not_before_ms:
             raise TokenRevoked("user revoked", code="USER_REVOKED")
+        if claims.jkt is not None and claims.jkt in self._key_bindings:
+            raise TokenRevoked("key binding revoked", code="TOKEN_REVOKED")
 
     def apply(self, event: SecurityEvent) -> bool:
         """Apply one broadcast event; events that revoke no token, session or user are ignored.
@@ -321,6 +330,8 @@ class Denylist:
                 return self.revoke_session(sid, revoked_at=occurred_at)
             case UserRevokedEvent(sub=sub, not_before_ms=not_before_ms):
                 return self.revoke_user(sub, not_before_ms)
+            case KeyBindingRevokedEvent(jkt=jkt):
+                return self.revoke_key_binding(jkt, revoked_at=occurred_at)
             case _:
                 return False
 
@@ -341,10 +352,13 @@ class Denylist:
         Returns:
             Whether the state changed.
         """
+        return self._add_for_a_lifetime(self._sessions, sid, revoked_at)
+
+    def _add_for_a_lifetime(self, entries: _ExpiringSet, member: str, revoked_at: float) -> bool:
         expires_at = revoked_at + self._lifetime
         if expires_at <= self._earliest():
             return False
-        return self._sessions.add(sid, expires_at)
+        return entries.add(member, expires_at)
 
     def revoke_user(self, sub: str, not_before_ms: int) -> bool:
         """Refuse every token of ``sub`` issued at or before ``not_before_ms``.
@@ -356,6 +370,16 @@ class Denylist:
         if expires_at <= self._earliest():
             return False
         return self._users.put(sub, not_before_ms, expires_at)
+
+    def revoke_key_binding(self, jkt: str, *, revoked_at: float) -> bool:
+        """Refuse every token bound to the DPoP key ``jkt`` for one token lifetime after ``revoked_at``.
+
+        The auth service mints no token bound to it afterwards, so one lifetime covers them all.
+
+        Returns:
+            Whether the state changed.
+        """
+        return self._add_for_a_lifetime(self._key_bindings, jkt, revoked_at)
 
     def load(self, chunk: SnapshotChunk) -> None:
         """Merge a snapshot chunk (revocations only ever add, so merging is always safe); its retired keys
@@ -377,6 +401,8 @@ class Denylist:
             self.revoke_session(session.sid, revoked_at=now if revoked_ms is None else revoked_ms / 1000)
         for user in chunk.users:
             self.revoke_user(user.sub, user.not_before_ms)
+        for jkt, revoked_ms in chunk.key_bindings:
+            self.revoke_key_binding(jkt, revoked_at=revoked_ms / 1000)
 
     def purge(self) -> None:
         """Drop every generation whose entries have all expired, by the earliest time the clock could read."""
@@ -384,6 +410,7 @@ class Denylist:
         self._tokens.purge(earliest)
         self._sessions.purge(earliest)
         self._users.purge(earliest)
+        self._key_bindings.purge(earliest)
         # The next generation boundary, in the wall clock's terms (the hot path reads only that clock);
         # a step in between only makes the next purge come early or late, and it judges anew.
         self._next_purge = now + (math.floor(earliest / self._width) + 1) * self._width - earliest
@@ -395,6 +422,7 @@ class Denylist:
             tokens=len(self._tokens),
             sessions=len(self._sessions),
             users=len(self._users),
+            key_bindings=len(self._key_bindings),
         )
 
     def __len__(self) -> int:

@@ -26,6 +26,11 @@ a status code in one table (``authmesh._shared.grpc_errors``).
     │   ├── InvalidRefreshToken           REFRESH_TOKEN_INVALID
     │   ├── RefreshTokenReused            REFRESH_TOKEN_REUSED
     │   ├── UserDisabled                  USER_DISABLED
+    │   ├── DpopRejected                  DPOP_PROOF_INVALID (a DPoP proof, RFC 9449)
+    │   │   ├── DpopProofMissing          DPOP_PROOF_MISSING
+    │   │   ├── DpopProofReplayed         DPOP_PROOF_REPLAYED
+    │   │   ├── DpopKeyMismatch           DPOP_KEY_MISMATCH
+    │   │   └── DpopNonceRequired         DPOP_NONCE_REQUIRED (the nonce in trailing ``dpop-nonce``)
     │   └── SessionEnded                  the auth service's reason (a client's session cannot renew)
     ├── PermissionDenied                  PERMISSION_DENIED
     │   ├── InsufficientScope             INSUFFICIENT_SCOPE
@@ -220,6 +225,48 @@ class UserDisabled(TokenRejected):
 
     code = "USER_DISABLED"
     default_message = "account disabled"
+
+
+class DpopRejected(TokenRejected):
+    """A DPoP proof (RFC 9449) is malformed, mis-signed, stale or made for another call."""
+
+    code = "DPOP_PROOF_INVALID"
+    default_message = "DPoP proof invalid"
+
+
+class DpopProofMissing(DpopRejected):
+    """A key-bound token came without a proof (or as a bearer token), or a proof was required."""
+
+    code = "DPOP_PROOF_MISSING"
+    default_message = "DPoP proof missing"
+
+
+class DpopProofReplayed(DpopRejected):
+    """This replica has already accepted a proof with the same ``jti``."""
+
+    code = "DPOP_PROOF_REPLAYED"
+    default_message = "DPoP proof replayed"
+
+
+class DpopKeyMismatch(DpopRejected):
+    """The proof's key is not the key the token (or the session) is bound to."""
+
+    code = "DPOP_KEY_MISMATCH"
+    default_message = "DPoP key does not match the token's binding"
+
+
+class DpopNonceRequired(DpopRejected):
+    """The service wants a fresh server nonce in the proof.
+
+    Args:
+        nonce: The nonce to put in the next proof (sent in trailing metadata ``dpop-nonce``).
+    """
+
+    code = "DPOP_NONCE_REQUIRED"
+
+    def __init__(self, nonce: str) -> None:
+        self.nonce = nonce
+        super().__init__("DPoP nonce required")
 
 
 class SessionEnded(TokenRejected):

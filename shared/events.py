@@ -44,6 +44,7 @@ class EventType(StrEnum):
     TOKEN_REVOKED = "revoked.token"
     SESSION_REVOKED = "revoked.session"
     USER_REVOKED = "revoked.user"
+    KEY_BINDING_REVOKED = "revoked.jkt"
     KEY_ROTATED = "keys.rotated"
     KEY_REVOKED = "keys.revoked"
     HEARTBEAT = "heartbeat"
@@ -92,6 +93,14 @@ class UserRevokedEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyBindingRevokedEvent:
+    """A DPoP key binding revoked (a lost device): every token bound to ``jkt`` is refused."""
+
+    TYPE: ClassVar[EventType] = EventType.KEY_BINDING_REVOKED
+    jkt: str
+
+
+@dataclass(frozen=True, slots=True)
 class KeyRotatedEvent:
     """A new active signing key; receivers refetch the JWK Set."""
 
@@ -120,6 +129,7 @@ EventBody = (
     TokenRevokedEvent
     | SessionRevokedEvent
     | UserRevokedEvent
+    | KeyBindingRevokedEvent
     | KeyRotatedEvent
     | KeyRevokedEvent
     | HeartbeatEvent
@@ -131,6 +141,7 @@ _BODY_TYPES: dict[EventType, type[EventBody]] = {
         TokenRevokedEvent,
         SessionRevokedEvent,
         UserRevokedEvent,
+        KeyBindingRevokedEvent,
         KeyRotatedEvent,
         KeyRevokedEvent,
         HeartbeatEvent,
@@ -140,6 +151,7 @@ _FIELD_TYPES: dict[EventType, dict[str, type]] = {
     EventType.TOKEN_REVOKED: {"jti": str, "exp": int},
     EventType.SESSION_REVOKED: {"sid": str, "sub": str},
     EventType.USER_REVOKED: {"sub": str, "not_before_ms": int},
+    EventType.KEY_BINDING_REVOKED: {"jkt": str},
     EventType.KEY_ROTATED: {"kid": str, "previous_kid": str},
     EventType.KEY_REVOKED: {"kid": str},
     EventType.HEARTBEAT: {"seq": int},

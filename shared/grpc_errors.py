@@ -14,6 +14,7 @@ from authmesh._shared.errors import (
     AlreadyExists,
     AuthError,
     ConfigurationError,
+    DpopNonceRequired,
     EventRejected,
     InvalidRequest,
     NotFound,
@@ -25,6 +26,8 @@ from authmesh._shared.errors import (
 )
 
 ERROR_DOMAIN = "authmesh"
+# RFC 9449 §8: the nonce a client must put in its next proof (HTTP's DPoP-Nonce header).
+DPOP_NONCE_METADATA_KEY = "dpop-nonce"
 # A longer wait than this in a RATE_LIMITED answer is taken as a garbled one.
 _MAX_RETRY_AFTER_SECONDS = 3600.0
 
@@ -61,7 +64,17 @@ def to_grpc_status(error: AuthError) -> grpc.Status:
     detail.Pack(error_details_pb2.ErrorInfo(reason=error.code, domain=ERROR_DOMAIN, metadata=metadata))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=error.message, details=[detail])
     grpc_status: grpc.Status = rpc_status.to_status(status)
+    if isinstance(error, DpopNonceRequired):
+        return _with_trailer(grpc_status, (DPOP_NONCE_METADATA_KEY, error.nonce))
     return grpc_status
+
+
+def _with_trailer(status: grpc.Status, entry: tuple[str, str]) -> grpc.Status:
+    # rpc_status's Status is a namedtuple: the same status with one more trailing entry.
+    extended: grpc.Status = status._replace(  # type: ignore[attr-defined]
+        trailing_metadata=(*status.trailing_metadata, entry)
+    )
+    return extended
 
 
 async def abort_with_error(context: grpc.aio.ServicerContext[object, object], error: AuthError) -> NoReturn:
@@ -109,4 +122,19 @@ def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | No
             scheme, _, token = value.partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
+    return None
+
+
+def presented_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> tuple[str, bool] | None:
+    """The token of the first ``authorization: Bearer …`` or ``authorization: DPoP …`` entry, or None.
+
+    Returns:
+        The token, and whether it came under the DPoP scheme (RFC 9449 §7.1).
+    """
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            scheme = scheme.lower()
+            if scheme in ("bearer", "dpop") and token.strip():
+                return token.strip(), scheme == "dpop"
     return None

@@ -36,6 +36,7 @@ from authmesh._shared.auth_metadata import TokenRules, fetch_token_rules
 from authmesh._shared.claims import AccessClaims
 from authmesh._shared.consumer import RevocationConsumer
 from authmesh._shared.denylist import Denylist
+from authmesh._shared.dpop import HTTP_METHOD, ProofGate, proof_gate
 from authmesh._shared.errors import ConfigurationError, Unavailable
 from authmesh._shared.interceptor import Authenticator, AuthInterceptor, SyncAuthInterceptor
 from authmesh._shared.key_cache import KeyCache
@@ -83,6 +84,9 @@ class ResourceGuard(Startable):
         call_timeout: Deadline, seconds, of a sync server's wait for the guard's event loop.
         registry: Where to register the guard's metrics; none when None.
         name: The NATS connection name.
+        dpop: The service's DPoP (RFC 9449) policy and proof verifier (:func:`proof_gate` builds it
+            from settings); bearer tokens only when None. A key-bound token presented as a bearer
+            token is refused either way.
         unsafe_without_revocation: Build without a revocation source: revoked tokens stay valid until
             they expire. For tests and tools only.
         tls: The CA the auth service and NATS are verified against, and this service's certificate
@@ -112,6 +116,7 @@ class ResourceGuard(Startable):
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
         registry: CollectorRegistry | None = None,
         name: str = "authmesh-resource-guard",
+        dpop: ProofGate | None = None,
         unsafe_without_revocation: bool = False,
         tls: TlsFiles = TlsFiles(),  # noqa: B008  # frozen, so one shared default is safe
     ) -> None:
@@ -146,6 +151,7 @@ class ResourceGuard(Startable):
         self._call_timeout = call_timeout
         self._registry = registry
         self._name = name
+        self._dpop = dpop
         self._unsafe = unsafe_without_revocation
         self._tls = tls
         self._authenticator: Authenticator | None = None
@@ -186,6 +192,8 @@ class ResourceGuard(Startable):
             "login_timeout": settings.login_timeout,
             "staleness_bound": settings.staleness_bound,
             "name": f"resource-guard {settings.instance}",
+            # Nonces are bound to the configured audience: the same on every replica of the service.
+            "dpop": proof_gate(settings, settings.grpc_listen, settings.audience),
             "tls": settings.tls,
         }
         for field in ("issuer", "audience", "access_token_ttl", "leeway"):
@@ -252,28 +260,44 @@ class ResourceGuard(Startable):
         if self.consumer is not None:
             await self.consumer.wait_ready()
 
-    async def authenticate(self, token: str | None) -> AccessClaims:
-        """Verify a bearer token (from the guard's own event loop).
+    async def authenticate(
+        self,
+        token: str | None,
+        *,
+        dpop_scheme: bool = False,
+        proof: str | None = None,
+        method: str = "",
+        htm: str = HTTP_METHOD,
+    ) -> AccessClaims:
+        """Verify an access token and the call's DPoP proof (from any event loop).
+
+        Args as for :meth:`Authenticator.authenticate`.
 
         Raises:
             TokenRejected: The token is not acceptable.
             Unavailable: The guard cannot decide now (not ready, stale and no fallback, keys unreachable).
         """
         authenticator = self._require_started()
+        decision = authenticator.authenticate(
+            token, dpop_scheme=dpop_scheme, proof=proof, method=method, htm=htm
+        )
         if self._thread is not None and asyncio.get_running_loop() is not self._loop:
-            return await asyncio.wrap_future(
-                asyncio.run_coroutine_threadsafe(authenticator.authenticate(token), self._require_loop())
-            )
-        return await authenticator.authenticate(token)
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(decision, self._require_loop()))
+        return await decision
 
-    def authenticate_blocking(self, token: str | None) -> AccessClaims:
-        """Verify a bearer token from a sync server's thread (the guard entered with ``with``).
+    def authenticate_blocking(
+        self, token: str | None, *, dpop_scheme: bool = False, proof: str | None = None, method: str = ""
+    ) -> AccessClaims:
+        """Verify an access token and the call's DPoP proof from a sync server's thread (the guard
+        entered with ``with``).
 
         Raises:
             TokenRejected: The token is not acceptable.
             Unavailable: The guard cannot decide now, or its loop did not answer within the deadline.
         """
-        return self._require_started().authenticate_blocking(token, self._run_on_loop)
+        return self._require_started().authenticate_blocking(
+            token, self._run_on_loop, dpop_scheme=dpop_scheme, proof=proof, method=method
+        )
 
     # --- async life cycle ---------------------------------------------------------------------------
 
@@ -348,6 +372,7 @@ class ResourceGuard(Startable):
             fallback=fallback,
             ready=(lambda: consumer.ready) if consumer is not None else (lambda: True),
             metrics=VerificationMetrics(self._registry) if self._registry is not None else None,
+            dpop=self._dpop,
         )
         self._loops = asyncio.get_running_loop().create_task(self._run_loops(), name="resource-guard")
         if self._wait_ready and consumer is not None:

@@ -11,6 +11,11 @@ Every call outside the open services (health, reflection, and any the service na
 3. when the revocation state is stale, confirm the token with ``Introspect``
    (:class:`~authmesh._shared.staleness.IntrospectionFallback`).
 
+With DPoP (RFC 9449) a call carries ``authorization: DPoP <token>`` and a ``dpop`` proof: the service's
+:class:`~authmesh._shared.dpop.ProofGate` checks the proof against the call's method and the token,
+and the verifier then requires the token to be bound to the proof's key. A key-bound token presented
+as a bearer token is refused whatever the service's policy.
+
 The interceptor then checks what the method needs (:mod:`authmesh._shared.scopes`; with a policy, a
 method it does not list is refused) and hands the verified claims to the handler through a context
 variable (:func:`current_claims`): each aio call runs in its own task, and the sync interceptor clears
@@ -21,22 +26,24 @@ through :mod:`authmesh._shared.grpc_errors`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any, Protocol, cast
 
 import grpc
 
 from authmesh._shared.claims import AccessClaims
+from authmesh._shared.dpop import HTTP_METHOD, DpopMode, ProofGate, proof_from_metadata
 from authmesh._shared.errors import (
     AuthError,
     ConfigurationError,
+    DpopNonceRequired,
     RateLimited,
     TokenMissing,
     Unavailable,
     UnknownKey,
 )
-from authmesh._shared.grpc_errors import bearer_token, to_grpc_status
+from authmesh._shared.grpc_errors import presented_token, to_grpc_status
 from authmesh._shared.grpc_handlers import (
     BoundedCache,
     Continuation,
@@ -96,6 +103,7 @@ class Authenticator:
         fallback: ``Introspect`` for tokens checked while stale; None refuses them instead.
         ready: Whether the revocation state has caught up (no call is served before).
         metrics: Verification outcomes.
+        dpop: The service's DPoP policy and proof verifier; bearer tokens only when None.
     """
 
     def __init__(
@@ -107,19 +115,33 @@ class Authenticator:
         fallback: IntrospectionFallback | None = None,
         ready: Callable[[], bool] = lambda: True,
         metrics: VerificationMetrics | None = None,
+        dpop: ProofGate | None = None,
     ) -> None:
         self._verifier = verifier
+        self._dpop = dpop if dpop is not None else ProofGate(DpopMode.OFF, None)
         self._keys = keys
         self._staleness = staleness
         self._fallback = fallback
         self._ready = ready
         self._metrics = metrics
 
-    async def authenticate(self, token: str | None) -> AccessClaims:
-        """Verify a bearer token.
+    async def authenticate(
+        self,
+        token: str | None,
+        *,
+        dpop_scheme: bool = False,
+        proof: str | None = None,
+        method: str = "",
+        htm: str = HTTP_METHOD,
+    ) -> AccessClaims:
+        """Verify an access token, and the call's DPoP proof.
 
         Args:
             token: The token from the ``authorization`` metadata, or None when there was none.
+            dpop_scheme: Whether it came as ``authorization: DPoP …`` rather than ``Bearer``.
+            proof: The ``dpop`` metadata value.
+            method: The gRPC method path, or an HTTP request's path (what the proof's ``htu`` names).
+            htm: The HTTP method the proof must name (``POST`` for gRPC, the request's for HTTP).
 
         Returns:
             The verified claims.
@@ -129,38 +151,53 @@ class Authenticator:
             Unavailable: The service cannot decide now (``UNAVAILABLE``).
         """
         try:
-            claims, degraded = await self._authenticate(token)
+            presented, bound_to = self._proven(token, dpop_scheme, proof, method, htm)
+            claims, degraded = await self._verified(presented, bound_to)
         except AuthError as error:
             raise self._refused(error) from None
         return self._accepted(claims, degraded)
 
-    def authenticate_blocking(self, token: str | None, run: RunOnLoop) -> AccessClaims:
-        """Verify a bearer token from a thread that is not the event loop's (a sync gRPC server's).
+    def authenticate_blocking(
+        self,
+        token: str | None,
+        run: RunOnLoop,
+        *,
+        dpop_scheme: bool = False,
+        proof: str | None = None,
+        method: str = "",
+    ) -> AccessClaims:
+        """Verify an access token and the call's DPoP proof from a thread that is not the event loop's
+        (a sync gRPC server's).
 
         The usual case (a known key, a fresh revocation state) is decided right here, without I/O; only
-        an unknown ``kid`` or a stale state goes to the event loop, through ``run``.
+        an unknown ``kid`` or a stale state goes to the event loop, through ``run``. The proof is checked
+        (and spent) here, once.
 
         Args:
             token: The token from the ``authorization`` metadata, or None when there was none.
             run: Runs a coroutine on the event loop that owns the key cache and the fallback, and returns
                 its result (raising :class:`Unavailable` when it takes too long).
+            dpop_scheme: As for :meth:`authenticate`.
+            proof: As for :meth:`authenticate`.
+            method: As for :meth:`authenticate`.
 
         Raises:
             TokenRejected: The token is not acceptable (``UNAUTHENTICATED``).
             Unavailable: The service cannot decide now (``UNAVAILABLE``).
         """
         try:
-            claims, degraded = self._decide_locally(token), False
+            presented, bound_to = self._proven(token, dpop_scheme, proof, method)
+            claims, degraded = self._decide_locally(presented, bound_to), False
             if claims is None:
-                claims, degraded = run(self._authenticate(token))
+                claims, degraded = run(self._verified(presented, bound_to))
         except AuthError as error:
             raise self._refused(error) from None
         return self._accepted(claims, degraded)
 
-    def _decide_locally(self, token: str | None) -> AccessClaims | None:
+    def _decide_locally(self, token: str, bound_to: str | None) -> AccessClaims | None:
         """The claims when no I/O is needed to decide; None when the auth service must be asked."""
         try:
-            claims = self._verifier.verify(self._presented(token))
+            claims = self._verifier.verify(token, bound_to=bound_to)
         except UnknownKey:
             return None
         staleness = self._staleness
@@ -168,13 +205,17 @@ class Authenticator:
             return None
         return claims
 
-    def _presented(self, token: str | None) -> str:
-        """The token, if there is one and the revocation state is ready to judge it."""
+    def _proven(
+        self, token: str | None, dpop_scheme: bool, proof: str | None, method: str, htm: str = HTTP_METHOD
+    ) -> tuple[str, str | None]:
+        """The token, if there is one and the revocation state is ready to judge it, and the ``jkt``
+        its DPoP proof proved (None for a bearer call the policy allows)."""
         if not self._ready():
             raise Unavailable("revocation state still loading", code=REVOCATION_STATE_STALE)
         if token is None:
             raise TokenMissing()
-        return token
+        bound_to = self._dpop.proven_key(proof, method, dpop_scheme=dpop_scheme, access_token=token, htm=htm)
+        return token, bound_to
 
     def _accepted(self, claims: AccessClaims, degraded: bool) -> AccessClaims:
         if self._metrics is not None:
@@ -189,14 +230,13 @@ class Authenticator:
                 self._metrics.rejected(error.code)
         return error
 
-    async def _authenticate(self, presented: str | None) -> tuple[AccessClaims, bool]:
-        token = self._presented(presented)
+    async def _verified(self, token: str, bound_to: str | None) -> tuple[AccessClaims, bool]:
         try:
-            claims = self._verifier.verify(token)
+            claims = self._verifier.verify(token, bound_to=bound_to)
         except UnknownKey as unknown:
             if not await self._keys.refresh_for(unknown.kid):
                 raise
-            claims = self._verifier.verify(token)
+            claims = self._verifier.verify(token, bound_to=bound_to)
         staleness = self._staleness
         if staleness is None or not staleness.degraded:
             return claims, False
@@ -207,17 +247,21 @@ class Authenticator:
 
 
 class TokenAuthenticator(Protocol):
-    """Decides about a bearer token on the server's event loop (:class:`Authenticator`, a guard)."""
+    """Decides about an access token on the server's event loop (:class:`Authenticator`, a guard)."""
 
-    async def authenticate(self, token: str | None) -> AccessClaims:
+    async def authenticate(
+        self, token: str | None, *, dpop_scheme: bool = False, proof: str | None = None, method: str = ""
+    ) -> AccessClaims:
         """The verified claims, or an :class:`AuthError`."""
         ...
 
 
 class BlockingTokenAuthenticator(Protocol):
-    """Decides about a bearer token from a sync server's worker thread (a guard entered with ``with``)."""
+    """Decides about an access token from a sync server's worker thread (a guard entered with ``with``)."""
 
-    def authenticate_blocking(self, token: str | None) -> AccessClaims:
+    def authenticate_blocking(
+        self, token: str | None, *, dpop_scheme: bool = False, proof: str | None = None, method: str = ""
+    ) -> AccessClaims:
         """The verified claims, or an :class:`AuthError`."""
         ...
 
@@ -259,8 +303,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or self._gate.is_open(method):
             return handler
         try:
+            token, dpop_scheme, proof = presented_credentials(handler_call_details.invocation_metadata)
             claims = await self._authenticator.authenticate(
-                bearer_token(handler_call_details.invocation_metadata)
+                token, dpop_scheme=dpop_scheme, proof=proof, method=method
             )
             self._gate.requirement(method).check(claims)
         except AuthError as error:
@@ -269,7 +314,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
     def _refusal(self, handler: RpcHandler, error: AuthError) -> RpcHandler:
-        if isinstance(error, RateLimited):  # its status carries a per-call retry time
+        if isinstance(error, RateLimited | DpopNonceRequired):  # its status carries a per-call value
             return _refusal(handler, error)
         key = (handler, type(error), error.code, error.message)
         refusal = self._refusals.get(key)
@@ -310,7 +355,10 @@ class SyncAuthInterceptor(grpc.ServerInterceptor):
     def _admit(self, method: str, context: grpc.ServicerContext) -> AccessClaims:
         """The caller's claims, or the call ends here with the refusal's status."""
         try:
-            claims = self._authenticator.authenticate_blocking(bearer_token(context.invocation_metadata()))
+            token, dpop_scheme, proof = presented_credentials(context.invocation_metadata())
+            claims = self._authenticator.authenticate_blocking(
+                token, dpop_scheme=dpop_scheme, proof=proof, method=method
+            )
             self._gate.requirement(method).check(claims)
         except AuthError as error:
             context.abort_with_status(to_grpc_status(error))
@@ -340,6 +388,19 @@ class SyncAuthInterceptor(grpc.ServerInterceptor):
                 _claims.set(None)
 
         return rebuild_handler(handler, guarded_stream if handler.response_streaming else guarded)
+
+
+def presented_credentials(
+    metadata: Iterable[tuple[str, str | bytes]] | None,
+) -> tuple[str | None, bool, str | None]:
+    """A call's access token, whether it came under the DPoP scheme, and its DPoP proof.
+
+    Raises:
+        DpopRejected: More than one proof, or a binary one.
+    """
+    presented = presented_token(metadata)
+    proof = proof_from_metadata(metadata)
+    return (None, False, proof) if presented is None else (presented[0], presented[1], proof)
 
 
 def _refusal(handler: RpcHandler, error: AuthError) -> RpcHandler:

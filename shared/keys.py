@@ -23,14 +23,21 @@ class InvalidJwk(MalformedToken):
     default_message = "invalid JWK"
 
 
-def public_jwk(public_key: ec.EllipticCurvePublicKey, kid: str) -> dict[str, str]:
-    """The public JWK of a P-256 key, for signing with ES256."""
+def ec_public_jwk(public_key: ec.EllipticCurvePublicKey) -> dict[str, str]:
+    """The key members alone (``kty``, ``crv``, ``x``, ``y``) of a P-256 public key's JWK."""
     numbers = public_key.public_numbers()
     return {
         "kty": "EC",
         "crv": "P-256",
         "x": b64url_encode(numbers.x.to_bytes(_COORDINATE_BYTES, "big")),
         "y": b64url_encode(numbers.y.to_bytes(_COORDINATE_BYTES, "big")),
+    }
+
+
+def public_jwk(public_key: ec.EllipticCurvePublicKey, kid: str) -> dict[str, str]:
+    """The public JWK of a P-256 key, for signing with ES256."""
+    return {
+        **ec_public_jwk(public_key),
         "kid": kid,
         "use": "sig",
         "alg": "ES256",

@@ -32,12 +32,14 @@ import grpc
 import structlog
 
 from authmesh._shared.auth_api import Tokens
+from authmesh._shared.dpop import DPOP_METADATA_KEY, ProofSigner, default_origin
 from authmesh._shared.errors import ConfigurationError, SessionEnded, Unavailable
-from authmesh._shared.grpc_errors import error_reason
+from authmesh._shared.grpc_errors import DPOP_NONCE_METADATA_KEY, error_reason
 
 DEFAULT_RENEW_MARGIN_SECONDS = 30.0
 DEFAULT_TIMEOUT_SECONDS = 10.0
 TOKEN_EXPIRED = "TOKEN_EXPIRED"
+DPOP_NONCE_REQUIRED = "DPOP_NONCE_REQUIRED"
 AUTHORIZATION = "authorization"
 AUTH_TARGET_VARIABLE = "AUTHMESH_AUTH_TARGET"
 CLIENT_ACCOUNT_VARIABLE = "AUTHMESH_CLIENT_ACCOUNT"
@@ -72,6 +74,10 @@ class SessionOptions(TypedDict, total=False):
             None: insecure.
         on_renew: Called with every new token pair (to store it, say).
         clock: Unix seconds.
+        dpop_key: Bind the session to this key (DPoP, RFC 9449): ``Login`` and ``Refresh`` carry a
+            proof, and so does every call, with the token as ``authorization: DPoP …``.
+        auth_origin: The auth service's origin as it knows itself (``scheme://host:port``, for the
+            proofs' ``htu``); by default ``http(s)://<auth_target>``.
     """
 
     scopes: Sequence[str]
@@ -80,6 +86,8 @@ class SessionOptions(TypedDict, total=False):
     credentials: grpc.ChannelCredentials | None
     on_renew: Callable[[Tokens], None] | None
     clock: Callable[[], float]
+    dpop_key: ProofSigner | None
+    auth_origin: str | None
 
 
 class _Login(NamedTuple):
@@ -125,6 +133,12 @@ class SessionRules:
         self._credentials = options.get("credentials")
         self._on_renew = options.get("on_renew")
         self._clock = clock
+        self._dpop_key = options.get("dpop_key")
+        self._auth_origin = options.get("auth_origin") or default_origin(
+            auth_target, secure=self._credentials is not None
+        )
+        # The latest nonce each origin asked for (RFC 9449 §8), put in the next proof for it.
+        self._nonces: dict[str, str] = {}
         self._grant = None if tokens is None else Grant.of(tokens, clock(), renew_margin)
         self._ended: SessionEnded | None = None
         self.renewals = 0
@@ -228,10 +242,45 @@ class SessionRules:
             code="AUTH_UNAVAILABLE",
         )
 
+    def _auth_proof(self, method: str) -> str | None:
+        """A proof for ``Login`` or ``Refresh`` at the auth service, when the session has a key."""
+        if self._dpop_key is None:
+            return None
+        origin = self._auth_origin
+        return self._dpop_key.proof(origin, method, nonce=self._nonces.get(origin))
 
-def with_token(metadata: Iterable[tuple[str, Any]] | None, token: str) -> list[tuple[str, Any]]:
-    kept = [(key, value) for key, value in (metadata or ()) if key != AUTHORIZATION]
-    kept.append((AUTHORIZATION, f"Bearer {token}"))
+    def _call_metadata(
+        self, metadata: Iterable[tuple[str, Any]] | None, method: str | bytes, token: str, origin: str
+    ) -> list[tuple[str, Any]]:
+        """The call's metadata with the token (and, with a key, a fresh proof for this method)."""
+        if self._dpop_key is None:
+            return with_token(metadata, token)
+        path = method.decode() if isinstance(method, bytes) else method
+        proof = self._dpop_key.proof(origin, path, access_token=token, nonce=self._nonces.get(origin))
+        return with_token(metadata, token, proof=proof)
+
+    def _take_nonce(self, error: grpc.RpcError, origin: str) -> bool:
+        """Keep the nonce a refusal asked for; whether it was such a refusal."""
+        if self._dpop_key is None or error_reason(error) != DPOP_NONCE_REQUIRED:
+            return False
+        trailers: tuple[Any, ...] = error.trailing_metadata() or ()
+        for entry in trailers:
+            key, value = entry
+            if key == DPOP_NONCE_METADATA_KEY and isinstance(value, str):
+                self._nonces[origin] = value
+                return True
+        return False
+
+
+def with_token(
+    metadata: Iterable[tuple[str, Any]] | None, token: str, *, proof: str | None = None
+) -> list[tuple[str, Any]]:
+    kept = [(key, value) for key, value in (metadata or ()) if key not in (AUTHORIZATION, DPOP_METADATA_KEY)]
+    if proof is None:
+        kept.append((AUTHORIZATION, f"Bearer {token}"))
+    else:
+        kept.append((AUTHORIZATION, f"DPoP {token}"))
+        kept.append((DPOP_METADATA_KEY, proof))
     return kept
 
 

@@ -103,6 +103,22 @@ class CommonSettings(BaseSettings):
     )
     instance: str = Field(default_factory=_default_instance, min_length=1, description="replica name")
     stream_replicas: int = Field(default=1, ge=1, le=5, description="AUTH_EVENTS replication factor")
+    dpop: str = Field(
+        default="accept",
+        pattern="^(require|accept|off)$",
+        description="DPoP (RFC 9449): require proofs, accept bound and bearer tokens, or bearer only (off)",
+    )
+    dpop_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="this service's names for DPoP htu, scheme://host:port, comma-separated "
+        "(default http://<grpc_listen>)",
+    )
+    dpop_max_age: float = Field(
+        default=60.0, gt=0, le=600, description="how long a DPoP proof is accepted, s"
+    )
+    dpop_nonce_secret: SecretStr | None = Field(
+        default=None, description="shared by a service's replicas: when set, proofs need a server nonce"
+    )
     connect_timeout: float = Field(
         default=30.0,
         gt=0,
@@ -122,7 +138,7 @@ class CommonSettings(BaseSettings):
         default=False, description="refuse gRPC clients without a certificate signed by the CA (mTLS)"
     )
 
-    _split_nats_urls = field_validator("nats_urls", mode="before")(_split_urls)
+    _split_nats_urls = field_validator("nats_urls", "dpop_origins", mode="before")(_split_urls)
 
     @model_validator(mode="before")
     @classmethod
@@ -135,6 +151,12 @@ class CommonSettings(BaseSettings):
         if not value:
             raise ValueError("at least one NATS URL is required")
         return value
+
+    def proof_origins(self, grpc_listen: str) -> tuple[str, ...]:
+        """The origins a DPoP proof's ``htu`` may name: the configured ones, else ``http(s)://<grpc_listen>``
+        (``https`` when this service's gRPC server speaks TLS)."""
+        scheme = "https" if self.tls_cert_file is not None else "http"
+        return tuple(self.dpop_origins) or (f"{scheme}://{grpc_listen}",)
 
     @model_validator(mode="after")
     def _check_tls_files(self) -> Self:

@@ -15,8 +15,9 @@ import grpc
 
 from authmesh._shared.auth_api import Revocation, Tokens
 from authmesh._shared.auth_client import channel_options
-from authmesh._shared.errors import SessionEnded, Unavailable
-from authmesh._shared.session_rules import AUTHORIZATION, Grant, SessionRules, refused_as_expired, with_token
+from authmesh._shared.dpop import DPOP_METADATA_KEY, LOGIN_METHOD, REFRESH_METHOD, default_origin
+from authmesh._shared.errors import ConfigurationError, SessionEnded, Unavailable
+from authmesh._shared.session_rules import AUTHORIZATION, Grant, SessionRules, refused_as_expired
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 
@@ -67,9 +68,22 @@ class SyncTokenSession(SessionRules):
         """
         return self._current().tokens.access_token
 
-    def metadata(self) -> tuple[tuple[str, str]]:
-        """Call metadata carrying the current access token (for a call made without the interceptor)."""
-        return ((AUTHORIZATION, f"Bearer {self.access_token()}"),)
+    def metadata(
+        self, method: str | None = None, *, origin: str | None = None
+    ) -> tuple[tuple[str, str], ...]:
+        """Call metadata carrying the current access token (for a call made without the interceptor).
+
+        A session bound to a DPoP key needs the call's ``method`` and the service's ``origin``.
+
+        Raises:
+            ValueError: A bound session without ``method`` and ``origin``.
+        """
+        token = self.access_token()
+        if self._dpop_key is None:
+            return ((AUTHORIZATION, f"Bearer {token}"),)
+        if method is None or origin is None:
+            raise ValueError("a DPoP-bound session needs the call's method and origin for its proof")
+        return tuple(self._call_metadata((), method, token, origin))
 
     def renew(self) -> Tokens:
         """Renew now, whatever the token's age; returns the new pair."""
@@ -87,17 +101,39 @@ class SyncTokenSession(SessionRules):
         self._ended = SessionEnded("logged out", code="LOGGED_OUT")
         return Revocation(revoked_at_unix_ms=response.revoked_at_unix_ms, event_id=response.event_id)
 
-    def interceptor(self) -> _SyncInterceptor:
-        """A client interceptor for ``grpc.intercept_channel`` that attaches and renews the token."""
-        return _SyncInterceptor(self)
+    def interceptor(self, origin: str = "") -> _SyncInterceptor:
+        """A client interceptor for ``grpc.intercept_channel`` that attaches and renews the token.
+
+        Args:
+            origin: The service's ``scheme://host:port``, for the DPoP proofs of a bound session.
+        """
+        return _SyncInterceptor(self, origin)
 
     def call_credentials(self) -> grpc.CallCredentials:
-        """Call credentials carrying the token, for a secure channel (renewed when due; no retry)."""
+        """Call credentials carrying the token, for a secure channel (renewed when due; no retry).
+
+        Raises:
+            ConfigurationError: The session is bound to a DPoP key (use :meth:`channel` or
+                :meth:`interceptor`, which make a proof per call).
+        """
+        if self._dpop_key is not None:
+            raise ConfigurationError(
+                "a DPoP-bound session attaches its proofs with channel() or interceptor()"
+            )
         return grpc.metadata_call_credentials(_TokenPlugin(self), name="authmesh")
 
-    def channel(self, target: str, *, options: Sequence[tuple[str, Any]] = ()) -> grpc.Channel:
-        """A channel to ``target`` whose calls carry this session's token (close it, or use ``with``)."""
-        return _sync_channel(target, self._credentials, [self.interceptor()], options)
+    def channel(
+        self, target: str, *, options: Sequence[tuple[str, Any]] = (), origin: str | None = None
+    ) -> grpc.Channel:
+        """A channel to ``target`` whose calls carry this session's token (close it, or use ``with``).
+
+        Args:
+            target: ``host:port``.
+            options: Channel options.
+            origin: The service's name for DPoP proofs (default ``http(s)://<target>``).
+        """
+        chosen = origin or default_origin(target, secure=self._credentials is not None)
+        return _sync_channel(target, self._credentials, [self.interceptor(chosen)], options)
 
     def _api(self) -> auth_pb2_grpc.AuthServiceStub:
         if self._stub is None:
@@ -114,24 +150,36 @@ class SyncTokenSession(SessionRules):
                 return current
             method = "Refresh" if refresh_token is not None else "Login"
             try:
-                if refresh_token is not None:
-                    pair = self._api().Refresh(
-                        auth_pb2.RefreshRequest(refresh_token=refresh_token), timeout=self._timeout
-                    )
-                else:
-                    assert self._login is not None  # _plan ends a session without one
-                    username, password, scopes = self._login
-                    pair = self._api().Login(
-                        auth_pb2.LoginRequest(username=username, password=password, scopes=list(scopes)),
-                        timeout=self._timeout,
-                    )
+                pair = self._ask(refresh_token)
             except grpc.RpcError as error:
-                raise self._refused(method, error) from error
+                if not self._take_nonce(error, self._auth_origin):
+                    raise self._refused(method, error) from error
+                try:
+                    pair = self._ask(refresh_token)
+                except grpc.RpcError as again:
+                    raise self._refused(method, again) from again
             tokens = Tokens.from_pair(pair, self._clock())
             grant = self._store(tokens)
         if self._on_renew is not None:
             self._on_renew(tokens)
         return grant
+
+    def _ask(self, refresh_token: str | None) -> auth_pb2.TokenPair:
+        if refresh_token is not None:
+            proof = self._auth_proof(REFRESH_METHOD)
+            return self._api().Refresh(
+                auth_pb2.RefreshRequest(refresh_token=refresh_token),
+                timeout=self._timeout,
+                metadata=() if proof is None else ((DPOP_METADATA_KEY, proof),),
+            )
+        assert self._login is not None  # _plan ends a session without one
+        username, password, scopes = self._login
+        proof = self._auth_proof(LOGIN_METHOD)
+        return self._api().Login(
+            auth_pb2.LoginRequest(username=username, password=password, scopes=list(scopes)),
+            timeout=self._timeout,
+            metadata=() if proof is None else ((DPOP_METADATA_KEY, proof),),
+        )
 
 
 def _sync_channel(
@@ -160,11 +208,13 @@ class _SyncDetails(
     pass
 
 
-def _sync_details(details: grpc.ClientCallDetails, token: str) -> _SyncDetails:
+def _sync_details(
+    session: SyncTokenSession, details: grpc.ClientCallDetails, token: str, origin: str
+) -> _SyncDetails:
     return _SyncDetails(
         details.method,
         details.timeout,
-        with_token(details.metadata, token),
+        session._call_metadata(details.metadata, details.method, token, origin),
         details.credentials,
         getattr(details, "wait_for_ready", None),
         getattr(details, "compression", None),
@@ -179,22 +229,32 @@ class _SyncInterceptor(
 ):
     """Attaches the session's token; a unary call refused with ``TOKEN_EXPIRED`` renews and runs again."""
 
-    def __init__(self, session: SyncTokenSession) -> None:
+    def __init__(self, session: SyncTokenSession, origin: str) -> None:
         self._session = session
+        self._origin = origin
 
     def intercept_unary_unary(
         self, continuation: Callable[..., Any], client_call_details: grpc.ClientCallDetails, request: Any
     ) -> Any:
-        grant = self._session._current()
-        outcome = continuation(_sync_details(client_call_details, grant.tokens.access_token), request)
+        session, origin = self._session, self._origin
+        grant = session._current()
+        token = grant.tokens.access_token
+        outcome = continuation(_sync_details(session, client_call_details, token, origin), request)
         error = outcome.exception()
-        if isinstance(error, grpc.RpcError) and refused_as_expired(error):
-            renewed = self._session._renew(grant)
-            return continuation(_sync_details(client_call_details, renewed.tokens.access_token), request)
-        return outcome
+        if not isinstance(error, grpc.RpcError):
+            return outcome
+        if refused_as_expired(error):
+            token = session._renew(grant).tokens.access_token
+        elif not session._take_nonce(error, origin):
+            return outcome
+        # Once more, with the renewed token or with the nonce the service asked for.
+        return continuation(_sync_details(session, client_call_details, token, origin), request)
 
     def _attach(self, continuation: Any, client_call_details: Any, request: Any, /) -> Any:
-        return continuation(_sync_details(client_call_details, self._session.access_token()), request)
+        session = self._session
+        return continuation(
+            _sync_details(session, client_call_details, session.access_token(), self._origin), request
+        )
 
     def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return self._attach(continuation, client_call_details, request)

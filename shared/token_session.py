@@ -13,9 +13,10 @@ import grpc
 
 from authmesh._shared.auth_api import AuthApi, Revocation, Tokens
 from authmesh._shared.auth_client import channel_options
+from authmesh._shared.dpop import LOGIN_METHOD, REFRESH_METHOD, default_origin
 from authmesh._shared.errors import SessionEnded
 from authmesh._shared.lifecycle import Startable
-from authmesh._shared.session_rules import AUTHORIZATION, Grant, SessionRules, refused_as_expired, with_token
+from authmesh._shared.session_rules import AUTHORIZATION, Grant, SessionRules, refused_as_expired
 
 
 class TokenSession(SessionRules, Startable):
@@ -60,9 +61,23 @@ class TokenSession(SessionRules, Startable):
         """
         return (await self._current()).tokens.access_token
 
-    async def metadata(self) -> tuple[tuple[str, str]]:
-        """Call metadata carrying the current access token (for a call made without the interceptors)."""
-        return ((AUTHORIZATION, f"Bearer {await self.access_token()}"),)
+    async def metadata(
+        self, method: str | None = None, *, origin: str | None = None
+    ) -> tuple[tuple[str, str], ...]:
+        """Call metadata carrying the current access token (for a call made without the interceptors).
+
+        A session bound to a DPoP key needs the call's ``method`` (``/package.Service/Method``) and the
+        service's ``origin`` for the proof.
+
+        Raises:
+            ValueError: A bound session without ``method`` and ``origin``.
+        """
+        token = await self.access_token()
+        if self._dpop_key is None:
+            return ((AUTHORIZATION, f"Bearer {token}"),)
+        if method is None or origin is None:
+            raise ValueError("a DPoP-bound session needs the call's method and origin for its proof")
+        return tuple(self._call_metadata((), method, token, origin))
 
     async def renew(self) -> Tokens:
         """Renew now, whatever the token's age; returns the new pair."""
@@ -78,18 +93,35 @@ class TokenSession(SessionRules, Startable):
         self._ended = SessionEnded("logged out", code="LOGGED_OUT")
         return revocation
 
-    def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
-        """Client interceptors that attach the token to every call (and renew it on ``TOKEN_EXPIRED``)."""
-        return [_AioUnaryUnary(self), _AioUnaryStream(self), _AioStreamUnary(self), _AioStreamStream(self)]
+    def interceptors(self, origin: str = "") -> list[grpc.aio.ClientInterceptor]:
+        """Client interceptors that attach the token to every call (and renew it on ``TOKEN_EXPIRED``).
 
-    def channel(self, target: str, *, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
-        """A channel to ``target`` whose calls carry this session's token (close it or ``async with`` it)."""
+        Args:
+            origin: The service's ``scheme://host:port``, for the DPoP proofs of a bound session.
+        """
+        return [
+            _AioUnaryUnary(self, origin),
+            _AioUnaryStream(self, origin),
+            _AioStreamUnary(self, origin),
+            _AioStreamStream(self, origin),
+        ]
+
+    def channel(
+        self, target: str, *, options: Sequence[tuple[str, Any]] = (), origin: str | None = None
+    ) -> grpc.aio.Channel:
+        """A channel to ``target`` whose calls carry this session's token (close it or ``async with`` it).
+
+        Args:
+            target: ``host:port``.
+            options: Channel options.
+            origin: The service's name for DPoP proofs (default ``http(s)://<target>``).
+        """
         merged = [*channel_options(), *options]
+        secure = self._credentials is not None
+        interceptors = self.interceptors(origin or default_origin(target, secure=secure))
         if self._credentials is None:
-            return grpc.aio.insecure_channel(target, options=merged, interceptors=self.interceptors())
-        return grpc.aio.secure_channel(
-            target, self._credentials, options=merged, interceptors=self.interceptors()
-        )
+            return grpc.aio.insecure_channel(target, options=merged, interceptors=interceptors)
+        return grpc.aio.secure_channel(target, self._credentials, options=merged, interceptors=interceptors)
 
     async def _current(self) -> Grant:
         return self._fresh() or await self._renew(self._grant)
@@ -101,61 +133,78 @@ class TokenSession(SessionRules, Startable):
                 return current
             method = "Refresh" if refresh_token is not None else "Login"
             try:
-                if refresh_token is not None:
-                    tokens = await self._api.refresh(refresh_token)
-                else:
-                    assert self._login is not None  # _plan ends a session without one
-                    tokens = await self._api.login(*self._login)
+                tokens = await self._ask(refresh_token)
             except grpc.aio.AioRpcError as error:
-                raise self._refused(method, error) from error
+                if not self._take_nonce(error, self._auth_origin):
+                    raise self._refused(method, error) from error
+                try:
+                    tokens = await self._ask(refresh_token)
+                except grpc.aio.AioRpcError as again:
+                    raise self._refused(method, again) from again
             grant = self._store(tokens)
         if self._on_renew is not None:
             self._on_renew(tokens)
         return grant
 
+    async def _ask(self, refresh_token: str | None) -> Tokens:
+        if refresh_token is not None:
+            return await self._api.refresh(refresh_token, dpop=self._auth_proof(REFRESH_METHOD))
+        assert self._login is not None  # _plan ends a session without one
+        return await self._api.login(*self._login, dpop=self._auth_proof(LOGIN_METHOD))
+
 
 # --- grpc.aio interceptors -----------------------------------------------------------------------------
 
 
-def _aio_details(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
+def _aio_details(
+    session: TokenSession, details: grpc.aio.ClientCallDetails, token: str, origin: str
+) -> grpc.aio.ClientCallDetails:
     return grpc.aio.ClientCallDetails(
         method=details.method,
         timeout=details.timeout,
-        metadata=grpc.aio.Metadata(*with_token(details.metadata, token)),
+        metadata=grpc.aio.Metadata(*session._call_metadata(details.metadata, details.method, token, origin)),
         credentials=details.credentials,
         wait_for_ready=details.wait_for_ready,
     )
 
 
 class _AioUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, session: TokenSession) -> None:
+    def __init__(self, session: TokenSession, origin: str) -> None:
         self._session = session
+        self._origin = origin
 
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], client_call_details: grpc.aio.ClientCallDetails, request: Any
     ) -> Any:
-        grant = await self._session._current()
-        call = await continuation(_aio_details(client_call_details, grant.tokens.access_token), request)
+        session, origin = self._session, self._origin
+        grant = await session._current()
+        token = grant.tokens.access_token
+        call = await continuation(_aio_details(session, client_call_details, token, origin), request)
         try:
             await call
         except grpc.aio.AioRpcError as error:
-            if not refused_as_expired(error):
+            if refused_as_expired(error):
+                # The server's clock (or lifetime) ended the token before ours did: renew once, call again.
+                token = (await session._renew(grant)).tokens.access_token
+            elif not session._take_nonce(error, origin):
                 return call
-            # The server's clock (or lifetime) ended the token before ours did: renew once, call again.
-            renewed = await self._session._renew(grant)
-            return await continuation(_aio_details(client_call_details, renewed.tokens.access_token), request)
+            # Once more, with the renewed token or with the nonce the service asked for.
+            return await continuation(_aio_details(session, client_call_details, token, origin), request)
         return call
 
 
 class _AioAttach:
     """Attaches the session's token (renewed when due) to a streaming call; no retry on a stream."""
 
-    def __init__(self, session: TokenSession) -> None:
+    def __init__(self, session: TokenSession, origin: str) -> None:
         self._session = session
+        self._origin = origin
 
     async def _attach(self, continuation: Any, client_call_details: Any, request: Any, /) -> Any:
         token = await self._session.access_token()
-        return await continuation(_aio_details(client_call_details, token), request)
+        return await continuation(
+            _aio_details(self._session, client_call_details, token, self._origin), request
+        )
 
 
 class _AioUnaryStream(_AioAttach, grpc.aio.UnaryStreamClientInterceptor):

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from authmesh._shared.claims import ACCESS_TOKEN_TYPE, AccessClaims
 from authmesh._shared.errors import (
+    DpopKeyMismatch,
+    DpopProofMissing,
     InvalidClaim,
     TokenExpired,
     TokenNotYetValid,
@@ -124,11 +126,20 @@ class TokenVerifier:
         """The policy this verifier enforces."""
         return self._policy
 
-    def verify(self, token: str) -> AccessClaims:
+    def verify(
+        self, token: str, *, bound_to: str | None = None, ignore_binding: bool = False
+    ) -> AccessClaims:
         """Verify an access token.
+
+        A token bound to a key (``cnf.jkt``, RFC 9449) is accepted only with ``bound_to`` that key, the
+        thumbprint of a verified DPoP proof's key; presented as a bearer token (``bound_to`` None) it is
+        refused, and so is a bearer token presented with a proof.
 
         Args:
             token: The compact JWS from the ``authorization`` header.
+            bound_to: The ``jkt`` of the call's verified DPoP proof, or None for a bearer call.
+            ignore_binding: Check everything but the binding (a token looked at, not used: Introspect's
+                or RevokeToken's subject).
 
         Returns:
             The verified claims.
@@ -145,6 +156,8 @@ class TokenVerifier:
             # A hit skips only the signature and the parsing: time, the key (it may have been retired
             # or dropped since) and revocation are checked anew.
             self._check_times(cached, now)
+            if cached.jkt != bound_to and not ignore_binding:
+                _refuse_binding(bound_to)
             self._revocations.check(cached)
             self._keys.public_key(cached.kid)
             return cached
@@ -156,6 +169,8 @@ class TokenVerifier:
             cache[token] = claims
             if len(cache) > self._cache_size:
                 cache.popitem(last=False)
+        if claims.jkt != bound_to and not ignore_binding:
+            _refuse_binding(bound_to)
         self._revocations.check(claims)
         return claims
 
@@ -187,3 +202,9 @@ class TokenVerifier:
             raise TokenExpired()
         if now + leeway < claims.nbf or now + leeway < claims.iat:
             raise TokenNotYetValid()
+
+
+def _refuse_binding(bound_to: str | None) -> None:
+    if bound_to is None:
+        raise DpopProofMissing("a key-bound token needs the DPoP scheme and a proof")
+    raise DpopKeyMismatch()

@@ -15,7 +15,18 @@ import aiohttp
 import uvicorn
 from fastapi import Depends, FastAPI
 
-from authmesh import AccessClaims, ResourceGuard, ScopeRequirement, current_claims
+from authmesh import (
+    AccessClaims,
+    DpopMode,
+    ProofGate,
+    ProofPolicy,
+    ProofSigner,
+    ProofVerifier,
+    ResourceGuard,
+    ScopeRequirement,
+    current_claims,
+)
+from authmesh._shared.dpop import LOGIN_METHOD
 from authmesh.asgi import BearerAuth, BearerAuthMiddleware
 from authmesh.auth.v1 import auth_pb2
 from authmesh.processes import free_ports
@@ -62,8 +73,12 @@ async def serving(app: FastAPI) -> AsyncIterator[str]:
         await task
 
 
-async def get(url: str, token: str | None = None) -> tuple[int, dict[str, str], Any]:
-    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+async def get(
+    url: str, token: str | None = None, *, scheme: str = "Bearer", proof: str | None = None
+) -> tuple[int, dict[str, str], Any]:
+    headers = {"Authorization": f"{scheme} {token}"} if token is not None else {}
+    if proof is not None:
+        headers["DPoP"] = proof
     async with aiohttp.ClientSession() as session, session.get(url, headers=headers) as response:
         text = await response.text()
         body = json.loads(text) if response.content_type == "application/json" else text
@@ -186,3 +201,53 @@ async def test_the_middleware_protects_every_path_but_the_open_ones(redis_url: s
             # A route's own requirement is checked on the claims the middleware verified.
             status, headers, _ = await get(f"{base}/write", reader.access_token)
             assert (status, 'scope="docs:write"' in headers["www-authenticate"]) == (403, True)
+
+
+async def test_dpop_proofs_name_the_request_method_and_url(redis_url: str, nats_url: str) -> None:
+    (port,) = free_ports(1)
+    auth_origin = f"http://127.0.0.1:{port}"
+    async with running_auth(auth_settings(redis_url, [nats_url], grpc_listen=f"127.0.0.1:{port}")) as (
+        auth,
+        client,
+    ):
+        await client.create_user("web-dpop", "password-of-a-user-1", ("docs:read",))
+        signer = ProofSigner()
+        pair = await client.stub.Login(
+            auth_pb2.LoginRequest(username="web-dpop", password="password-of-a-user-1"),
+            metadata=(("dpop", signer.proof(auth_origin, LOGIN_METHOD)),),
+            timeout=10,
+        )
+        token, origin = pair.access_token, "http://docs.test"  # the name the service is configured with
+        guard = ResourceGuard(
+            auth_target=auth.grpc_address,
+            auth_url=f"http://{auth.http_address}",
+            nats_urls=[nats_url],
+            service_account=SERVICE,
+            dpop=ProofGate(DpopMode.ACCEPT, ProofVerifier(ProofPolicy(origins=(origin,)))),
+        )
+        async with (
+            guard,
+            serving(protected_app(guard)) as dependency,
+            serving(middleware_app(guard)) as middleware,
+        ):
+            for base in (dependency, middleware):
+                proof = signer.proof(origin, "/whoami", access_token=token, htm="GET")
+                # The query is not part of htu.
+                status, _, body = await get(f"{base}/whoami?page=2", token, scheme="DPoP", proof=proof)
+                assert status == 200
+                assert body["subject"]
+                status, headers, body = await get(f"{base}/whoami", token, scheme="DPoP", proof=proof)
+                assert (status, "DPOP_PROOF_REPLAYED" in str(body)) == (401, True)
+                assert headers["www-authenticate"].startswith('DPoP error="invalid_dpop_proof"')
+                for wrong in (
+                    signer.proof(origin, "/whoami", access_token=token),  # htm POST
+                    signer.proof(origin, "/documents/doc-1", access_token=token, htm="GET"),
+                    signer.proof("http://elsewhere.test", "/whoami", access_token=token, htm="GET"),
+                ):
+                    status, _, body = await get(f"{base}/whoami", token, scheme="DPoP", proof=wrong)
+                    assert (status, "DPOP_PROOF_INVALID" in str(body)) == (401, True), body
+                stolen = ProofSigner().proof(origin, "/whoami", access_token=token, htm="GET")
+                status, _, body = await get(f"{base}/whoami", token, scheme="DPoP", proof=stolen)
+                assert (status, "DPOP_KEY_MISMATCH" in str(body)) == (401, True)
+                status, _, body = await get(f"{base}/whoami", token)  # a bound token as a bearer token
+                assert (status, "DPOP_PROOF_MISSING" in str(body)) == (401, True)

@@ -38,9 +38,10 @@ def assert_latency(summary: Mapping[str, Any], *, samples: bool = True) -> None:
         assert 0 < summary["p50"] <= summary["p99"] <= summary["max"]
 
 
-def assert_judged(result: Mapping[str, Any], goal: str) -> None:
-    assert set(result["goals"]) == {goal}
-    assert_goal_judged(result, goal)
+def assert_judged(result: Mapping[str, Any], *goals: str) -> None:
+    assert set(result["goals"]) == set(goals)
+    for goal in goals:
+        assert_goal_judged(result, goal)
 
 
 def assert_goal_judged(result: Mapping[str, Any], goal: str) -> None:
@@ -154,13 +155,14 @@ async def test_rpc_bench_times_protected_calls_beside_open_ones_on_every_kind_of
     assert result["benchmark"] == "rpc"
     assert [level["concurrency"] for level in result["levels"]] == [1, 3]
     for level in result["levels"]:
-        for kind in ("health", "whoami"):
+        for kind in ("health", "whoami", "whoami_dpop"):
             figures = level[kind]
             assert figures["per_second"] > 0
             assert len(figures["slices_per_second"]) == 2
             assert figures["errors"] == {}
             assert_latency(figures["latency"])
         assert level["whoami_over_health"] > 0
+        assert level["dpop_over_whoami"] > 0
     for name, (kinds, ratio_name) in rpc.PROTECTED_SERVERS.items():
         assert [level["concurrency"] for level in result["servers"][name]] == [1, 3]
         for level in result["servers"][name]:
@@ -168,12 +170,13 @@ async def test_rpc_bench_times_protected_calls_beside_open_ones_on_every_kind_of
                 assert level[kind]["per_second"] > 0
                 assert level[kind]["errors"] == {}
             assert level[ratio_name] > 0
-    ratios = {"whoami_over_health"} | {ratio_name for _, ratio_name in rpc.PROTECTED_SERVERS.values()}
-    assert set(result["goals"]) == ratios
-    for goal in ratios:
-        assert_goal_judged(result, goal)
+    ratios = {"whoami_over_health", "dpop_cpu_over_bearer"} | {
+        ratio_name for _, ratio_name in rpc.PROTECTED_SERVERS.values()
+    }
+    assert_judged(result, *ratios)
     text = rendered(rpc.render(result))
     assert "WhoAmI / health" in text
+    assert "DPoP / bearer" in text
     assert "FastAPI: GET /whoami" in text
     assert_charts(rpc.draw(result, tmp_path))
 

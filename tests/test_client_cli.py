@@ -26,6 +26,7 @@ from typer.testing import CliRunner, Result
 
 from authmesh._auth_service.app import AuthApp
 from authmesh._resource_service.app import ResourceApp
+from authmesh._shared.dpop import LOGIN_METHOD, ProofSigner
 from authmesh._shared.settings import ResourceSettings
 from authmesh.auth.v1 import auth_pb2
 from authmesh.client import StoredLogin, TokenFile, Tokens
@@ -448,6 +449,24 @@ async def test_revoke_by_username_refuses_every_token_of_that_user(services: Ser
         services.client.stub.Refresh(auth_pb2.RefreshRequest(refresh_token=victim.refresh_token), timeout=10),
         grpc.StatusCode.UNAUTHENTICATED,
     )
+
+
+async def test_revoke_by_key_thumbprint_refuses_every_token_bound_to_that_key(services: Services) -> None:
+    lost = ProofSigner()
+    settings = services.auth.settings
+    auth_origin = settings.proof_origins(settings.grpc_listen)[0]  # the name Login's proofs must use
+    bound = await services.client.stub.Login(
+        auth_pb2.LoginRequest(username=ALICE[0], password=ALICE[1]),
+        metadata=(("dpop", lost.proof(auth_origin, LOGIN_METHOD)),),
+        timeout=10,
+    )
+    await services.login(*ADMIN, "--scope", "admin")
+
+    result = await services.run("revoke", "--jkt", lost.jkt, *services.common())
+
+    assert result.exit_code == 0, result.output
+    assert f"every token bound to key {lost.jkt}" in result.stdout
+    assert (await services.client.introspect(bound.access_token)).inactive_reason == "TOKEN_REVOKED"
 
 
 async def test_a_stored_session_the_auth_service_refuses_to_renew_is_reported_once(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -23,6 +24,7 @@ from authmesh._shared.errors import KeyRevoked, TokenRevoked
 from authmesh._shared.events import (
     EventBody,
     HeartbeatEvent,
+    KeyBindingRevokedEvent,
     KeyRevokedEvent,
     KeyRotatedEvent,
     SecurityEvent,
@@ -380,3 +382,26 @@ def outcome(denylist: Denylist, token: AccessClaims) -> str:
     except (TokenRevoked, KeyRevoked) as error:
         return error.code
     return "ACCEPTED"
+
+
+def test_a_revoked_key_binding_refuses_the_tokens_bound_to_it_for_one_lifetime(
+    denylist: Denylist, clock: FakeClock
+) -> None:
+    bound = dataclasses.replace(claims(), jkt="lost-key-thumbprint")
+    other = dataclasses.replace(claims(), jkt="kept-key-thumbprint")
+    assert denylist.apply_body(KeyBindingRevokedEvent(jkt="lost-key-thumbprint"), occurred_at=clock.now)
+    assert not denylist.apply_body(KeyBindingRevokedEvent(jkt="lost-key-thumbprint"), occurred_at=clock.now)
+    with pytest.raises(TokenRevoked):
+        denylist.check(bound)
+    denylist.check(other)
+    denylist.check(claims())
+    assert denylist.sizes().key_bindings == 1
+    clock.now += TTL + LEEWAY + TTL  # every token bound before the revocation has expired
+    denylist.check(bound)
+    assert denylist.sizes().key_bindings == 0
+
+
+def test_a_snapshot_carries_revoked_key_bindings(denylist: Denylist, clock: FakeClock) -> None:
+    denylist.load(SnapshotChunk(key_bindings=(("lost-key-thumbprint", int(clock.now * 1000)),)))
+    with pytest.raises(TokenRevoked):
+        denylist.check(dataclasses.replace(claims(), jkt="lost-key-thumbprint"))

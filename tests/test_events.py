@@ -19,6 +19,7 @@ from authmesh._shared.events import (
     EventBody,
     EventType,
     HeartbeatEvent,
+    KeyBindingRevokedEvent,
     KeyRevokedEvent,
     KeyRotatedEvent,
     SecurityEvent,
@@ -50,6 +51,7 @@ BODIES: list[EventBody] = [
     KeyRotatedEvent(kid="key-2", previous_kid=KID),
     KeyRotatedEvent(kid="key-1", previous_kid=""),
     KeyRevokedEvent(kid=KID),
+    KeyBindingRevokedEvent(jkt="0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"),
     HeartbeatEvent(seq=42),
 ]
 

@@ -31,10 +31,12 @@ from authmesh import (
 from authmesh._auth_service.app import AuthApp
 from authmesh._resource_service.documents import sample_documents
 from authmesh._resource_service.servicer import GET_DOCUMENT, SERVICE_NAME, WHO_AM_I, ResourceServicer
+from authmesh._shared.dpop import LOGIN_METHOD, DpopMode, ProofGate, ProofPolicy, ProofSigner, ProofVerifier
 from authmesh._shared.grpc_errors import error_reason
 from authmesh._shared.jose import decode_compact
 from authmesh._shared.verifier import TokenVerifier, VerifierPolicy
 from authmesh.auth.v1 import auth_pb2
+from authmesh.processes import free_port
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 from tests.auth_support import SERVICE, AuthClient, auth_settings, bearer, running_auth
 from tests.helpers_tokens import AUDIENCE, ISSUER, NOW, SigningKey, StaticKeys, mint_access_token
@@ -313,6 +315,44 @@ async def test_a_sync_service_is_protected_and_hears_a_revocation(redis_url: str
                     time.sleep(0.02)  # a bounded poll in a worker thread: this thread has no event loop
 
         main_loop = asyncio.get_running_loop()
+        await asyncio.to_thread(scenario)
+
+
+async def test_a_sync_service_checks_dpop_proofs_through_the_guard(redis_url: str, nats_url: str) -> None:
+    listen = f"127.0.0.1:{free_port()}"
+    settings = auth_settings(redis_url, [nats_url], access_token_ttl=AUTH_TTL, grpc_listen=listen)
+    async with running_auth(settings) as (auth, client):
+        await client.create_user("dpop-user", "password-of-a-user-1", ())
+        signer = ProofSigner()
+        pair = await client.stub.Login(
+            auth_pb2.LoginRequest(username="dpop-user", password="password-of-a-user-1"),
+            metadata=(("dpop", signer.proof(f"http://{listen}", LOGIN_METHOD)),),
+            timeout=10,
+        )
+        token, origin = pair.access_token, "http://resource.test"
+        gate = ProofGate(DpopMode.ACCEPT, ProofVerifier(ProofPolicy(origins=(origin,))))
+        guard = guard_for(auth, nats_url, dpop=gate)
+
+        def scenario() -> None:
+            with guard, sync_server(guard.sync_interceptor(POLICY)) as stub:
+
+                def whoami(proof: str | None, scheme: str = "DPoP") -> str:
+                    metadata: tuple[tuple[str, str | bytes], ...] = (("authorization", f"{scheme} {token}"),)
+                    if proof is not None:
+                        metadata += (("dpop", proof),)
+                    return reason_of(
+                        lambda: stub.WhoAmI(resource_pb2.WhoAmIRequest(), metadata=metadata, timeout=5)
+                    )
+
+                proof = signer.proof(origin, WHO_AM_I, access_token=token)
+                assert whoami(proof) == "OK"
+                assert whoami(proof) == "DPOP_PROOF_REPLAYED"
+                assert whoami(None, scheme="Bearer") == "DPOP_PROOF_MISSING"
+                assert (
+                    whoami(ProofSigner().proof(origin, WHO_AM_I, access_token=token)) == "DPOP_KEY_MISMATCH"
+                )
+                assert whoami(signer.proof(origin, GET_DOCUMENT, access_token=token)) == "DPOP_PROOF_INVALID"
+
         await asyncio.to_thread(scenario)
 
 

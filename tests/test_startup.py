@@ -100,10 +100,11 @@ async def test_an_auth_service_without_redis_names_it_retries_and_exits_with_one
         assert await auth.exit_status() == 1
     retries = [line for line in auth.lines if "cannot reach Redis yet; retrying" in line]
     assert retries
-    assert f"address={address}" in retries[0]
+    # The store is named by its URL without credentials (a Sentinel URL names its Sentinels).
+    assert f"address=redis://{address}" in retries[0]
     assert "Connect call failed" in retries[0]
     assert auth.lines[-1].startswith(
-        f"STORE_UNAVAILABLE: cannot reach Redis at {address} within {CONNECT_TIMEOUT_SECONDS:g} s "
+        f"STORE_UNAVAILABLE: cannot reach Redis at redis://{address} within {CONNECT_TIMEOUT_SECONDS:g} s "
         "(AUTHMESH_CONNECT_TIMEOUT): "
     )
     assert not auth.said("hunter2-secret")

@@ -38,9 +38,12 @@ from typing import Any
 
 import aiohttp
 import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.table import Table
 
+from authmesh._shared.dpop import LOGIN_METHOD, REFRESH_METHOD, ProofSigner, default_origin
 from authmesh._shared.tls import TlsFiles, grpc_channel_credentials, open_channel
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.bench.common import (
@@ -67,8 +70,11 @@ from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
 from authmesh.stack import SERVICE_START_TIMEOUT_SECONDS, LocalStack
 
 GOAL_OVER_HEALTH = 0.85
+GOAL_DPOP_CPU_OVER_BEARER = 1.35
 CONCURRENCY = (1, 16, 64)
 BENCH_USER = "bench-rpc"
+BENCH_PASSWORD = "bench-password-rpc-1"
+WHOAMI_METHOD = "/authmesh.resource.v1.ResourceService/WhoAmI"
 BENCH_SCOPES = ("docs:read",)
 # Deadline of one call: generous, since Login at 64 in flight waits for dozens of Argon2 hashes.
 CALL_TIMEOUT_SECONDS = 120.0
@@ -76,6 +82,13 @@ CALL_TIMEOUT_SECONDS = 120.0
 _MAX_SAMPLES = 2_000_000
 GOALS = (
     Goal("whoami_over_health", "WhoAmI / health throughput, lowest level", GOAL_OVER_HEALTH, True, "ratio"),
+    Goal(
+        "dpop_cpu_over_bearer",
+        "WhoAmI with DPoP / with a bearer token, server CPU per call, highest level",
+        GOAL_DPOP_CPU_OVER_BEARER,
+        False,
+        "ratio",
+    ),
     Goal(
         "sync_whoami_over_health",
         "sync grpc.server: WhoAmI / health, lowest level",
@@ -118,8 +131,9 @@ class LoadGenerator:
     bearer token, which the open health service ignores: the token's bytes without its verification),
     ``whoami`` (caller *i* sends ``tokens[i % n]``),
     ``login`` (caller *i* logs in as ``users[i % n]``: distinct users, so the per-user login limit never
-    counts one caller against another) and ``refresh`` (caller *i* follows its own chain of refresh
-    tokens, starting from ``refresh_tokens[i]``).
+    counts one caller against another), ``refresh`` (caller *i* follows its own chain of refresh
+    tokens, starting from ``refresh_tokens[i]``) and ``whoami_dpop`` (caller *i* sends the key-bound
+    ``dpop_tokens[i % n]`` with a fresh proof per call, signed here with ``dpop_key``).
     """
 
     def __init__(self) -> None:
@@ -128,6 +142,9 @@ class LoadGenerator:
         self._tokens: list[str] = []
         self._users: list[tuple[str, str]] = []
         self._refresh: list[str] = []
+        self._dpop_tokens: list[str] = []
+        self._signer: ProofSigner | None = None
+        self._origin = ""
         self._tls = TlsFiles()
 
     def _channel(self, target: str) -> grpc.aio.Channel:
@@ -147,6 +164,12 @@ class LoadGenerator:
             self._users = [(str(name), str(password)) for name, password in command["users"]]
         if "refresh_tokens" in command:
             self._refresh = list(command["refresh_tokens"])
+        if "dpop_tokens" in command:
+            self._dpop_tokens = list(command["dpop_tokens"])
+            key = serialization.load_pem_private_key(str(command["dpop_key"]).encode(), password=None)
+            assert isinstance(key, ec.EllipticCurvePrivateKey)
+            self._signer = ProofSigner(key)
+            self._origin = str(command["dpop_origin"])
         return {"tokens": len(self._tokens), "users": len(self._users), "refresh_tokens": len(self._refresh)}
 
     def _caller(self, kind: str, target: str, index: int) -> Call:
@@ -166,6 +189,22 @@ class LoadGenerator:
             request = resource_pb2.WhoAmIRequest()
             metadata = (("authorization", f"Bearer {self._tokens[index % len(self._tokens)]}"),)
             return lambda: whoami(request, metadata=metadata, timeout=CALL_TIMEOUT_SECONDS)
+        if kind == "whoami_dpop":
+            assert self._signer is not None, "setup without dpop_tokens"
+            whoami = resource_pb2_grpc.ResourceServiceStub(channel).WhoAmI
+            request = resource_pb2.WhoAmIRequest()
+            token = self._dpop_tokens[index % len(self._dpop_tokens)]
+            proof, origin = self._signer.proof, self._origin
+
+            def with_proof() -> Awaitable[Any]:
+                # The client signs a proof per call, as a real one does (this process, not the server).
+                metadata = (
+                    ("authorization", f"DPoP {token}"),
+                    ("dpop", proof(origin, WHOAMI_METHOD, access_token=token)),
+                )
+                return whoami(request, metadata=metadata, timeout=CALL_TIMEOUT_SECONDS)
+
+            return with_proof
         auth = auth_pb2_grpc.AuthServiceStub(channel)
         if kind == "login":
             username, password = self._users[index % len(self._users)]
@@ -375,6 +414,11 @@ def paired_ratio(contender: Mapping[str, Any], baseline: Mapping[str, Any]) -> f
     )
 
 
+def _cpu_ratio(contender: Mapping[str, Any], baseline: Mapping[str, Any]) -> float | None:
+    mine, base = contender["server_cpu_us"], baseline["server_cpu_us"]
+    return None if mine is None or not base else float(mine) / float(base)
+
+
 async def pin_apart(server_pid: int, load_pid: int) -> JsonDict | None:
     """Pin the server to one CPU and the load generator to the others; what was done, or None."""
     split = split_cpus()
@@ -386,16 +430,25 @@ async def pin_apart(server_pid: int, load_pid: int) -> JsonDict | None:
     return {"server": sorted(server_cpus), "load": sorted(load_cpus)}
 
 
-async def bench_tokens(stack: LocalStack, count: int) -> list[str]:
-    """``count`` distinct access tokens of one ordinary user (one login, then refreshes)."""
+async def bench_tokens(stack: LocalStack, count: int, signer: ProofSigner | None = None) -> list[str]:
+    """``count`` distinct access tokens of one ordinary user (one login, then refreshes).
+
+    With ``signer`` the session is bound to its key (every token carries ``cnf.jkt``); the user must
+    exist already (a first call without one creates it).
+    """
+    origin = default_origin(stack.auth_grpc, secure=stack.client_tls.ca_file is not None)
+
+    def proof(method: str) -> str | None:
+        return None if signer is None else signer.proof(origin, method)
+
     async with AuthApi(stack.auth_grpc, credentials=grpc_channel_credentials(stack.client_tls)) as auth:
-        admin = await auth.admin_login(*stack.admin_credentials)
-        password = "bench-password-rpc-1"
-        await auth.create_user(admin.access_token, BENCH_USER, password, BENCH_SCOPES)
-        tokens = await auth.login(BENCH_USER, password)
+        if signer is None:
+            admin = await auth.admin_login(*stack.admin_credentials)
+            await auth.create_user(admin.access_token, BENCH_USER, BENCH_PASSWORD, BENCH_SCOPES)
+        tokens = await auth.login(BENCH_USER, BENCH_PASSWORD, dpop=proof(LOGIN_METHOD))
         access = [tokens.access_token]
         while len(access) < count:
-            tokens = await auth.refresh(tokens.refresh_token)
+            tokens = await auth.refresh(tokens.refresh_token, dpop=proof(REFRESH_METHOD))
             access.append(tokens.access_token)
     return access
 
@@ -438,9 +491,22 @@ async def measure(
         await load.request(
             {"op": "setup", "tokens": tokens, "tls_ca_file": str(ca_file) if ca_file else None}
         )
+        signer_key = ec.generate_private_key(ec.SECP256R1())
+        await load.request(
+            {
+                "op": "setup",
+                "dpop_tokens": await bench_tokens(stack, max(concurrency), ProofSigner(signer_key)),
+                "dpop_key": signer_key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                ).decode(),
+                "dpop_origin": default_origin(replica.grpc, secure=ca_file is not None),
+            }
+        )
         levels = await _levels(
             load,
-            ("health", "whoami"),
+            ("health", "whoami", "whoami_dpop"),
             "whoami_over_health",
             replica.grpc,
             server_pid,
@@ -449,6 +515,9 @@ async def measure(
             slice_s,
             progress,
         )
+        for level in levels:
+            level["dpop_over_whoami"] = paired_ratio(level["whoami_dpop"], level["whoami"])
+            level["dpop_cpu_over_bearer"] = _cpu_ratio(level["whoami_dpop"], level["whoami"])
         # The sync and ASGI servers are not set up for TLS: --tls measures the replica only.
         for name in () if tls else PROTECTED_SERVERS:
             kinds, ratio_name = PROTECTED_SERVERS[name]
@@ -474,7 +543,7 @@ async def measure(
                 )
             finally:
                 await process.stop(STOP_TIMEOUT_SECONDS)
-    lowest = {
+    lowest: dict[str, float | None] = {
         "whoami_over_health": min(float(level["whoami_over_health"]) for level in levels),
         **{
             ratio_name: min(float(level[ratio_name]) for level in servers[name])
@@ -482,6 +551,8 @@ async def measure(
             if name in servers
         },
     }
+    dpop_cpu = [level["dpop_cpu_over_bearer"] for level in levels]
+    lowest["dpop_cpu_over_bearer"] = None if None in dpop_cpu else max(dpop_cpu)
     return {
         "benchmark": "rpc",
         "environment": environment(),
@@ -505,7 +576,7 @@ def _prefixed(progress: Callable[[str], None], prefix: str, text: str) -> None:
 
 async def _levels(
     load: Worker,
-    kinds: tuple[str, str],
+    kinds: tuple[str, ...],
     ratio_name: str,
     target: str,
     server_pid: int | None,
@@ -514,7 +585,8 @@ async def _levels(
     slice_s: float,
     progress: Callable[[str], None],
 ) -> list[JsonDict]:
-    """Each concurrency level: the open call (``kinds[0]``) and the protected one, and their ratio."""
+    """Each concurrency level: the open call (``kinds[0]``), the protected one (``kinds[1]``) and any
+    others, and the ratio of the first two."""
     levels: list[JsonDict] = []
     for level in concurrency:
         progress(f"{level} calls in flight")
@@ -527,7 +599,7 @@ async def _levels(
             slice_s=slice_s,
             server_pid=server_pid,
         )
-        open_call, protected = kinds
+        open_call, protected = kinds[:2]
         levels.append(
             {
                 "concurrency": level,
@@ -543,7 +615,11 @@ def run(**options: Any) -> JsonDict:
     return asyncio.run(measure(**options))
 
 
-_KIND_LABELS = {"health": "health Check (baseline)", "whoami": "WhoAmI (verified token)"}
+_KIND_LABELS = {
+    "health": "health Check (baseline)",
+    "whoami": "WhoAmI (verified token)",
+    "whoami_dpop": "WhoAmI (DPoP: token + proof)",
+}
 _SERVER_LABELS = {
     "sync": {"health": "sync: health Check (baseline)", "whoami": "sync: WhoAmI (verified)"},
     "asgi": {
@@ -598,8 +674,11 @@ def render(result: Mapping[str, Any]) -> Table:
         f"{config['slices']} alternating slices × {config['slice_s']:g} s per call and level"
     )
     for level in result["levels"]:
-        level_rows(table, level, ("health", "whoami"), _KIND_LABELS)
+        level_rows(table, level, ("health", "whoami", "whoami_dpop"), _KIND_LABELS)
         table.add_row("", "WhoAmI / health", f"{level['whoami_over_health']:.2f}×", "", "", "", "")
+        cpu = level["dpop_cpu_over_bearer"]
+        shown = "–" if cpu is None else f"{cpu:.2f}×"
+        table.add_row("", "DPoP / bearer", f"{level['dpop_over_whoami']:.2f}×", "", "", shown, "")
         table.add_section()
     for name, (kinds, ratio_name) in PROTECTED_SERVERS.items():
         labels = _SERVER_LABELS[name]

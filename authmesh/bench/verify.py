@@ -40,6 +40,7 @@ from rich.console import Console
 from rich.table import Table
 
 from authmesh._shared.claims import new_uuid7
+from authmesh._shared.dpop import ProofPolicy, ProofSigner, ProofVerifier
 from authmesh._shared.errors import UnknownKey
 from authmesh._shared.jose import b64url_decode, sign_compact
 from authmesh._shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
@@ -57,7 +58,10 @@ WARM_PASSES = 20
 # Tokens per turn: contenders alternate every few milliseconds (see _round).
 CHUNK = 50
 # Who is timed beside whom: each ratio compares members of one group.
-GROUPS = (("raw", "cold"), ("pyjwt", "warm", "joserfc"))
+GROUPS = (("raw", "cold", "dpop_cold"), ("pyjwt", "warm", "joserfc", "dpop_warm"))
+# The DPoP path's origin and method (what each proof's htu names).
+DPOP_ORIGIN = "https://api.example:443"
+DPOP_METHOD = "/authmesh.resource.v1.ResourceService/WhoAmI"
 REQUIRED = ["iss", "sub", "aud", "exp", "iat", "nbf", "jti"]
 
 
@@ -81,6 +85,8 @@ class _Workload:
     private_key: ec.EllipticCurvePrivateKey
     tokens: list[str]
     raw_inputs: list[tuple[bytes, bytes]]
+    signer: ProofSigner
+    bound_tokens: list[str]
 
     @property
     def public_key(self) -> ec.EllipticCurvePublicKey:
@@ -92,29 +98,32 @@ def _workload(count: int) -> _Workload:
     now = int(time.time())
     tokens = []
     raw_inputs = []
+    signer = ProofSigner()
+    bound_tokens = []
     for index in range(count):
-        token = sign_compact(
-            {"typ": "at+jwt", "kid": KID},
-            {
-                "iss": ISSUER,
-                "sub": f"user-{index}",
-                "aud": AUDIENCE,
-                "exp": now + LIFETIME,
-                "iat": now,
-                "nbf": now,
-                "jti": new_uuid7(now * 1000 + index),
-                "sid": f"session-{index}",
-                "scope": "docs:read openid",
-                "client_id": "bench",
-            },
-            private_key,
+        claims = {
+            "iss": ISSUER,
+            "sub": f"user-{index}",
+            "aud": AUDIENCE,
+            "exp": now + LIFETIME,
+            "iat": now,
+            "nbf": now,
+            "jti": new_uuid7(now * 1000 + index),
+            "sid": f"session-{index}",
+            "scope": "docs:read openid",
+            "client_id": "bench",
+        }
+        token = sign_compact({"typ": "at+jwt", "kid": KID}, claims, private_key)
+        # The same token bound to the client's key, for the DPoP path.
+        bound_tokens.append(
+            sign_compact({"typ": "at+jwt", "kid": KID}, {**claims, "cnf": {"jkt": signer.jkt}}, private_key)
         )
         signing_input, signature = token.rsplit(".", 1)
         raw = b64url_decode(signature.encode("ascii"))
         der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
         tokens.append(token)
         raw_inputs.append((signing_input.encode("ascii"), der))
-    return _Workload(private_key, tokens, raw_inputs)
+    return _Workload(private_key, tokens, raw_inputs, signer, bound_tokens)
 
 
 @contextmanager
@@ -193,10 +202,38 @@ def _contenders(work: _Workload) -> dict[str, _Contender]:
 
         return run
 
+    signer = work.signer
+    bound_tokens = work.bound_tokens
+    dpop_policy = ProofPolicy(origins=(DPOP_ORIGIN,), replay_capacity=2 * len(tokens))
+
+    def with_proofs(verify: Callable[..., Any]) -> RoundRunner:
+        # Every call needs a proof never seen before (the replay cache), so each round signs its own
+        # (untimed) and starts a proof verifier with an empty replay cache.
+        proofs = [signer.proof(DPOP_ORIGIN, DPOP_METHOD, access_token=token) for token in bound_tokens]
+        proof_verify = ProofVerifier(dpop_policy).verify
+
+        def run(lo: int, hi: int) -> None:
+            for token, proof in zip(bound_tokens[lo:hi], proofs[lo:hi], strict=True):
+                verify(token, bound_to=proof_verify(proof, DPOP_METHOD, access_token=token).jkt)
+
+        return run
+
+    dpop_warm_verifier = TokenVerifier(keys, NoRevocations(), policy)
+    for token in bound_tokens:
+        dpop_warm_verifier.verify(token, bound_to=signer.jkt)
+
+    def dpop_cold() -> RoundRunner:
+        return with_proofs(TokenVerifier(keys, NoRevocations(), policy).verify)
+
+    def dpop_warm() -> RoundRunner:
+        return with_proofs(dpop_warm_verifier.verify)
+
     contenders = {
         "raw": _Contender(1, raw),
         "cold": _Contender(1, cold),
         "warm": _Contender(WARM_PASSES, warm),
+        "dpop_cold": _Contender(1, dpop_cold),
+        "dpop_warm": _Contender(1, dpop_warm),
     }
     try:
         import jwt
@@ -355,6 +392,9 @@ def run(rounds: int = 7, tokens: int = 2000) -> dict[str, Any]:
     warm_over_pyjwt = (
         statistics.median(result.ratio("warm", "pyjwt") for result in results) if "pyjwt" in rates else None
     )
+    # The DPoP path's cost beside the bearer path (information: its goal is on a whole call, bench rpc).
+    dpop_cold_over_cold = statistics.median(result.ratio("cold", "dpop_cold") for result in results)
+    dpop_warm_over_warm = statistics.median(result.ratio("warm", "dpop_warm") for result in results)
     passed = {
         "cold_over_raw": cold_over_raw >= GOAL_COLD_OVER_RAW,
         "warm_over_pyjwt": warm_over_pyjwt is not None and warm_over_pyjwt >= GOAL_WARM_OVER_PYJWT,
@@ -376,6 +416,7 @@ def run(rounds: int = 7, tokens: int = 2000) -> dict[str, Any]:
             for result in results
         ],
         "ratios": {"cold_over_raw": cold_over_raw, "warm_over_pyjwt": warm_over_pyjwt},
+        "dpop_cost": {"dpop_cold_over_cold": dpop_cold_over_cold, "dpop_warm_over_warm": dpop_warm_over_warm},
         "goals": {"cold_over_raw": GOAL_COLD_OVER_RAW, "warm_over_pyjwt": GOAL_WARM_OVER_PYJWT},
         "passed": passed,
         "ok": all(passed.values()),
@@ -388,6 +429,8 @@ _LABELS = {
     "warm": "authmesh verify, warm (cache hit)",
     "pyjwt": "PyJWT jwt.decode (same checks)",
     "joserfc": "joserfc decode + validate",
+    "dpop_cold": "authmesh DPoP: proof + token, cold",
+    "dpop_warm": "authmesh DPoP: proof + token, warm (token cache hit)",
 }
 
 
@@ -409,6 +452,12 @@ def render(result: dict[str, Any]) -> Table:
         verdict = "[green]met[/green]" if result["passed"][name] else "[red]missed[/red]"
         shown = "n/a" if ratio is None else f"{ratio:,.2f}×"
         table.add_row(f"{label} (goal ≥ {result['goals'][name]:g}×)", shown, verdict)
+    table.add_section()
+    for name, label in (
+        ("dpop_cold_over_cold", "DPoP cold / cold"),
+        ("dpop_warm_over_warm", "DPoP warm / warm"),
+    ):
+        table.add_row(f"{label} (time per call)", f"{result['dpop_cost'][name]:,.2f}×", "")
     return table
 
 

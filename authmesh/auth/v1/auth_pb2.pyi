@@ -195,6 +195,29 @@ class RevokeUserRequest(_message.Message):
 Global___RevokeUserRequest: _TypeAlias = RevokeUserRequest  # noqa: Y015
 
 @_typing.final
+class RevokeKeyBindingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JKT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    jkt: _builtins.str
+    """The RFC 7638 thumbprint of the key (the tokens' cnf.jkt)."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        jkt: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jkt", b"jkt", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeKeyBindingRequest: _TypeAlias = RevokeKeyBindingRequest  # noqa: Y015
+
+@_typing.final
 class DisableUserRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -644,6 +667,7 @@ class RevocationSnapshotChunk(_message.Message):
     USERS_FIELD_NUMBER: _builtins.int
     RETIRED_KEY_IDS_FIELD_NUMBER: _builtins.int
     STREAM_SEQUENCE_FIELD_NUMBER: _builtins.int
+    KEY_BINDINGS_FIELD_NUMBER: _builtins.int
     stream_sequence: _builtins.int
     """The last AUTH_EVENTS sequence this snapshot reflects; consume from the next one."""
     @_builtins.property
@@ -654,6 +678,8 @@ class RevocationSnapshotChunk(_message.Message):
     def users(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedUser]: ...
     @_builtins.property
     def retired_key_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def key_bindings(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedKeyBinding]: ...
     def __init__(
         self,
         *,
@@ -662,11 +688,37 @@ class RevocationSnapshotChunk(_message.Message):
         users: _abc.Iterable[Global___RevokedUser] | None = ...,
         retired_key_ids: _abc.Iterable[_builtins.str] | None = ...,
         stream_sequence: _builtins.int = ...,
+        key_bindings: _abc.Iterable[Global___RevokedKeyBinding] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["retired_key_ids", b"retired_key_ids", "sessions", b"sessions", "stream_sequence", b"stream_sequence", "tokens", b"tokens", "users", b"users"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_bindings", b"key_bindings", "retired_key_ids", b"retired_key_ids", "sessions", b"sessions", "stream_sequence", b"stream_sequence", "tokens", b"tokens", "users", b"users"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevocationSnapshotChunk: _TypeAlias = RevocationSnapshotChunk  # noqa: Y015
+
+@_typing.final
+class RevokedKeyBinding(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JKT_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    jkt: _builtins.str
+    revoked_at_unix_ms: _builtins.int
+    """When it was revoked (the auth service's clock): its entry matters until then plus one access-token
+    lifetime.
+    """
+    def __init__(
+        self,
+        *,
+        jkt: _builtins.str = ...,
+        revoked_at_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jkt", b"jkt", "revoked_at_unix_ms", b"revoked_at_unix_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedKeyBinding: _TypeAlias = RevokedKeyBinding  # noqa: Y015

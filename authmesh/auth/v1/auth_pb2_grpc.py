@@ -108,6 +108,11 @@ class AuthServiceStub:
                 request_serializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.ListUsersRequest.SerializeToString,
                 response_deserializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.ListUsersResponse.FromString,
                 _registered_method=True)
+        self.RevokeKeyBinding = channel.unary_unary(
+                '/authmesh.auth.v1.AuthService/RevokeKeyBinding',
+                request_serializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.RevokeKeyBindingRequest.SerializeToString,
+                response_deserializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.RevokeResponse.FromString,
+                _registered_method=True)
 
 
 class AuthServiceServicer:
@@ -216,6 +221,14 @@ class AuthServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeKeyBinding(self, request, context):
+        """Revokes a DPoP key binding (a lost device): every token bound to the key is refused, and its
+        sessions can no longer refresh (admin; broadcast on auth.events.revoked.jkt).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuthServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -288,6 +301,11 @@ def add_AuthServiceServicer_to_server(servicer, server):
                     servicer.ListUsers,
                     request_deserializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.ListUsersRequest.FromString,
                     response_serializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'RevokeKeyBinding': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKeyBinding,
+                    request_deserializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.RevokeKeyBindingRequest.FromString,
+                    response_serializer=authmesh_dot_auth_dot_v1_dot_auth__pb2.RevokeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -672,6 +690,33 @@ class AuthService:
             '/authmesh.auth.v1.AuthService/ListUsers',
             authmesh_dot_auth_dot_v1_dot_auth__pb2.ListUsersRequest.SerializeToString,
             authmesh_dot_auth_dot_v1_dot_auth__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKeyBinding(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/authmesh.auth.v1.AuthService/RevokeKeyBinding',
+            authmesh_dot_auth_dot_v1_dot_auth__pb2.RevokeKeyBindingRequest.SerializeToString,
+            authmesh_dot_auth_dot_v1_dot_auth__pb2.RevokeResponse.FromString,
             options,
             channel_credentials,
             insecure,

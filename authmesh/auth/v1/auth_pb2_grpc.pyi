@@ -67,6 +67,10 @@ class AuthServiceStub:
     """Lets a disabled account log in again; what was revoked stays revoked."""
     ListUsers: _grpc.UnaryUnaryMultiCallable[_auth_pb2.ListUsersRequest, _auth_pb2.ListUsersResponse]
     """The users, in username order, one page at a time (admin)."""
+    RevokeKeyBinding: _grpc.UnaryUnaryMultiCallable[_auth_pb2.RevokeKeyBindingRequest, _auth_pb2.RevokeResponse]
+    """Revokes a DPoP key binding (a lost device): every token bound to the key is refused, and its
+    sessions can no longer refresh (admin; broadcast on auth.events.revoked.jkt).
+    """
 
 @_typing.type_check_only
 class AuthServiceAsyncStub(AuthServiceStub):
@@ -107,6 +111,10 @@ class AuthServiceAsyncStub(AuthServiceStub):
     """Lets a disabled account log in again; what was revoked stays revoked."""
     ListUsers: _aio.UnaryUnaryMultiCallable[_auth_pb2.ListUsersRequest, _auth_pb2.ListUsersResponse]  # type: ignore[assignment]
     """The users, in username order, one page at a time (admin)."""
+    RevokeKeyBinding: _aio.UnaryUnaryMultiCallable[_auth_pb2.RevokeKeyBindingRequest, _auth_pb2.RevokeResponse]  # type: ignore[assignment]
+    """Revokes a DPoP key binding (a lost device): every token bound to the key is refused, and its
+    sessions can no longer refresh (admin; broadcast on auth.events.revoked.jkt).
+    """
 
 class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
     """AuthService issues, rotates and revokes tokens, and manages signing keys and users.
@@ -228,5 +236,15 @@ class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_auth_pb2.ListUsersResponse, _abc.Awaitable[_auth_pb2.ListUsersResponse]]:
         """The users, in username order, one page at a time (admin)."""
+
+    @_abc_1.abstractmethod
+    def RevokeKeyBinding(
+        self,
+        request: _auth_pb2.RevokeKeyBindingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_auth_pb2.RevokeResponse, _abc.Awaitable[_auth_pb2.RevokeResponse]]:
+        """Revokes a DPoP key binding (a lost device): every token bound to the key is refused, and its
+        sessions can no longer refresh (admin; broadcast on auth.events.revoked.jkt).
+        """
 
 def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
