@@ -15,6 +15,10 @@ attacker's refresh is refused and alice logs in again; refresh-token reuse kills
 compromised signing key is retired; a replica cut off from NATS fails closed and recovers (only when
 the stack can cut a replica's NATS link). :func:`run_demo` returns a :class:`DemoReport`; a
 :class:`Narrator` hears about each act as it happens.
+
+The stack's description (:mod:`authmesh.demo_target`), the report (:mod:`authmesh.demo_report`), the
+narrator (:mod:`authmesh.demo_narrator`) and the one-line texts (:mod:`authmesh.demo_wording`) live in
+modules of their own; this module re-exports what its importers use.
 """
 
 from __future__ import annotations
@@ -24,16 +28,38 @@ import contextlib
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import aiohttp
 import grpc
 
-from authmesh._shared.tls import TlsFiles, grpc_channel_credentials
+from authmesh._shared.tls import grpc_channel_credentials
 from authmesh.client import ACCEPTED, AuthApi, Outcome, ResourceApi, RpcProblem, Tokens
 from authmesh.demo_gateway import stolen_token_through_the_gateway
+from authmesh.demo_narrator import Narrator, SilentNarrator
+from authmesh.demo_report import ActResult, Check, DemoReport, Mark, Propagation, ReplicaTiming
+from authmesh.demo_target import DemoTarget, NatsLink, ReplicaTarget
+from authmesh.demo_wording import describe_answers, describe_waits, ms_text, spread_text, timing_text
 from authmesh.refusal_watch import NO_ANSWER, Answer, watch_until_refused
+
+__all__ = [
+    "LOCAL_STALENESS_BOUND",
+    "ActResult",
+    "Check",
+    "Demo",
+    "DemoReport",
+    "DemoTarget",
+    "Mark",
+    "Narrator",
+    "NatsLink",
+    "Propagation",
+    "ReplicaTarget",
+    "ReplicaTiming",
+    "SilentNarrator",
+    "run_demo",
+    "run_local_demo",
+]
 
 T = TypeVar("T")
 
@@ -60,264 +86,6 @@ STALE_LABEL = "REVOCATION_STATE_STALE"
 # The local stack's default: short, so the NATS act takes about a second.
 LOCAL_STALENESS_BOUND = 1.0
 HEARTBEATS_PER_BOUND = 5
-
-
-class NatsLink(Protocol):
-    """A stack that can cut a replica off from NATS and reconnect it (``LocalStack`` can)."""
-
-    async def cut_nats(self, index: int, *, silent: bool = False) -> None:
-        """Cut replica ``index``'s connection to NATS; ``silent``: no reset, bytes just stop flowing."""
-        ...
-
-    async def restore_nats(self, index: int) -> None:
-        """Reconnect replica ``index`` to NATS."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicaTarget:
-    """One replica the demo talks to.
-
-    Attributes:
-        name: How the demo names it (its instance name where known).
-        grpc: gRPC ``host:port``.
-        http: HTTP ``host:port`` (``/healthz``), when known.
-    """
-
-    name: str
-    grpc: str
-    http: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DemoTarget:
-    """The stack the story runs on.
-
-    Attributes:
-        auth_grpc: The auth service's gRPC ``host:port``.
-        replicas: The resource replicas.
-        admin: ``(username, password)`` of an admin.
-        local: Whether the demo started the stack itself.
-        staleness_bound: The replicas' staleness bound in seconds, when known.
-        nats: How to cut a replica off from NATS; None skips that act.
-        tls: How to reach the services over TLS; plaintext by default.
-        gateway: Base URL of an Envoy with authmesh's ext_authz in front of a service with no authmesh
-            code; None skips that act.
-    """
-
-    auth_grpc: str
-    replicas: tuple[ReplicaTarget, ...]
-    admin: tuple[str, str]
-    local: bool = False
-    staleness_bound: float | None = None
-    nats: NatsLink | None = None
-    tls: TlsFiles = field(default_factory=TlsFiles)
-    gateway: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicaTiming:
-    """How one replica answered a token while a change spread.
-
-    Attributes:
-        replica: The replica's name.
-        first_rejected_ms: From the start of the action to the first rejecting answer; None if none came
-            before the deadline.
-        last_accepted_ms: From the start of the action to the sending of the last probe the replica
-            accepted (None if none).
-        label: The first rejection's reason (or status code), else ``OK`` or what the replica last said.
-        polls: How many calls the poller made.
-        unanswered: Calls that failed without a decision (unreachable, deadline exceeded).
-        rejected_before_action: The token was already refused before the action started.
-    """
-
-    replica: str
-    first_rejected_ms: float | None
-    last_accepted_ms: float | None
-    label: str
-    polls: int
-    unanswered: int = 0
-    rejected_before_action: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Propagation:
-    """A change, and when each replica started to act on it.
-
-    Attributes:
-        what: The token being watched ("the stolen access token").
-        action: What changed it ("RevokeSession").
-        started_at_s: When the action started, seconds since the demo started.
-        action_ms: How long the action's own call took.
-        action_result: ``OK`` or the failure the action's call got.
-        expected: The rejection reasons that count as correct.
-        deadline_s: How long the pollers waited at most.
-        replicas: Per replica, in the stack's order.
-    """
-
-    what: str
-    action: str
-    started_at_s: float
-    action_ms: float
-    action_result: str
-    expected: tuple[str, ...]
-    deadline_s: float
-    replicas: tuple[ReplicaTiming, ...]
-
-    @property
-    def ok(self) -> bool:
-        """Every replica rejected the token with an expected reason before the deadline."""
-        return all(
-            timing.first_rejected_ms is not None
-            and timing.label in self.expected
-            and not timing.rejected_before_action
-            for timing in self.replicas
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Check:
-    """One expectation inside an act.
-
-    Attributes:
-        description: What was checked.
-        expected: What the contract promises.
-        observed: What happened.
-        ok: Whether they agree.
-    """
-
-    description: str
-    expected: str
-    observed: str
-    ok: bool
-
-
-@dataclass(frozen=True, slots=True)
-class Mark:
-    """A moment on the timeline.
-
-    Attributes:
-        at_s: Seconds since the demo started.
-        label: What happened.
-        replica: The replica it concerns, if one.
-    """
-
-    at_s: float
-    label: str
-    replica: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ActResult:
-    """What one act expected and observed.
-
-    Attributes:
-        number: 1-based position in the story.
-        key: A short stable name (``revocation``).
-        title: The act's title.
-        expected: What should happen, in one line.
-        observed: What did, in one line.
-        ok: Whether every check held.
-        skipped: The act could not run on this stack (``note`` says why); a skipped act is not a failure.
-        note: Anything worth knowing.
-        checks: The individual expectations.
-        propagations: The measured spreads of a change.
-        marks: Moments on the timeline.
-        started_at_s: When the act started, seconds since the demo started.
-        finished_at_s: When it ended.
-    """
-
-    number: int
-    key: str
-    title: str
-    expected: str
-    observed: str
-    ok: bool
-    skipped: bool = False
-    note: str = ""
-    checks: tuple[Check, ...] = ()
-    propagations: tuple[Propagation, ...] = ()
-    marks: tuple[Mark, ...] = ()
-    started_at_s: float = 0.0
-    finished_at_s: float = 0.0
-
-    @property
-    def main_propagation(self) -> Propagation | None:
-        """The first measured spread, the one a summary shows."""
-        return self.propagations[0] if self.propagations else None
-
-
-@dataclass(frozen=True, slots=True)
-class DemoReport:
-    """The whole story's outcome.
-
-    Attributes:
-        started_at_unix: When the demo started, Unix seconds.
-        auth_target: The auth service's address.
-        replicas: The replicas' names.
-        local: Whether the demo ran on a stack it started.
-        staleness_bound: The replicas' staleness bound, when known.
-        acts: Every act, in order.
-        duration_s: How long the story took.
-    """
-
-    started_at_unix: float
-    auth_target: str
-    replicas: tuple[str, ...]
-    local: bool
-    staleness_bound: float | None
-    acts: tuple[ActResult, ...]
-    duration_s: float
-
-    @property
-    def ok(self) -> bool:
-        """Whether every act that ran behaved as expected."""
-        return all(act.ok or act.skipped for act in self.acts)
-
-    def to_json(self) -> dict[str, Any]:
-        """The report as JSON-ready data (what ``--json`` writes)."""
-        document = asdict(self)
-        document["ok"] = self.ok
-        for act, data in zip(self.acts, document["acts"], strict=True):
-            for propagation, values in zip(act.propagations, data["propagations"], strict=True):
-                values["ok"] = propagation.ok
-        return document
-
-
-class Narrator(Protocol):
-    """Hears about the story as it happens (the command prints it; tests stay silent)."""
-
-    def act_started(self, number: int, title: str, story: str) -> None:
-        """An act begins."""
-        ...
-
-    def step(self, text: str) -> None:
-        """Something happened within the act."""
-        ...
-
-    def propagation(self, measured: Propagation) -> None:
-        """A change was measured on every replica."""
-        ...
-
-    def act_finished(self, result: ActResult) -> None:
-        """An act ended."""
-        ...
-
-
-class SilentNarrator:
-    """A narrator that says nothing."""
-
-    def act_started(self, number: int, title: str, story: str) -> None:
-        """Ignore."""
-
-    def step(self, text: str) -> None:
-        """Ignore."""
-
-    def propagation(self, measured: Propagation) -> None:
-        """Ignore."""
-
-    def act_finished(self, result: ActResult) -> None:
-        """Ignore."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,18 +307,22 @@ class Demo:
         self._step(f"{username} logs in: session {tokens.session_id}")
         answers = await self._everywhere(tokens.access_token)
         self._named_by_instance(answers)
-        self._step(f"her token on every replica: {_describe(answers)}")
-        act.check("alice's token on every replica", "accepted", _describe(answers), _all_accepted(answers))
-        return act.result("accepted on every replica", _describe(answers), self._now_s())
+        self._step(f"her token on every replica: {describe_answers(answers)}")
+        act.check(
+            "alice's token on every replica", "accepted", describe_answers(answers), _all_accepted(answers)
+        )
+        return act.result("accepted on every replica", describe_answers(answers), self._now_s())
 
     async def _theft(self, act: _Act) -> ActResult:
         tokens = self._alice_tokens()
         self._cast.stolen = tokens
         self._step("the attacker copies alice's access token and refresh token")
         answers = await self._everywhere(tokens.access_token)
-        self._step(f"the attacker calls every replica with the stolen token: {_describe(answers)}")
-        act.check("the stolen token on every replica", "accepted", _describe(answers), _all_accepted(answers))
-        return act.result("the stolen token works everywhere", _describe(answers), self._now_s())
+        self._step(f"the attacker calls every replica with the stolen token: {describe_answers(answers)}")
+        act.check(
+            "the stolen token on every replica", "accepted", describe_answers(answers), _all_accepted(answers)
+        )
+        return act.result("the stolen token works everywhere", describe_answers(answers), self._now_s())
 
     async def _revocation(self, act: _Act) -> ActResult:
         stolen = self._stolen()
@@ -564,7 +336,7 @@ class Demo:
             call=lambda: self._auth.revoke_session(self._cast.admin_token, stolen.session_id, "token theft"),
         )
         return act.result(
-            "stolen token refused everywhere (SESSION_REVOKED)", _spread(measured), self._now_s()
+            "stolen token refused everywhere (SESSION_REVOKED)", spread_text(measured), self._now_s()
         )
 
     async def _aftermath(self, act: _Act) -> ActResult:
@@ -581,11 +353,13 @@ class Demo:
         tokens = await self._auth.login(username, password)
         self._cast.alice_tokens = tokens
         answers = await self._everywhere(tokens.access_token)
-        self._step(f"alice logs in again (session {tokens.session_id}): {_describe(answers)}")
-        act.check("alice's new token", "accepted everywhere", _describe(answers), _all_accepted(answers))
+        self._step(f"alice logs in again (session {tokens.session_id}): {describe_answers(answers)}")
+        act.check(
+            "alice's new token", "accepted everywhere", describe_answers(answers), _all_accepted(answers)
+        )
         return act.result(
             "attacker's refresh refused; alice's new login works",
-            f"refresh: {refused.label}; login: {_describe(answers)}",
+            f"refresh: {refused.label}; login: {describe_answers(answers)}",
             self._now_s(),
         )
 
@@ -595,10 +369,13 @@ class Demo:
         answers = await self._everywhere(attackers.access_token)
         self._step(
             "the attacker copies alice's new tokens and refreshes first: "
-            f"the fresh token is {_describe(answers)} (a rotation looks legitimate)"
+            f"the fresh token is {describe_answers(answers)} (a rotation looks legitimate)"
         )
         act.check(
-            "the attacker's fresh token", "accepted everywhere", _describe(answers), _all_accepted(answers)
+            "the attacker's fresh token",
+            "accepted everywhere",
+            describe_answers(answers),
+            _all_accepted(answers),
         )
         self._step("alice refreshes with the refresh token the attacker already spent")
         measured = await self._measure(
@@ -626,16 +403,16 @@ class Demo:
         act.check(
             "alice's access token of the dead session",
             "refused everywhere",
-            _describe(alice_after),
+            describe_answers(alice_after),
             not any(outcome.accepted for outcome in alice_after),
         )
         self._step(
             f"the attacker's refresh token: {_called(attacker_refresh)}; "
-            f"alice's access token: {_describe(alice_after)}"
+            f"alice's access token: {describe_answers(alice_after)}"
         )
         return act.result(
             "REFRESH_TOKEN_REUSED; the session refused everywhere",
-            f"{measured.action_result}; {_spread(measured)}",
+            f"{measured.action_result}; {spread_text(measured)}",
             self._now_s(),
         )
 
@@ -667,12 +444,12 @@ class Demo:
         self._cast.alice_tokens = fresh
         first_ok = await self._until_accepted_everywhere(fresh.access_token, PROPAGATION_DEADLINE_SECONDS)
         works = all(ms is not None for ms in first_ok.values())
-        observed = f"OK on all {len(first_ok)}" if works else _describe_waits(first_ok)
+        observed = f"OK on all {len(first_ok)}" if works else describe_waits(first_ok)
         act.check("a login after the rotation", "its token is accepted everywhere", observed, works)
         self._step(f"alice logs in again, signed with the new key: {observed}")
         return act.result(
             "old-key tokens refused (KEY_REVOKED); new logins work",
-            f"{_spread(measured)}; new login: {observed}",
+            f"{spread_text(measured)}; new login: {observed}",
             self._now_s(),
         )
 
@@ -698,7 +475,7 @@ class Demo:
             seen.status_before == 200 and seen.upstream_subject == seen.subject,
         )
         refused = (
-            f"{seen.reason} after {_ms(seen.refused_after_ms)}"
+            f"{seen.reason} after {ms_text(seen.refused_after_ms)}"
             if seen.refused_after_ms is not None
             else "never"
         )
@@ -732,7 +509,7 @@ class Demo:
         )
         if cut.target.http is not None:
             act.check(
-                "every replica before the cut", "fresh revocation state", _describe_waits(
+                "every replica before the cut", "fresh revocation state", describe_waits(
                     {replica.name: ms for replica, ms in zip(self._replicas, fresh, strict=True)}, "fresh"
                 ), all(ms is not None for ms in fresh),
             )  # fmt: skip
@@ -769,7 +546,7 @@ class Demo:
         act.check(
             f"{cut.name} (cut off) on the revoked token",
             f"refused within the staleness bound{'' if bound is None else f' ({bound:g} s)'} + margin",
-            _timing_text(cut_timing),
+            timing_text(cut_timing),
             cut_timing.first_rejected_ms is not None and cut_timing.first_rejected_ms <= limit_ms,
         )
         # Still cut off: a valid token is confirmed with Introspect, or refused with UNAVAILABLE when
@@ -807,15 +584,15 @@ class Demo:
             act.check(
                 f"{cut.name} health",
                 "degraded during the cut, current after it",
-                f"degraded after {_ms(degraded_ms)}, current {_ms(recovered_ms)} after the reconnect",
+                f"degraded after {ms_text(degraded_ms)}, current {ms_text(recovered_ms)} after the reconnect",
                 degraded_ms is not None and recovered_ms is not None,
             )
-        observed = f"{cut.name}: {_timing_text(cut_timing)}"
+        observed = f"{cut.name}: {timing_text(cut_timing)}"
         if degraded_ms is not None:
-            observed += f" (degraded after {_ms(degraded_ms)})"
+            observed += f" (degraded after {ms_text(degraded_ms)})"
         if recovered_ms is not None:
-            observed += f"; current {_ms(recovered_ms)} after the reconnect"
-        observed += f"; then {_spread(again)}"
+            observed += f"; current {ms_text(recovered_ms)} after the reconnect"
+        observed += f"; then {spread_text(again)}"
         return act.result(expected, observed, self._now_s())
 
     # Measurement.
@@ -993,43 +770,8 @@ def _all_accepted(answers: Sequence[Outcome]) -> bool:
     return bool(answers) and all(outcome.accepted for outcome in answers)
 
 
-def _describe(answers: Sequence[Outcome]) -> str:
-    labels = {outcome.label for outcome in answers}
-    if len(labels) == 1:
-        return f"{labels.pop()} on all {len(answers)}"
-    return ", ".join(outcome.label for outcome in answers)
-
-
 def _called(called: _Called[Any]) -> str:
     return "accepted" if called.problem is None else str(called.problem)
-
-
-def _ms(value: float | None) -> str:
-    return "never" if value is None else f"{value:.1f} ms"
-
-
-def _timing_text(timing: ReplicaTiming) -> str:
-    if timing.rejected_before_action:
-        return f"already refused before the action ({timing.label})"
-    if timing.first_rejected_ms is None:
-        return f"still {timing.label} at the deadline"
-    return f"{timing.label} after {timing.first_rejected_ms:.1f} ms"
-
-
-def _spread(measured: Propagation) -> str:
-    if measured.ok:
-        labels = "/".join(sorted({timing.label for timing in measured.replicas}))
-        return f"{labels} on all {len(measured.replicas)}"
-    return "; ".join(f"{timing.replica}: {_timing_text(timing)}" for timing in measured.replicas)
-
-
-def _describe_waits(waits: dict[str, float | None], state: str = "accepted") -> str:
-    if all(ms is not None for ms in waits.values()):
-        return f"{state} on all {len(waits)}"
-    return ", ".join(
-        f"{name}: {f'not {state}' if ms is None else f'{state} after {ms:.0f} ms'}"
-        for name, ms in waits.items()
-    )
 
 
 async def run_demo(

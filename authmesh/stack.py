@@ -18,39 +18,30 @@ same directory finds its own Redis data usable. Stopping goes in reverse order (
 after a deadline); every child also dies with the process that started it.
 
 A stack is bound to the event loop it was started in (the link proxies run there).
-"""
 
-# Starting and stopping own their deadlines, as in authmesh.processes.
-# ruff: noqa: ASYNC109
+Its parts live beside it, each in a module of its own: the secrets (:mod:`authmesh.stack_secrets`), the
+NATS users and configuration (:mod:`authmesh.stack_nats_config`), the child processes and their health
+(:mod:`authmesh.stack_children`) and the link proxy (:mod:`authmesh.stack_link_proxy`); this module
+re-exports what its importers use.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
-import json
 import os
-import secrets
 import shutil
-import string
-import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from authmesh._shared.errors import ConfigurationError
-from authmesh._shared.events import LIVE_SUBJECTS, STREAM_NAME, STREAM_SUBJECTS
 from authmesh._shared.lifecycle import Startable
-from authmesh._shared.nats_wiring import inbox_prefix
 from authmesh._shared.settings import CommonSettings
-from authmesh._shared.tls import TlsFiles, open_channel
+from authmesh._shared.tls import TlsFiles
 from authmesh.certs import LOCAL_HOSTS, CertificateAuthority
 from authmesh.data_dir_lock import DataDirLock
 from authmesh.processes import (
@@ -64,378 +55,82 @@ from authmesh.processes import (
     free_ports,
 )
 from authmesh.redis_sentinel import SentinelGroup
+from authmesh.stack_children import (
+    SERVICE_START_TIMEOUT_SECONDS,
+    ChildProcess,
+    Probe,
+    ServiceProcess,
+    authmesh_command,
+    grpc_health_status,
+)
+from authmesh.stack_link_proxy import LinkProxy
+from authmesh.stack_nats_config import (
+    AUTH_PUBLISH_ALLOW,
+    REPLICA_PUBLISH_ALLOW,
+    REPLICA_PUBLISH_DENY,
+    compose_password_variable,
+    nats_authorization,
+    own_inboxes,
+    replica_names,
+    stack_nats_cluster,
+    stack_nats_config,
+)
+from authmesh.stack_secrets import (
+    ADMIN_USERNAME,
+    AUTH_NATS_USER,
+    READER_NATS_USER,
+    RESOURCE_NATS_USER,
+    ROUTE_NATS_USER,
+    SERVICE_USERNAME,
+    Credentials,
+    StackSecrets,
+    new_password,
+)
 
-AUTH_NATS_USER = "auth"
-# The secrets file keeps one resource secret; each replica's NATS password is derived from it.
-RESOURCE_NATS_USER = "resource"
-# A NATS user with a replica's permissions for tools that watch the stream (benchmarks, tests).
-READER_NATS_USER = "reader"
-ROUTE_NATS_USER = "route"
-ADMIN_USERNAME = "admin"
-SERVICE_USERNAME = "svc-resource"
+__all__ = [
+    "ADMIN_USERNAME",
+    "AUTH_NATS_USER",
+    "AUTH_PUBLISH_ALLOW",
+    "CLIENT_CERT_NAME",
+    "NATS_CLUSTER_START_TIMEOUT_SECONDS",
+    "READER_NATS_USER",
+    "REDIS_USER",
+    "REPLICA_PUBLISH_ALLOW",
+    "REPLICA_PUBLISH_DENY",
+    "RESOURCE_NATS_USER",
+    "ROUTE_NATS_USER",
+    "SECRETS_FILE",
+    "SERVICE_START_TIMEOUT_SECONDS",
+    "SERVICE_USERNAME",
+    "TLS_DIR",
+    "ChildProcess",
+    "Credentials",
+    "LinkProxy",
+    "LocalStack",
+    "Probe",
+    "ReplicaInfo",
+    "ServiceProcess",
+    "StackSecrets",
+    "authmesh_command",
+    "compose_password_variable",
+    "grpc_health_status",
+    "nats_authorization",
+    "new_password",
+    "own_inboxes",
+    "replica_names",
+    "stack_nats_cluster",
+    "stack_nats_config",
+]
+
 SECRETS_FILE = "stack-secrets.json"
 REDIS_USER = "auth"
 TLS_DIR = "tls"
 # The part whose certificate the stack itself (health probes, the demo) presents as a client.
 CLIENT_CERT_NAME = "client"
-# A service imports grpc, cryptography and pydantic, connects to Redis and NATS, and a replica loads
-# the snapshot before it serves: seconds, not milliseconds.
-SERVICE_START_TIMEOUT_SECONDS = 30.0
 NATS_CLUSTER_START_TIMEOUT_SECONDS = 30.0
-_PROXY_CONNECT_TIMEOUT_SECONDS = 2.0
-_PROXY_CLOSE_TIMEOUT_SECONDS = 2.0
-_PROXY_CHUNK_BYTES = 64 * 1024
-_SECRET_LENGTH = 32
 _MAX_NATS_CLUSTER = 5
 
-# What each NATS user may do. Anything not allowed is refused, and the explicit denials keep the
-# refusals visible even if an allow pattern is widened later (NATS: deny wins).
-_STREAM = STREAM_NAME
-AUTH_PUBLISH_ALLOW = (
-    *STREAM_SUBJECTS,
-    "$JS.API.INFO",
-    "$JS.API.STREAM.NAMES",
-    f"$JS.API.STREAM.INFO.{_STREAM}",
-    f"$JS.API.STREAM.MSG.GET.{_STREAM}",
-    f"$JS.API.DIRECT.GET.{_STREAM}",
-    f"$JS.API.DIRECT.GET.{_STREAM}.>",
-    # CREATE, UPDATE, DELETE and PURGE of this one stream.
-    f"$JS.API.STREAM.*.{_STREAM}",
-)
-# A replica reads the stream's live copy (core NATS) and its history (direct gets): nothing it may send
-# creates or changes anything on the server, so it cannot steer what another replica receives.
-REPLICA_PUBLISH_ALLOW = (
-    f"$JS.API.STREAM.INFO.{_STREAM}",
-    f"$JS.API.DIRECT.GET.{_STREAM}",
-)
-REPLICA_PUBLISH_DENY = (
-    *STREAM_SUBJECTS,
-    *LIVE_SUBJECTS,
-    "$JS.API.CONSUMER.>",
-    "$JS.API.STREAM.CREATE.>",
-    "$JS.API.STREAM.UPDATE.>",
-    "$JS.API.STREAM.DELETE.>",
-    "$JS.API.STREAM.PURGE.>",
-    "$JS.API.STREAM.MSG.DELETE.>",
-)
-
-
-def own_inboxes(user: str) -> str:
-    """The inboxes ``user`` alone may subscribe to: replies to its requests (see ``inbox_prefix``)."""
-    return f"{inbox_prefix(user)}.>"
-
-
-@dataclass(frozen=True, slots=True)
-class Credentials:
-    """A user name and its password (the password never appears in ``repr``)."""
-
-    username: str
-    password: str = field(repr=False)
-
-    @property
-    def joined(self) -> str:
-        """``username:password``, the form ``AUTHMESH_BOOTSTRAP_ADMIN`` and ``--admin`` take."""
-        return f"{self.username}:{self.password}"
-
-
-def new_password() -> str:
-    """A random password of letters and digits that starts with a letter.
-
-    NATS parses a ``$VARIABLE`` in its configuration as a configuration value, so a secret that starts
-    with a digit or a dash, or spells ``true``, would not reach it as a string; this alphabet always does.
-    """
-    first = secrets.choice(string.ascii_letters)
-    rest = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(_SECRET_LENGTH - 1))
-    return first + rest
-
-
-@dataclass(frozen=True, slots=True)
-class StackSecrets:
-    """Every secret a stack needs; random, and kept in the data directory between runs."""
-
-    key_encryption_key: str = field(repr=False)
-    admin: Credentials
-    service_account: Credentials
-    nats_auth: Credentials
-    nats_resource: Credentials
-    # Files written before Redis had an account lack it; such a stack gets a new one at each start
-    # (Redis reads its accounts from the configuration, not from its data).
-    redis_password: str = field(repr=False, default_factory=new_password)
-
-    def nats_replica(self, name: str) -> Credentials:
-        """The NATS user of one replica (or of ``reader``): its own name, its own password.
-
-        The password is derived from ``nats_resource`` (HMAC-SHA256 by the name), so the secrets file
-        keeps one secret whatever the number of replicas, and no replica can work out another's.
-        """
-        return Credentials(name, _derived_password(self.nats_resource.password, name))
-
-    @property
-    def nats_route(self) -> Credentials:
-        """The user NATS cluster routes authenticate as."""
-        return Credentials(ROUTE_NATS_USER, _derived_password(self.nats_resource.password, ROUTE_NATS_USER))
-
-    @classmethod
-    def generate(cls) -> StackSecrets:
-        """Fresh random secrets."""
-        return cls(
-            key_encryption_key=new_password(),
-            admin=Credentials(ADMIN_USERNAME, new_password()),
-            service_account=Credentials(SERVICE_USERNAME, new_password()),
-            nats_auth=Credentials(AUTH_NATS_USER, new_password()),
-            nats_resource=Credentials(RESOURCE_NATS_USER, new_password()),
-        )
-
-    @classmethod
-    def load_or_create(cls, path: Path) -> StackSecrets:
-        """The secrets stored at ``path``, or new ones written there (readable by the owner only).
-
-        Raises:
-            ConfigurationError: The file exists but is not what this function writes.
-        """
-        if path.exists():
-            try:
-                document = json.loads(path.read_text())
-                return cls(
-                    key_encryption_key=str(document["key_encryption_key"]),
-                    admin=_credentials(document["admin"]),
-                    service_account=_credentials(document["service_account"]),
-                    nats_auth=_credentials(document["nats_auth"]),
-                    nats_resource=_credentials(document["nats_resource"]),
-                    redis_password=str(document.get("redis_password") or new_password()),
-                )
-            except (OSError, ValueError, KeyError, TypeError) as error:
-                raise ConfigurationError(f"{path} is not a stack secrets file: {error}") from None
-        created = cls.generate()
-        document = {
-            "key_encryption_key": created.key_encryption_key,
-            "admin": created.admin.joined,
-            "service_account": created.service_account.joined,
-            "nats_auth": created.nats_auth.joined,
-            "nats_resource": created.nats_resource.joined,
-            "redis_password": created.redis_password,
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as file:
-            json.dump(document, file, indent=2)
-        return created
-
-
-def _derived_password(secret: str, label: str) -> str:
-    """A password for ``label`` derived from ``secret``, in the alphabet of :func:`new_password`."""
-    digest = hmac.new(secret.encode(), f"authmesh nats {label}".encode(), hashlib.sha256).hexdigest()
-    return "k" + digest[: _SECRET_LENGTH - 1]
-
-
-def _credentials(joined: object) -> Credentials:
-    username, sep, password = str(joined).partition(":")
-    if not sep or not username or not password:
-        raise ValueError("credentials are not username:password")
-    return Credentials(username, password)
-
-
-def _conf_list(values: Sequence[str], indent: int) -> str:
-    pad = " " * indent
-    return "[\n" + ",\n".join(f"{pad}  {json.dumps(value)}" for value in values) + f"\n{pad}]"
-
-
-def _conf_user(
-    name: str, password: str, allow: Sequence[str], deny: Sequence[str], subscribe: Sequence[str]
-) -> str:
-    publish = f"          allow: {_conf_list(allow, 10)}\n"
-    if deny:
-        publish += f"          deny: {_conf_list(deny, 10)}\n"
-    return (
-        "    {\n"
-        f"      user: {json.dumps(name)}\n"
-        f"      password: {password}\n"
-        "      permissions: {\n"
-        f"        publish: {{\n{publish}        }}\n"
-        f"        subscribe: {{\n          allow: {_conf_list(subscribe, 10)}\n        }}\n"
-        "      }\n"
-        "    }\n"
-    )
-
-
-def nats_authorization(auth_password: str, replicas: Sequence[tuple[str, str]]) -> str:
-    """The NATS ``authorization`` block: the ``auth`` user and one user per replica, with permissions.
-
-    ``docker-compose.yml`` mounts the same block (``deploy/nats/authorization.conf``) with the passwords
-    taken from the environment; a test keeps the two identical.
-
-    Args:
-        auth_password: The ``auth`` user's password as a NATS configuration value: a quoted string, or a
-            ``$VARIABLE`` the server resolves from its environment.
-        replicas: Each replica's user name (one subject token) and password, likewise.
-
-    Returns:
-        Configuration text.
-    """
-    users = _conf_user(AUTH_NATS_USER, auth_password, AUTH_PUBLISH_ALLOW, (), (own_inboxes(AUTH_NATS_USER),))
-    for name, password in replicas:
-        subscribe = (*LIVE_SUBJECTS, own_inboxes(name))
-        users += _conf_user(name, password, REPLICA_PUBLISH_ALLOW, REPLICA_PUBLISH_DENY, subscribe)
-    return "authorization {\n  users: [\n" + users + "  ]\n}\n"
-
-
-def compose_password_variable(user: str) -> str:
-    """Where ``docker-compose.yml`` passes a NATS user's password: ``AUTHMESH_NATS_<USER>_PASSWORD``."""
-    return f"AUTHMESH_NATS_{user.upper().replace('-', '_')}_PASSWORD"
-
-
-def replica_names(count: int) -> list[str]:
-    """The names of a stack's replicas, which are also their NATS users."""
-    return [f"resource-{index + 1}" for index in range(count)]
-
-
-def stack_nats_config(stack_secrets: StackSecrets, replicas: Sequence[str]) -> str:
-    """The NATS configuration ``authmesh up`` runs with: the ``auth`` user, one per replica, ``reader``."""
-    readers = [stack_secrets.nats_replica(name) for name in (*replicas, READER_NATS_USER)]
-    return nats_authorization(
-        json.dumps(stack_secrets.nats_auth.password),
-        [(reader.username, json.dumps(reader.password)) for reader in readers],
-    )
-
-
-def stack_nats_cluster(
-    data_dir: Path, stack_secrets: StackSecrets, config: str, *, size: int, tls: TlsFiles | None = None
-) -> NatsCluster:
-    """The stack's NATS cluster (not started): routes only for servers that know the route password.
-
-    Args:
-        data_dir: Where the nodes keep their files.
-        stack_secrets: The route password's source.
-        config: Configuration every node gets (users and permissions).
-        size: How many nodes.
-        tls: Clients and routes on TLS with this certificate and CA.
-    """
-    route = stack_secrets.nats_route
-    return NatsCluster(
-        data_dir,
-        size=size,
-        config_text=config,
-        route_user=route.username,
-        route_password=route.password,
-        # Servers advertise their peers' client URLs, and a client reconnecting after a cut link would
-        # reach a peer directly, around its link proxy.
-        no_advertise=True,
-        tls=tls,
-    )
-
-
-async def grpc_health_status(
-    target: str,
-    timeout: float,
-    service: str = "",
-    tls: TlsFiles = TlsFiles(),  # noqa: B008  # frozen, so one shared default is safe
-) -> str | None:
-    """The ``grpc.health.v1`` status of ``service`` at ``target``.
-
-    Args:
-        target: ``host:port``.
-        timeout: Seconds for the whole check.
-        service: The service name to ask about; ``""`` is the server as a whole.
-        tls: The CA to verify the server against (and a client certificate); plaintext without.
-
-    Returns:
-        The status name (``SERVING``, ``NOT_SERVING``, ...), or None when the server did not answer.
-    """
-    async with open_channel(target, tls) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        try:
-            response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-        except grpc.aio.AioRpcError:
-            return None
-    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
-
-
-Probe = Callable[[float], Awaitable[bool]]
 _T = TypeVar("_T")
-
-
-class ChildProcess(ServerProcess):
-    """Any command run as a server child process with exactly the given environment.
-
-    Args:
-        name: Short name, used for the log file and in errors.
-        data_dir: Working directory and home of the log.
-        command: The argument list.
-        env: The complete environment of the child.
-        probe: Says, within the timeout it is given, whether the child is ready.
-    """
-
-    def __init__(
-        self, name: str, data_dir: Path, command: Sequence[str], env: Mapping[str, str], probe: Probe
-    ) -> None:
-        super().__init__(name, data_dir)
-        self._command = list(command)
-        self._env = dict(env)
-        self._probe = probe
-
-    def command(self) -> list[str]:
-        """The argument list."""
-        return list(self._command)
-
-    async def is_ready(self, timeout: float) -> bool:
-        """What the probe says."""
-        return await self._probe(timeout)
-
-    def environment(self) -> dict[str, str]:
-        """Exactly the service's own environment, not the parent's."""
-        return self._env
-
-
-def authmesh_command(*args: str) -> list[str]:
-    """``authmesh <args>`` run by this interpreter, whether or not the console script is on PATH."""
-    return [sys.executable, "-m", "authmesh.cli", *args]
-
-
-class ServiceProcess(ChildProcess):
-    """An authmesh service (``auth-server`` or ``resource-server``), ready when its health is SERVING.
-
-    Args:
-        name: The part's name (``auth``, ``resource-1``), also its log file's name.
-        data_dir: Its working directory.
-        command: ``auth-server`` or ``resource-server``.
-        env: Its complete environment.
-        grpc_address: Where its gRPC server listens (``AUTHMESH_GRPC_LISTEN``).
-        http_address: Where its HTTP side listens (``AUTHMESH_HTTP_LISTEN``).
-        probe_tls: How the health probe reaches it (plaintext by default).
-    """
-
-    def __init__(
-        self,
-        name: str,
-        data_dir: Path,
-        *,
-        command: str,
-        env: Mapping[str, str],
-        grpc_address: str,
-        http_address: str,
-        probe_tls: TlsFiles = TlsFiles(),  # noqa: B008  # frozen, so one shared default is safe
-    ) -> None:
-        super().__init__(name, data_dir, authmesh_command(command), env, self._serving)
-        self.grpc_address = grpc_address
-        self.http_address = http_address
-        self.probe_tls = probe_tls
-
-    async def _serving(self, timeout: float) -> bool:
-        return await grpc_health_status(self.grpc_address, timeout, tls=self.probe_tls) == "SERVING"
-
-    async def start(self, timeout: float = SERVICE_START_TIMEOUT_SECONDS) -> None:
-        """Start the service and wait until its gRPC health is SERVING.
-
-        Raises:
-            ConfigurationError: It exited or was not SERVING in time (the message names it and ends
-                with the tail of its log); it is stopped when this is raised.
-        """
-        try:
-            await super().start(timeout)
-        except ConfigurationError as error:
-            raise ConfigurationError(
-                f"{self.name} (gRPC {self.grpc_address}) did not become healthy: {error.message}"
-            ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,157 +140,6 @@ class ReplicaInfo:
     name: str
     grpc: str
     http: str
-
-
-class LinkProxy:
-    """A TCP proxy on 127.0.0.1 in front of one upstream address; it can cut the link on demand.
-
-    Two kinds of cut: ``cut()`` resets every connection and refuses new ones, so the client sees the
-    disconnect at once; ``cut(silent=True)`` keeps connections open but moves no byte in either
-    direction, a partition the client notices only by what stops arriving (heartbeats). ``restore()``
-    lets bytes flow again; after a silent cut nothing is lost, as after a healed network.
-
-    Args:
-        name: For errors.
-        upstream: ``(host, port)`` to forward to.
-    """
-
-    def __init__(self, name: str, upstream: tuple[str, int]) -> None:
-        self.name = name
-        self.upstream = upstream
-        self._server: asyncio.Server | None = None
-        self._port = 0
-        self._refusing = False
-        self._flowing = asyncio.Event()
-        self._flowing.set()
-        self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
-        self._handlers: set[asyncio.Task[Any]] = set()
-
-    @property
-    def port(self) -> int:
-        """The port it listens on (after ``start``)."""
-        return self._port
-
-    @property
-    def address(self) -> str:
-        """``127.0.0.1:PORT``."""
-        return f"{LOOPBACK}:{self._port}"
-
-    @property
-    def state(self) -> str:
-        """``open``, ``cut`` or ``silent``."""
-        if self._refusing:
-            return "cut"
-        return "open" if self._flowing.is_set() else "silent"
-
-    @property
-    def connections(self) -> int:
-        """How many client connections are linked to the upstream now."""
-        return len(self._links)
-
-    async def start(self) -> None:
-        """Listen on a free loopback port."""
-        self._server = await asyncio.start_server(self._handle, LOOPBACK, 0)
-        self._port = int(self._server.sockets[0].getsockname()[1])
-
-    def cut(self, *, silent: bool = False) -> None:
-        """Cut the link.
-
-        Args:
-            silent: Keep connections open but move no byte, instead of resetting them.
-        """
-        if silent:
-            self._refusing = False
-            self._flowing.clear()
-            return
-        self._refusing = True
-        for client, upstream in list(self._links):
-            client.transport.abort()
-            upstream.transport.abort()
-        # Wakes handlers and pumps parked by a silent cut; they find their connections gone.
-        self._flowing.set()
-
-    def restore(self) -> None:
-        """Let connections through again."""
-        self._refusing = False
-        self._flowing.set()
-
-    async def aclose(self) -> None:
-        """Stop listening, reset every connection and wait (with a deadline) for the handlers to end."""
-        if self._server is not None:
-            self._server.close()
-        self.cut()
-        handlers = list(self._handlers)
-        for handler in handlers:
-            handler.cancel()
-        if handlers:
-            await asyncio.wait(handlers, timeout=_PROXY_CLOSE_TIMEOUT_SECONDS)
-        if self._server is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_PROXY_CLOSE_TIMEOUT_SECONDS):
-                    await self._server.wait_closed()
-            self._server = None
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        handler = asyncio.current_task()
-        if handler is not None:
-            self._handlers.add(handler)
-        try:
-            if not self._refusing:
-                await self._flowing.wait()  # a silent cut stalls new connections too
-            if self._refusing:
-                return
-            try:
-                async with asyncio.timeout(_PROXY_CONNECT_TIMEOUT_SECONDS):
-                    upstream_reader, upstream_writer = await asyncio.open_connection(*self.upstream)
-            except (OSError, TimeoutError):
-                return
-            link = (writer, upstream_writer)
-            self._links.add(link)
-            try:
-                await self._pump_both_ways(reader, writer, upstream_reader, upstream_writer)
-            finally:
-                self._links.discard(link)
-                upstream_writer.transport.abort()
-        finally:
-            writer.transport.abort()
-            if handler is not None:
-                self._handlers.discard(handler)
-
-    async def _pump_both_ways(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        upstream_reader: asyncio.StreamReader,
-        upstream_writer: asyncio.StreamWriter,
-    ) -> None:
-        pumps = [
-            asyncio.create_task(self._pump(reader, upstream_writer)),
-            asyncio.create_task(self._pump(upstream_reader, writer)),
-        ]
-        try:
-            # Either side closing ends the link.
-            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for pump in pumps:
-                pump.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                await self._flowing.wait()
-                data = await reader.read(_PROXY_CHUNK_BYTES)
-                if not data:
-                    return
-                # Bytes read just before a silent cut wait for the restore instead of slipping through.
-                await self._flowing.wait()
-                if self._refusing:
-                    return
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            return
 
 
 class LocalStack(Startable):
