@@ -8,6 +8,10 @@ is refused at the gateway as fast as at any replica:
 - allowed: gRPC status OK, and the upstream request gets the verified identity as
   ``x-authmesh-subject``, ``x-authmesh-scopes`` (space-separated), ``x-authmesh-session-id`` and
   ``x-authmesh-token-id``, each overwriting whatever the client sent under that name;
+- a DPoP-bound token (RFC 9449) comes as ``authorization: DPoP …`` with a ``dpop`` proof header whose
+  ``htm`` is the request's method and whose ``htu`` is one of the server's ``AUTHMESH_DPOP_ORIGINS``
+  (the gateway's public origin) followed by the request's path without the query; a refused proof
+  answers 401 with ``WWW-Authenticate: DPoP error="invalid_dpop_proof"``;
 - refused: 401 with ``WWW-Authenticate: Bearer error="invalid_token"``, 403 with
   ``error="insufficient_scope"``, 503 when the revocation state is stale and the fallback fails
   (:mod:`authmesh._shared.http_errors`).
@@ -27,10 +31,10 @@ from google.rpc import code_pb2
 
 from authmesh._shared.claims import AccessClaims
 from authmesh._shared.errors import AuthError, InsufficientScope
-from authmesh._shared.grpc_errors import bearer_token, status_code_for
+from authmesh._shared.grpc_errors import status_code_for
 from authmesh._shared.grpc_handlers import BoundedCache
 from authmesh._shared.http_errors import http_refusal
-from authmesh._shared.interceptor import TokenAuthenticator
+from authmesh._shared.interceptor import TokenAuthenticator, presented_credentials
 from authmesh.envoy.auth.v3 import external_auth_pb2 as ext_authz
 
 # Envoy's names, served by a generic handler: no descriptor in this process claims them, so Envoy's own
@@ -51,6 +55,11 @@ _OK_STATUS = ext_authz.Status(code=code_pb2.OK)
 def required_scopes(request: ext_authz.CheckRequest) -> tuple[str, ...]:
     """The scopes the route demands (``context_extensions["authmesh_scopes"]``)."""
     return tuple(request.attributes.context_extensions.get(SCOPES_CONTEXT_KEY, "").split())
+
+
+def request_path(path: str) -> str:
+    """The path a proof's ``htu`` names: Envoy's ``:path`` without its query or fragment."""
+    return path.partition("?")[0].partition("#")[0]
 
 
 def allowed(claims: AccessClaims) -> ext_authz.CheckResponse:
@@ -107,10 +116,14 @@ class ExtAuthzServicer:
         self, request: ext_authz.CheckRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> ext_authz.CheckResponse:
         """Allow or refuse one request Envoy is about to forward."""
-        authorization = request.attributes.request.http.headers.get("authorization")
-        token = bearer_token([("authorization", authorization)] if authorization is not None else None)
+        http = request.attributes.request.http
         try:
-            claims = await self._authenticator.authenticate(token)
+            token, dpop_scheme, proof = presented_credentials(
+                [(name, value) for name, value in http.headers.items() if name in ("authorization", "dpop")]
+            )
+            claims = await self._authenticator.authenticate(
+                token, dpop_scheme=dpop_scheme, proof=proof, method=request_path(http.path), htm=http.method
+            )
             for scope in required_scopes(request):
                 if not claims.has_scope(scope):
                     raise InsufficientScope(scope)

@@ -1,7 +1,9 @@
 """The HTTP edge of the error hierarchy: one table from error class to HTTP status and OAuth error code.
 
 Bearer-token refusals follow RFC 6750 §3: 401 with ``WWW-Authenticate: Bearer error="invalid_token"``,
-403 with ``error="insufficient_scope"``. A service that cannot decide answers 503 with ``Retry-After``.
+403 with ``error="insufficient_scope"``; a refused DPoP proof (RFC 9449 §7.1) 401 with
+``WWW-Authenticate: DPoP error="invalid_dpop_proof"`` (``use_dpop_nonce`` and a ``DPoP-Nonce`` header when
+a nonce is wanted). A service that cannot decide answers 503 with ``Retry-After``.
 The Envoy ext_authz answers and the auth service's OAuth endpoints both use this table, as the gRPC side
 uses :mod:`authmesh._shared.grpc_errors`.
 """
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 from authmesh._shared.errors import (
     AlreadyExists,
     AuthError,
+    DpopNonceRequired,
+    DpopRejected,
     InsufficientScope,
     InvalidRequest,
     NotFound,
@@ -68,6 +72,15 @@ def http_refusal(error: AuthError) -> HttpRefusal:
             status, code = kind_status, kind_code
             break
     headers: list[tuple[str, str]] = []
+    if isinstance(error, DpopRejected):
+        # RFC 9449 §7.1: a refused proof is answered with a DPoP challenge (and the nonce it asks for).
+        nonce = error.nonce if isinstance(error, DpopNonceRequired) else None
+        dpop_code = "invalid_dpop_proof" if nonce is None else "use_dpop_nonce"
+        challenge = f'DPoP error="{dpop_code}", error_description="{_quoted(error.message)}"'
+        headers.append(("www-authenticate", challenge))
+        if nonce is not None:
+            headers.append(("dpop-nonce", nonce))
+        return HttpRefusal(status, dpop_code, error.message, error.code, tuple(headers))
     if status in (401, 403):
         challenge = f'Bearer error="{code}", error_description="{_quoted(error.message)}"'
         if isinstance(error, InsufficientScope):

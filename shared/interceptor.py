@@ -250,7 +250,13 @@ class TokenAuthenticator(Protocol):
     """Decides about an access token on the server's event loop (:class:`Authenticator`, a guard)."""
 
     async def authenticate(
-        self, token: str | None, *, dpop_scheme: bool = False, proof: str | None = None, method: str = ""
+        self,
+        token: str | None,
+        *,
+        dpop_scheme: bool = False,
+        proof: str | None = None,
+        method: str = "",
+        htm: str = HTTP_METHOD,
     ) -> AccessClaims:
         """The verified claims, or an :class:`AuthError`."""
         ...

@@ -27,6 +27,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as envoy_ext_authz
 from envoy.service.auth.v3 import external_auth_pb2_grpc as envoy_ext_authz_grpc
 from rich.console import Console
 
+from authmesh._shared.dpop import LOGIN_METHOD, ProofSigner, default_origin
 from authmesh.client import AuthApi, Tokens
 from authmesh.envoy_gateway import (
     EchoUpstream,
@@ -240,6 +241,40 @@ async def test_envoys_own_client_is_answered_at_envoys_method_path(setup: Setup)
     assert headers["x-authmesh-subject"] == setup.subject
     assert denied.status.code != 0
     assert denied.denied_response.status.code == 401
+
+
+async def test_a_dpop_bound_token_passes_ext_authz_only_with_a_fresh_proof_for_the_request(
+    setup: Setup,
+) -> None:
+    signer = ProofSigner()
+    login_proof = signer.proof(default_origin(setup.stack.auth_grpc, secure=False), LOGIN_METHOD)
+    token = (await setup.auth.login(setup.user, PASSWORD, dpop=login_proof)).access_token
+    # The authz server's origin: AUTHMESH_DPOP_ORIGINS, by default http://<its gRPC address>.
+    origin = default_origin(setup.stack.replicas[0].grpc, secure=False)
+
+    def check(scheme: str, proof: str | None) -> envoy_ext_authz.CheckRequest:
+        request = envoy_ext_authz.CheckRequest()
+        http = request.attributes.request.http
+        http.method, http.path = "GET", "/docs/7?page=2"
+        http.headers["authorization"] = f"{scheme} {token}"
+        if proof is not None:
+            http.headers["dpop"] = proof
+        request.attributes.context_extensions["authmesh_scopes"] = "docs:read"
+        return request
+
+    proof = signer.proof(origin, "/docs/7", access_token=token, htm="GET")
+    async with grpc.aio.insecure_channel(setup.stack.replicas[0].grpc) as channel:
+        stub = envoy_ext_authz_grpc.AuthorizationStub(channel)
+        allowed = await stub.Check(check("DPoP", proof), timeout=DEADLINE)
+        replayed = await stub.Check(check("DPoP", proof), timeout=DEADLINE)
+        as_bearer = await stub.Check(check("Bearer", None), timeout=DEADLINE)
+
+    assert allowed.status.code == 0
+    for denied, reason in ((replayed, "DPOP_PROOF_REPLAYED"), (as_bearer, "DPOP_PROOF_MISSING")):
+        headers = {option.header.key: option.header.value for option in denied.denied_response.headers}
+        assert denied.denied_response.status.code == 401
+        assert headers["www-authenticate"].startswith('DPoP error="invalid_dpop_proof"')
+        assert json.loads(denied.denied_response.body)["reason"] == reason
 
 
 async def test_a_valid_token_passes_and_the_upstream_sees_only_the_verified_identity(setup: Setup) -> None:
