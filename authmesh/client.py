@@ -25,6 +25,7 @@ from authmesh._shared.auth_api import (
     Revocation,
     Tokens,
     bearer,
+    dpop_metadata,
 )
 from authmesh._shared.auth_client import channel_options
 from authmesh._shared.grpc_errors import error_reason
@@ -229,14 +230,17 @@ class ResourceApi(_Channel):
             self._resource_stub, self._stub_for = resource_pb2_grpc.ResourceServiceStub(channel), channel
         return self._resource_stub
 
-    async def whoami(self, token: str, *, call_timeout: float | None = None) -> Identity:
-        """``WhoAmI`` with ``token``.
+    async def whoami(
+        self, token: str, *, call_timeout: float | None = None, proof: str | None = None
+    ) -> Identity:
+        """``WhoAmI`` with ``token``: as a bearer token, or with ``proof`` as ``DPoP`` and its proof.
 
         Raises:
             grpc.aio.AioRpcError: The replica refused the token or could not be reached.
         """
+        metadata = bearer(token) if proof is None else dpop_metadata(token, proof)
         response = await self._stub.WhoAmI(
-            resource_pb2.WhoAmIRequest(), metadata=bearer(token), timeout=call_timeout or self.timeout
+            resource_pb2.WhoAmIRequest(), metadata=metadata, timeout=call_timeout or self.timeout
         )
         return Identity(
             subject=response.subject,
@@ -246,10 +250,12 @@ class ResourceApi(_Channel):
             instance=response.instance,
         )
 
-    async def outcome(self, token: str, *, call_timeout: float | None = None) -> Outcome:
-        """How the replica answers ``WhoAmI`` with ``token`` right now; never raises for a refusal."""
+    async def outcome(
+        self, token: str, *, call_timeout: float | None = None, proof: str | None = None
+    ) -> Outcome:
+        """How the replica answers ``WhoAmI`` with ``token`` (and ``proof``); never raises for a refusal."""
         try:
-            identity = await self.whoami(token, call_timeout=call_timeout)
+            identity = await self.whoami(token, call_timeout=call_timeout, proof=proof)
         except grpc.aio.AioRpcError as error:
             problem = RpcProblem.from_error(error)
             return Outcome(label=problem.label, code=problem.code)

@@ -146,6 +146,11 @@ def bearer(token: str) -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {token}"),)
 
 
+def dpop_metadata(token: str, proof: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying a DPoP-bound ``token`` and the call's proof."""
+    return (("authorization", f"DPoP {token}"), (DPOP_METADATA_KEY, proof))
+
+
 def _proof(dpop: str | None) -> tuple[tuple[str, str], ...] | None:
     return None if dpop is None else ((DPOP_METADATA_KEY, dpop),)
 

@@ -94,17 +94,17 @@ async def running_replica(
     auth: AuthApp, nats_url: str, instance: str = "replica-cli", **overrides: Any
 ) -> AsyncIterator[ResourceApp]:
     """A resource replica in process, once it serves (``overrides`` are further settings)."""
-    settings = ResourceSettings(
-        nats_urls=[nats_url],
-        auth_target=auth.grpc_address,
-        grpc_listen=f"{LOOPBACK}:0",
-        http_listen=f"{LOOPBACK}:0",
-        service_account=SecretStr(f"{SERVICE[0]}:{SERVICE[1]}"),
-        instance=instance,
-        shutdown_grace=0.2,
-        log_level="warning",
-        **overrides,
-    )
+    values: dict[str, Any] = {
+        "nats_urls": [nats_url],
+        "auth_target": auth.grpc_address,
+        "grpc_listen": f"{LOOPBACK}:0",
+        "http_listen": f"{LOOPBACK}:0",
+        "service_account": SecretStr(f"{SERVICE[0]}:{SERVICE[1]}"),
+        "instance": instance,
+        "shutdown_grace": 0.2,
+        "log_level": "warning",
+    }
+    settings = ResourceSettings(**(values | overrides))
     async with ResourceApp(settings) as replica:
         deadline = time.monotonic() + READY_DEADLINE
         while not replica.ready:

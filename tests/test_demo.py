@@ -40,7 +40,7 @@ from tests.auth_support import ADMIN, auth_settings, running_auth
 from tests.legible import assert_legible
 from tests.test_client_cli import running_replica
 
-ACTS = ("login", "theft", "revocation", "aftermath", "reuse", "key-compromise", "nats-cut", "gateway")
+ACTS = ("login", "theft", "revocation", "aftermath", "reuse", "key-compromise", "nats-cut", "gateway", "dpop")
 
 
 @dataclass
@@ -77,9 +77,15 @@ class Stack:
 async def stack(redis_url: str, nats_url: str) -> AsyncIterator[Stack]:
     """An auth service and two replicas, in process."""
     async with AsyncExitStack() as exits:
-        auth, _ = await exits.enter_async_context(running_auth(auth_settings(redis_url, [nats_url])))
+        # Listening on the addresses the demo dials: the default DPoP origins (http://<listen>) then
+        # match the proofs the demo makes for them.
+        auth, _ = await exits.enter_async_context(
+            running_auth(auth_settings(redis_url, [nats_url], grpc_listen=f"127.0.0.1:{free_port()}"))
+        )
         replicas = [
-            await exits.enter_async_context(running_replica(auth, nats_url, f"replica-{name}"))
+            await exits.enter_async_context(
+                running_replica(auth, nats_url, f"replica-{name}", grpc_listen=f"127.0.0.1:{free_port()}")
+            )
             for name in "ab"
         ]
         yield Stack(auth, replicas)
