@@ -139,6 +139,11 @@ async def test_the_story_runs_on_an_existing_stack_and_skips_only_the_nats_cut_a
     assert_every_replica_measured(report, "revocation", "SESSION_REVOKED")
     assert_every_replica_measured(report, "reuse", "SESSION_REVOKED")
     assert_every_replica_measured(report, "key-compromise", "KEY_REVOKED")
+    dpop = next(act for act in report.acts if act.key == "dpop")
+    assert {check.expected for check in dpop.checks} >= {
+        "refused DPOP_PROOF_MISSING",
+        "refused DPOP_KEY_MISMATCH",
+    }
     reuse = next(act for act in report.acts if act.key == "reuse")
     assert reuse.main_propagation is not None
     assert reuse.main_propagation.action_result == "REFRESH_TOKEN_REUSED"
