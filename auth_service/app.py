@@ -146,6 +146,7 @@ class AuthApp(Startable):
                 settings.http_listen,
                 [*http_routes(self.core, settings, self._public_base), *self.probe.routes()],
                 self.registry,
+                tls=settings.tls,
             )
         )
         self._tasks.append(asyncio.create_task(self.publisher.run_heartbeat(settings.heartbeat_interval)))
@@ -185,7 +186,9 @@ class AuthApp(Startable):
             raise attempts.gave_up() from error
 
     def _public_base(self) -> str:
-        return self.settings.public_url or f"http://{self.http_address}"
+        if self.settings.public_url:
+            return self.settings.public_url
+        return self._http.url if self._http is not None else f"http://{self.http_address}"
 
     async def _ensure_accounts(self, core: AuthCore) -> None:
         await core.index_users()

@@ -36,7 +36,7 @@ import aiohttp
 import grpc
 
 from authmesh._shared.dpop import LOGIN_METHOD, REFRESH_METHOD, ProofSigner, default_origin
-from authmesh._shared.tls import grpc_channel_credentials
+from authmesh._shared.tls import client_ssl_context, grpc_channel_credentials
 from authmesh.client import ACCEPTED, AuthApi, Outcome, ResourceApi, RpcProblem, Tokens
 from authmesh.demo_gateway import stolen_token_through_the_gateway
 from authmesh.demo_narrator import Narrator, SilentNarrator
@@ -269,7 +269,11 @@ class Demo:
             for replica in self._replicas:
                 await stack.enter_async_context(replica.api)
             self._http = await stack.enter_async_context(
-                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=POLL_CALL_SECONDS))
+                aiohttp.ClientSession(
+                    timeout=aiohttp.ClientTimeout(total=POLL_CALL_SECONDS),
+                    # The replicas' HTTP sides (and the gateway) serve HTTPS on a TLS target.
+                    connector=aiohttp.TCPConnector(ssl=client_ssl_context(self._target.tls) or True),
+                )
             )
             stopped = False
             for number, (key, title, story, play) in enumerate(steps, start=1):
@@ -803,7 +807,8 @@ class Demo:
         or the replica has no known HTTP address)."""
         if replica.target.http is None or self._http is None:
             return None
-        url = f"http://{replica.target.http}/healthz"
+        scheme = "https" if self._target.tls.verifies_servers else "http"
+        url = f"{scheme}://{replica.target.http}/healthz"
         began = self._clock()
         while self._clock() - began <= deadline:
             with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):

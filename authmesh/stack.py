@@ -240,6 +240,16 @@ class LocalStack(Startable):
         return self._require(self.auth, "the auth service").http_address
 
     @property
+    def http_scheme(self) -> str:
+        """``https`` when the services' HTTP sides serve TLS (a TLS stack), else ``http``."""
+        return "https" if self.tls else "http"
+
+    @property
+    def auth_url(self) -> str:
+        """The auth service's HTTP base URL (``AUTHMESH_AUTH_URL``): ``https://`` on a TLS stack."""
+        return f"{self.http_scheme}://{self.auth_http}"
+
+    @property
     def replicas(self) -> list[ReplicaInfo]:
         """Where each resource replica listens."""
         return [
@@ -288,7 +298,7 @@ class LocalStack(Startable):
 
     def client_env(self) -> dict[str, str]:
         """The settings a client of this stack needs."""
-        env = {"AUTHMESH_AUTH_TARGET": self.auth_grpc}
+        env = {"AUTHMESH_AUTH_TARGET": self.auth_grpc, "AUTHMESH_AUTH_URL": self.auth_url}
         if self.client_tls.ca_file is not None:
             env["AUTHMESH_TLS_CA_FILE"] = str(self.client_tls.ca_file)
         return env
@@ -298,7 +308,8 @@ class LocalStack(Startable):
 
         It connects to the NATS servers directly (not through a replica's link proxy) as the ``reader``
         user, which has a replica's permissions, and uses the stack's service account for the snapshot and
-        ``Introspect``.
+        ``Introspect``. On a TLS stack it presents the stack's client certificate and verifies every
+        server (and the ``https://`` auth URL) against the stack's CA.
         """
         stack_secrets = self._require(self.secrets, "the stack's secrets")
         nats_user = stack_secrets.nats_replica(READER_NATS_USER)
@@ -306,14 +317,14 @@ class LocalStack(Startable):
         defaults = CommonSettings.model_fields
         return {
             "AUTHMESH_AUTH_TARGET": self.auth_grpc,
-            "AUTHMESH_AUTH_URL": f"http://{self.auth_http}",
+            "AUTHMESH_AUTH_URL": self.auth_url,
             "AUTHMESH_NATS_URLS": ",".join(self.nats_urls),
             "AUTHMESH_NATS_USER": nats_user.username,
             "AUTHMESH_NATS_PASSWORD": nats_user.password,
             "AUTHMESH_SERVICE_ACCOUNT": stack_secrets.service_account.joined,
             "AUTHMESH_ISSUER": settings.get("AUTHMESH_ISSUER", str(defaults["issuer"].default)),
             "AUTHMESH_AUDIENCE": settings.get("AUTHMESH_AUDIENCE", str(defaults["audience"].default)),
-        }
+        } | _tls_env(self._tls_files.get(CLIENT_CERT_NAME))
 
     def describe(self) -> dict[str, Any]:
         """Everything ``authmesh up --json`` prints: addresses, credentials, logs and process ids."""
@@ -334,7 +345,8 @@ class LocalStack(Startable):
             "auth": {
                 "grpc": auth.grpc_address,
                 "http": auth.http_address,
-                "jwks_uri": f"http://{auth.http_address}/.well-known/jwks.json",
+                "url": self.auth_url,
+                "jwks_uri": f"{self.auth_url}/.well-known/jwks.json",
                 "log": str(auth.log_path),
             },
             "replicas": [
@@ -342,6 +354,7 @@ class LocalStack(Startable):
                     "name": process.name,
                     "grpc": process.grpc_address,
                     "http": process.http_address,
+                    "url": f"{self.http_scheme}://{process.http_address}",
                     "nats_links": [link.address for link in links],
                     "log": str(process.log_path),
                 }
@@ -524,7 +537,7 @@ class LocalStack(Startable):
                 "AUTHMESH_GRPC_LISTEN": grpc_address,
                 "AUTHMESH_HTTP_LISTEN": http_address,
                 "AUTHMESH_AUTH_TARGET": self.auth_grpc,
-                "AUTHMESH_AUTH_URL": f"http://{self.auth_http}",
+                "AUTHMESH_AUTH_URL": self.auth_url,
                 "AUTHMESH_NATS_URLS": ",".join(f"{scheme}://{link.address}" for link in links),
                 "AUTHMESH_NATS_USER": stack_secrets.nats_replica(name).username,
                 "AUTHMESH_NATS_PASSWORD": stack_secrets.nats_replica(name).password,

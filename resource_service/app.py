@@ -117,7 +117,12 @@ class ResourceApp(Startable):
         await probe.close()
         await self._stack.enter_async_context(self.guard)
         self._http = await self._stack.enter_async_context(
-            HttpServer(settings.http_listen, [web.get("/healthz", self._healthz)], self.metrics.registry)
+            HttpServer(
+                settings.http_listen,
+                [web.get("/healthz", self._healthz)],
+                self.metrics.registry,
+                tls=settings.tls,
+            )
         )
         servicer = ResourceServicer(settings.instance, sample_documents())
         gateway = ExtAuthzServicer(self.guard) if settings.ext_authz else None

@@ -14,6 +14,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import aiohttp
@@ -21,6 +22,7 @@ import structlog
 
 from authmesh._shared.errors import ConfigurationError, Unavailable
 from authmesh._shared.settings import CommonSettings
+from authmesh._shared.tls import TlsFiles, check_https_url, client_ssl_context
 
 METADATA_PATH = "/.well-known/oauth-authorization-server"
 AUDIENCE_MEMBER = "authmesh_access_token_audience"
@@ -80,27 +82,41 @@ class TokenRules:
         return cls(issuer=issuer, audience=audience, access_token_ttl=float(lifetime), leeway=float(leeway))
 
 
-async def fetch_token_rules(auth_url: str, *, within: float, request_timeout: float = 2.0) -> TokenRules:
+async def fetch_token_rules(
+    auth_url: str,
+    *,
+    within: float,
+    request_timeout: float = 2.0,
+    tls: TlsFiles = TlsFiles(),  # noqa: B008  # frozen, so one shared default is safe
+) -> TokenRules:
     """Read the auth service's rules, retrying (with jittered backoff) until ``within`` seconds pass.
 
     Args:
-        auth_url: The auth service's HTTP base URL (``http://host:port``).
+        auth_url: The auth service's HTTP base URL (``https://host:port``, or ``http://`` without TLS).
         within: Seconds to keep trying while the auth service cannot be reached.
         request_timeout: Deadline of one request, seconds.
+        tls: ``https://`` is verified against ``tls.ca_file`` (and this process's certificate presented);
+            with a CA, ``http://`` is refused (see :func:`authmesh._shared.tls.check_https_url`).
 
     Raises:
-        ConfigurationError: The auth service answered with metadata that lacks the rules.
-        Unavailable: It could not be reached within ``within`` seconds.
+        ConfigurationError: The URL does not fit the TLS settings, or the auth service answered with
+            metadata that lacks the rules.
+        Unavailable: It could not be reached (or not verified) within ``within`` seconds.
     """
+    check_https_url(auth_url, tls, "AUTHMESH_AUTH_URL")
     url = auth_url.rstrip("/") + METADATA_PATH
     deadline = time.monotonic() + within
     delay = _RETRY_INITIAL_SECONDS
     timeout = aiohttp.ClientTimeout(total=request_timeout)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    # None (plaintext http://) only when check_https_url allowed it, that is without a CA.
+    connector = aiohttp.TCPConnector(ssl=client_ssl_context(tls) or True)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         while True:
             try:
-                async with session.get(url) as response:
-                    response.raise_for_status()
+                # A redirect could lead off https:// or to another host: metadata is read where configured.
+                async with session.get(url, allow_redirects=False) as response:
+                    if response.status != HTTPStatus.OK:
+                        raise ValueError(f"HTTP {response.status}")
                     document = await response.json(content_type=None)
                 return TokenRules.from_metadata(document)
             except (aiohttp.ClientError, TimeoutError, ValueError) as error:

@@ -45,7 +45,7 @@ from authmesh._shared.metrics import RevocationMetrics, VerificationMetrics
 from authmesh._shared.scopes import OPEN_SERVICE_PREFIXES, AccessPolicy, ScopeRequirement
 from authmesh._shared.settings import CommonSettings, ResourceSettings, credentials
 from authmesh._shared.staleness import REVOCATION_STATE_STALE, IntrospectionFallback, StalenessMonitor
-from authmesh._shared.tls import TlsFiles
+from authmesh._shared.tls import TlsFiles, check_https_url
 from authmesh._shared.verifier import NoRevocations, RevocationCheck, TokenVerifier, VerifierPolicy
 
 GUARD_NOT_STARTED = "GUARD_NOT_STARTED"
@@ -132,6 +132,8 @@ class ResourceGuard(Startable):
                 "without auth_url (AUTHMESH_AUTH_URL) to read them from, issuer, audience and "
                 "access_token_ttl must be given"
             )
+        if auth_url is not None:
+            check_https_url(auth_url, tls, "AUTHMESH_AUTH_URL")
         if min(staleness_bound, ready_timeout, call_timeout, login_timeout) <= 0:
             raise ConfigurationError(
                 "staleness_bound, ready_timeout, call_timeout and login_timeout must be positive"
@@ -410,7 +412,7 @@ class ResourceGuard(Startable):
                 access_token_ttl=float(given["access_token_ttl"]),
                 leeway=5.0 if self._leeway is None else self._leeway,
             )
-        published = await fetch_token_rules(self._auth_url, within=self._ready_timeout)
+        published = await fetch_token_rules(self._auth_url, within=self._ready_timeout, tls=self._tls)
         for field, value in given.items():
             theirs = getattr(published, field)
             if value is not None and value != theirs:

@@ -1,7 +1,8 @@
 """The small HTTP side every service runs beside gRPC (metrics, health, JWKS), on the same event loop.
 
 aiohttp's ``AppRunner``/``TCPSite`` installs no signal handlers, so the service's own graceful shutdown
-stays in charge.
+stays in charge. With a certificate it serves HTTPS only (see
+:func:`authmesh._shared.tls.server_ssl_context`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
 from authmesh._shared.errors import ConfigurationError
+from authmesh._shared.tls import TlsFiles, server_ssl_context
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -40,10 +42,22 @@ class HttpServer:
         listen: ``host:port`` (port 0 picks a free one).
         routes: The service's own routes.
         registry: Served at ``/metrics``.
+        tls: HTTPS with this service's certificate when it has one (no client certificate asked for).
+
+    Raises:
+        ConfigurationError: The address is not ``host:port`` or a TLS file cannot be loaded.
     """
 
-    def __init__(self, listen: str, routes: list[web.RouteDef], registry: CollectorRegistry) -> None:
+    def __init__(
+        self,
+        listen: str,
+        routes: list[web.RouteDef],
+        registry: CollectorRegistry,
+        *,
+        tls: TlsFiles = TlsFiles(),  # noqa: B008  # frozen, so one shared default is safe
+    ) -> None:
         self._host, self._port = split_host_port(listen)
+        self._ssl = server_ssl_context(tls)
         app = web.Application()
         app.add_routes([*routes, web.get("/metrics", make_aiohttp_handler(registry))])
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -54,9 +68,19 @@ class HttpServer:
         """Where it listens, with the real port."""
         return join_host_port(self._host, self._bound_port)
 
+    @property
+    def scheme(self) -> str:
+        """``https`` when it serves TLS, else ``http``."""
+        return "https" if self._ssl is not None else "http"
+
+    @property
+    def url(self) -> str:
+        """Its base URL (``scheme://host:port``)."""
+        return f"{self.scheme}://{self.address}"
+
     async def __aenter__(self) -> Self:
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True)
+        site = web.TCPSite(self._runner, self._host, self._port, reuse_address=True, ssl_context=self._ssl)
         await site.start()
         server = site._server  # aiohttp exposes the bound socket only here
         sockets = getattr(server, "sockets", None) or []

@@ -131,7 +131,7 @@ class CommonSettings(BaseSettings):
         default=None, description="CA (PEM) that signs every peer; set, clients verify servers with it"
     )
     tls_cert_file: Path | None = Field(
-        default=None, description="this service's certificate (PEM); set, its gRPC server speaks TLS"
+        default=None, description="this service's certificate (PEM); set, its gRPC and HTTP servers speak TLS"
     )
     tls_key_file: Path | None = Field(default=None, description="the private key of the certificate (PEM)")
     tls_require_client_cert: bool = Field(
@@ -211,7 +211,8 @@ class AuthSettings(CommonSettings):
         description="aud of the tokens for the auth service's own API (scopes admin and service)",
     )
     public_url: str | None = Field(
-        default=None, description="base URL of the HTTP side as clients see it (for jwks_uri)"
+        default=None,
+        description="base URL of the HTTP side as clients see it (for jwks_uri); https:// when it serves TLS",
     )
     key_encryption_key: SecretStr | None = Field(
         default=None, description="secret that encrypts signing keys at rest in Redis"
@@ -244,6 +245,15 @@ class AuthSettings(CommonSettings):
                 username, sep, password = secret.get_secret_value().partition(":")
                 if not sep or not username or not password:
                     raise ValueError(f"AUTHMESH_{name.upper()} must be username:password")
+        if self.public_url is not None:
+            scheme = self.public_url.partition("://")[0].lower() if "://" in self.public_url else ""
+            if scheme not in ("http", "https"):
+                raise ValueError("AUTHMESH_PUBLIC_URL must be an http:// or https:// URL")
+            if scheme == "http" and self.tls_cert_file is not None:
+                # Clients that speak TLS refuse http:// metadata, and jwks_uri would send them there.
+                raise ValueError(
+                    "AUTHMESH_PUBLIC_URL is http:// but the HTTP side serves HTTPS: use https://"
+                )
         return self
 
     def require_key_encryption_key(self) -> bytes:

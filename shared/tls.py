@@ -9,6 +9,11 @@ hop:
 - a client verifies the server against ``AUTHMESH_TLS_CA_FILE`` (never the system's roots: the fleet
   has its own CA), and presents its own certificate and key when it has them (mutual TLS).
 
+The HTTP side (JWKS, metadata, health, metrics) serves HTTPS with the same certificate but never asks
+for a client certificate: what it serves is public (a JWK Set, RFC 8414 metadata) or read by probes
+and scrapers that hold none. Its clients verify ``https://`` against the same CA and refuse
+``http://`` once they have a CA (see :func:`check_https_url`).
+
 A file that cannot be read is a :class:`~authmesh._shared.errors.ConfigurationError` naming the file,
 never its content.
 """
@@ -143,6 +148,53 @@ def client_ssl_context(files: TlsFiles) -> ssl.SSLContext | None:
         raise ConfigurationError(f"cannot load the TLS files: {error.strerror or error}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+def server_ssl_context(files: TlsFiles) -> ssl.SSLContext | None:
+    """An ``ssl`` server context for the HTTP side (TLS 1.2+, no client certificate asked for), or
+    None for a plaintext server.
+
+    Raises:
+        ConfigurationError: A file cannot be read or is not PEM of the right kind.
+    """
+    if files.cert_file is None or files.key_file is None:
+        return None
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(files.cert_file), str(files.key_file))
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigurationError(f"cannot load the TLS files: {error.strerror or error}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def check_https_url(url: str, files: TlsFiles, setting: str) -> None:
+    """Refuse an HTTP URL that would not be verified as the fleet's TLS promises.
+
+    ``https://`` needs the CA to verify against (never the system's roots), and a process that has a CA
+    (it speaks TLS to its peers) refuses ``http://``: the auth service's metadata says what tokens to
+    trust, and a plaintext answer could be anyone's.
+
+    Args:
+        url: The URL to be fetched.
+        files: This process's TLS material.
+        setting: The setting that named the URL, for the error (``AUTHMESH_AUTH_URL``).
+
+    Raises:
+        ConfigurationError: Neither ``http://`` nor ``https://``, ``https://`` without a CA, or
+            ``http://`` with one.
+    """
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme not in ("http", "https"):
+        raise ConfigurationError(f"{setting} must be an http:// or https:// URL")
+    if scheme == "https" and files.ca_file is None:
+        raise ConfigurationError(
+            f"{setting} is https:// but AUTHMESH_TLS_CA_FILE is unset (nothing to verify against)"
+        )
+    if scheme == "http" and files.ca_file is not None:
+        raise ConfigurationError(
+            f"{setting} is http:// but this service speaks TLS (AUTHMESH_TLS_CA_FILE is set): use https://"
+        )
 
 
 def redis_tls_options(url: str, files: TlsFiles) -> dict[str, Any]:

@@ -561,7 +561,10 @@ async def test_authmesh_up_prints_the_stack_as_json_and_stops_everything_on_sigt
 
     assert status == 0
     assert description["admin"]["username"] == "admin"
-    assert description["client_env"] == {"AUTHMESH_AUTH_TARGET": description["auth"]["grpc"]}
+    assert description["client_env"] == {
+        "AUTHMESH_AUTH_TARGET": description["auth"]["grpc"],
+        "AUTHMESH_AUTH_URL": f"http://{description['auth']['http']}",
+    }
     assert await all_gone(description["pids"].values())
 
 

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from authmesh._shared.tls import client_ssl_context
 from authmesh.bench import rpc
 from authmesh.demo import run_local_demo
 from authmesh.stack import LocalStack, grpc_health_status
 from tests.test_demo import assert_every_act_as_expected
 from tests.test_stack import FAST_ENV
 from tests.test_tls_hops import nats_connects, redis_answers
+from tests.test_tls_http import http_status
 
 # The stack's Redis on TLS needs a redis-server built with TLS (the embedded valkey-server has none).
 pytestmark = pytest.mark.redis_tls
@@ -31,6 +33,15 @@ async def test_a_tls_stack_serves_on_tls_and_refuses_plaintext_on_every_hop(tmp_
         assert await redis_answers(stack.redis_url, tls)
 
         assert not await nats_connects(stack.nats_urls[0].replace("tls://", "nats://"), None)
+
+        # The replicas read the auth service's metadata over HTTPS (they are SERVING); plaintext HTTP is gone.
+        assert stack.auth_url == f"https://{stack.auth_http}"
+        assert stack.client_env()["AUTHMESH_AUTH_URL"] == stack.auth_url
+        context = client_ssl_context(tls)
+        assert context is not None
+        assert await http_status(f"{stack.auth_url}/.well-known/jwks.json", context) == 200
+        assert await http_status(f"https://{stack.replicas[0].http}/healthz", context) == 200
+        assert await http_status(f"http://{stack.auth_http}/.well-known/jwks.json", False) is None
 
         description = json.dumps(stack.describe())
         assert stack.secrets is not None
