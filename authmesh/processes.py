@@ -598,6 +598,8 @@ class NatsServer(ServerProcess):
         binary: The ``nats-server`` to run; ``find_nats_server()`` by default.
         tls: Clients must speak TLS and present a certificate signed by ``tls.ca_file``. Routes
             between nodes take their TLS from ``config_text`` (see :func:`nats_cluster_config`).
+        tls_first: Clients start TLS before the server's ``INFO`` (``handshake_first``), as authmesh's
+            services do; False for a server that sends ``INFO`` in plaintext first.
     """
 
     def __init__(
@@ -611,11 +613,13 @@ class NatsServer(ServerProcess):
         cluster: NatsClusterOptions | None = None,
         binary: Path | None = None,
         tls: TlsFiles | None = None,
+        tls_first: bool = True,
     ) -> None:
         super().__init__("nats", data_dir)
         if tls is not None and not (tls.serves_tls and tls.verifies_servers):
             raise ConfigurationError("a TLS NATS server needs a CA, a certificate and a key")
         self.tls = tls
+        self.tls_first = tls_first
         if port is None or monitor_port is None:
             spare = iter(free_ports(2))
             port = port if port is not None else next(spare)
@@ -643,10 +647,24 @@ class NatsServer(ServerProcess):
         return self.data_dir / "nats.conf"
 
     def configuration(self) -> str | None:
-        """The text of ``nats.conf``: ``config_text`` and the cluster block; None when there is neither."""
-        if self.cluster is None:
-            return self.config_text
-        return (self.config_text or "") + self.cluster.configuration()
+        """The text of ``nats.conf``: ``config_text``, the client TLS block and the cluster block; None
+        when there is none of them."""
+        parts = [self.config_text or ""]
+        if self.tls is not None:
+            # In the file, not on the command line: handshake_first has no flag.
+            parts.append(
+                "tls {\n"
+                f"  cert_file: {json.dumps(str(self.tls.cert_file))}\n"
+                f"  key_file: {json.dumps(str(self.tls.key_file))}\n"
+                f"  ca_file: {json.dumps(str(self.tls.ca_file))}\n"
+                "  verify: true\n"
+                f"  handshake_first: {'true' if self.tls_first else 'false'}\n"
+                "}\n"
+            )
+        if self.cluster is not None:
+            parts.append(self.cluster.configuration())
+        text = "".join(parts)
+        return text if text or self.config_text is not None else None
 
     def prepare(self) -> None:
         """Write ``nats.conf`` when there is configuration text."""
@@ -667,13 +685,6 @@ class NatsServer(ServerProcess):
             "--jetstream",
             "--store_dir", str(self.data_dir / "jetstream"),
         ]  # fmt: skip
-        if self.tls is not None:
-            command += [
-                "--tlsverify",
-                "--tlscert", str(self.tls.cert_file),
-                "--tlskey", str(self.tls.key_file),
-                "--tlscacert", str(self.tls.ca_file),
-            ]  # fmt: skip
         return command
 
     async def is_ready(self, timeout: float) -> bool:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-import nats
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RePublish, RetentionPolicy, StorageType, StreamConfig
@@ -73,14 +73,17 @@ async def connect_nats(
     Raises:
         Unavailable: ``BROKER_UNAVAILABLE`` when no server answered within the connect timeout.
     """
-    options: dict[str, object] = {"inbox_prefix": inbox_prefix(settings.nats_user)}
+    options: dict[str, Any] = {"inbox_prefix": inbox_prefix(settings.nats_user)}
     if settings.nats_user:
         options["user"] = settings.nats_user
         options["password"] = settings.nats_password.get_secret_value() if settings.nats_password else ""
     tls = client_ssl_context(settings.tls)
     if tls is not None:
-        # Verified against the fleet's CA; the server asks for TLS (nats-py upgrades when it does).
+        # TLS before the first byte, whatever the URL's scheme: nats-py upgrades an INFO-first connection
+        # only when the server's INFO says tls_required, so a plaintext server (or anyone in between)
+        # would otherwise get the password in the clear, even for a tls:// URL.
         options["tls"] = tls
+        options["tls_handshake_first"] = True
     if disconnected is not None:
         options["disconnected_cb"] = disconnected
     if reconnected is not None:
@@ -100,13 +103,15 @@ async def connect_nats(
         else:
             attempts.failed(problem)
 
+    client = NatsClient()
     try:
         async with asyncio.timeout(settings.connect_timeout):
-            client = await nats.connect(
+            await client.connect(
                 servers=list(settings.nats_urls),
                 name=name,
                 connect_timeout=CONNECT_TIMEOUT_SECONDS,
-                reconnect_time_wait=RECONNECT_WAIT_SECONDS,
+                # Annotated int by nats-py, which only hands it to asyncio.sleep.
+                reconnect_time_wait=RECONNECT_WAIT_SECONDS,  # type: ignore[arg-type]
                 max_reconnect_attempts=-1,
                 allow_reconnect=True,
                 error_cb=on_error,
@@ -114,9 +119,28 @@ async def connect_nats(
                 **options,
             )
     except TimeoutError as timed_out:
+        abandon(client)
         raise attempts.gave_up() from timed_out
+    except BaseException:
+        abandon(client)
+        raise
     connected = True
     return client
+
+
+def abandon(client: NatsClient) -> None:
+    """Close the socket of a client whose first connection never completed.
+
+    nats-py's ``connect()`` closes an attempt's socket only on the errors it retries: an attempt cut
+    short (our deadline, a cancellation while a TLS-first handshake waits) or any failure with
+    ``allow_reconnect=False`` keeps it open until garbage collection (a ``ResourceWarning``). Its
+    ``close()`` does not help there: after a failed TLS handshake it waits for ever on the plaintext
+    stream, whose protocol the TLS layer had replaced. So the transport is closed directly (nats-py
+    offers no public way).
+    """
+    transport = getattr(client, "_transport", None)
+    if transport:
+        transport.close()
 
 
 DUPLICATE_WINDOW_SECONDS = 120.0

@@ -19,6 +19,7 @@ from authmesh._shared.settings import ResourceSettings
 from authmesh._shared.tls import TlsFiles, grpc_channel_credentials, open_channel
 from authmesh.certs import LOCAL_HOSTS, CertificateAuthority
 from authmesh.client import AuthApi, ResourceApi, check_health
+from authmesh.processes import NatsServer
 from tests.auth_support import ADMIN, SERVICE, auth_settings
 from tests.waiting import eventually
 
@@ -116,6 +117,15 @@ async def test_an_unreadable_tls_file_names_the_file(tmp_path: Path) -> None:
 
 
 async def test_both_services_run_on_mutual_tls_end_to_end(
+    tmp_path: Path, ca: CertificateAuthority, redis_url: str
+) -> None:
+    # A service with a CA speaks TLS to NATS too (TLS first): its NATS is on TLS.
+    nats_files = ca.write_issued(tmp_path / "nats", "nats", LOCAL_HOSTS)
+    async with NatsServer(tmp_path / "nats-data", tls=nats_files) as nats_server:
+        await _both_services_on_mutual_tls(tmp_path, ca, redis_url, nats_server.url)
+
+
+async def _both_services_on_mutual_tls(
     tmp_path: Path, ca: CertificateAuthority, redis_url: str, nats_url: str
 ) -> None:
     auth_files = ca.write_issued(tmp_path / "auth", "auth", LOCAL_HOSTS, require_client_cert=True)

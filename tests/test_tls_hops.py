@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
 import redis.asyncio as redis
+from nats.aio.client import Client as NatsClient
 from nats.errors import NoServersError
 
+from authmesh._shared.nats_wiring import abandon
 from authmesh._shared.tls import TlsFiles, client_ssl_context, redis_tls_options
 from authmesh.certs import LOCAL_HOSTS, CertificateAuthority
 from authmesh.processes import NatsCluster, NatsServer, RedisServer
@@ -19,12 +22,15 @@ REDIS_USER = ("auth", "redis-password-1")
 
 async def nats_connects(url: str, context: ssl.SSLContext | None) -> bool:
     """Whether a client gets a working connection (a round trip) to ``url``."""
-    options = {"tls": context} if context is not None else {}
+    # As the services connect: TLS first (the servers are configured with handshake_first).
+    options: dict[str, Any] = {"tls": context, "tls_handshake_first": True} if context else {}
+    client = NatsClient()
     try:
-        client = await nats.connect(
+        await client.connect(
             servers=[url], connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0, **options
         )
     except (NoServersError, OSError, nats.errors.Error):
+        abandon(client)
         return False
     try:
         await client.flush(timeout=2)
@@ -70,8 +76,10 @@ async def test_a_nats_cluster_forms_over_tls_routes(tmp_path: Path, ca: Certific
     async with cluster:
         # Healthy means every node knows the JetStream meta leader: the routes are up, on TLS.
         assert await nats_connects(cluster.urls[0], client_ssl_context(member))
-        routes = [line for line in cluster.nodes[0].config_path.read_text().splitlines() if "verify" in line]
-        assert routes == ["    verify: true"]
+        verifying = [
+            line for line in cluster.nodes[0].config_path.read_text().splitlines() if "verify" in line
+        ]
+        assert verifying == ["  verify: true", "    verify: true"]  # clients, then the cluster's routes
 
 
 async def redis_answers(url: str, files: TlsFiles) -> bool:
