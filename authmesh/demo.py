@@ -907,8 +907,7 @@ async def run_local_demo(
             env={"AUTHMESH_HEARTBEAT_INTERVAL": f"{heartbeat:g}", **GATEWAY_STACK_ENV},
             tls=tls,
         ) as stack,
-        # The gateway's ext_authz process is not set up for TLS yet: a TLS stack skips that act.
-        gateway_if_available(stack) if not tls else contextlib.nullcontext(None) as gateway,
+        gateway_if_available(stack) as gateway,
     ):
         target = DemoTarget(
             auth_grpc=stack.auth_grpc,

@@ -70,7 +70,8 @@ def demo(
         str | None,
         typer.Option(
             "--target-gateway",
-            help="The existing stack's Envoy with authmesh's ext_authz: its base URL (http://host:port).",
+            help="The existing stack's Envoy with authmesh's ext_authz: its base URL (http://host:port, or "
+            "https://host:port verified against --tls-ca-file).",
         ),
     ] = None,
     admin: Annotated[
@@ -160,6 +161,8 @@ def _existing_stack(
         problems.append("--target-auth and --target-replicas go together (and --target-gateway needs them)")
     if gateway is not None and not gateway.startswith(("http://", "https://")):
         problems.append("--target-gateway is a base URL: http://host:port")
+    if gateway is not None and gateway.startswith("https://") and tls.ca_file is None:
+        problems.append("--target-gateway https://… is verified against --tls-ca-file (AUTHMESH_TLS_CA_FILE)")
     if not username or not password:
         problems.append("--admin user:password (or AUTHMESH_BOOTSTRAP_ADMIN) is needed with --target-auth")
     if problems:

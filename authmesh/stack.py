@@ -92,6 +92,7 @@ __all__ = [
     "AUTH_NATS_USER",
     "AUTH_PUBLISH_ALLOW",
     "CLIENT_CERT_NAME",
+    "GATEWAY_CERT_NAME",
     "NATS_CLUSTER_START_TIMEOUT_SECONDS",
     "READER_NATS_USER",
     "REDIS_USER",
@@ -127,6 +128,8 @@ REDIS_USER = "auth"
 TLS_DIR = "tls"
 # The part whose certificate the stack itself (health probes, the demo) presents as a client.
 CLIENT_CERT_NAME = "client"
+# The Envoy gateway beside a stack (authmesh up --gateway): its HTTPS listener and its client side.
+GATEWAY_CERT_NAME = "gateway"
 NATS_CLUSTER_START_TIMEOUT_SECONDS = 30.0
 _MAX_NATS_CLUSTER = 5
 
@@ -295,6 +298,10 @@ class LocalStack(Startable):
     def client_tls(self) -> TlsFiles:
         """What a client of this stack verifies its servers with (plaintext when the stack is)."""
         return self._tls_files.get(CLIENT_CERT_NAME, TlsFiles())
+
+    def tls_files(self, name: str) -> TlsFiles | None:
+        """The certificate the stack issued for part ``name`` (None on a plaintext stack)."""
+        return self._tls_files.get(name)
 
     def client_env(self) -> dict[str, str]:
         """The settings a client of this stack needs."""
@@ -563,6 +570,7 @@ def _issue_certificates(directory: Path, replicas: int) -> dict[str, TlsFiles]:
         "redis",
         "auth",
         CLIENT_CERT_NAME,
+        GATEWAY_CERT_NAME,
         *(f"resource-{index + 1}" for index in range(replicas)),
     ]
     return {name: authority.write_issued(directory, name, LOCAL_HOSTS) for name in names}

@@ -290,7 +290,7 @@ def _stack_rows(description: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append(
             (
                 "gateway",
-                gateway["url"].removeprefix("http://"),
+                gateway["url"].removeprefix("http://").removeprefix("https://"),
                 gateway["admin"].removeprefix("http://"),
                 f"Envoy + ext_authz: {routes}",
             )

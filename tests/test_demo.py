@@ -227,6 +227,19 @@ async def test_the_target_gateway_needs_the_stack_and_a_url() -> None:
     assert "--target-gateway is a base URL" in result.stderr
 
 
+async def test_an_https_target_gateway_needs_the_ca_to_verify_it() -> None:
+    result = await run_cli(
+        "demo",
+        "--target-auth", f"{LOOPBACK}:1",
+        "--target-replicas", f"{LOOPBACK}:2",
+        "--target-gateway", f"https://{LOOPBACK}:8443",
+        "--admin", "admin:secret",
+    )  # fmt: skip
+
+    assert result.exit_code == 2
+    assert "verified against --tls-ca-file" in result.stderr
+
+
 @pytest.mark.slow
 async def test_every_act_behaves_on_a_fresh_local_stack() -> None:
     pytest.importorskip("authmesh.stack", reason="authmesh.stack.LocalStack is not available")

@@ -53,7 +53,7 @@ async def test_a_tls_stack_serves_on_tls_and_refuses_plaintext_on_every_hop(tmp_
 async def test_every_act_of_the_demo_behaves_on_a_tls_stack() -> None:
     report = await run_local_demo(2, staleness_bound=1.0, tls=True)
 
-    assert_every_act_as_expected(report, skipped=("gateway",))
+    assert_every_act_as_expected(report)
 
 
 async def test_the_rpc_bench_runs_every_call_on_tls() -> None:
