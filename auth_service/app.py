@@ -29,6 +29,7 @@ from authmesh._auth_service.servicer import AuthServicer
 from authmesh._auth_service.store import AuthStore
 from authmesh._shared.connecting import StartupConnection, address_of
 from authmesh._shared.dpop import proof_gate
+from authmesh._shared.errors import Unavailable
 from authmesh._shared.grpc_server import RunningServer, start_grpc_server
 from authmesh._shared.http_server import HttpServer, join_host_port, split_host_port
 from authmesh._shared.lifecycle import Startable, run_until_signalled
@@ -36,7 +37,7 @@ from authmesh._shared.logs import configure_logging
 from authmesh._shared.metrics import ServiceMetrics
 from authmesh._shared.nats_wiring import connect_nats, ensure_stream
 from authmesh._shared.settings import AuthSettings, credentials
-from authmesh._shared.tls import redis_tls_options
+from authmesh._shared.tls import REDIS_TLS_SCHEMES, redis_tls_options
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 REDIS_TIMEOUT_SECONDS = 3.0
@@ -183,7 +184,15 @@ class AuthApp(Startable):
             await retrying(ping)
         except (RedisConnectionError, RedisTimeoutError, OSError) as error:
             attempts.failed(error)
-            raise attempts.gave_up() from error
+            gave_up = attempts.gave_up()
+            if self.settings.tls.verifies_servers and not url.startswith(REDIS_TLS_SCHEMES):
+                # The likeliest cause with TLS configured: servers that speak only TLS, asked in plaintext.
+                gave_up = Unavailable(
+                    f"{gave_up.message}; the URL is plaintext: a Redis on TLS needs rediss:// "
+                    "(rediss+sentinel:// for Sentinel)",
+                    code=gave_up.code,
+                )
+            raise gave_up from error
 
     def _public_base(self) -> str:
         if self.settings.public_url:

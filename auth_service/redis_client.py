@@ -5,6 +5,11 @@
 watch the group ``service_name``). With Sentinel every new connection asks the Sentinels where the
 primary is, so after a failover the service reconnects to the promoted replica by itself; while no
 primary answers, calls fail with a connection error (UNAVAILABLE), never against a replica.
+
+``rediss://`` and ``rediss+sentinel://`` are the same on TLS: with Sentinel, TLS to the Sentinels and
+to the data nodes alike, both verified against the CA, with this service's certificate presented. The
+user and password (of the URL, or ``AUTHMESH_REDIS_PASSWORD``) are the data nodes'; the Sentinels are
+reached with TLS only.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from redis.asyncio.sentinel import Sentinel
 from authmesh._shared.errors import ConfigurationError
 
 SENTINEL_SCHEME = "redis+sentinel"
+SENTINEL_TLS_SCHEME = "rediss+sentinel"
+# Keyword arguments of the data nodes' connections that the Sentinels' connections do not get.
+_DATA_NODE_ONLY = ("username", "password", "db")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,21 +39,23 @@ class SentinelTarget:
     db: int
     username: str | None = None
     password: str | None = None
+    tls: bool = False
 
     def describe(self) -> str:
         """The target without credentials, for logs and errors."""
         hosts = ",".join(f"{host}:{port}" for host, port in self.sentinels)
-        return f"{SENTINEL_SCHEME}://{hosts}/{self.service_name}/{self.db}"
+        scheme = SENTINEL_TLS_SCHEME if self.tls else SENTINEL_SCHEME
+        return f"{scheme}://{hosts}/{self.service_name}/{self.db}"
 
 
 def parse_sentinel_url(url: str) -> SentinelTarget | None:
-    """The Sentinel target of a ``redis+sentinel://`` URL; None for any other URL.
+    """The Sentinel target of a ``redis+sentinel://`` or ``rediss+sentinel://`` URL; None for any other.
 
     Raises:
         ConfigurationError: A Sentinel URL without hosts, ports or service name, or with a bad db.
     """
     parts = urlsplit(url)
-    if parts.scheme != SENTINEL_SCHEME:
+    if parts.scheme not in (SENTINEL_SCHEME, SENTINEL_TLS_SCHEME):
         return None
     userinfo, _, hosts = parts.netloc.rpartition("@")
     username, _, password = userinfo.partition(":")
@@ -53,7 +63,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget | None:
     path = [segment for segment in parts.path.split("/") if segment]
     if not sentinels or not path or len(path) > 2:
         raise ConfigurationError(
-            f"a Sentinel URL is {SENTINEL_SCHEME}://host:port[,host:port...]/service_name[/db]"
+            f"a Sentinel URL is {parts.scheme}://host:port[,host:port...]/service_name[/db]"
         )
     db = path[1] if len(path) == 2 else "0"
     if not db.isdigit():
@@ -64,6 +74,7 @@ def parse_sentinel_url(url: str) -> SentinelTarget | None:
         db=int(db),
         username=unquote(username) or None,
         password=unquote(password) or None,
+        tls=parts.scheme == SENTINEL_TLS_SCHEME,
     )
 
 
@@ -104,26 +115,36 @@ def connect_redis(url: str, *, timeout: float, options: Mapping[str, Any] | None
     """A client for the store (connections are opened on first use).
 
     Args:
-        url: ``redis://…``, ``rediss://…`` or ``redis+sentinel://…``.
+        url: ``redis://…``, ``rediss://…``, ``redis+sentinel://…`` or ``rediss+sentinel://…``.
         timeout: Socket and connect timeout of every connection, s.
-        options: More redis-py keyword arguments for a direct URL (TLS files, a password); a
-            Sentinel group does not take them yet.
+        options: More redis-py keyword arguments (TLS files from
+            :func:`~authmesh._shared.tls.redis_tls_options`, a password). With Sentinel the TLS ones go
+            to the Sentinels and the data nodes, the account only to the data nodes.
     """
+    extra = dict(options or {})
     sentinel = parse_sentinel_url(url)
     if sentinel is None:
         return StoreConnection(
-            redis.Redis.from_url(
-                url, socket_timeout=timeout, socket_connect_timeout=timeout, **dict(options or {})
-            )
+            redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout, **extra)
         )
+    timeouts: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if sentinel.tls:
+        timeouts["ssl"] = True
+    # The account of the URL, unless the options name one (AUTHMESH_REDIS_PASSWORD wins, as without Sentinel).
+    data_nodes: dict[str, Any] = {
+        **timeouts,
+        "db": sentinel.db,
+        "username": sentinel.username,
+        "password": sentinel.password,
+        **extra,
+    }
     watchers = Sentinel(
         list(sentinel.sentinels),
-        sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        db=sentinel.db,
-        username=sentinel.username,
-        password=sentinel.password,
+        sentinel_kwargs={
+            **timeouts,
+            **{name: value for name, value in extra.items() if name not in _DATA_NODE_ONLY},
+        },
+        **data_nodes,
     )
     client: redis.Redis = watchers.master_for(sentinel.service_name)
     return StoreConnection(client, tuple(watchers.sentinels), replicated=True)

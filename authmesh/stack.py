@@ -425,7 +425,10 @@ class LocalStack(Startable):
             self._tls_files = _issue_certificates(self.data_dir / TLS_DIR, self.replica_count)
         await self._start_nats(self.secrets)
         if self.redis_sentinel:
-            self.sentinel_group = SentinelGroup(self.data_dir / "redis-sentinel")
+            # On TLS the group is closed by client certificate (no account: Sentinel would need one too).
+            self.sentinel_group = SentinelGroup(
+                self.data_dir / "redis-sentinel", tls=self._tls_files.get("redis")
+            )
             self.redis = self.sentinel_group.servers[0]
             await _named(self._stack.enter_async_context(self.sentinel_group), "redis-sentinel")
         else:

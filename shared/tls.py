@@ -197,11 +197,15 @@ def check_https_url(url: str, files: TlsFiles, setting: str) -> None:
         )
 
 
+REDIS_TLS_SCHEMES = ("rediss://", "rediss+sentinel://")
+
+
 def redis_tls_options(url: str, files: TlsFiles) -> dict[str, Any]:
-    """redis-py keyword arguments for a ``rediss://`` URL: verify against ``files.ca_file`` and present
-    this process's certificate; none for a plaintext ``redis://`` URL (which refuses them).
+    """redis-py keyword arguments for a ``rediss://`` or ``rediss+sentinel://`` URL: verify against
+    ``files.ca_file`` and present this process's certificate; none for a plaintext ``redis://`` or
+    ``redis+sentinel://`` URL (which refuses them).
     """
-    if not url.startswith("rediss://"):
+    if not url.startswith(REDIS_TLS_SCHEMES):
         return {}
     options: dict[str, Any] = {"ssl_cert_reqs": "required"}
     if files.ca_file is not None:

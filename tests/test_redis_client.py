@@ -55,3 +55,14 @@ def test_a_malformed_sentinel_url_is_a_clear_configuration_error(url: str) -> No
 )
 def test_the_store_address_shown_in_logs_and_errors_carries_no_credentials(url: str, shown: str) -> None:
     assert describe_redis_url(url) == shown
+
+
+def test_a_rediss_sentinel_url_is_the_same_group_on_tls() -> None:
+    target = parse_sentinel_url("rediss+sentinel://auth:secret@10.0.0.1:26379,10.0.0.2:26379/authmesh/1")
+
+    assert target is not None
+    assert target.tls
+    assert target.sentinels == (("10.0.0.1", 26379), ("10.0.0.2", 26379))
+    assert (target.username, target.password, target.db) == ("auth", "secret", 1)
+    assert target.describe() == "rediss+sentinel://10.0.0.1:26379,10.0.0.2:26379/authmesh/1"
+    assert not parse_sentinel_url("redis+sentinel://10.0.0.1:26379/authmesh").tls  # type: ignore[union-attr]
