@@ -105,8 +105,9 @@ def up(
         bool,
         typer.Option(
             "--tls",
-            help="Every hop on TLS (gRPC, NATS, Redis) with certificates from a throwaway CA in the data "
-            "directory; NATS and Redis also demand client certificates.",
+            help="Every hop on TLS (gRPC, HTTPS, NATS, Redis or its Sentinels, the Envoy gateway) with "
+            "certificates from a throwaway CA in the data directory; NATS and Redis also demand client "
+            "certificates.",
         ),
     ] = False,
     gateway: Annotated[
@@ -277,9 +278,11 @@ def _stack_rows(description: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     ]
     rows.append(("redis", description["redis"]["url"], "", "append-only, noeviction"))
     auth = description["auth"]
-    rows.append(("auth", auth["grpc"], auth["http"], "/.well-known/jwks.json"))
+    # HTTPS on a TLS stack: the URL says so.
+    https = "https, " if auth["url"].startswith("https://") else ""
+    rows.append(("auth", auth["grpc"], auth["http"], f"{https}/.well-known/jwks.json"))
     rows += [
-        (replica["name"], replica["grpc"], replica["http"], "/healthz, /metrics")
+        (replica["name"], replica["grpc"], replica["http"], f"{https}/healthz, /metrics")
         for replica in description["replicas"]
     ]
     gateway = description.get("gateway")
@@ -292,7 +295,7 @@ def _stack_rows(description: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 "gateway",
                 gateway["url"].removeprefix("http://").removeprefix("https://"),
                 gateway["admin"].removeprefix("http://"),
-                f"Envoy + ext_authz: {routes}",
+                f"Envoy + ext_authz{' (https)' if gateway['url'].startswith('https://') else ''}: {routes}",
             )
         )
         rows.append(

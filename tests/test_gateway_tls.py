@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import uuid
 from pathlib import Path
 
 import aiohttp
 import pytest
+from rich.console import Console
 
 from authmesh._shared.errors import ConfigurationError
 from authmesh._shared.tls import TlsFiles, client_ssl_context
@@ -15,6 +17,7 @@ from authmesh.client import AuthApi
 from authmesh.envoy_gateway import GatewayPorts, ext_authz_config, upstream_tls_socket
 from authmesh.gateway_stack import GATEWAY_STACK_ENV, LocalGateway
 from authmesh.stack import LocalStack
+from authmesh.stack_commands import print_stack
 from tests.test_stack import FAST_ENV
 
 # A TLS stack's Redis needs a redis-server built with TLS (the embedded valkey-server has none).
@@ -30,6 +33,14 @@ async def test_the_gateway_of_a_tls_stack_serves_https_and_checks_tokens_over_tl
         AuthApi(stack.auth_grpc, credentials=credentials(stack.client_tls)) as auth,
     ):
         assert gateway.url.startswith("https://")
+        description = stack.describe()
+        description["gateway"] = gateway.describe()
+        output = io.StringIO()
+        print_stack(Console(file=output, width=200, force_terminal=False), description)
+        printed = output.getvalue()
+        assert f"export AUTHMESH_AUTH_URL=https://{stack.auth_http}" in printed
+        assert "Envoy + ext_authz (https)" in printed
+        assert description["auth"]["jwks_uri"].startswith("https://")
         admin = (await auth.admin_login(*stack.admin_credentials)).access_token
         user = f"user-{uuid.uuid4().hex[:8]}"
         subject = await auth.create_user(admin, user, PASSWORD, ("docs:read",))
