@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import os
 import shutil
 import tempfile
@@ -109,6 +110,7 @@ __all__ = [
     "LocalStack",
     "Probe",
     "ReplicaInfo",
+    "ServiceLogin",
     "ServiceProcess",
     "StackSecrets",
     "authmesh_command",
@@ -125,6 +127,15 @@ __all__ = [
 SECRETS_FILE = "stack-secrets.json"
 REDIS_USER = "auth"
 TLS_DIR = "tls"
+
+
+class ServiceLogin(enum.StrEnum):
+    """How the replicas of a TLS stack log in to the auth service as the service account."""
+
+    CERTIFICATE = "certificate"
+    PASSWORD = "password"
+
+
 # The part whose certificate the stack itself (health probes, the demo) presents as a client.
 CLIENT_CERT_NAME = "client"
 NATS_CLUSTER_START_TIMEOUT_SECONDS = 30.0
@@ -157,6 +168,9 @@ class LocalStack(Startable):
         tls: Every hop on TLS with certificates from a throwaway CA made in ``<data_dir>/tls``: gRPC
             (servers verified by their clients), NATS and Redis (both also demand client certificates;
             Redis an account and password too).
+        service_login: How the replicas of a TLS stack log in to the auth service: ``certificate``
+            (their client certificates identify the service account, and the auth service demands a
+            client certificate from every caller) or ``password``. A plaintext stack uses passwords.
         redis_sentinel: Run Redis as a primary, two replicas and three Sentinels, which the auth service
             follows through a failover (and acknowledges writes once a replica has them).
     """
@@ -173,6 +187,7 @@ class LocalStack(Startable):
         stop_timeout: float = STOP_TIMEOUT_SECONDS,
         tls: bool = False,
         redis_sentinel: bool = False,
+        service_login: ServiceLogin = ServiceLogin.CERTIFICATE,
     ) -> None:
         if replicas < 0:
             raise ConfigurationError(f"replicas must be 0 or more, not {replicas}")
@@ -202,6 +217,7 @@ class LocalStack(Startable):
         self.links: list[list[LinkProxy]] = []
         self.tls = tls
         self._tls_files: dict[str, TlsFiles] = {}
+        self.certificate_login = tls and service_login is ServiceLogin.CERTIFICATE
 
     # --- what runs where ---------------------------------------------------------------------------
 
@@ -287,11 +303,8 @@ class LocalStack(Startable):
         return self._tls_files.get(CLIENT_CERT_NAME, TlsFiles())
 
     def client_env(self) -> dict[str, str]:
-        """The settings a client of this stack needs."""
-        env = {"AUTHMESH_AUTH_TARGET": self.auth_grpc}
-        if self.client_tls.ca_file is not None:
-            env["AUTHMESH_TLS_CA_FILE"] = str(self.client_tls.ca_file)
-        return env
+        """The settings a client of this stack needs (with its client certificate on TLS)."""
+        return {"AUTHMESH_AUTH_TARGET": self.auth_grpc, **_tls_env(self.client_tls)}
 
     def service_env(self) -> dict[str, str]:
         """Every setting a new resource service needs to join this stack (``authmesh up --env-file``).
@@ -505,6 +518,11 @@ class LocalStack(Startable):
             }
         )
         env.update(_tls_env(self._tls_files.get("auth")))
+        if self.certificate_login:
+            username = stack_secrets.service_account.username
+            names = ",".join(f"{name}={username}" for name in replica_names(self.replica_count))
+            env["AUTHMESH_TLS_REQUIRE_CLIENT_CERT"] = "true"
+            env["AUTHMESH_CERTIFICATE_ACCOUNTS"] = names
         env.update(self._extra_env)
         return env
 
@@ -528,7 +546,10 @@ class LocalStack(Startable):
                 "AUTHMESH_NATS_URLS": ",".join(f"{scheme}://{link.address}" for link in links),
                 "AUTHMESH_NATS_USER": stack_secrets.nats_replica(name).username,
                 "AUTHMESH_NATS_PASSWORD": stack_secrets.nats_replica(name).password,
-                "AUTHMESH_SERVICE_ACCOUNT": stack_secrets.service_account.joined,
+                # A replica of a certificate-login stack holds no password: its certificate is its identity.
+                "AUTHMESH_SERVICE_ACCOUNT": stack_secrets.service_account.username
+                if self.certificate_login
+                else stack_secrets.service_account.joined,
             }
         )
         env.update(_tls_env(self._tls_files.get(name)))
@@ -550,7 +571,7 @@ def _issue_certificates(directory: Path, replicas: int) -> dict[str, TlsFiles]:
         "redis",
         "auth",
         CLIENT_CERT_NAME,
-        *(f"resource-{index + 1}" for index in range(replicas)),
+        *replica_names(replicas),
     ]
     return {name: authority.write_issued(directory, name, LOCAL_HOSTS) for name in names}
 

@@ -29,6 +29,7 @@ from authmesh.stack import (
     AUTH_NATS_USER,
     ROUTE_NATS_USER,
     LocalStack,
+    ServiceLogin,
     StackSecrets,
     compose_password_variable,
     grpc_health_status,
@@ -109,6 +110,15 @@ def up(
             "directory; NATS and Redis also demand client certificates.",
         ),
     ] = False,
+    service_login: Annotated[
+        ServiceLogin,
+        typer.Option(
+            "--service-login",
+            help="With --tls, how the replicas log in to the auth service: 'certificate' (their client "
+            "certificates are their identity; the auth service then demands a client certificate from "
+            "every caller, the CLI's too: see client_env) or 'password'.",
+        ),
+    ] = ServiceLogin.CERTIFICATE,
     gateway: Annotated[
         bool,
         typer.Option(
@@ -133,7 +143,17 @@ def up(
         err.print(f"Starting the stack ({replicas} replica(s), {nats_cluster} NATS node(s))…")
     try:
         asyncio.run(
-            _serve(replicas, nats_cluster, data_dir, json_output, env_file, gateway, redis_sentinel, tls=tls)
+            _serve(
+                replicas,
+                nats_cluster,
+                data_dir,
+                json_output,
+                env_file,
+                gateway,
+                redis_sentinel,
+                tls=tls,
+                service_login=service_login,
+            )
         )
     except AuthError as error:
         err.print(f"[red]the stack did not start[/red]: {escape(error.message)}")
@@ -152,6 +172,7 @@ async def _serve(
     redis_sentinel: bool = False,
     *,
     tls: bool = False,
+    service_login: ServiceLogin = ServiceLogin.CERTIFICATE,
 ) -> None:
     """Start the stack, announce it, and stop it on SIGINT or SIGTERM (even while it is starting)."""
     loop = asyncio.get_running_loop()
@@ -178,6 +199,7 @@ async def _serve(
                 env=env,
                 redis_sentinel=redis_sentinel,
                 tls=tls,
+                service_login=service_login,
             ) as stack,
             contextlib.AsyncExitStack() as extras,
         ):
