@@ -22,8 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from authmesh._shared.errors import AuthError
-from authmesh._shared.tls import TlsFiles
+from authmesh._shared.errors import AuthError, ConfigurationError
 from authmesh.gateway_stack import GATEWAY_STACK_ENV, LocalGateway
 from authmesh.stack import (
     AUTH_NATS_USER,
@@ -37,17 +36,7 @@ from authmesh.stack import (
     replica_names,
 )
 from authmesh.terminal import fits
-
-# A client command's way to the servers of a TLS stack (its AUTHMESH_TLS_CA_FILE).
-TlsCaFileOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--tls-ca-file",
-        envvar="AUTHMESH_TLS_CA_FILE",
-        dir_okay=False,
-        help="Call over TLS, verifying the servers against this CA (PEM).",
-    ),
-]
+from authmesh.tls_options import TlsCaFileOption, TlsCertFileOption, TlsKeyFileOption, client_tls
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -347,9 +336,15 @@ def healthcheck(
     ] = "",
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, max=60, help="Seconds to wait.")] = 3.0,
     tls_ca_file: TlsCaFileOption = None,
+    tls_cert_file: TlsCertFileOption = None,
+    tls_key_file: TlsKeyFileOption = None,
 ) -> None:
     """Exit 0 when the gRPC server at --target reports SERVING (grpc.health.v1), else 1."""
-    tls = TlsFiles(ca_file=tls_ca_file)
+    try:
+        tls = client_tls(tls_ca_file, tls_cert_file, tls_key_file)
+    except ConfigurationError as error:
+        Console(stderr=True).print(f"[red]usage error[/red]: {escape(error.message)}")
+        raise typer.Exit(EXIT_USAGE) from None
     status = asyncio.run(grpc_health_status(target, timeout, service, tls=tls))
     if status == "SERVING":
         print(status)

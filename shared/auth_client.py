@@ -91,6 +91,7 @@ class AuthClient:
         clock: Callable[[], float] = time.monotonic,
         tls: TlsFiles = TlsFiles(),  # noqa: B008  # frozen, so one shared default is safe
     ) -> None:
+        self._targets = target
         self._target = balanced_target(target)
         self._tls = tls
         self._account = service_account
@@ -107,7 +108,7 @@ class AuthClient:
 
     async def __aenter__(self) -> Self:
         self._channel = open_channel(
-            self._target, self._tls, [*channel_options(), *balanced_channel_options()]
+            self._target, self._tls, [*channel_options(), *balanced_channel_options(self._targets)]
         )
         self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
         return self
