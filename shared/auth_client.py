@@ -71,7 +71,9 @@ class AuthClient:
 
     Args:
         target: ``host:port`` of the auth service, or several, comma-separated (balanced round-robin).
-        service_account: ``(username, password)`` for ``Introspect`` and ``SnapshotRevocations``.
+        service_account: ``(username, password)`` for ``Introspect`` and ``SnapshotRevocations``; an
+            empty password logs in by the client certificate in ``tls`` (an auth service that maps
+            the certificate to the account, see :mod:`authmesh._shared.certificate_identity`).
         timeout: Deadline of one unary call, seconds.
         login_timeout: Deadline of the service account's first ``Login``, seconds (an Argon2id check).
         snapshot_timeout: Deadline of a whole ``SnapshotRevocations`` stream, seconds.
