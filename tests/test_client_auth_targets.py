@@ -12,6 +12,7 @@ import pytest_asyncio
 from typer.testing import CliRunner, Result
 
 from authmesh._shared.errors import ConfigurationError
+from authmesh._shared.sync_token_session import SyncTokenSession
 from authmesh._shared.tls import TlsFiles, grpc_channel_credentials
 from authmesh._shared.token_session import TokenSession
 from authmesh.certs import LOCAL_HOSTS, CertificateAuthority
@@ -95,6 +96,23 @@ async def test_a_token_session_renews_through_the_auth_process_still_up(
         for _ in range(RENEWALS):
             renewed = await session.renew()
             assert renewed.session_id == first.session_id
+
+
+async def test_a_sync_token_session_renews_through_the_auth_process_still_up(
+    two_auth_processes: tuple[list[ServiceProcess], TlsFiles],
+) -> None:
+    processes, client = two_auth_processes
+    credentials = grpc_channel_credentials(client)
+
+    def renew_with_one_down() -> None:
+        with SyncTokenSession.login(
+            targets(processes), *ADMIN, scopes=(ADMIN_SCOPE,), credentials=credentials
+        ) as session:
+            processes[0].kill()
+            for _ in range(RENEWALS):
+                session.renew()
+
+    await asyncio.to_thread(renew_with_one_down)
 
 
 def test_several_auth_targets_must_be_literal_addresses_of_one_family() -> None:
