@@ -310,8 +310,9 @@ class LocalStack(Startable):
         """Every setting a new resource service needs to join this stack (``authmesh up --env-file``).
 
         It connects to the NATS servers directly (not through a replica's link proxy) as the ``reader``
-        user, which has a replica's permissions, and uses the stack's service account for the snapshot and
-        ``Introspect``.
+        user, which has a replica's permissions, and uses the stack's service account (by password) for the
+        snapshot and ``Introspect``. On a TLS stack it gets the stack's client certificate, which every
+        hop accepts (the auth service of a certificate-login stack demands one).
         """
         stack_secrets = self._require(self.secrets, "the stack's secrets")
         nats_user = stack_secrets.nats_replica(READER_NATS_USER)
@@ -326,6 +327,7 @@ class LocalStack(Startable):
             "AUTHMESH_SERVICE_ACCOUNT": stack_secrets.service_account.joined,
             "AUTHMESH_ISSUER": settings.get("AUTHMESH_ISSUER", str(defaults["issuer"].default)),
             "AUTHMESH_AUDIENCE": settings.get("AUTHMESH_AUDIENCE", str(defaults["audience"].default)),
+            **_tls_env(self.client_tls),
         }
 
     def describe(self) -> dict[str, Any]:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from authmesh._resource_service.app import ResourceApp
+from authmesh._shared.settings import ResourceSettings
 from authmesh._shared.tls import TlsFiles
 from authmesh.bench import rpc
 from authmesh.demo import run_local_demo
@@ -14,6 +16,7 @@ from authmesh.stack import LocalStack, ServiceLogin, grpc_health_status
 from tests.test_demo import assert_every_act_as_expected
 from tests.test_stack import FAST_ENV
 from tests.test_tls_hops import nats_connects, redis_answers
+from tests.waiting import eventually
 
 # The stack's Redis on TLS needs a redis-server built with TLS (the embedded valkey-server has none).
 pytestmark = pytest.mark.redis_tls
@@ -47,6 +50,20 @@ async def test_a_tls_stack_serves_on_tls_and_refuses_plaintext_on_every_hop(tmp_
         assert _certificate_logins(stack.auth.log_path.read_text()) >= 1
         assert stack.secrets.service_account.password not in stack.replica_processes[0].log_path.read_text()
 
+        # A service of one's own joins with `authmesh up --env-file`'s settings (by password, over mTLS).
+        values = {key.removeprefix("AUTHMESH_").lower(): value for key, value in stack.service_env().items()}
+        own = ResourceSettings.model_validate(
+            values
+            | {
+                "grpc_listen": "127.0.0.1:0",
+                "http_listen": "127.0.0.1:0",
+                "instance": "own",
+                "shutdown_grace": 0.2,
+            }
+        )
+        async with ResourceApp(own) as replica:
+            await eventually(lambda: _ready(replica), within=20, what="a service of one's own serving")
+
 
 async def test_a_tls_stack_may_keep_password_logins_for_its_replicas(tmp_path: Path) -> None:
     async with LocalStack(
@@ -58,6 +75,10 @@ async def test_a_tls_stack_may_keep_password_logins_for_its_replicas(tmp_path: P
         assert await grpc_health_status(stack.auth_grpc, 5, tls=ca_only) == "SERVING"
         assert stack.auth is not None
         assert _certificate_logins(stack.auth.log_path.read_text()) == 0
+
+
+async def _ready(replica: ResourceApp) -> bool:
+    return replica.ready
 
 
 def _certificate_logins(log: str) -> int:
