@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 
 import redis.asyncio as redis
 import structlog
@@ -124,7 +125,11 @@ class AuthApp(Startable):
         self._stack.push_async_callback(self.core.wait_settled)
         await self._ensure_accounts(self.core)
 
-        servicer = AuthServicer(self.core, proof_gate(settings, settings.grpc_listen, settings.auth_audience))
+        servicer = AuthServicer(
+            self.core,
+            proof_gate(settings, settings.grpc_listen, settings.auth_audience),
+            settings.certificate_logins,
+        )
         self._grpc = await start_grpc_server(
             settings.grpc_listen,
             register=lambda server: auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server),
@@ -206,7 +211,8 @@ class AuthApp(Startable):
             await core.ensure_user(username, password, (ADMIN_SCOPE,))
         if self.settings.service_account is not None:
             username, password = credentials(self.settings.service_account)
-            await core.ensure_user(username, password, (SERVICE_SCOPE,))
+            # An account that logs in by certificate only: a password nobody knows, never stored in clear.
+            await core.ensure_user(username, password or secrets.token_urlsafe(32), (SERVICE_SCOPE,))
 
     async def _stop_grpc(self) -> None:
         if self._grpc is not None:

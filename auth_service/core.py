@@ -36,6 +36,7 @@ from authmesh._auth_service.store import (
 from authmesh._shared.claims import ACCESS_TOKEN_TYPE, AccessClaims, new_uuid7
 from authmesh._shared.errors import (
     AlreadyExists,
+    CertificateNotAccepted,
     DpopKeyMismatch,
     DpopProofMissing,
     InvalidCredentials,
@@ -165,8 +166,7 @@ class AuthCore:
         validation.username(username)
         validation.password(password)
         requested = validation.scopes(scopes)
-        if jkt is not None and await self._store.key_binding_revoked(jkt):
-            raise TokenRevoked("key binding revoked", code="TOKEN_REVOKED")
+        await self._refuse_revoked_binding(jkt)
         user, matched = await self._check_password(username, password)
         if not matched:
             self._metrics.logins.labels("invalid_credentials").inc()
@@ -175,6 +175,50 @@ class AuthCore:
         assert user is not None  # a check never matches without a stored hash
         grant = self._audiences.grant(requested, user.scopes)
         await self._rehash_if_outdated(user, password)
+        return await self._open_session(user, grant, jkt, method="password")
+
+    async def certificate_login(
+        self, username: str, scopes: list[str], *, certified: bool, jkt: str | None = None
+    ) -> IssuedTokens:
+        """Open a session for an account its client certificate identifies (no password).
+
+        Args:
+            username: The account asked for.
+            scopes: Scopes asked for.
+            certified: Whether the connection's verified certificate maps to ``username`` (see
+                :mod:`authmesh._shared.certificate_identity`).
+            jkt: The key of the request's verified DPoP proof, as for :meth:`login`.
+
+        Raises:
+            InvalidRequest: Malformed fields, or scopes the user does not hold.
+            CertificateNotAccepted: No certificate for this account, or no such account.
+            UserDisabled: The account is disabled.
+        """
+        validation.username(username)
+        requested = validation.scopes(scopes)
+        await self._refuse_revoked_binding(jkt)
+        user = await self._store.get_user(username) if certified else None
+        if user is None:
+            self._metrics.logins.labels("invalid_credentials").inc()
+            audit(
+                "login_failed",
+                user=username_hash(username),
+                method="certificate",
+                reason=CertificateNotAccepted.code,
+            )
+            raise CertificateNotAccepted()
+        grant = self._audiences.grant(requested, user.scopes)
+        return await self._open_session(user, grant, jkt, method="certificate")
+
+    async def _refuse_revoked_binding(self, jkt: str | None) -> None:
+        if jkt is not None and await self._store.key_binding_revoked(jkt):
+            raise TokenRevoked("key binding revoked", code="TOKEN_REVOKED")
+
+    async def _open_session(
+        self, user: UserRecord, grant: Grant, jkt: str | None, *, method: str
+    ) -> IssuedTokens:
+        """Open a session for an authenticated ``user`` and issue its first pair."""
+        username = user.username
         now_ms = self._now_ms()
         sid = new_uuid7(now_ms)
         refresh_token = _new_refresh_token()
@@ -196,7 +240,13 @@ class AuthCore:
                 self._settings.refresh_token_ttl * 1000,
             )
         except UserDisabled:
-            audit("login_failed", user=username_hash(username), sub=user.sub, reason="USER_DISABLED")
+            audit(
+                "login_failed",
+                user=username_hash(username),
+                sub=user.sub,
+                method=method,
+                reason="USER_DISABLED",
+            )
             raise
         access_token = await self._mint(
             sub=user.sub, sid=sid, grant=grant, client_id=username, issued_ms=issued_ms, jkt=jkt
@@ -208,6 +258,7 @@ class AuthCore:
             sub=user.sub,
             sid=sid,
             scopes=" ".join(grant.scopes),
+            method=method,
         )
         return self._pair(access_token, refresh_token, sid, grant.scopes, jkt)
 

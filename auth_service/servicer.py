@@ -12,6 +12,7 @@ import structlog
 from authmesh._auth_service.core import AuthCore, IssuedTokens
 from authmesh._auth_service.snapshot_chunks import snapshot_chunks
 from authmesh._auth_service.store import RevocationResult
+from authmesh._shared.certificate_identity import CertificateAccounts, peer_certificate_names
 from authmesh._shared.dpop import LOGIN_METHOD, REFRESH_METHOD, DpopMode, ProofGate, proof_from_metadata
 from authmesh._shared.errors import AuthError
 from authmesh._shared.grpc_errors import abort_with_error, bearer_token
@@ -66,11 +67,19 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     Args:
         core: The service's behaviour.
         dpop: Which DPoP proofs Login and Refresh take (bearer only when None).
+        certificate_accounts: Which accounts may log in by verified client certificate (none when
+            None or empty: a ``Login`` without a password is then a malformed request, as ever).
     """
 
-    def __init__(self, core: AuthCore, dpop: ProofGate | None = None) -> None:
+    def __init__(
+        self,
+        core: AuthCore,
+        dpop: ProofGate | None = None,
+        certificate_accounts: CertificateAccounts | None = None,
+    ) -> None:
         self._core = core
         self._dpop = dpop if dpop is not None else ProofGate(DpopMode.OFF, None)
+        self._certificate_accounts = certificate_accounts or CertificateAccounts()
 
     def _proven_key(self, context: Context, method: str) -> str | None:
         proof = proof_from_metadata(context.invocation_metadata())
@@ -81,11 +90,17 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
 
     @unary
     async def Login(self, request: auth_pb2.LoginRequest, context: Context) -> auth_pb2.TokenPair:
-        """Check a password and open a session (bound to the key of a DPoP proof, when one comes)."""
+        """Check a password, or with none the connection's client certificate, and open a session
+        (bound to the key of a DPoP proof, when one comes)."""
         jkt = self._proven_key(context, LOGIN_METHOD)
-        return _pair(
-            await self._core.login(request.username, request.password, list(request.scopes), jkt=jkt)
-        )
+        scopes = list(request.scopes)
+        if not request.password and self._certificate_accounts.by_name:
+            names = peer_certificate_names(context.auth_context(), context.peer_identities())
+            certified = self._certificate_accounts.allows(request.username, names)
+            return _pair(
+                await self._core.certificate_login(request.username, scopes, certified=certified, jkt=jkt)
+            )
+        return _pair(await self._core.login(request.username, request.password, scopes, jkt=jkt))
 
     @unary
     async def Refresh(self, request: auth_pb2.RefreshRequest, context: Context) -> auth_pb2.TokenPair:

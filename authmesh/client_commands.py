@@ -33,6 +33,7 @@ from authmesh._shared.admin_client import AdminClient
 from authmesh._shared.auth_api import KeyRotation, User
 from authmesh._shared.errors import AuthError, ConfigurationError, SessionEnded, Unavailable
 from authmesh._shared.grpc_errors import status_code_for
+from authmesh._shared.tls import TlsFiles, grpc_channel_credentials, open_channel
 from authmesh._shared.token_session import TokenSession
 from authmesh.client import (
     DEFAULT_AUTH_TARGET,
@@ -49,6 +50,13 @@ from authmesh.client import (
     check_health,
     default_token_path,
 )
+from authmesh.tls_options import (
+    TlsCaFileOption,
+    TlsCertFileOption,
+    TlsKeyFileOption,
+    client_tls,
+    tls_failure,
+)
 
 T = TypeVar("T")
 EXIT_FAILURE = 1
@@ -62,7 +70,8 @@ TargetOption = Annotated[
     typer.Option(
         "--target",
         envvar="AUTHMESH_AUTH_TARGET",
-        help=f"Auth service host:port (default: the one logged in to, else {DEFAULT_AUTH_TARGET}).",
+        help="Auth service host:port, or several ip:port separated by commas (calls are balanced over "
+        f"those that are up; default: the one logged in to, else {DEFAULT_AUTH_TARGET}).",
         show_default=False,
     ),
 ]
@@ -130,6 +139,9 @@ def login(
     token_file: TokenFileOption = None,
     show_token: ShowTokenOption = False,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
+    tls_ca_file: TlsCaFileOption = None,
+    tls_cert_file: TlsCertFileOption = None,
+    tls_key_file: TlsKeyFileOption = None,
 ) -> None:
     """Log in and keep the tokens in the token file (readable by you only)."""
     if password is not None and password_stdin:
@@ -139,10 +151,18 @@ def login(
     store = _token_file(token_file)
 
     async def work() -> None:
-        session = TokenSession.login(address, username, password, scopes=tuple(scopes or ()), timeout=timeout)
+        tls = client_tls(tls_ca_file, tls_cert_file, tls_key_file)
+        session = TokenSession.login(
+            address,
+            username,
+            password,
+            scopes=tuple(scopes or ()),
+            timeout=timeout,
+            credentials=grpc_channel_credentials(tls),
+        )
         async with session:
             tokens = _tokens(session)
-        store.save(StoredLogin(address, username, tokens))
+        store.save(StoredLogin(address, username, tokens, tls))
         _out().print(
             f"Logged in as [bold]{escape(username)}[/bold] at {escape(address)}: "
             f"session {escape(tokens.session_id)}, scopes {escape(' '.join(tokens.scopes) or '(none)')}, "
@@ -159,6 +179,9 @@ def logout(
     target: TargetOption = None,
     token_file: TokenFileOption = None,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
+    tls_ca_file: TlsCaFileOption = None,
+    tls_cert_file: TlsCertFileOption = None,
+    tls_key_file: TlsKeyFileOption = None,
 ) -> None:
     """End the stored session (every token issued in it) and delete the token file."""
     store = _token_file(token_file)
@@ -167,7 +190,8 @@ def logout(
 
     async def work() -> None:
         try:
-            async with _stored_session(store, stored, target, timeout) as session:
+            tls = _chosen_tls(stored, tls_ca_file, tls_cert_file, tls_key_file)
+            async with _stored_session(store, stored, target, timeout, tls) as session:
                 revocation = await session.logout()
         except (grpc.aio.AioRpcError, SessionEnded) as error:
             if isinstance(error, grpc.aio.AioRpcError) and error.code() != grpc.StatusCode.UNAUTHENTICATED:
@@ -194,15 +218,19 @@ def whoami(
     target: TargetOption = None,
     token_file: TokenFileOption = None,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
+    tls_ca_file: TlsCaFileOption = None,
+    tls_cert_file: TlsCertFileOption = None,
+    tls_key_file: TlsKeyFileOption = None,
 ) -> None:
     """Ask a resource service replica who the stored access token says you are."""
     store = _token_file(token_file)
     stored = _require_login(store)
 
     async def work() -> None:
+        tls = _chosen_tls(stored, tls_ca_file, tls_cert_file, tls_key_file)
         async with (
-            _stored_session(store, stored, target, timeout) as session,
-            ResourceApi(resource, timeout=timeout) as replica,
+            _stored_session(store, stored, target, timeout, tls) as session,
+            ResourceApi(resource, timeout=timeout, tls=tls) as replica,
         ):
             identity = await replica.whoami(await session.access_token())
         table = Table(show_header=False, box=None)
@@ -221,6 +249,9 @@ def refresh(
     token_file: TokenFileOption = None,
     show_token: ShowTokenOption = False,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
+    tls_ca_file: TlsCaFileOption = None,
+    tls_cert_file: TlsCertFileOption = None,
+    tls_key_file: TlsKeyFileOption = None,
 ) -> None:
     """Spend the stored refresh token for a new pair (the old refresh token is then worthless)."""
     store = _token_file(token_file)
@@ -228,7 +259,8 @@ def refresh(
     address = target or stored.auth_target
 
     async def work() -> None:
-        async with _stored_session(store, stored, address, timeout, renew=False) as session:
+        tls = _chosen_tls(stored, tls_ca_file, tls_cert_file, tls_key_file)
+        async with _stored_session(store, stored, address, timeout, tls, renew=False) as session:
             tokens = await session.renew()
         _out().print(
             f"Refreshed session {escape(tokens.session_id)}: "
@@ -264,6 +296,9 @@ def revoke(
     target: TargetOption = None,
     token_file: TokenFileOption = None,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
+    tls_ca_file: TlsCaFileOption = None,
+    tls_cert_file: TlsCertFileOption = None,
+    tls_key_file: TlsKeyFileOption = None,
 ) -> None:
     """Revoke the stored access token, or a session, a user's tokens, a DPoP key's or a given token.
 
@@ -288,7 +323,8 @@ def revoke(
     stored = _require_login(store)
 
     async def work() -> None:
-        async with _admin(store, stored, target, timeout) as (current, admin):
+        tls = _chosen_tls(stored, tls_ca_file, tls_cert_file, tls_key_file)
+        async with _admin(store, stored, target, timeout, tls) as (current, admin):
             if session is not None:
                 done, what = await admin.revoke_session(session, reason), f"session {session}"
             elif user is not None:
@@ -322,13 +358,16 @@ def rotate_key(
     target: TargetOption = None,
     token_file: TokenFileOption = None,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
+    tls_ca_file: TlsCaFileOption = None,
+    tls_cert_file: TlsCertFileOption = None,
+    tls_key_file: TlsKeyFileOption = None,
 ) -> None:
     """Make a new signing key active (admin only)."""
 
     async def act(admin: AdminClient) -> KeyRotation:
         return await admin.rotate_signing_key(retire_previous=retire_previous)
 
-    rotation = _run_as_admin(token_file, target, timeout, act)
+    rotation = _run_as_admin(token_file, target, timeout, (tls_ca_file, tls_cert_file, tls_key_file), act)
     _out().print(
         f"New signing key [bold]{escape(rotation.kid)}[/bold] (previous: {escape(rotation.previous_kid)})."
     )
@@ -349,6 +388,9 @@ def user_create(
     target: TargetOption = None,
     token_file: TokenFileOption = None,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
+    tls_ca_file: TlsCaFileOption = None,
+    tls_cert_file: TlsCertFileOption = None,
+    tls_key_file: TlsKeyFileOption = None,
 ) -> None:
     """Add a user (as the logged-in admin)."""
     password = _read_password(password, password_stdin, f"Password for {username}", confirm=True)
@@ -356,7 +398,7 @@ def user_create(
     async def act(admin: AdminClient) -> str:
         return await admin.create_user(username, password, tuple(scopes or ()))
 
-    subject = _run_as_admin(token_file, target, timeout, act)
+    subject = _run_as_admin(token_file, target, timeout, (tls_ca_file, tls_cert_file, tls_key_file), act)
     _out().print(
         f"Created user [bold]{escape(username)}[/bold] ({escape(subject)}) "
         f"with scopes {escape(' '.join(scopes or ()) or '(none)')}."
@@ -369,13 +411,16 @@ def user_list(
     target: TargetOption = None,
     token_file: TokenFileOption = None,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
+    tls_ca_file: TlsCaFileOption = None,
+    tls_cert_file: TlsCertFileOption = None,
+    tls_key_file: TlsKeyFileOption = None,
 ) -> None:
     """List the users in username order (as the logged-in admin)."""
 
     async def act(admin: AdminClient) -> list[User]:
         return [user async for user in admin.users(username_prefix=prefix)]
 
-    users = _run_as_admin(token_file, target, timeout, act)
+    users = _run_as_admin(token_file, target, timeout, (tls_ca_file, tls_cert_file, tls_key_file), act)
     if as_json:
         typer.echo(json.dumps({"users": [_user_json(user) for user in users]}, indent=2))
         return
@@ -399,6 +444,9 @@ def user_disable(
     target: TargetOption = None,
     token_file: TokenFileOption = None,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
+    tls_ca_file: TlsCaFileOption = None,
+    tls_cert_file: TlsCertFileOption = None,
+    tls_key_file: TlsKeyFileOption = None,
 ) -> None:
     """Disable a user: no login or refresh until enabled; every session and token of it is revoked."""
 
@@ -406,7 +454,7 @@ def user_disable(
         found = await _named(admin, username)
         return found, await admin.disable_user(found.subject, reason)
 
-    found, done = _run_as_admin(token_file, target, timeout, act)
+    found, done = _run_as_admin(token_file, target, timeout, (tls_ca_file, tls_cert_file, tls_key_file), act)
     _out().print(
         f"Disabled {escape(username)} ({escape(found.subject)}); its tokens were revoked {_when(done)}."
     )
@@ -417,6 +465,9 @@ def user_enable(
     target: TargetOption = None,
     token_file: TokenFileOption = None,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
+    tls_ca_file: TlsCaFileOption = None,
+    tls_cert_file: TlsCertFileOption = None,
+    tls_key_file: TlsKeyFileOption = None,
 ) -> None:
     """Let a disabled user log in again (what was revoked stays revoked)."""
 
@@ -425,7 +476,7 @@ def user_enable(
         await admin.enable_user(found.subject)
         return found
 
-    found = _run_as_admin(token_file, target, timeout, act)
+    found = _run_as_admin(token_file, target, timeout, (tls_ca_file, tls_cert_file, tls_key_file), act)
     _out().print(f"Enabled {escape(username)} ({escape(found.subject)}): it may log in again.")
 
 
@@ -433,12 +484,17 @@ def jwks(
     target: TargetOption = None,
     token_file: TokenFileOption = None,
     timeout: TimeoutOption = DEFAULT_TIMEOUT_SECONDS,
+    tls_ca_file: TlsCaFileOption = None,
+    tls_cert_file: TlsCertFileOption = None,
+    tls_key_file: TlsKeyFileOption = None,
 ) -> None:
     """Print the auth service's public keys (an RFC 7517 JWK Set)."""
-    address = target or _stored_target(_token_file(token_file))
+    stored = _stored_login(_token_file(token_file))
+    address = target or (stored.auth_target if stored else DEFAULT_AUTH_TARGET)
 
     async def work() -> None:
-        async with AuthApi(address, timeout=timeout) as auth:
+        tls = _chosen_tls(stored, tls_ca_file, tls_cert_file, tls_key_file)
+        async with AuthApi(address, timeout=timeout, credentials=grpc_channel_credentials(tls)) as auth:
             text = await auth.jwks()
         typer.echo(json.dumps(json.loads(text), indent=2))
 
@@ -458,24 +514,34 @@ def status(
     timeout: Annotated[
         float, typer.Option("--timeout", min=0.1, max=300.0, help="Deadline of each check, seconds.")
     ] = 3.0,
+    tls_ca_file: TlsCaFileOption = None,
+    tls_cert_file: TlsCertFileOption = None,
+    tls_key_file: TlsKeyFileOption = None,
 ) -> None:
     """Check the health of the auth service and of the replicas given; exit 1 unless all serve."""
-    address = target or _stored_target(_token_file(token_file))
+    stored = _stored_login(_token_file(token_file))
+    address = target or (stored.auth_target if stored else DEFAULT_AUTH_TARGET)
     replicas = [part.strip() for entry in resources or () for part in entry.split(",") if part.strip()]
+    # Every auth process on its own: a balanced channel would hide the one that is down.
+    auth_targets = [part.strip() for part in address.split(",") if part.strip()]
 
-    async def check(where: str) -> Health:
-        async with grpc.aio.insecure_channel(where) as channel:
+    async def check(where: str, tls: TlsFiles) -> Health:
+        async with open_channel(where, tls) as channel:
             return await check_health(channel, where, timeout)
 
     async def work() -> list[Health]:
-        return list(await asyncio.gather(check(address), *(check(where) for where in replicas)))
+        tls = _chosen_tls(stored, tls_ca_file, tls_cert_file, tls_key_file)
+        every = [*auth_targets, *replicas]
+        return list(await asyncio.gather(*(check(where, tls) for where in every)))
 
     answers = _run(work, address)
     table = Table("component", "address", "health", "detail")
     for index, health in enumerate(answers):
         colour = "green" if health.serving else "red"
         table.add_row(
-            "auth service" if index == 0 else f"resource replica {index}",
+            "auth service"
+            if index < len(auth_targets)
+            else f"resource replica {index - len(auth_targets) + 1}",
             escape(health.target),
             f"[{colour}]{health.status}[/{colour}]",
             escape(health.detail),
@@ -487,7 +553,13 @@ def status(
 
 @asynccontextmanager
 async def _stored_session(
-    store: TokenFile, stored: StoredLogin, target: str | None, call_timeout: float, *, renew: bool = True
+    store: TokenFile,
+    stored: StoredLogin,
+    target: str | None,
+    call_timeout: float,
+    tls: TlsFiles,
+    *,
+    renew: bool = True,
 ) -> AsyncIterator[TokenSession]:
     """The stored login as a session: renewed when due (say so, and save the new pair at once)."""
     if stored.tokens.refresh_expires_at <= time.time():
@@ -504,6 +576,7 @@ async def _stored_session(
         renew_margin=RENEW_MARGIN_SECONDS,
         timeout=call_timeout,
         on_renew=save,
+        credentials=grpc_channel_credentials(tls),
     )
     async with session:
         yield session
@@ -511,11 +584,11 @@ async def _stored_session(
 
 @asynccontextmanager
 async def _admin(
-    store: TokenFile, stored: StoredLogin, target: str | None, call_timeout: float
+    store: TokenFile, stored: StoredLogin, target: str | None, call_timeout: float, tls: TlsFiles
 ) -> AsyncIterator[tuple[TokenSession, AdminClient]]:
     """The stored session and an admin client acting as it."""
     async with (
-        _stored_session(store, stored, target, call_timeout) as session,
+        _stored_session(store, stored, target, call_timeout, tls) as session,
         AdminClient(session, timeout=call_timeout) as admin,
     ):
         yield session, admin
@@ -525,6 +598,7 @@ def _run_as_admin(
     token_file: Path | None,
     target: str | None,
     call_timeout: float,
+    tls_options: tuple[Path | None, Path | None, Path | None],
     act: Callable[[AdminClient], Awaitable[T]],
 ) -> T:
     """Run ``act`` with an admin client acting as the stored login; exit 1 on any failure."""
@@ -532,7 +606,8 @@ def _run_as_admin(
     stored = _require_login(store)
 
     async def work() -> T:
-        async with _admin(store, stored, target, call_timeout) as (_, admin):
+        tls = _chosen_tls(stored, *tls_options)
+        async with _admin(store, stored, target, call_timeout, tls) as (_, admin):
             return await act(admin)
 
     return _run(work, target or stored.auth_target)
@@ -576,7 +651,8 @@ def _run(work: Callable[[], Awaitable[T]], where: str) -> T:
     except grpc.aio.AioRpcError as error:
         problem = RpcProblem.from_error(error)
         if problem.code in {"UNAVAILABLE", "DEADLINE_EXCEEDED"} and problem.reason is None:
-            _err().print(f"[red]error[/red]: cannot reach {escape(where)}: {escape(str(problem))}")
+            described = tls_failure(problem.message) or str(problem)
+            _err().print(f"[red]error[/red]: cannot reach {escape(where)}: {escape(described)}")
         else:
             _err().print(f"[red]error[/red]: {escape(str(problem))}")
         if problem.reason == "WRONG_AUDIENCE":
@@ -587,6 +663,8 @@ def _run(work: Callable[[], Awaitable[T]], where: str) -> T:
         raise typer.Exit(EXIT_FAILURE) from None
     except AuthError as error:
         described = f"{status_code_for(error).name} ({error.code}): {error.message}"
+        if isinstance(error, Unavailable):
+            described = tls_failure(error.message) or described
         unreachable = f"cannot reach {where}: " if isinstance(error, Unavailable) else ""
         _err().print(f"[red]error[/red]: {escape(unreachable + described)}")
         raise typer.Exit(EXIT_FAILURE) from None
@@ -610,13 +688,25 @@ def _require_login(store: TokenFile) -> StoredLogin:
     return stored
 
 
-def _stored_target(store: TokenFile) -> str:
-    """The auth service logged in to, else the default (a damaged token file is no reason to fail)."""
+def _stored_login(store: TokenFile) -> StoredLogin | None:
+    """The stored login, if any (a damaged token file is no reason to fail a command that needs none)."""
     try:
-        stored = store.load()
+        return store.load()
     except ConfigurationError:
-        return DEFAULT_AUTH_TARGET
-    return stored.auth_target if stored is not None else DEFAULT_AUTH_TARGET
+        return None
+
+
+def _chosen_tls(
+    stored: StoredLogin | None, ca_file: Path | None, cert_file: Path | None, key_file: Path | None
+) -> TlsFiles:
+    """The TLS files given as options (or their variables), else those of the stored login.
+
+    Raises:
+        ConfigurationError: The options given do not go together.
+    """
+    if ca_file is None and cert_file is None and key_file is None:
+        return stored.tls if stored is not None else TlsFiles()
+    return client_tls(ca_file, cert_file, key_file)
 
 
 def _usage(message: str) -> NoReturn:

@@ -35,8 +35,8 @@ from authmesh.demo import (
     run_demo,
     run_local_demo,
 )
-from authmesh.stack_commands import TlsCaFileOption
 from authmesh.terminal import fits
+from authmesh.tls_options import TlsCaFileOption, TlsCertFileOption, TlsKeyFileOption, client_tls
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -98,13 +98,18 @@ def demo(
         bool, typer.Option("--tls", help="Run the local stack with every hop on TLS (authmesh up --tls).")
     ] = False,
     tls_ca_file: TlsCaFileOption = None,
+    tls_cert_file: TlsCertFileOption = None,
+    tls_key_file: TlsKeyFileOption = None,
 ) -> None:
     """Simulate a token theft and the revocations that stop it, measured on every replica."""
     out = Console(highlight=False)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    target = _existing_stack(
-        target_auth, target_replicas, admin, err, TlsFiles(ca_file=tls_ca_file), gateway=target_gateway
-    )
+    try:
+        target_tls = client_tls(tls_ca_file, tls_cert_file, tls_key_file)
+    except ConfigurationError as error:
+        err.print(f"[red]usage error[/red]: {escape(error.message)}")
+        raise typer.Exit(EXIT_USAGE) from None
+    target = _existing_stack(target_auth, target_replicas, admin, err, target_tls, gateway=target_gateway)
     if plot_file is not None:
         from authmesh.plot import require_matplotlib
 

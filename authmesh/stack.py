@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import os
 import shutil
 import tempfile
@@ -110,6 +111,7 @@ __all__ = [
     "LocalStack",
     "Probe",
     "ReplicaInfo",
+    "ServiceLogin",
     "ServiceProcess",
     "StackSecrets",
     "authmesh_command",
@@ -126,6 +128,15 @@ __all__ = [
 SECRETS_FILE = "stack-secrets.json"
 REDIS_USER = "auth"
 TLS_DIR = "tls"
+
+
+class ServiceLogin(enum.StrEnum):
+    """How the replicas of a TLS stack log in to the auth service as the service account."""
+
+    CERTIFICATE = "certificate"
+    PASSWORD = "password"
+
+
 # The part whose certificate the stack itself (health probes, the demo) presents as a client.
 CLIENT_CERT_NAME = "client"
 # The Envoy gateway beside a stack (authmesh up --gateway): its HTTPS listener and its client side.
@@ -160,6 +171,9 @@ class LocalStack(Startable):
         tls: Every hop on TLS with certificates from a throwaway CA made in ``<data_dir>/tls``: gRPC
             (servers verified by their clients), NATS and Redis (both also demand client certificates;
             Redis an account and password too).
+        service_login: How the replicas of a TLS stack log in to the auth service: ``certificate``
+            (their client certificates identify the service account, and the auth service demands a
+            client certificate from every caller) or ``password``. A plaintext stack uses passwords.
         redis_sentinel: Run Redis as a primary, two replicas and three Sentinels, which the auth service
             follows through a failover (and acknowledges writes once a replica has them).
     """
@@ -176,6 +190,7 @@ class LocalStack(Startable):
         stop_timeout: float = STOP_TIMEOUT_SECONDS,
         tls: bool = False,
         redis_sentinel: bool = False,
+        service_login: ServiceLogin = ServiceLogin.CERTIFICATE,
     ) -> None:
         if replicas < 0:
             raise ConfigurationError(f"replicas must be 0 or more, not {replicas}")
@@ -205,6 +220,7 @@ class LocalStack(Startable):
         self.links: list[list[LinkProxy]] = []
         self.tls = tls
         self._tls_files: dict[str, TlsFiles] = {}
+        self.certificate_login = tls and service_login is ServiceLogin.CERTIFICATE
 
     # --- what runs where ---------------------------------------------------------------------------
 
@@ -304,18 +320,20 @@ class LocalStack(Startable):
         return self._tls_files.get(name)
 
     def client_env(self) -> dict[str, str]:
-        """The settings a client of this stack needs."""
-        env = {"AUTHMESH_AUTH_TARGET": self.auth_grpc, "AUTHMESH_AUTH_URL": self.auth_url}
-        if self.client_tls.ca_file is not None:
-            env["AUTHMESH_TLS_CA_FILE"] = str(self.client_tls.ca_file)
-        return env
+        """The settings a client of this stack needs (with its client certificate on TLS)."""
+        return {
+            "AUTHMESH_AUTH_TARGET": self.auth_grpc,
+            "AUTHMESH_AUTH_URL": self.auth_url,
+            **_tls_env(self.client_tls),
+        }
 
     def service_env(self) -> dict[str, str]:
         """Every setting a new resource service needs to join this stack (``authmesh up --env-file``).
 
         It connects to the NATS servers directly (not through a replica's link proxy) as the ``reader``
-        user, which has a replica's permissions, and uses the stack's service account for the snapshot and
-        ``Introspect``. On a TLS stack it presents the stack's client certificate and verifies every
+        user, which has a replica's permissions, and uses the stack's service account (by password) for the
+        snapshot and ``Introspect``. On a TLS stack it gets the stack's client certificate, which every
+        hop accepts (the auth service of a certificate-login stack demands one), and verifies every
         server (and the ``https://`` auth URL) against the stack's CA.
         """
         stack_secrets = self._require(self.secrets, "the stack's secrets")
@@ -331,7 +349,8 @@ class LocalStack(Startable):
             "AUTHMESH_SERVICE_ACCOUNT": stack_secrets.service_account.joined,
             "AUTHMESH_ISSUER": settings.get("AUTHMESH_ISSUER", str(defaults["issuer"].default)),
             "AUTHMESH_AUDIENCE": settings.get("AUTHMESH_AUDIENCE", str(defaults["audience"].default)),
-        } | _tls_env(self._tls_files.get(CLIENT_CERT_NAME))
+            **_tls_env(self.client_tls),
+        }
 
     def describe(self) -> dict[str, Any]:
         """Everything ``authmesh up --json`` prints: addresses, credentials, logs and process ids."""
@@ -528,6 +547,11 @@ class LocalStack(Startable):
             }
         )
         env.update(_tls_env(self._tls_files.get("auth")))
+        if self.certificate_login:
+            username = stack_secrets.service_account.username
+            names = ",".join(f"{name}={username}" for name in replica_names(self.replica_count))
+            env["AUTHMESH_TLS_REQUIRE_CLIENT_CERT"] = "true"
+            env["AUTHMESH_CERTIFICATE_ACCOUNTS"] = names
         env.update(self._extra_env)
         return env
 
@@ -551,7 +575,10 @@ class LocalStack(Startable):
                 "AUTHMESH_NATS_URLS": ",".join(f"{scheme}://{link.address}" for link in links),
                 "AUTHMESH_NATS_USER": stack_secrets.nats_replica(name).username,
                 "AUTHMESH_NATS_PASSWORD": stack_secrets.nats_replica(name).password,
-                "AUTHMESH_SERVICE_ACCOUNT": stack_secrets.service_account.joined,
+                # A replica of a certificate-login stack holds no password: its certificate is its identity.
+                "AUTHMESH_SERVICE_ACCOUNT": stack_secrets.service_account.username
+                if self.certificate_login
+                else stack_secrets.service_account.joined,
             }
         )
         env.update(_tls_env(self._tls_files.get(name)))
@@ -574,7 +601,7 @@ def _issue_certificates(directory: Path, replicas: int) -> dict[str, TlsFiles]:
         "auth",
         CLIENT_CERT_NAME,
         GATEWAY_CERT_NAME,
-        *(f"resource-{index + 1}" for index in range(replicas)),
+        *replica_names(replicas),
     ]
     return {name: authority.write_issued(directory, name, LOCAL_HOSTS) for name in names}
 

@@ -22,13 +22,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from authmesh._shared.errors import AuthError
-from authmesh._shared.tls import TlsFiles
+from authmesh._shared.errors import AuthError, ConfigurationError
 from authmesh.gateway_stack import GATEWAY_STACK_ENV, LocalGateway
 from authmesh.stack import (
     AUTH_NATS_USER,
     ROUTE_NATS_USER,
     LocalStack,
+    ServiceLogin,
     StackSecrets,
     compose_password_variable,
     grpc_health_status,
@@ -36,17 +36,7 @@ from authmesh.stack import (
     replica_names,
 )
 from authmesh.terminal import fits
-
-# A client command's way to the servers of a TLS stack (its AUTHMESH_TLS_CA_FILE).
-TlsCaFileOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--tls-ca-file",
-        envvar="AUTHMESH_TLS_CA_FILE",
-        dir_okay=False,
-        help="Call over TLS, verifying the servers against this CA (PEM).",
-    ),
-]
+from authmesh.tls_options import TlsCaFileOption, TlsCertFileOption, TlsKeyFileOption, client_tls
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -110,6 +100,15 @@ def up(
             "certificates.",
         ),
     ] = False,
+    service_login: Annotated[
+        ServiceLogin,
+        typer.Option(
+            "--service-login",
+            help="With --tls, how the replicas log in to the auth service: 'certificate' (their client "
+            "certificates are their identity; the auth service then demands a client certificate from "
+            "every caller, the CLI's too: see client_env) or 'password'.",
+        ),
+    ] = ServiceLogin.CERTIFICATE,
     gateway: Annotated[
         bool,
         typer.Option(
@@ -134,7 +133,17 @@ def up(
         err.print(f"Starting the stack ({replicas} replica(s), {nats_cluster} NATS node(s))…")
     try:
         asyncio.run(
-            _serve(replicas, nats_cluster, data_dir, json_output, env_file, gateway, redis_sentinel, tls=tls)
+            _serve(
+                replicas,
+                nats_cluster,
+                data_dir,
+                json_output,
+                env_file,
+                gateway,
+                redis_sentinel,
+                tls=tls,
+                service_login=service_login,
+            )
         )
     except AuthError as error:
         err.print(f"[red]the stack did not start[/red]: {escape(error.message)}")
@@ -153,6 +162,7 @@ async def _serve(
     redis_sentinel: bool = False,
     *,
     tls: bool = False,
+    service_login: ServiceLogin = ServiceLogin.CERTIFICATE,
 ) -> None:
     """Start the stack, announce it, and stop it on SIGINT or SIGTERM (even while it is starting)."""
     loop = asyncio.get_running_loop()
@@ -179,6 +189,7 @@ async def _serve(
                 env=env,
                 redis_sentinel=redis_sentinel,
                 tls=tls,
+                service_login=service_login,
             ) as stack,
             contextlib.AsyncExitStack() as extras,
         ):
@@ -328,9 +339,15 @@ def healthcheck(
     ] = "",
     timeout: Annotated[float, typer.Option("--timeout", min=0.1, max=60, help="Seconds to wait.")] = 3.0,
     tls_ca_file: TlsCaFileOption = None,
+    tls_cert_file: TlsCertFileOption = None,
+    tls_key_file: TlsKeyFileOption = None,
 ) -> None:
     """Exit 0 when the gRPC server at --target reports SERVING (grpc.health.v1), else 1."""
-    tls = TlsFiles(ca_file=tls_ca_file)
+    try:
+        tls = client_tls(tls_ca_file, tls_cert_file, tls_key_file)
+    except ConfigurationError as error:
+        Console(stderr=True).print(f"[red]usage error[/red]: {escape(error.message)}")
+        raise typer.Exit(EXIT_USAGE) from None
     status = asyncio.run(grpc_health_status(target, timeout, service, tls=tls))
     if status == "SERVING":
         print(status)

@@ -20,6 +20,7 @@ from typing import Any
 
 from authmesh._shared.auth_api import Tokens
 from authmesh._shared.errors import ConfigurationError
+from authmesh._shared.tls import TlsFiles
 
 TOKEN_FILE_NAME = "tokens.json"
 TOKEN_FILE_VERSION = 1
@@ -31,32 +32,46 @@ _PRIVATE_DIR_MODE = 0o700
 
 @dataclass(frozen=True, slots=True)
 class StoredLogin:
-    """What the token file keeps: who logged in where, and the tokens.
+    """What the token file keeps: who logged in where, how the connection was secured, and the tokens.
 
     Attributes:
-        auth_target: The auth service that issued the tokens.
+        auth_target: The auth service that issued the tokens (one address, or several, comma-separated).
         username: Who logged in.
         tokens: The current pair.
+        tls: Where the TLS files of the login were (paths only, never their content), so later commands
+            reach the same servers the same way; plaintext when it has no CA.
     """
 
     auth_target: str
     username: str
     tokens: Tokens
+    tls: TlsFiles = TlsFiles()  # noqa: RUF009  # frozen, so one shared default is safe
 
     def with_tokens(self, tokens: Tokens) -> StoredLogin:
         """The same login with a new pair (after a refresh)."""
-        return StoredLogin(self.auth_target, self.username, tokens)
+        return StoredLogin(self.auth_target, self.username, tokens, self.tls)
 
     def to_json(self) -> dict[str, Any]:
         """The file's JSON document."""
         tokens = asdict(self.tokens)
         tokens["scopes"] = list(self.tokens.scopes)
-        return {
+        document: dict[str, Any] = {
             "version": TOKEN_FILE_VERSION,
             "auth_target": self.auth_target,
             "username": self.username,
             "tokens": tokens,
         }
+        if self.tls.ca_file is not None:
+            document["tls"] = {
+                name: str(path)
+                for name, path in (
+                    ("ca_file", self.tls.ca_file),
+                    ("cert_file", self.tls.cert_file),
+                    ("key_file", self.tls.key_file),
+                )
+                if path is not None
+            }
+        return document
 
     @classmethod
     def from_json(cls, document: object) -> StoredLogin:
@@ -84,7 +99,26 @@ class StoredLogin:
                 expires_at=_number(tokens, "expires_at"),
                 refresh_expires_at=_number(tokens, "refresh_expires_at"),
             ),
+            tls=_tls(document.get("tls")),
         )
+
+
+def _tls(value: object) -> TlsFiles:
+    """The stored TLS paths (a login without them was made in plaintext)."""
+    if value is None:
+        return TlsFiles()
+    if not isinstance(value, dict):
+        raise ValueError("tls must be an object")
+    paths: list[Path | None] = []
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = value.get(key)
+        if path is not None and not isinstance(path, str):
+            raise ValueError(f"tls.{key} must be a string")
+        paths.append(Path(path) if path else None)
+    try:
+        return TlsFiles(ca_file=paths[0], cert_file=paths[1], key_file=paths[2])
+    except ConfigurationError as error:
+        raise ValueError(error.message) from None
 
 
 def _text(document: dict[str, Any], key: str) -> str:

@@ -41,7 +41,12 @@ class AdminClient(Startable):
     """
 
     def __init__(self, session: TokenSession, *, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
-        self._api = AuthApi(session.auth_target, timeout=timeout, interceptors=session.interceptors())
+        self._api = AuthApi(
+            session.auth_target,
+            timeout=timeout,
+            credentials=session.channel_credentials,
+            interceptors=session.interceptors(),
+        )
 
     async def _start(self) -> None:
         self._api.open()

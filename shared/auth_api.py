@@ -19,6 +19,7 @@ import grpc
 
 from authmesh._shared.auth_client import channel_options
 from authmesh._shared.dpop import DPOP_METADATA_KEY
+from authmesh._shared.grpc_targets import balanced_channel_options, balanced_target
 from authmesh._shared.lifecycle import Startable
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
@@ -165,7 +166,8 @@ class AuthApi(Startable):
     Every method raises ``grpc.aio.AioRpcError`` when the call fails.
 
     Args:
-        target: ``host:port`` of the auth service.
+        target: ``host:port`` of the auth service, or several ``ip:port`` separated by commas: calls
+            are balanced over those that are up (``round_robin``; only reads are retried on another).
         timeout: Deadline of each call, seconds.
         credentials: Channel credentials (TLS); None for an insecure channel.
         interceptors: Client interceptors of the channel (a session's, to act as its user).
@@ -193,16 +195,20 @@ class AuthApi(Startable):
         self.open()
 
     def open(self) -> None:
-        """Open the channel (entering the context manager does it)."""
+        """Open the channel (entering the context manager does it).
+
+        Raises:
+            ConfigurationError: The target is not one address or a list of literal addresses.
+        """
         if self._channel is not None:
             return
+        target = balanced_target(self.target)
+        options = [*channel_options(), *balanced_channel_options(self.target)]
         if self._credentials is None:
-            channel = grpc.aio.insecure_channel(
-                self.target, options=channel_options(), interceptors=self._interceptors
-            )
+            channel = grpc.aio.insecure_channel(target, options=options, interceptors=self._interceptors)
         else:
             channel = grpc.aio.secure_channel(
-                self.target, self._credentials, options=channel_options(), interceptors=self._interceptors
+                target, self._credentials, options=options, interceptors=self._interceptors
             )
         self._channel, self._auth_stub = channel, auth_pb2_grpc.AuthServiceStub(channel)
 

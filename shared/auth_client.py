@@ -71,7 +71,9 @@ class AuthClient:
 
     Args:
         target: ``host:port`` of the auth service, or several, comma-separated (balanced round-robin).
-        service_account: ``(username, password)`` for ``Introspect`` and ``SnapshotRevocations``.
+        service_account: ``(username, password)`` for ``Introspect`` and ``SnapshotRevocations``; an
+            empty password logs in by the client certificate in ``tls`` (an auth service that maps
+            the certificate to the account, see :mod:`authmesh._shared.certificate_identity`).
         timeout: Deadline of one unary call, seconds.
         login_timeout: Deadline of the service account's first ``Login``, seconds (an Argon2id check).
         snapshot_timeout: Deadline of a whole ``SnapshotRevocations`` stream, seconds.
@@ -91,6 +93,7 @@ class AuthClient:
         clock: Callable[[], float] = time.monotonic,
         tls: TlsFiles = TlsFiles(),  # noqa: B008  # frozen, so one shared default is safe
     ) -> None:
+        self._targets = target
         self._target = balanced_target(target)
         self._tls = tls
         self._account = service_account
@@ -107,7 +110,7 @@ class AuthClient:
 
     async def __aenter__(self) -> Self:
         self._channel = open_channel(
-            self._target, self._tls, [*channel_options(), *balanced_channel_options()]
+            self._target, self._tls, [*channel_options(), *balanced_channel_options(self._targets)]
         )
         self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
         return self

@@ -23,6 +23,7 @@ a status code in one table (``authmesh._shared.grpc_errors``).
     │   ├── TokenNotYetValid              TOKEN_NOT_YET_VALID
     │   ├── TokenRevoked                  TOKEN_REVOKED / SESSION_REVOKED / USER_REVOKED
     │   ├── InvalidCredentials            INVALID_CREDENTIALS
+    │   │   └── CertificateNotAccepted    CERTIFICATE_NOT_ACCEPTED (a login by client certificate)
     │   ├── InvalidRefreshToken           REFRESH_TOKEN_INVALID
     │   ├── RefreshTokenReused            REFRESH_TOKEN_REUSED
     │   ├── UserDisabled                  USER_DISABLED
@@ -204,6 +205,15 @@ class InvalidCredentials(TokenRejected):
 
     code = "INVALID_CREDENTIALS"
     default_message = "invalid username or password"
+
+
+class CertificateNotAccepted(InvalidCredentials):
+    """A login by client certificate that the auth service does not accept for that account: no
+    verified certificate, a certificate whose names are not mapped to the account, or an auth service
+    not configured for certificate logins."""
+
+    code = "CERTIFICATE_NOT_ACCEPTED"
+    default_message = "the client certificate does not identify this account"
 
 
 class InvalidRefreshToken(TokenRejected):

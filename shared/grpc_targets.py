@@ -5,6 +5,9 @@
 ``round_robin`` policy keeps a connection to each, spreads calls over those that are up, and stops
 sending to one whose connection fails. One DNS name that resolves to several addresses (a headless
 Kubernetes service) is balanced the same way.
+
+On TLS, a list of addresses is verified against the first address's host (every process's certificate
+must name it); a DNS name is verified against itself.
 """
 
 from __future__ import annotations
@@ -71,6 +74,21 @@ def _family(address: str) -> str | None:
     return "ipv4" if parsed.version == 4 else "ipv6"
 
 
-def balanced_channel_options() -> list[tuple[str, str | int]]:
-    """Channel options that balance calls over every resolved address and retry reads once more."""
-    return [("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+def balanced_channel_options(targets: str = "") -> list[tuple[str, str | int]]:
+    """Channel options that balance calls over every resolved address and retry reads once more.
+
+    Args:
+        targets: The addresses given to :func:`balanced_target`. When there are several, a TLS channel
+            checks every server's certificate against the first address's host: the channel's own
+            name is the whole list, which no certificate carries. (One DNS name for every process is
+            checked against that name, as usual.)
+    """
+    options: list[tuple[str, str | int]] = [
+        ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
+    ]
+    parts = [part.strip() for part in targets.split(",") if part.strip()]
+    if len(parts) > 1:
+        host = parts[0].rpartition(":")[0].strip("[]")
+        options.append(("grpc.ssl_target_name_override", host))
+    return options

@@ -70,7 +70,8 @@ class ResourceGuard(Startable):
         nats_password: NATS password.
         service_account: ``(username, password)`` of an account with scope ``service``: for the
             revocation snapshot at start and the ``Introspect`` fallback while the state is stale.
-            Without it the guard replays the stream at start and refuses calls while stale.
+            Without it the guard replays the stream at start and refuses calls while stale. An empty
+            password logs in by this service's client certificate (``tls``) instead.
         login_timeout: Deadline, seconds, of the service account's first ``Login`` (an Argon2id check
             on a host that may be busy); doubled after each timeout.
         issuer: ``iss`` to require; with ``auth_url``, checked against the auth service's.

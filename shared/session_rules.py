@@ -35,6 +35,7 @@ from authmesh._shared.auth_api import Tokens
 from authmesh._shared.dpop import DPOP_METADATA_KEY, ProofSigner, default_origin
 from authmesh._shared.errors import ConfigurationError, SessionEnded, Unavailable
 from authmesh._shared.grpc_errors import DPOP_NONCE_METADATA_KEY, error_reason
+from authmesh._shared.grpc_targets import balanced_target
 
 DEFAULT_RENEW_MARGIN_SECONDS = 30.0
 DEFAULT_TIMEOUT_SECONDS = 10.0
@@ -77,7 +78,8 @@ class SessionOptions(TypedDict, total=False):
         dpop_key: Bind the session to this key (DPoP, RFC 9449): ``Login`` and ``Refresh`` carry a
             proof, and so does every call, with the token as ``authorization: DPoP …``.
         auth_origin: The auth service's origin as it knows itself (``scheme://host:port``, for the
-            proofs' ``htu``); by default ``http(s)://<auth_target>``.
+            proofs' ``htu``); by default ``http(s)://<auth_target>``; required with a key and several
+            auth targets (their shared ``AUTHMESH_DPOP_ORIGINS``).
     """
 
     scopes: Sequence[str]
@@ -126,6 +128,8 @@ class SessionRules:
         clock = options.get("clock", time.time)
         if renew_margin < 0:
             raise ConfigurationError("renew_margin must not be negative")
+        # Checked now (a malformed list is a configuration error, not a failed call later).
+        balanced_target(auth_target)
         self.auth_target = auth_target
         self._login = _credentials(username, password, scopes, tokens)
         self._margin = renew_margin
@@ -134,9 +138,11 @@ class SessionRules:
         self._on_renew = options.get("on_renew")
         self._clock = clock
         self._dpop_key = options.get("dpop_key")
-        self._auth_origin = options.get("auth_origin") or default_origin(
-            auth_target, secure=self._credentials is not None
-        )
+        auth_origin = options.get("auth_origin")
+        if auth_origin is None and self._dpop_key is not None and "," in auth_target:
+            # Each process names itself by its own address unless they share AUTHMESH_DPOP_ORIGINS.
+            raise ConfigurationError("a DPoP-bound session over several auth processes needs auth_origin")
+        self._auth_origin = auth_origin or default_origin(auth_target, secure=self._credentials is not None)
         # The latest nonce each origin asked for (RFC 9449 §8), put in the next proof for it.
         self._nonces: dict[str, str] = {}
         self._grant = None if tokens is None else Grant.of(tokens, clock(), renew_margin)
@@ -184,6 +190,11 @@ class SessionRules:
     def resume(cls, auth_target: str, tokens: Tokens, **options: Unpack[SessionOptions]) -> Self:
         """A session that continues from stored tokens (renewed with their refresh token only)."""
         return cls(auth_target, tokens=tokens, **options)
+
+    @property
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """The credentials of the session's channels (TLS), None for insecure ones."""
+        return self._credentials
 
     @property
     def tokens(self) -> Tokens | None:

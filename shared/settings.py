@@ -17,6 +17,7 @@ from typing import Annotated, Any, Self
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from authmesh._shared.certificate_identity import CertificateAccounts
 from authmesh._shared.errors import ConfigurationError
 from authmesh._shared.tls import TlsFiles
 
@@ -223,9 +224,17 @@ class AuthSettings(CommonSettings):
     )
     bootstrap_admin_file: Path | None = _secret_file_field("bootstrap_admin")
     service_account: SecretStr | None = Field(
-        default=None, description="username:password of the resource services' account"
+        default=None,
+        description="username:password of the resource services' account (a bare username, for an "
+        "account that logs in by certificate only, gets a random password nobody knows)",
     )
     service_account_file: Path | None = _secret_file_field("service_account")
+    certificate_accounts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="accounts that may log in by client certificate instead of a password: "
+        "certificate-name=username entries (a bare username maps that certificate name), "
+        "comma-separated; needs AUTHMESH_TLS_REQUIRE_CLIENT_CERT",
+    )
     login_max_failures: int = Field(default=10, ge=1, description="failed logins per username per window")
     login_window: int = Field(default=60, ge=1, description="rate-limit window, s")
     argon2_time_cost: int = Field(default=3, ge=1, le=20, description="Argon2id passes")
@@ -234,16 +243,26 @@ class AuthSettings(CommonSettings):
     heartbeat_interval: float = Field(default=1.0, gt=0, le=60, description="heartbeat period, s")
     shutdown_grace: float = Field(default=5.0, ge=0, le=120, description="drain time on SIGTERM, s")
 
+    _split_certificate_accounts = field_validator("certificate_accounts", mode="before")(_split_urls)
+
     @model_validator(mode="after")
     def _check_audiences_and_credentials(self) -> Self:
         if self.auth_audience == self.audience:
             # One audience for both would make every admin token valid at every resource service.
             raise ValueError("AUTHMESH_AUTH_AUDIENCE must differ from AUTHMESH_AUDIENCE")
+        try:
+            certificate_accounts = self.certificate_logins
+        except ConfigurationError as error:
+            raise ValueError(error.message) from None
+        if certificate_accounts.by_name and not self.tls_require_client_cert:
+            # gRPC Python asks for a client certificate only when it requires one.
+            raise ValueError("AUTHMESH_CERTIFICATE_ACCOUNTS needs AUTHMESH_TLS_REQUIRE_CLIENT_CERT")
         for name in ("bootstrap_admin", "service_account"):
             secret = getattr(self, name)
             if secret is not None:
                 username, sep, password = secret.get_secret_value().partition(":")
-                if not sep or not username or not password:
+                certificate_only = name == "service_account" and username in certificate_accounts.accounts
+                if not username or (not password and not (certificate_only and not sep)):
                     raise ValueError(f"AUTHMESH_{name.upper()} must be username:password")
         if self.public_url is not None:
             scheme = self.public_url.partition("://")[0].lower() if "://" in self.public_url else ""
@@ -255,6 +274,11 @@ class AuthSettings(CommonSettings):
                     "AUTHMESH_PUBLIC_URL is http:// but the HTTP side serves HTTPS: use https://"
                 )
         return self
+
+    @property
+    def certificate_logins(self) -> CertificateAccounts:
+        """Which accounts a verified client certificate may log in as."""
+        return CertificateAccounts.parse(self.certificate_accounts)
 
     def require_key_encryption_key(self) -> bytes:
         """The key-encryption secret as bytes.
@@ -285,7 +309,9 @@ class ResourceSettings(CommonSettings):
         "read from its metadata (else taken from these settings)",
     )
     service_account: SecretStr | None = Field(
-        default=None, description="username:password used for Introspect and SnapshotRevocations"
+        default=None,
+        description="username:password used for Introspect and SnapshotRevocations; a bare username "
+        "logs in by this service's client certificate (AUTHMESH_TLS_CERT_FILE) instead",
     )
     service_account_file: Path | None = _secret_file_field("service_account")
     login_timeout: float = Field(
@@ -300,8 +326,23 @@ class ResourceSettings(CommonSettings):
         description="also answer Envoy's ext_authz Check (envoy.service.auth.v3.Authorization) on gRPC",
     )
 
+    @model_validator(mode="after")
+    def _check_service_account(self) -> Self:
+        if self.service_account is None:
+            return self
+        username, sep, password = self.service_account.get_secret_value().partition(":")
+        if not username or (sep and not password):
+            raise ValueError("AUTHMESH_SERVICE_ACCOUNT must be username:password, or a bare username")
+        if not sep and (self.tls_ca_file is None or self.tls_cert_file is None):
+            raise ValueError(
+                "AUTHMESH_SERVICE_ACCOUNT without a password logs in by client certificate: "
+                "it needs AUTHMESH_TLS_CA_FILE, AUTHMESH_TLS_CERT_FILE and AUTHMESH_TLS_KEY_FILE"
+            )
+        return self
+
 
 def credentials(secret: SecretStr) -> tuple[str, str]:
-    """Split a validated ``username:password`` secret."""
+    """Split a validated ``username:password`` secret (a bare username has the empty password: it logs
+    in by client certificate)."""
     username, _, password = secret.get_secret_value().partition(":")
     return username, password

@@ -31,7 +31,8 @@ class TokenSession(SessionRules, Startable):
                 reply = await DocsStub(channel).Get(request)
 
     Args:
-        auth_target: ``host:port`` of the auth service.
+        auth_target: ``host:port`` of the auth service, or several ``ip:port`` separated by commas
+            (balanced over those that are up).
         username: Who to log in as (None for a session resumed from stored tokens only).
         password: Their password.
         tokens: Tokens to start from (a stored login) instead of logging in.

@@ -14,9 +14,11 @@ import nats
 import pytest
 import pytest_asyncio
 import redis.asyncio as redis
+from nats.aio.client import Client as NatsClient
 
 from authmesh._shared.errors import ConfigurationError
-from authmesh.certs import CertificateAuthority
+from authmesh._shared.tls import TlsFiles, client_ssl_context
+from authmesh.certs import LOCAL_HOSTS, CertificateAuthority
 from authmesh.processes import NatsServer, RedisServer, find_tls_redis_server
 
 # A test session never holds anywhere near this many streams; the bound keeps the cleanup loop finite.
@@ -94,6 +96,41 @@ async def raw_redis(redis_url: str) -> AsyncIterator[redis.Redis]:
 async def nats_url(nats_server: NatsServer) -> str:
     """The URL of the session's NATS server, with every JetStream stream deleted before the test."""
     client = await nats.connect(servers=[nats_server.url], connect_timeout=2, max_reconnect_attempts=0)
+    await _delete_streams(client)
+    return nats_server.url
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def tls_nats_server(
+    tmp_path_factory: pytest.TempPathFactory, ca: CertificateAuthority
+) -> AsyncIterator[tuple[NatsServer, TlsFiles]]:
+    """A ``nats-server`` on TLS (TLS first, client certificates from ``ca``) for the whole session, and
+    a member's certificate to reach it with."""
+    base = tmp_path_factory.mktemp("tls-nats")
+    server_files = ca.write_issued(base / "server", "nats", LOCAL_HOSTS)
+    member = ca.write_issued(base / "member", "member", LOCAL_HOSTS)
+    async with NatsServer(base / "nats", tls=server_files) as server:
+        yield server, member
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def tls_nats_url(tls_nats_server: tuple[NatsServer, TlsFiles]) -> str:
+    """The URL of the session's TLS NATS server (what a service with a CA needs), emptied like
+    ``nats_url``."""
+    server, member = tls_nats_server
+    client = await nats.connect(
+        servers=[server.url],
+        connect_timeout=2,
+        max_reconnect_attempts=0,
+        tls=client_ssl_context(member),
+        tls_handshake_first=True,
+    )
+    await _delete_streams(client)
+    return server.url
+
+
+async def _delete_streams(client: NatsClient) -> None:
+    """Delete every JetStream stream, then close ``client``."""
     try:
         jetstream = client.jetstream(timeout=5)
         for _ in range(_MAX_STREAM_PAGES):
@@ -107,7 +144,6 @@ async def nats_url(nats_server: NatsServer) -> str:
             pytest.fail("JetStream streams kept appearing while the test's NATS server was being emptied")
     finally:
         await client.close()
-    return nats_server.url
 
 
 @pytest_asyncio.fixture(loop_scope="session")

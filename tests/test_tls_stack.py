@@ -7,14 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from authmesh._shared.tls import client_ssl_context
+from authmesh._resource_service.app import ResourceApp
+from authmesh._shared.settings import ResourceSettings
+from authmesh._shared.tls import TlsFiles, client_ssl_context
 from authmesh.bench import rpc
 from authmesh.demo import run_local_demo
-from authmesh.stack import LocalStack, grpc_health_status
+from authmesh.stack import LocalStack, ServiceLogin, grpc_health_status
 from tests.test_demo import assert_every_act_as_expected
 from tests.test_stack import FAST_ENV
 from tests.test_tls_hops import nats_connects, redis_answers
 from tests.test_tls_http import http_status
+from tests.waiting import eventually
 
 # The stack's Redis on TLS needs a redis-server built with TLS (the embedded valkey-server has none).
 pytestmark = pytest.mark.redis_tls
@@ -26,6 +29,9 @@ async def test_a_tls_stack_serves_on_tls_and_refuses_plaintext_on_every_hop(tmp_
         assert await grpc_health_status(stack.auth_grpc, 5, tls=tls) == "SERVING"
         assert await grpc_health_status(stack.replicas[0].grpc, 5, tls=tls) == "SERVING"
         assert await grpc_health_status(stack.auth_grpc, 2) is None, "plaintext gRPC got an answer"
+        # Its replicas log in by certificate, so the auth service demands one from every caller.
+        ca_only = TlsFiles(ca_file=tls.ca_file)
+        assert await grpc_health_status(stack.auth_grpc, 2, tls=ca_only) is None
 
         assert stack.redis_url.startswith("rediss://")
         plaintext_redis = stack.redis_url.replace("rediss://", "redis://")
@@ -47,6 +53,46 @@ async def test_a_tls_stack_serves_on_tls_and_refuses_plaintext_on_every_hop(tmp_
         assert stack.secrets is not None
         assert stack.secrets.redis_password not in description
         assert stack.client_env()["AUTHMESH_TLS_CA_FILE"].endswith("ca.pem")
+        assert stack.client_env()["AUTHMESH_TLS_CERT_FILE"].endswith("client.pem")
+
+        # The replica serves, so it logged in: by its certificate, holding no password.
+        assert stack.auth is not None
+        assert _certificate_logins(stack.auth.log_path.read_text()) >= 1
+        assert stack.secrets.service_account.password not in stack.replica_processes[0].log_path.read_text()
+
+        # A service of one's own joins with `authmesh up --env-file`'s settings (by password, over mTLS).
+        values = {key.removeprefix("AUTHMESH_").lower(): value for key, value in stack.service_env().items()}
+        own = ResourceSettings.model_validate(
+            values
+            | {
+                "grpc_listen": "127.0.0.1:0",
+                "http_listen": "127.0.0.1:0",
+                "instance": "own",
+                "shutdown_grace": 0.2,
+            }
+        )
+        async with ResourceApp(own) as replica:
+            await eventually(lambda: _ready(replica), within=20, what="a service of one's own serving")
+
+
+async def test_a_tls_stack_may_keep_password_logins_for_its_replicas(tmp_path: Path) -> None:
+    async with LocalStack(
+        replicas=1, base_dir=tmp_path, env=FAST_ENV, tls=True, service_login=ServiceLogin.PASSWORD
+    ) as stack:
+        assert await grpc_health_status(stack.replicas[0].grpc, 5, tls=stack.client_tls) == "SERVING"
+        # Without certificate logins the auth service does not demand client certificates.
+        ca_only = TlsFiles(ca_file=stack.client_tls.ca_file)
+        assert await grpc_health_status(stack.auth_grpc, 5, tls=ca_only) == "SERVING"
+        assert stack.auth is not None
+        assert _certificate_logins(stack.auth.log_path.read_text()) == 0
+
+
+async def _ready(replica: ResourceApp) -> bool:
+    return replica.ready
+
+
+def _certificate_logins(log: str) -> int:
+    return sum(1 for line in log.splitlines() if "login_succeeded" in line and "method=certificate" in line)
 
 
 @pytest.mark.slow

@@ -155,9 +155,15 @@ class LoadGenerator:
 
     async def setup(self, command: JsonDict) -> JsonDict:
         """Keep the credentials of a command: ``tokens``, ``users``, ``refresh_tokens``, and
-        ``tls_ca_file`` (call over TLS, verifying the servers against it)."""
+        ``tls_ca_file`` (call over TLS, verifying the servers against it) with ``tls_cert_file`` and
+        ``tls_key_file`` (the client certificate an auth service of certificate logins demands)."""
         if command.get("tls_ca_file"):
-            self._tls = TlsFiles(ca_file=Path(command["tls_ca_file"]))
+            cert, key = command.get("tls_cert_file"), command.get("tls_key_file")
+            self._tls = TlsFiles(
+                ca_file=Path(command["tls_ca_file"]),
+                cert_file=Path(cert) if cert else None,
+                key_file=Path(key) if key else None,
+            )
         if "tokens" in command:
             self._tokens = list(command["tokens"])
         if "users" in command:
@@ -487,10 +493,7 @@ async def measure(
         server_pid = stack.pids().get(replica.name)
         pinned = await pin_apart(server_pid, load.pid) if pin_cpus and server_pid is not None else None
         tokens = await bench_tokens(stack, max(concurrency))
-        ca_file = stack.client_tls.ca_file
-        await load.request(
-            {"op": "setup", "tokens": tokens, "tls_ca_file": str(ca_file) if ca_file else None}
-        )
+        await load.request({"op": "setup", "tokens": tokens, **_tls_command(stack.client_tls)})
         signer_key = ec.generate_private_key(ec.SECP256R1())
         await load.request(
             {
@@ -501,7 +504,7 @@ async def measure(
                     serialization.PrivateFormat.PKCS8,
                     serialization.NoEncryption(),
                 ).decode(),
-                "dpop_origin": default_origin(replica.grpc, secure=ca_file is not None),
+                "dpop_origin": default_origin(replica.grpc, secure=stack.client_tls.ca_file is not None),
             }
         )
         levels = await _levels(
@@ -749,3 +752,9 @@ def main(
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
     worker_main()
+
+
+def _tls_command(files: TlsFiles) -> JsonDict:
+    """The ``setup`` fields that hand the load generator a stack's client TLS files."""
+    named = {"tls_ca_file": files.ca_file, "tls_cert_file": files.cert_file, "tls_key_file": files.key_file}
+    return {key: str(path) if path is not None else None for key, path in named.items()}
