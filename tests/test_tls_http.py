@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -57,6 +58,15 @@ async def http_status(url: str, context: ssl.SSLContext | bool) -> int | None:
             return response.status
     except (aiohttp.ClientError, TimeoutError):
         return None
+
+
+async def fetch_json(url: str, context: ssl.SSLContext) -> Any:
+    """The JSON document at ``url``, fetched over TLS verified with ``context``."""
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session,
+        session.get(url, ssl=context) as response,
+    ):
+        return await response.json()
 
 
 async def test_the_http_side_serves_https_only_and_asks_no_client_certificate(

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from authmesh._resource_service.app import ResourceApp
+from authmesh._shared.auth_metadata import METADATA_PATH
 from authmesh._shared.settings import ResourceSettings
 from authmesh._shared.tls import TlsFiles, client_ssl_context
 from authmesh.bench import rpc
@@ -16,7 +17,7 @@ from authmesh.stack import LocalStack, ServiceLogin, grpc_health_status
 from tests.test_demo import assert_every_act_as_expected
 from tests.test_stack import FAST_ENV
 from tests.test_tls_hops import nats_connects, redis_answers
-from tests.test_tls_http import http_status
+from tests.test_tls_http import fetch_json, http_status
 from tests.waiting import eventually
 
 # The stack's Redis on TLS needs a redis-server built with TLS (the embedded valkey-server has none).
@@ -48,6 +49,8 @@ async def test_a_tls_stack_serves_on_tls_and_refuses_plaintext_on_every_hop(tmp_
         assert await http_status(f"{stack.auth_url}/.well-known/jwks.json", context) == 200
         assert await http_status(f"https://{stack.replicas[0].http}/healthz", context) == 200
         assert await http_status(f"http://{stack.auth_http}/.well-known/jwks.json", False) is None
+        metadata = await fetch_json(f"{stack.auth_url}{METADATA_PATH}", context)
+        assert metadata["jwks_uri"] == f"{stack.auth_url}/.well-known/jwks.json"
 
         description = json.dumps(stack.describe())
         assert stack.secrets is not None
