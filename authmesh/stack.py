@@ -365,7 +365,10 @@ class LocalStack(Startable):
                 "logs": [str(node.log_path) for node in self.nats_nodes],
             },
             "redis": {
-                "url": self._require(self.redis, "Redis").redacted_url,
+                # With Sentinel, what the auth service is given (it holds no password).
+                "url": self.sentinel_group.url
+                if self.sentinel_group is not None
+                else self._require(self.redis, "Redis").redacted_url,
                 "log": str(self._require(self.redis, "Redis").log_path),
             },
             "auth": {

@@ -77,6 +77,7 @@ async def test_the_auth_service_runs_on_a_tls_sentinel_topology(tmp_path: Path) 
         AuthApi(stack.auth_grpc, credentials=grpc_channel_credentials(stack.client_tls)) as auth,
     ):
         assert stack.redis_url.startswith("rediss+sentinel://")
+        assert stack.describe()["redis"]["url"] == stack.redis_url
         admin = await auth.admin_login(*stack.admin_credentials)
         user = f"user-{uuid.uuid4().hex[:8]}"
         await auth.create_user(admin.access_token, user, "correct horse battery staple", ("docs:read",))
