@@ -19,7 +19,7 @@ import grpc
 
 from authmesh._shared.auth_client import channel_options
 from authmesh._shared.dpop import DPOP_METADATA_KEY
-from authmesh._shared.grpc_targets import balanced_channel_options, balanced_target
+from authmesh._shared.grpc_targets import balanced_target, client_channel_options
 from authmesh._shared.lifecycle import Startable
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
@@ -203,7 +203,7 @@ class AuthApi(Startable):
         if self._channel is not None:
             return
         target = balanced_target(self.target)
-        options = [*channel_options(), *balanced_channel_options(self.target)]
+        options = [*channel_options(), *client_channel_options(self.target)]
         if self._credentials is None:
             channel = grpc.aio.insecure_channel(target, options=options, interceptors=self._interceptors)
         else:

@@ -49,7 +49,7 @@ def balanced_target(targets: str) -> str:
         ConfigurationError: An empty list, a malformed address, or several addresses that are not all
             IP literals of one family (gRPC resolves a list only of literal addresses).
     """
-    parts = [part.strip() for part in targets.split(",") if part.strip()]
+    parts = _parts(targets)
     if not parts:
         raise ConfigurationError("the auth target names no address")
     if len(parts) == 1:
@@ -74,6 +74,19 @@ def _family(address: str) -> str | None:
     return "ipv4" if parsed.version == 4 else "ipv6"
 
 
+def client_channel_options(targets: str) -> list[tuple[str, str | int]]:
+    """Channel options for a client of ``targets``: balanced when there are several addresses.
+
+    One address keeps gRPC's default ``pick_first``, which reconnects at once when a call finds the
+    server back after a restart; ``round_robin`` would fail calls fast until its reconnect backoff ends.
+    """
+    return balanced_channel_options(targets) if len(_parts(targets)) > 1 else []
+
+
+def _parts(targets: str) -> list[str]:
+    return [part.strip() for part in targets.split(",") if part.strip()]
+
+
 def balanced_channel_options(targets: str = "") -> list[tuple[str, str | int]]:
     """Channel options that balance calls over every resolved address and retry reads once more.
 
@@ -87,7 +100,7 @@ def balanced_channel_options(targets: str = "") -> list[tuple[str, str | int]]:
         ("grpc.service_config", SERVICE_CONFIG),
         ("grpc.enable_retries", 1),
     ]
-    parts = [part.strip() for part in targets.split(",") if part.strip()]
+    parts = _parts(targets)
     if len(parts) > 1:
         host = parts[0].rpartition(":")[0].strip("[]")
         options.append(("grpc.ssl_target_name_override", host))

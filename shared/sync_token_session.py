@@ -17,7 +17,7 @@ from authmesh._shared.auth_api import Revocation, Tokens
 from authmesh._shared.auth_client import channel_options
 from authmesh._shared.dpop import DPOP_METADATA_KEY, LOGIN_METHOD, REFRESH_METHOD, default_origin
 from authmesh._shared.errors import ConfigurationError, SessionEnded, Unavailable
-from authmesh._shared.grpc_targets import balanced_channel_options, balanced_target
+from authmesh._shared.grpc_targets import balanced_target, client_channel_options
 from authmesh._shared.session_rules import AUTHORIZATION, Grant, SessionRules, refused_as_expired
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
@@ -41,9 +41,7 @@ class SyncTokenSession(SessionRules):
 
     def __enter__(self) -> Self:
         target = balanced_target(self.auth_target)
-        self._channel = _sync_channel(
-            target, self._credentials, [], balanced_channel_options(self.auth_target)
-        )
+        self._channel = _sync_channel(target, self._credentials, [], client_channel_options(self.auth_target))
         self._stub = auth_pb2_grpc.AuthServiceStub(self._channel)
         try:
             self.access_token()
