@@ -161,7 +161,21 @@ class SessionRules:
 
     @classmethod
     def from_service_account(cls, auth_target: str, account: str, **options: Unpack[SessionOptions]) -> Self:
-        """A session of a service account given as ``username:password``."""
+        """A session of a service account given as ``username:password``, or as a bare ``username`` that
+        logs in by the client certificate in ``credentials`` (the auth service maps the certificate to
+        the account: ``AUTHMESH_CERTIFICATE_ACCOUNTS``).
+
+        Raises:
+            ConfigurationError: The account is malformed, or a bare username comes without credentials.
+        """
+        if ":" not in account and account.strip():
+            if options.get("credentials") is None:
+                raise ConfigurationError(
+                    "a service account without a password logs in by its client certificate: "
+                    "give credentials (TLS with the certificate)"
+                )
+            # An empty password on a mutual-TLS connection asks for a login by certificate.
+            return cls(auth_target, username=account.strip(), password="", **options)
         username, password = service_account(account)
         return cls(auth_target, username=username, password=password, **options)
 
@@ -170,7 +184,8 @@ class SessionRules:
         """A session configured by the environment, for twelve-factor services and scripts.
 
         Reads ``AUTHMESH_AUTH_TARGET`` (``host:port`` of the auth service), ``AUTHMESH_CLIENT_ACCOUNT``
-        (``username:password`` of the account the program calls as) and, if set,
+        (``username:password`` of the account the program calls as, or a bare ``username`` logging in by
+        the client certificate in ``credentials``) and, if set,
         ``AUTHMESH_CLIENT_SCOPES`` (space-separated scopes to ask for; unset: every scope it holds).
 
         Raises:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -10,6 +11,7 @@ import grpc
 import pytest
 from pydantic import SecretStr
 
+from authmesh import SyncTokenSession, TokenSession
 from authmesh._auth_service.app import AuthApp
 from authmesh._resource_service.app import ResourceApp
 from authmesh._shared.certificate_identity import CertificateAccounts, peer_certificate_names
@@ -69,6 +71,34 @@ async def test_a_mapped_certificate_logs_in_as_its_service_account_without_a_pas
         # Passwords still work on the same connection, for every account.
         assert (await auth.admin_login(*ADMIN)).scopes == ("admin",)
         assert (await auth.login(SERVICE[0], SERVICE[1], (SERVICE_SCOPE,))).scopes == (SERVICE_SCOPE,)
+
+
+async def test_the_librarys_sessions_log_in_a_bare_service_account_by_its_certificate(
+    tmp_path: Path, ca: CertificateAuthority, redis_url: str, tls_nats_url: str
+) -> None:
+    service = ca.write_issued(tmp_path / "svc", SERVICE_CERT, LOCAL_HOSTS)
+    credentials = grpc_channel_credentials(service)
+    async with mtls_auth(tmp_path, ca, redis_url, tls_nats_url) as app:
+        async with TokenSession.from_service_account(
+            app.grpc_address, SERVICE[0], credentials=credentials, scopes=(SERVICE_SCOPE,)
+        ) as session:
+            assert (await session.access_token()).count(".") == 2
+            assert session.tokens is not None
+            assert session.tokens.scopes == (SERVICE_SCOPE,)
+
+        def sync_login() -> str:
+            with SyncTokenSession.from_service_account(
+                app.grpc_address, SERVICE[0], credentials=credentials, scopes=(SERVICE_SCOPE,)
+            ) as sync_session:
+                return sync_session.access_token()
+
+        # In a thread: the blocking client must not stop the loop the auth service answers on.
+        assert (await asyncio.to_thread(sync_login)).count(".") == 2
+
+
+def test_a_bare_service_account_for_a_session_needs_tls_credentials() -> None:
+    with pytest.raises(ConfigurationError, match="client certificate"):
+        TokenSession.from_service_account("127.0.0.1:50051", SERVICE[0])
 
 
 async def test_a_certificate_with_another_name_is_refused(
