@@ -4,7 +4,10 @@
 
 FROM python:3.11-slim
 
+# GRPC_VERBOSITY: gRPC's C core logs outside the services' JSON lines (at INFO, one per failed TLS
+# handshake); ERROR keeps only its errors.
 ENV PYTHONDONTWRITEBYTECODE=1 \
+    GRPC_VERBOSITY=ERROR \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1

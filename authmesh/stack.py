@@ -530,6 +530,10 @@ class LocalStack(Startable):
         # lifetimes), then the stack's own settings, then the caller's.
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
+        # gRPC's C core writes its own lines to stderr, outside the services' log format, and at INFO
+        # it writes one for every failed TLS handshake (a plaintext client, a port scanner); it reads
+        # this variable once, when grpc is imported.
+        env.setdefault("GRPC_VERBOSITY", "ERROR")
         env["AUTHMESH_STREAM_REPLICAS"] = str(min(3, self.nats_cluster_size))
         return env
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ from tests.waiting import eventually
 
 # The stack's Redis on TLS needs a redis-server built with TLS (the embedded valkey-server has none).
 pytestmark = pytest.mark.redis_tls
+# A line of gRPC's C core (absl's format): "I1205 05:00:03.005796   12446 ssl_transport_security.cc:2563] …".
+GRPC_CORE_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d")
 
 
 async def test_a_tls_stack_serves_on_tls_and_refuses_plaintext_on_every_hop(tmp_path: Path) -> None:
@@ -62,6 +65,13 @@ async def test_a_tls_stack_serves_on_tls_and_refuses_plaintext_on_every_hop(tmp_
         assert stack.auth is not None
         assert _certificate_logins(stack.auth.log_path.read_text()) >= 1
         assert stack.secrets.service_account.password not in stack.replica_processes[0].log_path.read_text()
+
+        # The plaintext calls above failed their TLS handshakes without a line outside the log format.
+        for process in (stack.auth, *stack.replica_processes):
+            core_lines = [
+                line for line in process.log_path.read_text().splitlines() if GRPC_CORE_LINE.match(line)
+            ]
+            assert not core_lines, f"{process.name}: gRPC's C core wrote {core_lines[:2]}"
 
         # A service of one's own joins with `authmesh up --env-file`'s settings (by password, over mTLS).
         values = {key.removeprefix("AUTHMESH_").lower(): value for key, value in stack.service_env().items()}
