@@ -125,8 +125,8 @@ def _sentinel_conf(redis_password: str) -> str:
         [
             "port 0",
             f"tls-port {SENTINEL_PORT}",
-            "tls-cert-file /run/secrets/sentinel.pem",
-            "tls-key-file /run/secrets/sentinel-key.pem",
+            "tls-cert-file /run/secrets/tls.pem",
+            "tls-key-file /run/secrets/tls-key.pem",
             "tls-ca-cert-file /run/secrets/ca.pem",
             "tls-auth-clients yes",
             "tls-replication yes",

@@ -216,6 +216,8 @@ def test_the_sentinel_configuration_serves_tls_and_follows_names(secrets_dir: Pa
     assert {"port 0", "tls-port 26379", "tls-auth-clients yes", "tls-replication yes"} <= lines
     assert {"sentinel resolve-hostnames yes", "sentinel announce-hostnames yes"} <= lines
     assert "sentinel monitor authmesh redis 6379 2" in lines
+    # The files each Sentinel's secrets mount (its own certificate as tls.pem).
+    assert {"tls-cert-file /run/secrets/tls.pem", "tls-key-file /run/secrets/tls-key.pem"} <= lines
 
 
 def test_published_ports_bind_loopback_only(services: dict[str, Any]) -> None:

@@ -36,7 +36,7 @@ from authmesh._shared.grpc_errors import error_reason
 from authmesh._shared.settings import ResourceSettings
 from authmesh._shared.tls import TlsFiles, client_ssl_context
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
-from authmesh.compose_secrets import SECRETS_DIR_VARIABLE, write_compose_secrets
+from authmesh.compose_secrets import SECRETS_DIR_VARIABLE, dotenv_lines, write_compose_secrets
 from authmesh.processes import free_ports
 from tests.auth_support import admin_login
 from tests.test_stack import USER_PASSWORD, StackClient, bearer
@@ -193,39 +193,78 @@ def ssl_context(stack: Stack) -> ssl.SSLContext:
     return context
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    """The compose file's stack in containers, healthy; taken down with its volumes afterwards."""
+@dataclass(frozen=True, slots=True)
+class RunningProject:
+    """A project brought up by :func:`running_project`: where its ports are published, its secrets."""
+
+    project: ComposeProject
+    host_ports: dict[tuple[str, int], int]
+    secrets_dir: Path
+
+    def address(self, service: str, port: int) -> str:
+        """``127.0.0.1:PORT`` where the host reaches ``service``'s ``port``."""
+        return f"127.0.0.1:{self.host_ports[(service, port)]}"
+
+    @property
+    def admin(self) -> tuple[str, str]:
+        """The bootstrap admin's credentials, from its secret."""
+        username, _, password = (self.secrets_dir / "bootstrap-admin").read_text().partition(":")
+        return username, password
+
+    @property
+    def tls(self) -> TlsFiles:
+        """What the host verifies the stack with: its CA."""
+        return TlsFiles(ca_file=self.secrets_dir / "ca.pem")
+
+
+@contextlib.asynccontextmanager
+async def running_project(
+    directory: Path, *, sentinel: bool = False, services: tuple[str, ...] = ()
+) -> AsyncIterator[RunningProject]:
+    """docker-compose.yml up and healthy on a secrets directory of its own (``services`` and what they
+    need, or everything); taken down with its volumes afterwards.
+
+    Args:
+        directory: Where the override file and the secrets go.
+        sentinel: With the ``.env`` of ``compose-env --sentinel`` (the sentinel profile).
+        services: Start only these (and their dependencies).
+    """
     wanted = [(service, port) for service, ports in SERVICE_PORTS.items() for port in ports]
     host_ports = dict(zip(wanted, free_ports(len(wanted)), strict=True))
-    directory = tmp_path_factory.mktemp("compose-e2e")
     override = directory / "docker-compose.e2e.yml"
     override.write_text(override_publishing(host_ports))
     secrets_dir = directory / "secrets"
     write_compose_secrets(secrets_dir)
-    environment = compose_env(secrets_dir)
+    dotenv = (line.split("=", 1) for line in dotenv_lines(secrets_dir, sentinel=sentinel) if line[:1] != "#")
+    environment = compose_env(secrets_dir) | dict(dotenv)
     project = ComposeProject(f"authmesh-e2e-{secrets.token_hex(4)}", override, environment)
     try:
         try:
             # --build: an authmesh:local left by an earlier run may hold older code.
-            await project.run("up", "--detach", "--wait", "--build", timeout=UP_TIMEOUT_SECONDS)
+            await project.run("up", "--detach", "--wait", "--build", *services, timeout=UP_TIMEOUT_SECONDS)
         except ComposeError as error:
             logs = await project.run("logs", "--no-color", "--tail", "40")
             raise ComposeError(
                 f"{error}\n--- health ---\n{await health_report(project)}\n--- logs ---\n{logs}"
             ) from None
-        username, _, password = (secrets_dir / "bootstrap-admin").read_text().partition(":")
-        yield Stack(
-            project,
-            f"127.0.0.1:{host_ports[('auth', AUTH_GRPC_PORT)]}",
-            [f"127.0.0.1:{host_ports[(replica, RESOURCE_GRPC_PORT)]}" for replica in REPLICAS],
-            [f"127.0.0.1:{host_ports[(replica, RESOURCE_HTTP_PORT)]}" for replica in REPLICAS],
-            f"https://127.0.0.1:{host_ports[('gateway', GATEWAY_PORT)]}",
-            (username, password),
-            TlsFiles(ca_file=secrets_dir / "ca.pem"),
-        )
+        yield RunningProject(project, host_ports, secrets_dir)
     finally:
         await project.run("down", "--volumes", "--remove-orphans", "--timeout", "10")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    """The compose file's stack in containers, healthy; taken down with its volumes afterwards."""
+    async with running_project(tmp_path_factory.mktemp("compose-e2e")) as running:
+        yield Stack(
+            running.project,
+            running.address("auth", AUTH_GRPC_PORT),
+            [running.address(replica, RESOURCE_GRPC_PORT) for replica in REPLICAS],
+            [running.address(replica, RESOURCE_HTTP_PORT) for replica in REPLICAS],
+            f"https://{running.address('gateway', GATEWAY_PORT)}",
+            running.admin,
+            running.tls,
+        )
 
 
 async def health_report(project: ComposeProject) -> str:
@@ -289,6 +328,21 @@ async def new_user_session(client: StackClient, admin: str, username: str) -> au
     return await client.auth.Login(
         auth_pb2.LoginRequest(username=username, password=USER_PASSWORD), timeout=CALL_TIMEOUT_SECONDS
     )
+
+
+async def access_tokens(client: StackClient, admin: str, username: str, count: int) -> list[str]:
+    """``count`` access tokens of one new user's session, to revoke one by one.
+
+    Refreshing is cheap (no password hash): one login, then a refresh per token.
+    """
+    pair = await new_user_session(client, admin, username)
+    tokens = [pair.access_token]
+    for _ in range(count - 1):
+        pair = await client.auth.Refresh(
+            auth_pb2.RefreshRequest(refresh_token=pair.refresh_token), timeout=CALL_TIMEOUT_SECONDS
+        )
+        tokens.append(pair.access_token)
+    return tokens
 
 
 async def revoke_token(client: StackClient, admin: str, token: str) -> None:
@@ -493,14 +547,7 @@ async def test_no_acknowledged_revocation_is_lost_when_redis_is_killed_and_the_a
 ) -> None:
     async with stack.client() as client:
         admin = await admin_token(stack, client)
-        pair = await new_user_session(client, admin, "dora")
-        # Refreshing is cheap (no password hash): one access token per revocation to come.
-        tokens = [pair.access_token]
-        for _ in range(TOKENS_TO_REVOKE - 1):
-            pair = await client.auth.Refresh(
-                auth_pb2.RefreshRequest(refresh_token=pair.refresh_token), timeout=CALL_TIMEOUT_SECONDS
-            )
-            tokens.append(pair.access_token)
+        tokens = await access_tokens(client, admin, "dora", TOKENS_TO_REVOKE)
         # One revocation acknowledged before anything restarts, so the check below is never empty.
         await revoke_token(client, admin, tokens[0])
         acknowledged = [tokens[0]]
