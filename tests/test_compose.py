@@ -241,6 +241,11 @@ def test_the_sentinel_profile_gives_the_auth_service_the_sentinels(secrets_dir: 
     assert {"redis-replica", "sentinel-1", "sentinel-2", "sentinel-3"} <= set(profiled)
     assert profiled["auth"]["environment"]["AUTHMESH_REDIS_URL"].startswith("rediss+sentinel://sentinel-1:")
     assert profiled["auth"]["environment"]["AUTHMESH_REDIS_MIN_REPLICAS_ACKED"] == "1"
+    # Each Redis node's name belongs to a holder that outlives the node (a killed primary's name still
+    # resolves, so Sentinels and the replica are never stuck on DNS).
+    for node in ("redis", "redis-replica"):
+        assert profiled[node]["network_mode"] == f"service:{node}-host"
+        assert node in profiled[f"{node}-host"]["networks"]["redis"]["aliases"]
 
 
 def test_the_services_take_only_the_contracts_settings(services: dict[str, Any], secrets_dir: Path) -> None:

@@ -387,7 +387,8 @@ def timer() -> Iterator[list[float]]:
 async def test_the_stack_is_healthy_on_its_own_networks_and_publishes_on_loopback_only(stack: Stack) -> None:
     lines = (await stack.project.run("ps", "--format", "json")).splitlines()
     services = {entry["Service"]: entry for entry in map(json.loads, filter(None, lines))}
-    redis_id = await stack.project.container("redis")
+    # Redis runs in the network namespace of redis-host, which holds its name and address.
+    redis_id = await stack.project.container("redis-host")
     redis_networks = json.loads(
         await docker("inspect", "--format", "{{json .NetworkSettings.Networks}}", redis_id)
     )
@@ -398,7 +399,9 @@ async def test_the_stack_is_healthy_on_its_own_networks_and_publishes_on_loopbac
         for name in ("nats", "redis", "upstream")
     }
 
-    assert set(services) == {"nats-1", "nats-2", "nats-3", "redis", "auth", *REPLICAS, "gateway", "upstream"}
+    assert set(services) == {
+        *("nats-1", "nats-2", "nats-3", "redis-host", "redis", "auth", *REPLICAS, "gateway", "upstream")
+    }
     assert {entry["Health"] for entry in services.values()} == {"healthy"}
     published = [
         port for entry in services.values() for port in entry.get("Publishers") or [] if port["PublishedPort"]
