@@ -3,8 +3,9 @@
 The compose v2 binary and the compose-spec schema accept the file; every secret reaches a service as a
 file through ``secrets:`` (never an environment variable, a command line or ``.env``); every hop is on
 TLS; published ports bind loopback only; the services take only the contract's settings and those pass
-the services' own validation with the files ``authmesh compose-env`` writes; the sentinel profile hands
-the auth service the Sentinels. ``make compose-e2e`` runs the same file in real containers.
+the services' own validation with the files ``authmesh compose-env`` writes; the real nats-server accepts
+a node's configuration with the secrets it mounts; the sentinel profile hands the auth service the
+Sentinels. ``make compose-e2e`` runs the same file in real containers.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from authmesh.compose_secrets import (
     write_compose_secrets,
 )
 from authmesh.envoy_gateway import ext_authz_filter
+from authmesh.processes import find_nats_server
 from scripts.check_compose import compose_command, compose_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -361,3 +363,27 @@ def test_the_nats_monitoring_port_is_reachable_only_inside_its_container(service
         assert NATS_MONITOR_PORT not in published | exposed, name
     listen = re.findall(r"^http:\s*\"?([^\"\s]+)\"?\s*$", NATS_CONF.read_text(), flags=re.MULTILINE)
     assert listen == [f"127.0.0.1:{NATS_MONITOR_PORT}"]
+
+
+def test_a_nats_node_accepts_its_configuration_with_the_secrets_it_mounts(
+    services: dict[str, Any], secrets_dir: Path, tmp_path: Path
+) -> None:
+    # The container's /etc/nats and /run/secrets, side by side under tmp_path as they are under /: the
+    # includes reach the secrets by a path relative to nats.conf.
+    etc, run = tmp_path / "etc" / "nats", tmp_path / "run" / "secrets"
+    etc.mkdir(parents=True)
+    run.mkdir(parents=True)
+    (etc / "nats.conf").write_text(NATS_CONF.read_text().replace(f'"{SECRETS_MOUNT}', f'"{run}/'))
+    for target, source in mounted_secrets(services["nats-1"], secrets_dir).items():
+        (run / Path(target).name).write_bytes(source.read_bytes())
+
+    result = subprocess.run(
+        [str(find_nats_server()), "-t", "-c", str(etc / "nats.conf"), "--server_name", "nats-1"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=_COMPOSE_TIMEOUT_SECONDS,
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "is valid" in result.stdout + result.stderr
