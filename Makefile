@@ -146,8 +146,9 @@ compose-check: $(VENV_STAMP)
 
 # make compose-e2e  docker-compose.yml in real containers: installs and starts a Docker engine when none
 #                   runs (as root), builds stand-ins for base images no registry serves, then runs
-#                   tests/test_compose_e2e.py (up --wait, demo, NATS node killed, Redis and auth restarted,
-#                   a replica cut from NATS, down -v)
+#                   tests/test_compose_e2e.py (up --wait on TLS, plaintext refused, demo, NATS node killed,
+#                   Redis and auth restarted, a replica cut from NATS, down -v) and
+#                   tests/test_compose_sentinel_e2e.py (the sentinel profile: the Redis primary killed)
 .PHONY: compose-e2e
 compose-e2e: $(VENV_STAMP)
 	VENV=$(VENV) scripts/compose_e2e.sh

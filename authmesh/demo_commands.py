@@ -83,6 +83,17 @@ def demo(
             show_default=False,
         ),
     ] = None,
+    admin_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--admin-file",
+            envvar="AUTHMESH_BOOTSTRAP_ADMIN_FILE",
+            dir_okay=False,
+            help="Read --admin's user:password from this file instead (a compose secret, say), so the "
+            "password is on no command line.",
+            show_default=False,
+        ),
+    ] = None,
     json_file: Annotated[
         Path | None, typer.Option("--json", dir_okay=False, help="Also write the results as JSON here.")
     ] = None,
@@ -109,6 +120,8 @@ def demo(
     except ConfigurationError as error:
         err.print(f"[red]usage error[/red]: {escape(error.message)}")
         raise typer.Exit(EXIT_USAGE) from None
+    if admin_file is not None:
+        admin = _read_admin_file(admin_file, admin, err)
     target = _existing_stack(target_auth, target_replicas, admin, err, target_tls, gateway=target_gateway)
     if plot_file is not None:
         from authmesh.plot import require_matplotlib
@@ -145,6 +158,25 @@ def demo(
         out.print(f"Timeline drawn to {escape(str(plot_file))}")
     if not report.ok:
         raise typer.Exit(EXIT_FAILURE)
+
+
+def _read_admin_file(path: Path, admin: str | None, err: Console) -> str:
+    """``user:password`` from ``path`` (one trailing newline dropped); exits 2 when it cannot be used."""
+    problem = None
+    if admin is not None:
+        problem = "--admin and --admin-file (or their variables) go one at a time"
+    else:
+        try:
+            content = path.read_text()
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "not text"
+            problem = f"cannot read --admin-file {path}: {reason}"
+        else:
+            admin = content.removesuffix("\n")
+    if problem is not None or admin is None:
+        err.print(f"[red]usage error[/red]: {escape(problem or '')}")
+        raise typer.Exit(EXIT_USAGE)
+    return admin
 
 
 def _existing_stack(

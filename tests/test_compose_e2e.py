@@ -2,13 +2,15 @@
 
 Needs a Docker engine, the compose v2 plugin and the base images; ``scripts/compose_e2e.sh`` provides all
 three (and stand-ins for the base images where no registry answers). One compose project with a name of
-its own comes up with ``--wait``, and then, in order: the demo profile passes; a token passes through the
-Envoy gateway to the service behind it, which sees the verified subject, and once its session is revoked
-the gateway refuses it (401); the demo passes again with one
-NATS node killed; revocations acknowledged while Redis is killed and the auth service restarted are all
-still refused by every replica (one of them restarted too); a replica cut from the NATS network refuses a
-token revoked during the cut within its staleness bound. ``docker compose down -v`` runs at the end
-whatever happened. Published ports bind 127.0.0.1 only, on free ports chosen at the start.
+its own comes up with ``--wait`` on the secrets directory ``authmesh compose-env`` writes, every hop on
+TLS (this process verifies the stack's CA), and then, in order: plaintext clients are refused by the
+auth service, the replicas' HTTPS side, the gateway, NATS and Redis; the demo profile passes; a token
+passes through the Envoy gateway to the service behind it, which sees the verified subject, and once its
+session is revoked the gateway refuses it (401); the demo passes again with one NATS node killed;
+revocations acknowledged while Redis is killed and the auth service restarted are all still refused by
+every replica (one of them restarted too); a replica cut from the NATS network refuses a token revoked
+during the cut within its staleness bound. ``docker compose down -v`` runs at the end whatever happened.
+Published ports bind 127.0.0.1 only, on free ports chosen at the start.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import json
 import os
 import secrets
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -31,9 +34,10 @@ import pytest_asyncio
 
 from authmesh._shared.grpc_errors import error_reason
 from authmesh._shared.settings import ResourceSettings
-from authmesh.auth.v1 import auth_pb2
+from authmesh._shared.tls import TlsFiles, client_ssl_context
+from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+from authmesh.compose_secrets import SECRETS_DIR_VARIABLE, dotenv_lines, write_compose_secrets
 from authmesh.processes import free_ports
-from authmesh.stack_commands import compose_environment
 from tests.auth_support import admin_login
 from tests.test_stack import USER_PASSWORD, StackClient, bearer
 from tests.waiting import eventually
@@ -164,52 +168,103 @@ class Stack:
     replica_http: list[str]
     gateway: str
     admin: tuple[str, str]
+    tls: TlsFiles
 
     @contextlib.asynccontextmanager
     async def client(self) -> AsyncIterator[StackClient]:
         """A client of the auth service and the three replicas, closed afterwards."""
-        client = StackClient(self.auth_target, self.replica_targets, self.admin)
+        client = StackClient(self.auth_target, self.replica_targets, self.admin, self.tls)
         try:
             yield client
         finally:
             await client.aclose()
 
 
-def secret_env() -> dict[str, str]:
-    """This process's environment, without AUTHMESH_* settings of its own, plus fresh secrets."""
+def compose_env(secrets_dir: Path) -> dict[str, str]:
+    """This process's environment, without AUTHMESH_* settings of its own, naming the secrets directory."""
     environment = {key: value for key, value in os.environ.items() if not key.startswith("AUTHMESH_")}
-    return environment | compose_environment()
+    return environment | {SECRETS_DIR_VARIABLE: str(secrets_dir)}
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    """The compose file's stack in containers, healthy; taken down with its volumes afterwards."""
+def ssl_context(stack: Stack) -> ssl.SSLContext:
+    """What this process verifies the stack's HTTPS side and gateway with."""
+    context = client_ssl_context(stack.tls)
+    assert context is not None
+    return context
+
+
+@dataclass(frozen=True, slots=True)
+class RunningProject:
+    """A project brought up by :func:`running_project`: where its ports are published, its secrets."""
+
+    project: ComposeProject
+    host_ports: dict[tuple[str, int], int]
+    secrets_dir: Path
+
+    def address(self, service: str, port: int) -> str:
+        """``127.0.0.1:PORT`` where the host reaches ``service``'s ``port``."""
+        return f"127.0.0.1:{self.host_ports[(service, port)]}"
+
+    @property
+    def admin(self) -> tuple[str, str]:
+        """The bootstrap admin's credentials, from its secret."""
+        username, _, password = (self.secrets_dir / "bootstrap-admin").read_text().partition(":")
+        return username, password
+
+    @property
+    def tls(self) -> TlsFiles:
+        """What the host verifies the stack with: its CA."""
+        return TlsFiles(ca_file=self.secrets_dir / "ca.pem")
+
+
+@contextlib.asynccontextmanager
+async def running_project(
+    directory: Path, *, sentinel: bool = False, services: tuple[str, ...] = ()
+) -> AsyncIterator[RunningProject]:
+    """docker-compose.yml up and healthy on a secrets directory of its own (``services`` and what they
+    need, or everything); taken down with its volumes afterwards.
+
+    Args:
+        directory: Where the override file and the secrets go.
+        sentinel: With the ``.env`` of ``compose-env --sentinel`` (the sentinel profile).
+        services: Start only these (and their dependencies).
+    """
     wanted = [(service, port) for service, ports in SERVICE_PORTS.items() for port in ports]
     host_ports = dict(zip(wanted, free_ports(len(wanted)), strict=True))
-    override = tmp_path_factory.mktemp("compose-e2e") / "docker-compose.e2e.yml"
+    override = directory / "docker-compose.e2e.yml"
     override.write_text(override_publishing(host_ports))
-    environment = secret_env()
+    secrets_dir = directory / "secrets"
+    write_compose_secrets(secrets_dir)
+    dotenv = (line.split("=", 1) for line in dotenv_lines(secrets_dir, sentinel=sentinel) if line[:1] != "#")
+    environment = compose_env(secrets_dir) | dict(dotenv)
     project = ComposeProject(f"authmesh-e2e-{secrets.token_hex(4)}", override, environment)
     try:
         try:
             # --build: an authmesh:local left by an earlier run may hold older code.
-            await project.run("up", "--detach", "--wait", "--build", timeout=UP_TIMEOUT_SECONDS)
+            await project.run("up", "--detach", "--wait", "--build", *services, timeout=UP_TIMEOUT_SECONDS)
         except ComposeError as error:
             logs = await project.run("logs", "--no-color", "--tail", "40")
             raise ComposeError(
                 f"{error}\n--- health ---\n{await health_report(project)}\n--- logs ---\n{logs}"
             ) from None
-        username, _, password = environment["AUTHMESH_BOOTSTRAP_ADMIN"].partition(":")
-        yield Stack(
-            project,
-            f"127.0.0.1:{host_ports[('auth', AUTH_GRPC_PORT)]}",
-            [f"127.0.0.1:{host_ports[(replica, RESOURCE_GRPC_PORT)]}" for replica in REPLICAS],
-            [f"127.0.0.1:{host_ports[(replica, RESOURCE_HTTP_PORT)]}" for replica in REPLICAS],
-            f"http://127.0.0.1:{host_ports[('gateway', GATEWAY_PORT)]}",
-            (username, password),
-        )
+        yield RunningProject(project, host_ports, secrets_dir)
     finally:
         await project.run("down", "--volumes", "--remove-orphans", "--timeout", "10")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    """The compose file's stack in containers, healthy; taken down with its volumes afterwards."""
+    async with running_project(tmp_path_factory.mktemp("compose-e2e")) as running:
+        yield Stack(
+            running.project,
+            running.address("auth", AUTH_GRPC_PORT),
+            [running.address(replica, RESOURCE_GRPC_PORT) for replica in REPLICAS],
+            [running.address(replica, RESOURCE_HTTP_PORT) for replica in REPLICAS],
+            f"https://{running.address('gateway', GATEWAY_PORT)}",
+            running.admin,
+            running.tls,
+        )
 
 
 async def health_report(project: ComposeProject) -> str:
@@ -238,7 +293,7 @@ async def replica_states(stack: Stack) -> list[dict[str, object]]:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS)) as session:
         for address in stack.replica_http:
             try:
-                async with session.get(f"http://{address}/healthz") as reply:
+                async with session.get(f"https://{address}/healthz", ssl=ssl_context(stack)) as reply:
                     states.append(await reply.json())
             except (aiohttp.ClientError, TimeoutError):
                 states.append({})
@@ -273,6 +328,21 @@ async def new_user_session(client: StackClient, admin: str, username: str) -> au
     return await client.auth.Login(
         auth_pb2.LoginRequest(username=username, password=USER_PASSWORD), timeout=CALL_TIMEOUT_SECONDS
     )
+
+
+async def access_tokens(client: StackClient, admin: str, username: str, count: int) -> list[str]:
+    """``count`` access tokens of one new user's session, to revoke one by one.
+
+    Refreshing is cheap (no password hash): one login, then a refresh per token.
+    """
+    pair = await new_user_session(client, admin, username)
+    tokens = [pair.access_token]
+    for _ in range(count - 1):
+        pair = await client.auth.Refresh(
+            auth_pb2.RefreshRequest(refresh_token=pair.refresh_token), timeout=CALL_TIMEOUT_SECONDS
+        )
+        tokens.append(pair.access_token)
+    return tokens
 
 
 async def revoke_token(client: StackClient, admin: str, token: str) -> None:
@@ -317,7 +387,8 @@ def timer() -> Iterator[list[float]]:
 async def test_the_stack_is_healthy_on_its_own_networks_and_publishes_on_loopback_only(stack: Stack) -> None:
     lines = (await stack.project.run("ps", "--format", "json")).splitlines()
     services = {entry["Service"]: entry for entry in map(json.loads, filter(None, lines))}
-    redis_id = await stack.project.container("redis")
+    # Redis runs in the network namespace of redis-host, which holds its name and address.
+    redis_id = await stack.project.container("redis-host")
     redis_networks = json.loads(
         await docker("inspect", "--format", "{{json .NetworkSettings.Networks}}", redis_id)
     )
@@ -328,7 +399,9 @@ async def test_the_stack_is_healthy_on_its_own_networks_and_publishes_on_loopbac
         for name in ("nats", "redis", "upstream")
     }
 
-    assert set(services) == {"nats-1", "nats-2", "nats-3", "redis", "auth", *REPLICAS, "gateway", "upstream"}
+    assert set(services) == {
+        *("nats-1", "nats-2", "nats-3", "redis-host", "redis", "auth", *REPLICAS, "gateway", "upstream")
+    }
     assert {entry["Health"] for entry in services.values()} == {"healthy"}
     published = [
         port for entry in services.values() for port in entry.get("Publishers") or [] if port["PublishedPort"]
@@ -336,6 +409,72 @@ async def test_the_stack_is_healthy_on_its_own_networks_and_publishes_on_loopbac
     assert {port["URL"] for port in published} == {"127.0.0.1"}
     assert set(redis_networks) == {stack.project.network("redis")}
     assert internal == {"nats": "true", "redis": "true", "upstream": "true"}
+
+
+# Run inside the auth container (NATS and Redis are not published): a plaintext client of each.
+_PLAINTEXT_PROBE = """
+import asyncio, json
+import nats, redis.asyncio as redis
+from redis.exceptions import ConnectionError, TimeoutError
+
+async def nats_answers():
+    try:
+        connection = await nats.connect("nats://nats-1:4222", connect_timeout=2, allow_reconnect=False,
+                                        max_reconnect_attempts=0)
+    except Exception:
+        return False
+    await connection.close()
+    return True
+
+async def redis_answers():
+    client = redis.Redis(host="redis", port=6379, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        await client.ping()
+    except (ConnectionError, TimeoutError, OSError):
+        return False
+    except Exception:
+        return True  # it answered (NOAUTH, say): plaintext got through
+    finally:
+        await client.aclose()
+    return True
+
+async def main():
+    print(json.dumps({"nats": await nats_answers(), "redis": await redis_answers()}))
+
+asyncio.run(main())
+"""
+
+
+async def plaintext_http_answers(url: str) -> bool:
+    """Whether ``url`` answers a plaintext HTTP request at all."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS)) as session,
+            session.get(url) as reply,
+        ):
+            await reply.read()
+    except (aiohttp.ClientError, TimeoutError):
+        return False
+    return True
+
+
+async def test_plaintext_clients_are_refused_everywhere(stack: Stack) -> None:
+    channel = grpc.aio.insecure_channel(stack.auth_target)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await auth_pb2_grpc.AuthServiceStub(channel).GetJwks(auth_pb2.GetJwksRequest(), timeout=5)
+    finally:
+        await channel.close()
+    http_side = await plaintext_http_answers(f"http://{stack.replica_http[0]}/healthz")
+    gateway = await plaintext_http_answers(stack.gateway.replace("https://", "http://") + "/docs/1")
+    inside = json.loads(
+        await stack.project.run("exec", "-T", "auth", "python", "-c", _PLAINTEXT_PROBE, timeout=60)
+    )
+
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert not http_side
+    assert not gateway
+    assert inside == {"nats": False, "redis": False}
 
 
 async def test_the_demo_profile_passes(stack: Stack) -> None:
@@ -352,7 +491,7 @@ async def through_the_gateway(stack: Stack, token: str) -> tuple[int, dict[str, 
     headers = {"authorization": f"Bearer {token}", "x-authmesh-subject": "forged-by-the-client"}
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT_SECONDS)) as session,
-        session.get(f"{stack.gateway}/docs/1", headers=headers) as reply,
+        session.get(f"{stack.gateway}/docs/1", headers=headers, ssl=ssl_context(stack)) as reply,
     ):
         text = await reply.text()
         return reply.status, (json.loads(text) if text.startswith("{") else {})
@@ -411,14 +550,7 @@ async def test_no_acknowledged_revocation_is_lost_when_redis_is_killed_and_the_a
 ) -> None:
     async with stack.client() as client:
         admin = await admin_token(stack, client)
-        pair = await new_user_session(client, admin, "dora")
-        # Refreshing is cheap (no password hash): one access token per revocation to come.
-        tokens = [pair.access_token]
-        for _ in range(TOKENS_TO_REVOKE - 1):
-            pair = await client.auth.Refresh(
-                auth_pb2.RefreshRequest(refresh_token=pair.refresh_token), timeout=CALL_TIMEOUT_SECONDS
-            )
-            tokens.append(pair.access_token)
+        tokens = await access_tokens(client, admin, "dora", TOKENS_TO_REVOKE)
         # One revocation acknowledged before anything restarts, so the check below is never empty.
         await revoke_token(client, admin, tokens[0])
         acknowledged = [tokens[0]]

@@ -27,6 +27,7 @@ from authmesh._shared.events import LIVE_SUBJECTS, STREAM_NAME, EventType
 from authmesh._shared.grpc_errors import error_reason
 from authmesh._shared.nats_wiring import inbox_prefix
 from authmesh._shared.stream_reader import DIRECT_GET_SUBJECT, StreamReader, live_message
+from authmesh._shared.tls import TlsFiles, open_channel
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.processes import LOOPBACK
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
@@ -72,15 +73,23 @@ class StackClient:
         auth_target: The auth service's gRPC address.
         replica_targets: Each replica's gRPC address.
         admin: The bootstrap admin's ``(username, password)``.
+        tls: Call over TLS with these files (a CA: verify the servers); plaintext by default.
     """
 
-    def __init__(self, auth_target: str, replica_targets: Iterable[str], admin: tuple[str, str]) -> None:
+    def __init__(
+        self,
+        auth_target: str,
+        replica_targets: Iterable[str],
+        admin: tuple[str, str],
+        tls: TlsFiles | None = None,
+    ) -> None:
         self._admin = admin
-        self._channels = [grpc.aio.insecure_channel(auth_target)]
+        files = tls or TlsFiles()
+        self._channels = [open_channel(auth_target, files)]
         self.auth: auth_pb2_grpc.AuthServiceAsyncStub = auth_pb2_grpc.AuthServiceStub(self._channels[0])
         self.replicas: list[resource_pb2_grpc.ResourceServiceAsyncStub] = []
         for target in replica_targets:
-            channel = grpc.aio.insecure_channel(target)
+            channel = open_channel(target, files)
             self._channels.append(channel)
             self.replicas.append(resource_pb2_grpc.ResourceServiceStub(channel))
 
