@@ -205,7 +205,7 @@ class ScriptRunner:
             if acked < ack.replicas:
                 retried = set(missing)
                 for call in calls:
-                    # An error reply stays the call's answer: that script wrote nothing to wait for.
+                    # A script that failed answers with its own error, not with the replicas' count.
                     if call not in retried and not isinstance(call.outcome, ResponseError):
                         call.outcome = Unavailable(
                             f"the store's write reached {acked} of {ack.replicas} replicas "

@@ -205,7 +205,7 @@ def render(result: Mapping[str, Any]) -> Table:
     argon2 = config["argon2"]
     table = rate_table(
         f"auth service: Refresh and Login vs health Check; Argon2id t={argon2['time_cost']}, "
-        f"m={argon2['memory_kib']} KiB, p={argon2['parallelism']}"
+        f"m={argon2['memory_kib']} KiB, p={argon2['parallelism']}" + ("; on TLS" if config.get("tls") else "")
     )
     for level in result["levels"]:
         kinds = ("health", "refresh", "login") if "login" in level else ("health", "refresh")
