@@ -63,7 +63,7 @@ from authmesh._shared.events import (
     TokenRevokedEvent,
     UserRevokedEvent,
 )
-from authmesh._shared.jose import sign_compact
+from authmesh._shared.jose import encode_header, sign_with_header
 from authmesh._shared.metrics import LabelledChildren
 from authmesh._shared.settings import AuthSettings
 from authmesh._shared.verifier import NoRevocations, TokenVerifier, VerifierPolicy
@@ -71,6 +71,8 @@ from authmesh._shared.verifier import NoRevocations, TokenVerifier, VerifierPoli
 REFRESH_TOKEN_PREFIX = "amr_"
 KEY_RELOAD_COOLDOWN_SECONDS = 1.0
 ROTATION_REQUEST_TTL_SECONDS = 600
+# Signing keys whose access-token header stays encoded (only the active one is in use, bar a rotation).
+MAX_CACHED_HEADERS = 8
 _log = structlog.get_logger(__name__)
 
 
@@ -130,6 +132,8 @@ class AuthCore:
         self._clock = clock
         self._last_key_reload = -KEY_RELOAD_COOLDOWN_SECONDS
         self._refreshes = LabelledChildren(metrics.refreshes)
+        # An access token's header segment by signing kid: the same bytes on every token of a key.
+        self._access_headers: dict[str, str] = {}
         self._audiences = Audiences(auth=settings.auth_audience, resource=settings.audience)
         self._resource_verifier, self._auth_verifier = (
             TokenVerifier(
@@ -807,7 +811,12 @@ class AuthCore:
             kid=key.kid,
             jkt=jkt,
         )
-        return sign_compact({"typ": ACCESS_TOKEN_TYPE, "kid": key.kid}, claims.to_payload(), key.private_key)
+        header = self._access_headers.get(key.kid)
+        if header is None:
+            if len(self._access_headers) >= MAX_CACHED_HEADERS:
+                self._access_headers.clear()
+            header = self._access_headers[key.kid] = encode_header({"typ": ACCESS_TOKEN_TYPE, "kid": key.kid})
+        return sign_with_header(header, claims.to_payload(), key.private_key)
 
     def _pair(
         self, access_token: str, refresh_token: str, sid: str, scopes: tuple[str, ...], jkt: str | None = None

@@ -7,6 +7,7 @@ client side of that call is on the hot path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 import hiredis
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from authmesh._shared.errors import Unavailable
@@ -24,6 +25,11 @@ from authmesh._shared.errors import Unavailable
 DEFAULT_SCRIPT_TIMEOUT_SECONDS = 5.0
 # At most this many connections (and never more than half the pool) stay borrowed between script calls.
 MAX_IDLE_SCRIPT_CONNECTIONS = 32
+# Batches out at once per acknowledgement rule: calls made meanwhile wait and go out together next, so a
+# loaded service sends fewer, larger batches; more than one, so that one slow script delays no other.
+MAX_BATCHES_OUT = 2
+# The most script calls one batch carries (one write, one read buffer).
+MAX_BATCH_CALLS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,14 +64,22 @@ class ScriptRunner:
     A Refresh is one script call, and redis-py's command path (retry wrapper, observability hooks, command
     packing in Python, the pool's lock and health check, a task per write for the socket timeout) was a
     large share of its CPU. Here a command is packed by hiredis and sent on a connection kept borrowed
-    between calls, under one deadline for the whole round trip. What the usual path guarantees still
-    holds:
+    between calls, under one deadline for the whole round trip.
+
+    Calls made while a batch is out (or in the same turn of the event loop) are sent together as the
+    next batch: one write, one read of every reply, one fsync in Redis and, with a :class:`ReplicaAck`,
+    one ``WAIT`` after the last script of the batch, so no call is answered before the replicas hold
+    every write of its batch. What the usual path guarantees still holds:
 
     - connections belong to the client's pool, so closing the client closes them too;
-    - the deadline is the client's socket timeout; a connection whose call failed, timed out or was
-      cancelled is disconnected and handed back to the pool, never reused as it is;
-    - failures are redis-py's exceptions (``ConnectionError``, ``TimeoutError``, ``ResponseError``);
-    - a ``NOSCRIPT`` reply (``SCRIPT FLUSH``, a Redis restarted) loads the script and retries once.
+    - the deadline is the client's socket timeout; a connection whose batch failed, timed out or was
+      interrupted is disconnected and handed back to the pool, never reused as it is;
+    - failures are redis-py's exceptions (``ConnectionError``, ``TimeoutError``, ``ResponseError``); an
+      error reply fails only the call it answers, a lost connection or the deadline every call of the
+      batch;
+    - a ``NOSCRIPT`` reply (``SCRIPT FLUSH``, a Redis restarted) loads the script and retries once;
+    - a caller that gives up (its own deadline, a cancellation) leaves the batch in step: its reply is
+      still read, then dropped.
 
     A call is not retried after a connection error: its script may have run, and rotating a refresh
     token twice would look like reuse.
@@ -80,6 +94,10 @@ class ScriptRunner:
         self._deadline = self._socket_timeout or DEFAULT_SCRIPT_TIMEOUT_SECONDS
         self._max_idle = min(MAX_IDLE_SCRIPT_CONNECTIONS, pool.max_connections // 2)
         self._idle: list[AbstractConnection] = []
+        # Calls waiting for the next batch, and batches out, per acknowledgement rule.
+        self._queued: dict[ReplicaAck | None, list[_Call]] = {}
+        self._out: dict[ReplicaAck | None, int] = {}
+        self._senders: set[asyncio.Task[None]] = set()
 
     async def run(
         self,
@@ -95,52 +113,106 @@ class ScriptRunner:
             Unavailable: ``STORE_NOT_REPLICATED``: too few replicas had the write in time (it may
                 still be on the primary; a retry of the call is idempotent).
         """
-        conn = await self._acquire()
+        if ack is not None and ack.replicas <= 0:
+            ack = None
+        loop = asyncio.get_running_loop()
+        packed = hiredis.pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))  # type: ignore[arg-type]
+        call = _Call(script, packed, loop.create_future())
+        queued = self._queued.get(ack)
+        if queued is None:
+            queued = self._queued[ack] = []
+        queued.append(call)
+        out = self._out.get(ack, 0)
+        if len(queued) == 1 and out < MAX_BATCHES_OUT:
+            self._out[ack] = out + 1
+            sender = loop.create_task(self._send_queued(ack))
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
+        return await call.reply
+
+    async def _send_queued(self, ack: ReplicaAck | None) -> None:
+        """Send what is queued for ``ack`` as batches, one after another, until nothing is left."""
         try:
-            reply = await self._evalsha(conn, script, keys, args)
-            if ack is not None and ack.replicas > 0:
-                await self._wait_for_replicas(conn, ack)
-            return reply
-        except (ResponseError, Unavailable):
-            raise  # the reply was read in full: the connection is in step
-        except BaseException:
-            # A lost connection, the deadline or a cancellation may leave a reply in flight.
-            await conn.disconnect(nowait=True)
-            raise
+            while queued := self._queued.pop(ack, None):
+                if len(queued) > MAX_BATCH_CALLS:
+                    self._queued[ack] = queued[MAX_BATCH_CALLS:] + self._queued.get(ack, [])
+                    queued = queued[:MAX_BATCH_CALLS]
+                await self._send_batch(queued, ack)
         finally:
-            await self._release(conn)
+            self._out[ack] -= 1
 
-    async def _evalsha(
-        self, conn: AbstractConnection, script: LuaScript, keys: Sequence[str], args: Sequence[str | int]
-    ) -> Any:
-        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+    async def _send_batch(self, calls: list[_Call], ack: ReplicaAck | None) -> None:
+        deadline = self._deadline + (ack.timeout_ms / 1000 if ack is not None else 0)
+        conn: AbstractConnection | None = None
         try:
-            async with asyncio.timeout(self._deadline):
-                try:
-                    return await self._call(conn, command)
-                except NoScriptError:
-                    await self._call(conn, ("SCRIPT", "LOAD", script.source))
-                    return await self._call(conn, command)
-        except TimeoutError as error:
-            raise RedisTimeoutError(f"no reply from Redis within {self._deadline} s") from error
+            conn = await self._acquire()
+            async with asyncio.timeout(deadline):
+                missing = await self._round(conn, calls, ack)
+                if missing:
+                    scripts = {call.script.sha: call.script for call in missing}
+                    loads = [
+                        hiredis.pack_command(("SCRIPT", "LOAD", script.source))  # type: ignore[arg-type]
+                        for script in scripts.values()
+                    ]
+                    for call in await self._round(conn, missing, ack, loads):
+                        call.outcome = NoScriptError("the script was not loaded after SCRIPT LOAD")
+        except BaseException as error:
+            if conn is not None:
+                # A lost connection, the deadline or an interruption may leave replies in flight.
+                await conn.disconnect(nowait=True)
+            for call in calls:
+                if not call.reply.done():
+                    call.reply.set_exception(_batch_failure(error))
+            if not isinstance(error, Exception):
+                raise
+        else:
+            for call in calls:
+                if not call.reply.done():
+                    if isinstance(call.outcome, BaseException):
+                        call.reply.set_exception(call.outcome)
+                    else:
+                        call.reply.set_result(call.outcome)
+        finally:
+            if conn is not None:
+                await self._release(conn)
 
-    async def _wait_for_replicas(self, conn: AbstractConnection, ack: ReplicaAck) -> None:
-        try:
-            async with asyncio.timeout(self._deadline + ack.timeout_ms / 1000):
-                acked = await self._call(conn, ("WAIT", ack.replicas, ack.timeout_ms))
-        except TimeoutError as error:
-            raise RedisTimeoutError("no reply from Redis to WAIT") from error
-        if int(acked) < ack.replicas:
-            raise Unavailable(
-                f"the store's write reached {acked} of {ack.replicas} replicas in {ack.timeout_ms} ms",
-                code="STORE_NOT_REPLICATED",
-            )
-
-    @staticmethod
-    async def _call(conn: AbstractConnection, command: tuple[str | int, ...]) -> Any:
-        packed = hiredis.pack_command(command)  # type: ignore[arg-type]  # the stub types it as a 1-tuple
+    async def _round(
+        self,
+        conn: AbstractConnection,
+        calls: list[_Call],
+        ack: ReplicaAck | None,
+        prelude: Sequence[bytes] = (),
+    ) -> list[_Call]:
+        """Send ``prelude``, the calls' scripts and, with ``ack``, ``WAIT`` in one write, and read every
+        reply (the prelude's are dropped); the calls whose script Redis did not know."""
+        packed = [*prelude, *(call.command for call in calls)]
+        if ack is not None:
+            packed.append(hiredis.pack_command(("WAIT", ack.replicas, ack.timeout_ms)))  # type: ignore[arg-type]
         await conn.send_packed_command(packed, check_health=False)
-        return await conn.read_response()
+        for _ in prelude:
+            with contextlib.suppress(ResponseError):
+                await conn.read_response()
+        missing: list[_Call] = []
+        for call in calls:
+            try:
+                call.outcome = await conn.read_response()
+            except NoScriptError:
+                missing.append(call)
+            except ResponseError as error:
+                call.outcome = error  # the reply was read in full: the connection is in step
+        if ack is not None:
+            acked = int(await conn.read_response())
+            if acked < ack.replicas:
+                retried = set(missing)
+                for call in calls:
+                    # A script that failed answers with its own error, not with the replicas' count.
+                    if call not in retried and not isinstance(call.outcome, ResponseError):
+                        call.outcome = Unavailable(
+                            f"the store's write reached {acked} of {ack.replicas} replicas "
+                            f"in {ack.timeout_ms} ms",
+                            code="STORE_NOT_REPLICATED",
+                        )
+        return missing
 
     async def _acquire(self) -> AbstractConnection:
         if not self._idle:
@@ -162,6 +234,26 @@ class ScriptRunner:
             return
         conn.socket_timeout = self._socket_timeout
         await self._pool.release(conn)
+
+
+@dataclass(slots=True, eq=False)
+class _Call:
+    """One script call of a batch: what to send, what came back, and who waits for it."""
+
+    script: LuaScript
+    command: bytes
+    reply: asyncio.Future[Any]
+    outcome: Any = None
+
+
+def _batch_failure(error: BaseException) -> RedisError:
+    """What a call of a batch that failed as a whole raises: an exception of its own, so that no two
+    callers share (and extend) one traceback."""
+    if isinstance(error, TimeoutError | RedisTimeoutError):
+        return RedisTimeoutError(str(error) or "no reply from Redis in time")
+    if isinstance(error, RedisConnectionError):
+        return RedisConnectionError(str(error))
+    return RedisConnectionError(f"the batch's connection failed: {type(error).__name__}: {error}")
 
 
 async def _closed_or_unsolicited(conn: AbstractConnection) -> bool:

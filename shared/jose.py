@@ -59,6 +59,8 @@ _FORBIDDEN_HEADERS = frozenset(
     {"jwk", "jku", "x5u", "x5c", "x5t", "x5t#S256", "crit", "b64", "zip", "enc", "cty"}
 )
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+# json.dumps with options builds an encoder per call; tokens are signed on hot paths.
+_JSON_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
 
 _URL_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 # base64url -> standard base64 for binascii; '+', '/' and '=' become '*', which strict mode refuses,
@@ -318,7 +320,16 @@ def verify_signature(public_key: ec.EllipticCurvePublicKey, signing_input: bytes
 
 
 def _json_bytes(value: dict[str, Any]) -> bytes:
-    return json.dumps(value, separators=(",", ":"), sort_keys=False, ensure_ascii=True).encode("ascii")
+    return _JSON_ENCODER.encode(value).encode("ascii")
+
+
+def encode_header(header: dict[str, Any]) -> str:
+    """The first segment of a compact ES256 JWS: ``header`` with ``alg`` set to ES256, in base64url.
+
+    A signer that puts the same header on many tokens encodes it once and signs with
+    :func:`sign_with_header`.
+    """
+    return b64url_encode(_json_bytes({**header, "alg": ALGORITHM}))
 
 
 def sign_compact(
@@ -334,9 +345,23 @@ def sign_compact(
     Returns:
         ``header.payload.signature``.
     """
-    signing_input = (
-        b64url_encode(_json_bytes({**header, "alg": ALGORITHM})) + "." + b64url_encode(_json_bytes(payload))
-    )
+    return sign_with_header(encode_header(header), payload, private_key)
+
+
+def sign_with_header(
+    encoded_header: str, payload: dict[str, Any], private_key: ec.EllipticCurvePrivateKey
+) -> str:
+    """Sign a JSON payload as a compact ES256 JWS under a header :func:`encode_header` made.
+
+    Args:
+        encoded_header: The header segment, from :func:`encode_header`.
+        payload: A JSON object.
+        private_key: A P-256 private key.
+
+    Returns:
+        ``header.payload.signature``.
+    """
+    signing_input = encoded_header + "." + b64url_encode(_json_bytes(payload))
     der = private_key.sign(signing_input.encode("ascii"), _ECDSA_SHA256)
     r, s = decode_dss_signature(der)
     return signing_input + "." + b64url_encode(r.to_bytes(32, "big") + s.to_bytes(32, "big"))

@@ -198,6 +198,18 @@ async def test_refresh_bench_times_refresh_and_login_beside_health(tmp_path: Pat
 
 
 @pytest.mark.slow
+@pytest.mark.redis_tls
+async def test_refresh_bench_on_tls_calls_over_tls_without_errors() -> None:
+    result = await refresh.measure(concurrency=(2,), slices=1, slice_s=0.1, login_s=0, tls=True)
+    assert result["config"]["tls"] is True
+    (level,) = result["levels"]
+    for kind in ("health", "refresh"):
+        assert level[kind]["errors"] == {}
+        assert level[kind]["per_second"] > 0
+    assert "on TLS" in rendered(refresh.render(result))
+
+
+@pytest.mark.slow
 async def test_propagation_bench_times_each_revocation_to_the_last_replica_and_the_floor(
     tmp_path: Path,
 ) -> None:

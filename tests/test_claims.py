@@ -206,6 +206,15 @@ def test_a_uuid7_carries_its_millisecond_timestamp(ms: int) -> None:
     assert parsed.version == 7
     assert parsed.variant == uuid.RFC_4122
     assert uuid7_ms(value) == ms
+    assert str(parsed) == value  # canonical: lower case, hyphens where uuid puts them
+
+
+def test_uuid7s_use_every_variant_digit_and_random_bits_everywhere_but_version_and_variant() -> None:
+    values = [new_uuid7(NOW * 1000) for _ in range(400)]
+    assert {value[19] for value in values} == set("89ab")
+    # Each random hex digit position takes many values; the fixed ones (timestamp, 7) take one.
+    for position in (15, 16, 17, 20, 21, 22, *range(24, 36)):
+        assert len({value[position] for value in values}) > 8
 
 
 def test_uuid7s_are_distinct_and_ordered_by_time() -> None:

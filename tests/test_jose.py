@@ -29,8 +29,10 @@ from authmesh._shared.jose import (
     check_signature_shape,
     decode_compact,
     decode_compact_raw,
+    encode_header,
     parse_json_object,
     sign_compact,
+    sign_with_header,
     verify_signature,
 )
 from tests.helpers_tokens import (
@@ -391,6 +393,16 @@ def test_sign_compact_always_writes_es256_and_verifies(key: SigningKey) -> None:
     jws = decode_compact(token)
     assert jws.unverified_header["alg"] == "ES256"
     assert jws.unverified_payload == {"a": 1}
+    verify_signature(key.public_key, jws.signing_input, jws.signature)
+
+
+def test_a_token_signed_under_a_header_encoded_once_is_the_same_token_shape(key: SigningKey) -> None:
+    header = {"typ": "at+jwt", "kid": key.kid}
+    encoded = encode_header(header)
+    token = sign_with_header(encoded, {"a": 1}, key.private_key)
+    assert token.split(".")[0] == sign_compact(header, {"a": 1}, key.private_key).split(".")[0] == encoded
+    jws = decode_compact(token)
+    assert jws.unverified_header == {**header, "alg": "ES256"}
     verify_signature(key.public_key, jws.signing_input, jws.signature)
 
 

@@ -80,6 +80,7 @@ def refresh(
         float, typer.Option(min=0, max=600, help="timed seconds of Login per level (0 skips Login)")
     ] = 4.0,
     pin: PinOption = False,
+    tls: Annotated[bool, typer.Option("--tls", help="the stack and every call on TLS")] = False,
 ) -> None:
     """Refresh (and Login, with its Argon2 cost) vs the auth service's health Check."""
     from authmesh.bench.refresh import main
@@ -94,6 +95,7 @@ def refresh(
             login_s=login_seconds,
             concurrency=tuple(concurrency or CONCURRENCY),
             pin_cpus=pin,
+            tls=tls,
         )
     )
 
