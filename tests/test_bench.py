@@ -18,7 +18,7 @@ from rich.table import Table
 from typer.testing import CliRunner
 
 from authmesh._shared.errors import ConfigurationError
-from authmesh.bench import catchup, common, memory, propagation, refresh, rpc
+from authmesh.bench import catchup, common, memory, propagation, refresh, replica_ack, rpc
 from authmesh.bench.commands import bench_app
 
 LATENCY_KEYS = {"count", "p50", "p99", "max", "mean"}
@@ -195,6 +195,41 @@ async def test_refresh_bench_times_refresh_and_login_beside_health(tmp_path: Pat
     assert_judged(result, "refresh_over_health")
     assert "Argon2id" in rendered(refresh.render(result))
     assert_charts(refresh.draw(result, tmp_path))
+
+
+@pytest.mark.slow
+async def test_replica_ack_bench_times_each_rpc_with_and_without_wait(tmp_path: Path) -> None:
+    result = await replica_ack.measure(concurrency=(1, 2), slices=2, slice_s=0.1)
+    assert result["benchmark"] == "replica_ack"
+    assert result["config"]["min_replicas_acked"] == {"no_wait": 0, "wait": 1}
+    assert [level["concurrency"] for level in result["levels"]] == [1, 2]
+    for level in result["levels"]:
+        for rpc_name in replica_ack.RPCS:
+            for service in replica_ack.SERVICES:
+                figures = level[f"{rpc_name}_{service}"]
+                assert figures["per_second"] > 0
+                assert len(figures["slices_per_second"]) == 2
+                assert figures["errors"] == {}
+                assert_latency(figures["latency"])
+            compared = level["wait_over_no_wait"][rpc_name]
+            assert compared["throughput"] > 0
+            assert compared["p50"] > 0
+            assert compared["p99"] > 0
+            assert math.isfinite(compared["p50_added_ms"])
+    # Only the WAIT service waits: at least once per call it answered, none for the other's.
+    wait_calls = sum(
+        level[f"{rpc_name}_wait"]["latency"]["count"]
+        for level in result["levels"]
+        for rpc_name in replica_ack.RPCS
+    )
+    assert result["wait_commands"] >= wait_calls
+    assert len(result["config"]["tokens_minted"]) == 2
+    assert 0 <= result["config"]["tokens_left"] < sum(result["config"]["tokens_minted"])
+    assert result["ok"] is True
+    text = rendered(replica_ack.render(result))
+    assert "RevokeToken WAIT / no WAIT" in text
+    assert "Refresh WAIT / no WAIT" in text
+    assert_charts(replica_ack.draw(result, tmp_path))
 
 
 @pytest.mark.slow

@@ -98,6 +98,28 @@ def refresh(
     )
 
 
+@bench_app.command("replica-ack")
+def replica_ack(
+    json_path: JsonOption = None,
+    plot_dir: PlotOption = None,
+    concurrency: ConcurrencyOption = None,
+    slices: SlicesOption = 24,
+    slice_seconds: SliceSecondsOption = 0.25,
+) -> None:
+    """Refresh and RevokeToken acknowledged once a Redis replica has them (WAIT) vs at once, on Sentinel."""
+    from authmesh.bench.replica_ack import CONCURRENCY, main
+
+    raise typer.Exit(
+        main(
+            json_path,
+            plot_dir,
+            slices=slices,
+            slice_s=slice_seconds,
+            concurrency=tuple(concurrency or CONCURRENCY),
+        )
+    )
+
+
 @bench_app.command("propagation")
 def propagation(
     json_path: JsonOption = None,

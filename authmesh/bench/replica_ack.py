@@ -1,0 +1,404 @@
+"""``authmesh bench replica-ack``: what acknowledging a write only once a Redis replica holds it costs.
+
+The store runs as ``authmesh up --redis-sentinel`` runs it (a :class:`~authmesh.stack.LocalStack` with
+``redis_sentinel=True``): a Redis primary, two replicas and three Sentinels, every data node append-only
+with ``appendfsync always``. Two auth-service processes join that stack with its own auth service's
+environment and differ only in ``AUTHMESH_REDIS_MIN_REPLICAS_ACKED``: ``0`` (**no WAIT**: a write is
+acknowledged once the primary has it) and ``1`` (**WAIT**, the default with Sentinel: the answer waits
+for ``WAIT 1 <timeout>``, which returns once the first of the two replicas confirms the write). Both
+reach the primary through the Sentinels, on the same NATS.
+
+The load generator of :mod:`authmesh.bench.rpc` (with a ``revoke`` kind added here: :class:`RevocationLoad`)
+times, at each concurrency, each RPC on both services in alternating slices (the order flips every pair),
+so a burst of background load lands on both:
+
+* **Refresh**: each concurrent caller follows its own session's chain of refresh tokens on both services
+  (they share Redis, so a chain rotated on one goes on on the other): the rotation script, then ``WAIT``.
+* **RevokeToken**: every call revokes an access token no call has revoked yet. The tokens are minted
+  beforehand, untimed, by refreshing those same chains on the no-WAIT service; each is a distinct ``jti``
+  of a live session, so every call writes (revoking a token twice writes nothing, and ``WAIT`` then has
+  nothing to wait for). The caller is an admin. A call verifies both tokens, runs the revocation script,
+  then ``WAIT``, then publishes the event and waits for JetStream's acknowledgement.
+
+Reported per RPC and service: throughput (median over slices), latency p50/p99 over every timed call,
+the server's CPU per call; and WAIT / no WAIT: throughput (median over slice pairs), p50, p99 and CPU.
+The primary's count of ``WAIT`` commands over the run shows that only one service sent them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as redis
+from rich.table import Table
+
+from authmesh._shared.errors import ConfigurationError
+from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+from authmesh.bench.common import (
+    JsonDict,
+    Worker,
+    bar_chart,
+    environment,
+    judge,
+    measure_and_report,
+    ratio,
+    serve_worker,
+)
+from authmesh.bench.refresh import prepare_users
+from authmesh.bench.rpc import (
+    CALL_TIMEOUT_SECONDS,
+    Call,
+    LoadGenerator,
+    alternate,
+    level_rows,
+    paired_ratio,
+    rate_table,
+)
+from authmesh.client import AuthApi
+from authmesh.processes import LOOPBACK, STOP_TIMEOUT_SECONDS, free_ports
+from authmesh.stack import SERVICE_START_TIMEOUT_SECONDS, LocalStack, ServiceProcess
+
+CONCURRENCY = (1, 16)
+# The two services: name → AUTHMESH_REDIS_MIN_REPLICAS_ACKED.
+SERVICES = {"no_wait": 0, "wait": 1}
+RPCS = ("refresh", "revoke")
+# Access tokens outlive the run: a token minted for revocation must still be live when it is revoked.
+ACCESS_TOKEN_TTL_SECONDS = 3600
+# Tokens minted for RevokeToken: this many times the faster Refresh's rate over the timed windows, plus
+# a few calls per caller and slice for the warm-up and the calls in flight at a window's end.
+_MINT_RATE_MARGIN = 2.0
+_MINT_CALLS_PER_CALLER_AND_SLICE = 4
+# Minting runs at Refresh speed; this is a floor on its rate, for its deadline only.
+_MINT_MIN_PER_SECOND = 50.0
+REVOKE_REASON = "bench replica-ack"
+
+
+class TokensRanOut(Exception):
+    """The load generator revoked every token minted for it before the slice ended."""
+
+
+class StaleToken(Exception):
+    """A token to revoke had expired: its revocation wrote nothing."""
+
+
+# --- the load generator (worker side) -------------------------------------------------------------------
+
+
+class RevocationLoad(LoadGenerator):
+    """:class:`~authmesh.bench.rpc.LoadGenerator` with one more kind of call, ``revoke``.
+
+    Caller *i* of ``revoke`` takes the next unrevoked access token from the pool ``mint`` filled and
+    revokes it with ``RevokeToken``, authorized by the ``revoker`` token given to ``setup``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._revocable: list[str] = []
+        self._revoker = ""
+
+    async def setup(self, command: JsonDict) -> JsonDict:
+        """:meth:`LoadGenerator.setup`, and ``revoker``: the access token ``RevokeToken`` is called with."""
+        answer = await super().setup(command)
+        if "revoker" in command:
+            self._revoker = str(command["revoker"])
+        return {**answer, "revocable": len(self._revocable)}
+
+    async def mint(self, command: JsonDict) -> JsonDict:
+        """Add ``count`` access tokens to the pool: refresh every chain on ``target`` until there are.
+
+        Returns:
+            ``revocable``: the tokens in the pool now.
+        """
+        target, count = str(command["target"]), int(command["count"])
+        if count < 0 or not self._refresh:
+            raise ValueError("minting needs refresh tokens (setup) and a count of 0 or more")
+        refresh = auth_pb2_grpc.AuthServiceStub(self._channel(target)).Refresh
+        chains, pool = self._refresh, self._revocable
+        wanted = len(pool) + count
+
+        async def chain(index: int) -> None:
+            while len(pool) < wanted:  # every turn adds one token or raises
+                pair = await refresh(
+                    auth_pb2.RefreshRequest(refresh_token=chains[index]), timeout=CALL_TIMEOUT_SECONDS
+                )
+                chains[index] = pair.refresh_token
+                pool.append(pair.access_token)
+
+        await asyncio.gather(*(chain(index) for index in range(len(chains))))
+        return {"revocable": len(pool)}
+
+    async def pool(self, command: JsonDict) -> JsonDict:
+        """``revocable``: the tokens in the pool now."""
+        return {"revocable": len(self._revocable)}
+
+    def _caller(self, kind: str, target: str, index: int) -> Call:
+        if kind != "revoke":
+            return super()._caller(kind, target, index)
+        revoke = auth_pb2_grpc.AuthServiceStub(self._channel(target)).RevokeToken
+        metadata = (("authorization", f"Bearer {self._revoker}"),)
+        pool = self._revocable
+
+        async def revoke_one() -> None:
+            if not pool:
+                raise TokensRanOut("every minted token is revoked: mint more before the slice")
+            request = auth_pb2.RevokeTokenRequest(token=pool.pop(), reason=REVOKE_REASON)
+            answer = await revoke(request, metadata=metadata, timeout=CALL_TIMEOUT_SECONDS)
+            if not answer.event_id:
+                raise StaleToken("a token to revoke had expired: its revocation wrote nothing")
+
+        return revoke_one
+
+
+def worker_main() -> None:
+    """The load generator's entry point (``python -m authmesh.bench.replica_ack --worker``)."""
+    load = RevocationLoad()
+    serve_worker({"setup": load.setup, "run": load.run, "mint": load.mint, "pool": load.pool})
+
+
+# --- the driving side ---------------------------------------------------------------------------------
+
+
+def _label(rpc: str, service: str) -> str:
+    return f"{rpc}_{service}"
+
+
+async def _start_auth(stack: LocalStack, service: str) -> ServiceProcess:
+    """One more auth service on the stack, with ``AUTHMESH_REDIS_MIN_REPLICAS_ACKED`` of ``service``."""
+    grpc_port, http_port = free_ports(2)
+    grpc_address, http_address = f"{LOOPBACK}:{grpc_port}", f"{LOOPBACK}:{http_port}"
+    name = f"auth-{service.replace('_', '-')}"
+    env = {
+        **stack.auth_env(grpc_address, http_address),
+        "AUTHMESH_INSTANCE": name,
+        "AUTHMESH_REDIS_MIN_REPLICAS_ACKED": str(SERVICES[service]),
+    }
+    process = ServiceProcess(
+        name,
+        stack.data_dir / name,
+        command="auth-server",
+        env=env,
+        grpc_address=grpc_address,
+        http_address=http_address,
+        probe_tls=stack.client_tls,
+    )
+    await process.start(SERVICE_START_TIMEOUT_SECONDS)
+    return process
+
+
+async def _wait_commands(stack: LocalStack) -> int:
+    """How many ``WAIT`` commands the primary has run since it started."""
+    group = stack.sentinel_group
+    if group is None:
+        raise ConfigurationError("the stack runs no Sentinel group")
+    async with redis.Redis(host=LOOPBACK, port=group.servers[0].port, socket_timeout=5) as primary:
+        stats = await primary.info("commandstats")
+    wait = stats.get("cmdstat_wait")
+    return int(wait["calls"]) if isinstance(wait, Mapping) else 0
+
+
+def tokens_to_mint(refresh: Mapping[str, Any], concurrency: int, slices: int, slice_s: float) -> int:
+    """Tokens one level's RevokeToken slices may spend on both services, judged by its Refresh slices."""
+    rates = (refresh[_label("refresh", service)]["slices_per_second"] for service in SERVICES)
+    fastest = max(float(rate) for slices_of_one in rates for rate in slices_of_one)
+    timed = _MINT_RATE_MARGIN * fastest * slices * slice_s
+    warmup = _MINT_CALLS_PER_CALLER_AND_SLICE * concurrency * slices
+    return len(SERVICES) * math.ceil(timed + warmup)
+
+
+def compare(level: Mapping[str, Any], rpc: str) -> JsonDict:
+    """WAIT / no WAIT for one RPC at one level: throughput (median over slice pairs), p50, p99, CPU."""
+    wait, no_wait = level[_label(rpc, "wait")], level[_label(rpc, "no_wait")]
+    cpu_wait, cpu_no_wait = wait["server_cpu_us"], no_wait["server_cpu_us"]
+    return {
+        "throughput": paired_ratio(wait, no_wait),
+        "p50": ratio(wait["latency"]["p50"], no_wait["latency"]["p50"]),
+        "p99": ratio(wait["latency"]["p99"], no_wait["latency"]["p99"]),
+        "p50_added_ms": wait["latency"]["p50"] - no_wait["latency"]["p50"],
+        "server_cpu": None if cpu_wait is None or not cpu_no_wait else cpu_wait / cpu_no_wait,
+        "server_cpu_added_us": None if cpu_wait is None or cpu_no_wait is None else cpu_wait - cpu_no_wait,
+    }
+
+
+async def measure(
+    *,
+    concurrency: Sequence[int] = CONCURRENCY,
+    slices: int = 24,
+    slice_s: float = 0.25,
+    progress: Callable[[str], None] = lambda _: None,
+) -> JsonDict:
+    """Run the benchmark on a fresh Sentinel stack with two more auth services (no WAIT and WAIT).
+
+    Args:
+        concurrency: Calls in flight, one level after another.
+        slices: Timed slices per RPC, service and level; the two services alternate slice by slice.
+        slice_s: Seconds each timed slice lasts.
+        progress: Told what is being measured.
+
+    Returns:
+        A JSON-ready result (see ``docs/benchmarks.md``).
+    """
+    if slices < 1 or slice_s <= 0 or not concurrency or min(concurrency) < 1:
+        raise ValueError("slices, slice_s and the concurrency levels must be positive")
+    progress("starting a local stack on Redis with Sentinel")
+    env = {"AUTHMESH_ACCESS_TOKEN_TTL": str(ACCESS_TOKEN_TTL_SECONDS)}
+    minted: list[int] = []
+    async with (
+        LocalStack(replicas=0, redis_sentinel=True, env=env) as stack,
+        contextlib.AsyncExitStack() as services,
+        Worker("authmesh.bench.replica_ack", "load generator") as load,
+    ):
+        progress("starting the two auth services")
+        started: dict[str, ServiceProcess] = {}
+        for service in SERVICES:
+            process = started[service] = await _start_auth(stack, service)
+            services.push_async_callback(process.stop, STOP_TIMEOUT_SECONDS)
+        routes = {
+            _label(rpc, service): {"kind": rpc, "target": process.grpc_address, "server_pid": process.pid}
+            for rpc in RPCS
+            for service, process in started.items()
+        }
+        progress(f"creating {max(concurrency)} users and sessions (Argon2id)")
+        _, refresh_tokens = await prepare_users(stack, max(concurrency))
+        async with AuthApi(stack.auth_grpc) as auth:
+            admin = await auth.admin_login(*stack.admin_credentials)
+        await load.request({"op": "setup", "refresh_tokens": refresh_tokens, "revoker": admin.access_token})
+        waits_before = await _wait_commands(stack)
+        levels = []
+        for level in concurrency:
+            figures: JsonDict = {"concurrency": level}
+            for rpc in RPCS:
+                if rpc == "revoke":
+                    count = tokens_to_mint(figures, level, slices, slice_s)
+                    progress(f"minting {count:,} tokens to revoke")
+                    target = started["no_wait"].grpc_address
+                    await load.request(
+                        {"op": "mint", "target": target, "count": count},
+                        timeout=count / _MINT_MIN_PER_SECOND + CALL_TIMEOUT_SECONDS,
+                    )
+                    minted.append(count)
+                progress(f"{rpc}, {level} in flight")
+                kinds = tuple(_label(rpc, service) for service in SERVICES)
+                figures |= await alternate(
+                    load,
+                    kinds=kinds,
+                    target=started["no_wait"].grpc_address,
+                    concurrency=level,
+                    slices=slices,
+                    slice_s=slice_s,
+                    server_pid=None,
+                    routes={kind: routes[kind] for kind in kinds},
+                )
+            figures["wait_over_no_wait"] = {rpc: compare(figures, rpc) for rpc in RPCS}
+            levels.append(figures)
+        wait_commands = await _wait_commands(stack) - waits_before
+        left = int((await load.request({"op": "pool"}))["revocable"])
+    return {
+        "benchmark": "replica_ack",
+        "environment": environment(),
+        "config": {
+            "concurrency": list(concurrency),
+            "slices": slices,
+            "slice_s": slice_s,
+            "redis": "Sentinel: a primary, 2 replicas, 3 Sentinels; appendfsync always on every data node",
+            "min_replicas_acked": dict(SERVICES),
+            "replica_ack_timeout_s": 1.0,
+            "access_token_ttl_s": ACCESS_TOKEN_TTL_SECONDS,
+            "tokens_minted": minted,
+            "tokens_left": left,
+        },
+        "wait_commands": wait_commands,
+        "levels": levels,
+        **judge((), {}),
+    }
+
+
+def run(**options: Any) -> JsonDict:
+    """:func:`measure` from synchronous code."""
+    return asyncio.run(measure(**options))
+
+
+_LABELS = {
+    "refresh_no_wait": "Refresh, no WAIT",
+    "refresh_wait": "Refresh, WAIT 1",
+    "revoke_no_wait": "RevokeToken, no WAIT",
+    "revoke_wait": "RevokeToken, WAIT 1",
+}
+_RPC_NAMES = {"refresh": "Refresh", "revoke": "RevokeToken"}
+
+
+def _times(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+def render(result: Mapping[str, Any]) -> Table:
+    """The result of :func:`run` as a table."""
+    config = result["config"]
+    table = rate_table(
+        "auth service acknowledging writes once a Redis replica has them (WAIT 1) vs at once (no WAIT); "
+        f"{config['slices']} alternating slices × {config['slice_s']:g} s per RPC, service and level"
+    )
+    for level in result["levels"]:
+        for rpc in RPCS:
+            level_rows(table, level, [_label(rpc, service) for service in SERVICES], _LABELS)
+            ratios = level["wait_over_no_wait"][rpc]
+            table.add_row(
+                "",
+                f"{_RPC_NAMES[rpc]} WAIT / no WAIT (p50 +{ratios['p50_added_ms']:.2f} ms)",
+                _times(ratios["throughput"]),
+                _times(ratios["p50"]),
+                _times(ratios["p99"]),
+                _times(ratios["server_cpu"]),
+                "",
+            )
+        table.add_section()
+    table.add_row("", f"WAIT commands the primary ran: {result['wait_commands']:,}", "", "", "", "", "")
+    return table
+
+
+def draw(result: Mapping[str, Any], directory: Path) -> list[Path]:
+    """A chart of :func:`run`'s result: p50 latency of each RPC and service, by concurrency."""
+    levels = result["levels"]
+    chart = bar_chart(
+        directory / "replica-ack-latency.png",
+        title="p50 latency: acknowledged at once (no WAIT) vs once a replica has it (WAIT 1)",
+        groups=[f"{level['concurrency']} in flight" for level in levels],
+        series={
+            label: [level[kind]["latency"]["p50"] for level in levels] for kind, label in _LABELS.items()
+        },
+        ylabel="ms",
+    )
+    return [chart]
+
+
+def main(
+    json_path: Path | None,
+    plot_dir: Path | None,
+    *,
+    slices: int,
+    slice_s: float,
+    concurrency: Sequence[int] = CONCURRENCY,
+) -> int:
+    """Run the benchmark, print the table, write JSON and charts if asked.
+
+    Returns:
+        The exit status: 0 (the bench measures; it sets no goal).
+    """
+    return measure_and_report(
+        "replica-ack",
+        "measuring Refresh and RevokeToken with and without WAIT…",
+        lambda progress: run(concurrency=concurrency, slices=slices, slice_s=slice_s, progress=progress),
+        render,
+        draw,
+        json_path,
+        plot_dir,
+    )
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+    worker_main()
