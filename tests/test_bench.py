@@ -199,7 +199,7 @@ async def test_refresh_bench_times_refresh_and_login_beside_health(tmp_path: Pat
 
 @pytest.mark.slow
 async def test_replica_ack_bench_times_each_rpc_with_and_without_wait(tmp_path: Path) -> None:
-    result = await replica_ack.measure(concurrency=(1, 2), slices=2, slice_s=0.1)
+    result = await replica_ack.measure(concurrency=(1, 2), slices=2, slice_s=0.1, floor_calls=5)
     assert result["benchmark"] == "replica_ack"
     assert result["config"]["min_replicas_acked"] == {"no_wait": 0, "wait": 1}
     assert [level["concurrency"] for level in result["levels"]] == [1, 2]
@@ -225,8 +225,14 @@ async def test_replica_ack_bench_times_each_rpc_with_and_without_wait(tmp_path: 
     assert result["wait_commands"] >= wait_calls
     assert len(result["config"]["tokens_minted"]) == 2
     assert 0 <= result["config"]["tokens_left"] < sum(result["config"]["tokens_minted"])
+    floor = result["redis_floor"]
+    for service in replica_ack.SERVICES:
+        assert_latency(floor[service]["latency"])
+        assert floor[service]["latency"]["count"] == 2 * 5
+    assert math.isfinite(floor["p50_added_ms"])
     assert result["ok"] is True
     text = rendered(replica_ack.render(result))
+    assert "floor: WAIT adds" in text
     assert "RevokeToken WAIT / no WAIT" in text
     assert "Refresh WAIT / no WAIT" in text
     assert_charts(replica_ack.draw(result, tmp_path))

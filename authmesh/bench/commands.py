@@ -105,6 +105,14 @@ def replica_ack(
     concurrency: ConcurrencyOption = None,
     slices: SlicesOption = 24,
     slice_seconds: SliceSecondsOption = 0.25,
+    floor_calls: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=10_000,
+            help="calls per slice of the floor (Redis alone, with and without WAIT; 0 skips)",
+        ),
+    ] = 100,
 ) -> None:
     """Refresh and RevokeToken acknowledged once a Redis replica has them (WAIT) vs at once, on Sentinel."""
     from authmesh.bench.replica_ack import CONCURRENCY, main
@@ -115,6 +123,7 @@ def replica_ack(
             plot_dir,
             slices=slices,
             slice_s=slice_seconds,
+            floor_calls=floor_calls,
             concurrency=tuple(concurrency or CONCURRENCY),
         )
     )

@@ -23,6 +23,10 @@ so a burst of background load lands on both:
 Reported per RPC and service: throughput (median over slices), latency p50/p99 over every timed call,
 the server's CPU per call; and WAIT / no WAIT: throughput (median over slice pairs), p50, p99 and CPU.
 The primary's count of ``WAIT`` commands over the run shows that only one service sent them.
+
+**The floor**: the same write script on the primary, one call at a time through the auth service's own
+:class:`~authmesh._auth_service.redis_scripts.ScriptRunner` (no gRPC, no auth service), with and
+without ``WAIT 1`` in alternating slices: what waiting for a replica costs in Redis alone.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import asyncio
 import contextlib
 import math
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,10 +43,12 @@ from typing import Any
 import redis.asyncio as redis
 from rich.table import Table
 
+from authmesh._auth_service.redis_scripts import LuaScript, ReplicaAck, ScriptRunner
 from authmesh._shared.errors import ConfigurationError
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.bench.common import (
     JsonDict,
+    Latency,
     Worker,
     bar_chart,
     environment,
@@ -72,11 +79,17 @@ RPCS = ("refresh", "revoke")
 ACCESS_TOKEN_TTL_SECONDS = 3600
 # Tokens minted for RevokeToken: this many times the faster Refresh's rate over the timed windows, plus
 # a few calls per caller and slice for the warm-up and the calls in flight at a window's end.
-_MINT_RATE_MARGIN = 2.0
+_MINT_RATE_MARGIN = 1.25
 _MINT_CALLS_PER_CALLER_AND_SLICE = 4
 # Minting runs at Refresh speed; this is a floor on its rate, for its deadline only.
 _MINT_MIN_PER_SECOND = 50.0
 REVOKE_REASON = "bench replica-ack"
+# The floor: one write the size of a revocation's outbox entry, through the auth service's script runner.
+FLOOR_SCRIPT = LuaScript.of("return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])")
+FLOOR_KEY_PREFIX = "bench:replica-ack:"
+FLOOR_VALUE = "x" * 400
+FLOOR_KEY_TTL_MS = 60_000
+FLOOR_ACKS: dict[str, ReplicaAck | None] = {"no_wait": None, "wait": ReplicaAck(1, 1000)}
 
 
 class TokensRanOut(Exception):
@@ -133,6 +146,31 @@ class RevocationLoad(LoadGenerator):
         await asyncio.gather(*(chain(index) for index in range(len(chains))))
         return {"revocable": len(pool)}
 
+    async def redis_floor(self, command: JsonDict) -> JsonDict:
+        """Time one write script on the primary at ``port`` with and without ``WAIT 1``, one call at a time.
+
+        The two alternate in ``slices`` slices of ``calls`` calls each (the order flips every pair), on
+        the auth service's own :class:`ScriptRunner`: what ``WAIT`` costs in Redis alone, without gRPC.
+
+        Returns:
+            Per ``no_wait`` and ``wait``: ``latency`` over every call (ms).
+        """
+        slices, calls = int(command["slices"]), int(command["calls"])
+        samples: dict[str, list[float]] = {name: [] for name in FLOOR_ACKS}
+        async with redis.Redis(host=LOOPBACK, port=int(command["port"]), socket_timeout=5) as client:
+            runner = ScriptRunner(client.connection_pool)
+            for index in range(slices):
+                order = list(FLOOR_ACKS) if index % 2 == 0 else list(FLOOR_ACKS)[::-1]
+                for name in order:
+                    for call in range(calls):
+                        key = f"{FLOOR_KEY_PREFIX}{name}:{index}:{call}"
+                        started = time.perf_counter_ns()
+                        await runner.run(
+                            FLOOR_SCRIPT, [key], [FLOOR_VALUE, FLOOR_KEY_TTL_MS], ack=FLOOR_ACKS[name]
+                        )
+                        samples[name].append((time.perf_counter_ns() - started) / 1e6)
+        return {name: {"latency": Latency.of(values).to_json()} for name, values in samples.items()}
+
     async def pool(self, command: JsonDict) -> JsonDict:
         """``revocable``: the tokens in the pool now."""
         return {"revocable": len(self._revocable)}
@@ -158,7 +196,15 @@ class RevocationLoad(LoadGenerator):
 def worker_main() -> None:
     """The load generator's entry point (``python -m authmesh.bench.replica_ack --worker``)."""
     load = RevocationLoad()
-    serve_worker({"setup": load.setup, "run": load.run, "mint": load.mint, "pool": load.pool})
+    serve_worker(
+        {
+            "setup": load.setup,
+            "run": load.run,
+            "mint": load.mint,
+            "pool": load.pool,
+            "redis_floor": load.redis_floor,
+        }
+    )
 
 
 # --- the driving side ---------------------------------------------------------------------------------
@@ -191,12 +237,17 @@ async def _start_auth(stack: LocalStack, service: str) -> ServiceProcess:
     return process
 
 
-async def _wait_commands(stack: LocalStack) -> int:
-    """How many ``WAIT`` commands the primary has run since it started."""
+def _primary_port(stack: LocalStack) -> int:
+    """The port of the stack's Redis primary (the group's first server: the bench causes no failover)."""
     group = stack.sentinel_group
     if group is None:
         raise ConfigurationError("the stack runs no Sentinel group")
-    async with redis.Redis(host=LOOPBACK, port=group.servers[0].port, socket_timeout=5) as primary:
+    return group.servers[0].port
+
+
+async def _wait_commands(stack: LocalStack) -> int:
+    """How many ``WAIT`` commands the primary has run since it started."""
+    async with redis.Redis(host=LOOPBACK, port=_primary_port(stack), socket_timeout=5) as primary:
         stats = await primary.info("commandstats")
     wait = stats.get("cmdstat_wait")
     return int(wait["calls"]) if isinstance(wait, Mapping) else 0
@@ -209,6 +260,21 @@ def tokens_to_mint(refresh: Mapping[str, Any], concurrency: int, slices: int, sl
     timed = _MINT_RATE_MARGIN * fastest * slices * slice_s
     warmup = _MINT_CALLS_PER_CALLER_AND_SLICE * concurrency * slices
     return len(SERVICES) * math.ceil(timed + warmup)
+
+
+async def redis_floor(load: Worker, port: int, slices: int, calls: int) -> JsonDict:
+    """The load generator's :meth:`RevocationLoad.redis_floor`, with the p50 and p99 WAIT adds."""
+    floor = await load.request(
+        {"op": "redis_floor", "port": port, "slices": slices, "calls": calls},
+        timeout=slices * calls * len(FLOOR_ACKS) * 2.0 + 30,  # ≤ 2 s a call: WAIT's own timeout is 1 s
+    )
+    wait, no_wait = floor["wait"]["latency"], floor["no_wait"]["latency"]
+    return {
+        **floor,
+        "calls_per_slice": calls,
+        "p50_added_ms": wait["p50"] - no_wait["p50"],
+        "p99_added_ms": wait["p99"] - no_wait["p99"],
+    }
 
 
 def compare(level: Mapping[str, Any], rpc: str) -> JsonDict:
@@ -230,6 +296,7 @@ async def measure(
     concurrency: Sequence[int] = CONCURRENCY,
     slices: int = 24,
     slice_s: float = 0.25,
+    floor_calls: int = 100,
     progress: Callable[[str], None] = lambda _: None,
 ) -> JsonDict:
     """Run the benchmark on a fresh Sentinel stack with two more auth services (no WAIT and WAIT).
@@ -238,12 +305,14 @@ async def measure(
         concurrency: Calls in flight, one level after another.
         slices: Timed slices per RPC, service and level; the two services alternate slice by slice.
         slice_s: Seconds each timed slice lasts.
+        floor_calls: Calls per slice of the floor (a write script on the primary, with and without
+            ``WAIT``, as many slices as ``slices``); 0 skips it.
         progress: Told what is being measured.
 
     Returns:
         A JSON-ready result (see ``docs/benchmarks.md``).
     """
-    if slices < 1 or slice_s <= 0 or not concurrency or min(concurrency) < 1:
+    if slices < 1 or slice_s <= 0 or floor_calls < 0 or not concurrency or min(concurrency) < 1:
         raise ValueError("slices, slice_s and the concurrency levels must be positive")
     progress("starting a local stack on Redis with Sentinel")
     env = {"AUTHMESH_ACCESS_TOKEN_TTL": str(ACCESS_TOKEN_TTL_SECONDS)}
@@ -298,6 +367,10 @@ async def measure(
             levels.append(figures)
         wait_commands = await _wait_commands(stack) - waits_before
         left = int((await load.request({"op": "pool"}))["revocable"])
+        floor = None
+        if floor_calls:
+            progress("the floor: a write script on the primary, with and without WAIT")
+            floor = await redis_floor(load, _primary_port(stack), slices, floor_calls)
     return {
         "benchmark": "replica_ack",
         "environment": environment(),
@@ -314,6 +387,7 @@ async def measure(
         },
         "wait_commands": wait_commands,
         "levels": levels,
+        "redis_floor": floor,
         **judge((), {}),
     }
 
@@ -357,6 +431,21 @@ def render(result: Mapping[str, Any]) -> Table:
                 "",
             )
         table.add_section()
+    floor = result.get("redis_floor")
+    if floor is not None:
+        for service, label in (("no_wait", "no WAIT"), ("wait", "WAIT 1")):
+            latency = floor[service]["latency"]
+            table.add_row(
+                "1",
+                f"floor: a write script on the primary, {label}",
+                "",
+                f"{latency['p50']:.2f}",
+                f"{latency['p99']:.2f}",
+                "",
+                "",
+            )
+        table.add_row("", f"floor: WAIT adds {floor['p50_added_ms']:.2f} ms at p50", "", "", "", "", "")
+        table.add_section()
     table.add_row("", f"WAIT commands the primary ran: {result['wait_commands']:,}", "", "", "", "", "")
     return table
 
@@ -382,6 +471,7 @@ def main(
     *,
     slices: int,
     slice_s: float,
+    floor_calls: int = 100,
     concurrency: Sequence[int] = CONCURRENCY,
 ) -> int:
     """Run the benchmark, print the table, write JSON and charts if asked.
@@ -392,7 +482,13 @@ def main(
     return measure_and_report(
         "replica-ack",
         "measuring Refresh and RevokeToken with and without WAIT…",
-        lambda progress: run(concurrency=concurrency, slices=slices, slice_s=slice_s, progress=progress),
+        lambda progress: run(
+            concurrency=concurrency,
+            slices=slices,
+            slice_s=slice_s,
+            floor_calls=floor_calls,
+            progress=progress,
+        ),
         render,
         draw,
         json_path,
