@@ -198,9 +198,11 @@ async def test_refresh_bench_times_refresh_and_login_beside_health(tmp_path: Pat
 
 
 @pytest.mark.slow
-async def test_replica_ack_bench_times_each_rpc_with_and_without_wait(tmp_path: Path) -> None:
-    result = await replica_ack.measure(concurrency=(1, 2), slices=2, slice_s=0.1, floor_calls=5)
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+async def test_replica_ack_bench_times_each_rpc_with_and_without_wait(tmp_path: Path, tls: bool) -> None:
+    result = await replica_ack.measure(concurrency=(1, 2), slices=2, slice_s=0.1, floor_calls=5, tls=tls)
     assert result["benchmark"] == "replica_ack"
+    assert result["config"]["tls"] is tls
     assert result["config"]["min_replicas_acked"] == {"no_wait": 0, "wait": 1}
     assert [level["concurrency"] for level in result["levels"]] == [1, 2]
     for level in result["levels"]:

@@ -113,6 +113,7 @@ def replica_ack(
             help="calls per slice of the floor (Redis alone, with and without WAIT; 0 skips)",
         ),
     ] = 100,
+    tls: Annotated[bool, typer.Option("--tls", help="the stack and every call on TLS")] = False,
 ) -> None:
     """Refresh and RevokeToken acknowledged once a Redis replica has them (WAIT) vs at once, on Sentinel."""
     from authmesh.bench.replica_ack import CONCURRENCY, main
@@ -125,6 +126,7 @@ def replica_ack(
             slice_s=slice_seconds,
             floor_calls=floor_calls,
             concurrency=tuple(concurrency or CONCURRENCY),
+            tls=tls,
         )
     )
 

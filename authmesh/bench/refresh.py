@@ -23,6 +23,7 @@ from typing import Any
 from rich.table import Table
 
 from authmesh._shared.settings import AuthSettings
+from authmesh._shared.tls import grpc_channel_credentials
 from authmesh.bench.common import (
     Goal,
     JsonDict,
@@ -71,7 +72,8 @@ async def prepare_users(stack: LocalStack, count: int) -> tuple[list[tuple[str, 
         ``(username, password)`` pairs and the refresh tokens, in the same order.
     """
     users = [(f"{USER_PREFIX}{index}", f"bench-password-{index}-x") for index in range(count)]
-    async with AuthApi(stack.auth_grpc, timeout=120) as auth:
+    credentials = grpc_channel_credentials(stack.client_tls)
+    async with AuthApi(stack.auth_grpc, timeout=120, credentials=credentials) as auth:
         admin = await auth.admin_login(*stack.admin_credentials)
         slots = asyncio.Semaphore(_SETUP_CONCURRENCY)
 

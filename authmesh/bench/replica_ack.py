@@ -27,6 +27,9 @@ The primary's count of ``WAIT`` commands over the run shows that only one servic
 **The floor**: the same write script on the primary, one call at a time through the auth service's own
 :class:`~authmesh._auth_service.redis_scripts.ScriptRunner` (no gRPC, no auth service), with and
 without ``WAIT 1`` in alternating slices: what waiting for a replica costs in Redis alone.
+
+``--tls`` runs all of it on TLS (``authmesh up --tls --redis-sentinel``: gRPC, NATS, replication and
+the Sentinels), the floor's client included.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from rich.table import Table
 
 from authmesh._auth_service.redis_scripts import LuaScript, ReplicaAck, ScriptRunner
 from authmesh._shared.errors import ConfigurationError
+from authmesh._shared.tls import TlsFiles, grpc_channel_credentials, redis_tls_options
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 from authmesh.bench.common import (
     JsonDict,
@@ -66,6 +70,7 @@ from authmesh.bench.rpc import (
     level_rows,
     paired_ratio,
     rate_table,
+    tls_command,
 )
 from authmesh.client import AuthApi
 from authmesh.processes import LOOPBACK, STOP_TIMEOUT_SECONDS, free_ports
@@ -157,7 +162,7 @@ class RevocationLoad(LoadGenerator):
         """
         slices, calls = int(command["slices"]), int(command["calls"])
         samples: dict[str, list[float]] = {name: [] for name in FLOOR_ACKS}
-        async with redis.Redis(host=LOOPBACK, port=int(command["port"]), socket_timeout=5) as client:
+        async with _redis_client(int(command["port"]), self._tls) as client:
             runner = ScriptRunner(client.connection_pool)
             for index in range(slices):
                 order = list(FLOOR_ACKS) if index % 2 == 0 else list(FLOOR_ACKS)[::-1]
@@ -237,6 +242,12 @@ async def _start_auth(stack: LocalStack, service: str) -> ServiceProcess:
     return process
 
 
+def _redis_client(port: int, tls: TlsFiles) -> redis.Redis:
+    """A client of the Redis server at ``port`` (on TLS, with ``tls``'s CA and client certificate)."""
+    options = {"ssl": True, **redis_tls_options("rediss://", tls)} if tls.ca_file is not None else {}
+    return redis.Redis(host=LOOPBACK, port=port, socket_timeout=5, **options)
+
+
 def _primary_port(stack: LocalStack) -> int:
     """The port of the stack's Redis primary (the group's first server: the bench causes no failover)."""
     group = stack.sentinel_group
@@ -247,7 +258,7 @@ def _primary_port(stack: LocalStack) -> int:
 
 async def _wait_commands(stack: LocalStack) -> int:
     """How many ``WAIT`` commands the primary has run since it started."""
-    async with redis.Redis(host=LOOPBACK, port=_primary_port(stack), socket_timeout=5) as primary:
+    async with _redis_client(_primary_port(stack), stack.client_tls) as primary:
         stats = await primary.info("commandstats")
     wait = stats.get("cmdstat_wait")
     return int(wait["calls"]) if isinstance(wait, Mapping) else 0
@@ -298,6 +309,7 @@ async def measure(
     slice_s: float = 0.25,
     floor_calls: int = 100,
     progress: Callable[[str], None] = lambda _: None,
+    tls: bool = False,
 ) -> JsonDict:
     """Run the benchmark on a fresh Sentinel stack with two more auth services (no WAIT and WAIT).
 
@@ -308,6 +320,7 @@ async def measure(
         floor_calls: Calls per slice of the floor (a write script on the primary, with and without
             ``WAIT``, as many slices as ``slices``); 0 skips it.
         progress: Told what is being measured.
+        tls: Run the stack and every call on TLS (``authmesh up --tls --redis-sentinel``).
 
     Returns:
         A JSON-ready result (see ``docs/benchmarks.md``).
@@ -318,7 +331,7 @@ async def measure(
     env = {"AUTHMESH_ACCESS_TOKEN_TTL": str(ACCESS_TOKEN_TTL_SECONDS)}
     minted: list[int] = []
     async with (
-        LocalStack(replicas=0, redis_sentinel=True, env=env) as stack,
+        LocalStack(replicas=0, redis_sentinel=True, env=env, tls=tls) as stack,
         contextlib.AsyncExitStack() as services,
         Worker("authmesh.bench.replica_ack", "load generator") as load,
     ):
@@ -334,9 +347,17 @@ async def measure(
         }
         progress(f"creating {max(concurrency)} users and sessions (Argon2id)")
         _, refresh_tokens = await prepare_users(stack, max(concurrency))
-        async with AuthApi(stack.auth_grpc) as auth:
+        credentials = grpc_channel_credentials(stack.client_tls)
+        async with AuthApi(stack.auth_grpc, credentials=credentials) as auth:
             admin = await auth.admin_login(*stack.admin_credentials)
-        await load.request({"op": "setup", "refresh_tokens": refresh_tokens, "revoker": admin.access_token})
+        await load.request(
+            {
+                "op": "setup",
+                "refresh_tokens": refresh_tokens,
+                "revoker": admin.access_token,
+                **tls_command(stack.client_tls),
+            }
+        )
         waits_before = await _wait_commands(stack)
         levels = []
         for level in concurrency:
@@ -378,6 +399,7 @@ async def measure(
             "concurrency": list(concurrency),
             "slices": slices,
             "slice_s": slice_s,
+            "tls": tls,
             "redis": "Sentinel: a primary, 2 replicas, 3 Sentinels; appendfsync always on every data node",
             "min_replicas_acked": dict(SERVICES),
             "replica_ack_timeout_s": 1.0,
@@ -413,9 +435,11 @@ def _times(value: float | None) -> str:
 def render(result: Mapping[str, Any]) -> Table:
     """The result of :func:`run` as a table."""
     config = result["config"]
+    on_tls = ", every hop on TLS" if config.get("tls") else ""
     table = rate_table(
-        "auth service acknowledging writes once a Redis replica has them (WAIT 1) vs at once (no WAIT); "
-        f"{config['slices']} alternating slices × {config['slice_s']:g} s per RPC, service and level"
+        "auth service acknowledging writes once a Redis replica has them (WAIT 1) vs at once (no WAIT)"
+        f"{on_tls}; {config['slices']} alternating slices × {config['slice_s']:g} s "
+        "per RPC, service and level"
     )
     for level in result["levels"]:
         for rpc in RPCS:
@@ -473,6 +497,7 @@ def main(
     slice_s: float,
     floor_calls: int = 100,
     concurrency: Sequence[int] = CONCURRENCY,
+    tls: bool = False,
 ) -> int:
     """Run the benchmark, print the table, write JSON and charts if asked.
 
@@ -488,6 +513,7 @@ def main(
             slice_s=slice_s,
             floor_calls=floor_calls,
             progress=progress,
+            tls=tls,
         ),
         render,
         draw,

@@ -501,7 +501,7 @@ async def measure(
         server_pid = stack.pids().get(replica.name)
         pinned = await pin_apart(server_pid, load.pid) if pin_cpus and server_pid is not None else None
         tokens = await bench_tokens(stack, max(concurrency))
-        await load.request({"op": "setup", "tokens": tokens, **_tls_command(stack.client_tls)})
+        await load.request({"op": "setup", "tokens": tokens, **tls_command(stack.client_tls)})
         signer_key = ec.generate_private_key(ec.SECP256R1())
         await load.request(
             {
@@ -762,7 +762,7 @@ if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
     worker_main()
 
 
-def _tls_command(files: TlsFiles) -> JsonDict:
+def tls_command(files: TlsFiles) -> JsonDict:
     """The ``setup`` fields that hand the load generator a stack's client TLS files."""
     named = {"tls_ca_file": files.ca_file, "tls_cert_file": files.cert_file, "tls_key_file": files.key_file}
     return {key: str(path) if path is not None else None for key, path in named.items()}
