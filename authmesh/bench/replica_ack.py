@@ -82,6 +82,8 @@ SERVICES = {"no_wait": 0, "wait": 1}
 RPCS = ("refresh", "revoke")
 # Access tokens outlive the run: a token minted for revocation must still be live when it is revoked.
 ACCESS_TOKEN_TTL_SECONDS = 3600
+# AUTHMESH_REDIS_REPLICA_ACK_TIMEOUT's default, set for both services whatever the environment says.
+REPLICA_ACK_TIMEOUT_SECONDS = 1.0
 # Tokens minted for RevokeToken: this many times the faster Refresh's rate over the timed windows, plus
 # a few calls per caller and slice for the warm-up and the calls in flight at a window's end.
 _MINT_RATE_MARGIN = 1.25
@@ -94,7 +96,10 @@ FLOOR_SCRIPT = LuaScript.of("return redis.call('SET', KEYS[1], ARGV[1], 'PX', AR
 FLOOR_KEY_PREFIX = "bench:replica-ack:"
 FLOOR_VALUE = "x" * 400
 FLOOR_KEY_TTL_MS = 60_000
-FLOOR_ACKS: dict[str, ReplicaAck | None] = {"no_wait": None, "wait": ReplicaAck(1, 1000)}
+FLOOR_ACKS: dict[str, ReplicaAck | None] = {
+    "no_wait": None,
+    "wait": ReplicaAck(1, int(REPLICA_ACK_TIMEOUT_SECONDS * 1000)),
+}
 
 
 class TokensRanOut(Exception):
@@ -277,7 +282,8 @@ async def redis_floor(load: Worker, port: int, slices: int, calls: int) -> JsonD
     """The load generator's :meth:`RevocationLoad.redis_floor`, with the p50 and p99 WAIT adds."""
     floor = await load.request(
         {"op": "redis_floor", "port": port, "slices": slices, "calls": calls},
-        timeout=slices * calls * len(FLOOR_ACKS) * 2.0 + 30,  # ≤ 2 s a call: WAIT's own timeout is 1 s
+        # 2 s a call on average is far beyond a healthy call (WAIT itself gives up after 1 s).
+        timeout=slices * calls * len(FLOOR_ACKS) * 2.0 + 30,
     )
     wait, no_wait = floor["wait"]["latency"], floor["no_wait"]["latency"]
     return {
@@ -328,7 +334,10 @@ async def measure(
     if slices < 1 or slice_s <= 0 or floor_calls < 0 or not concurrency or min(concurrency) < 1:
         raise ValueError("slices, slice_s and the concurrency levels must be positive")
     progress("starting a local stack on Redis with Sentinel")
-    env = {"AUTHMESH_ACCESS_TOKEN_TTL": str(ACCESS_TOKEN_TTL_SECONDS)}
+    env = {
+        "AUTHMESH_ACCESS_TOKEN_TTL": str(ACCESS_TOKEN_TTL_SECONDS),
+        "AUTHMESH_REDIS_REPLICA_ACK_TIMEOUT": f"{REPLICA_ACK_TIMEOUT_SECONDS:g}",
+    }
     minted: list[int] = []
     async with (
         LocalStack(replicas=0, redis_sentinel=True, env=env, tls=tls) as stack,
@@ -402,7 +411,7 @@ async def measure(
             "tls": tls,
             "redis": "Sentinel: a primary, 2 replicas, 3 Sentinels; appendfsync always on every data node",
             "min_replicas_acked": dict(SERVICES),
-            "replica_ack_timeout_s": 1.0,
+            "replica_ack_timeout_s": REPLICA_ACK_TIMEOUT_SECONDS,
             "access_token_ttl_s": ACCESS_TOKEN_TTL_SECONDS,
             "tokens_minted": minted,
             "tokens_left": left,
