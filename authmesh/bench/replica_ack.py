@@ -8,9 +8,9 @@ acknowledged once the primary has it) and ``1`` (**WAIT**, the default with Sent
 for ``WAIT 1 <timeout>``, which returns once the first of the two replicas confirms the write). Both
 reach the primary through the Sentinels, on the same NATS.
 
-The load generator of :mod:`authmesh.bench.rpc` (with a ``revoke`` kind added here: :class:`RevocationLoad`)
-times, at each concurrency, each RPC on both services in alternating slices (the order flips every pair),
-so a burst of background load lands on both:
+The load generator of :mod:`authmesh.bench.rpc`, with a ``revoke`` kind added
+(:class:`~authmesh.bench.replica_ack_load.RevocationLoad`), times, at each concurrency, each RPC on both
+services in alternating slices (the order flips every pair), so a burst of background load lands on both:
 
 * **Refresh**: each concurrent caller follows its own session's chain of refresh tokens on both services
   (they share Redis, so a chain rotated on one goes on on the other): the rotation script, then ``WAIT``.
@@ -37,35 +37,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as redis
 from rich.table import Table
 
-from authmesh._auth_service.redis_scripts import LuaScript, ReplicaAck, ScriptRunner
 from authmesh._shared.errors import ConfigurationError
-from authmesh._shared.tls import TlsFiles, grpc_channel_credentials, redis_tls_options
-from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
+from authmesh._shared.tls import grpc_channel_credentials
 from authmesh.bench.common import (
     JsonDict,
-    Latency,
     Worker,
     bar_chart,
     environment,
     judge,
     measure_and_report,
     ratio,
-    serve_worker,
 )
 from authmesh.bench.refresh import prepare_users
+from authmesh.bench.replica_ack_load import FLOOR_ACKS, REPLICA_ACK_TIMEOUT_SECONDS, redis_client
 from authmesh.bench.rpc import (
     CALL_TIMEOUT_SECONDS,
-    Call,
-    LoadGenerator,
     alternate,
     level_rows,
     paired_ratio,
@@ -82,142 +74,12 @@ SERVICES = {"no_wait": 0, "wait": 1}
 RPCS = ("refresh", "revoke")
 # Access tokens outlive the run: a token minted for revocation must still be live when it is revoked.
 ACCESS_TOKEN_TTL_SECONDS = 3600
-# AUTHMESH_REDIS_REPLICA_ACK_TIMEOUT's default, set for both services whatever the environment says.
-REPLICA_ACK_TIMEOUT_SECONDS = 1.0
 # Tokens minted for RevokeToken: this many times the faster Refresh's rate over the timed windows, plus
 # a few calls per caller and slice for the warm-up and the calls in flight at a window's end.
 _MINT_RATE_MARGIN = 1.25
 _MINT_CALLS_PER_CALLER_AND_SLICE = 4
 # Minting runs at Refresh speed; this is a floor on its rate, for its deadline only.
 _MINT_MIN_PER_SECOND = 50.0
-REVOKE_REASON = "bench replica-ack"
-# The floor: one write the size of a revocation's outbox entry, through the auth service's script runner.
-FLOOR_SCRIPT = LuaScript.of("return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])")
-FLOOR_KEY_PREFIX = "bench:replica-ack:"
-FLOOR_VALUE = "x" * 400
-FLOOR_KEY_TTL_MS = 60_000
-FLOOR_ACKS: dict[str, ReplicaAck | None] = {
-    "no_wait": None,
-    "wait": ReplicaAck(1, int(REPLICA_ACK_TIMEOUT_SECONDS * 1000)),
-}
-
-
-class TokensRanOut(Exception):
-    """The load generator revoked every token minted for it before the slice ended."""
-
-
-class StaleToken(Exception):
-    """A token to revoke had expired: its revocation wrote nothing."""
-
-
-# --- the load generator (worker side) -------------------------------------------------------------------
-
-
-class RevocationLoad(LoadGenerator):
-    """:class:`~authmesh.bench.rpc.LoadGenerator` with one more kind of call, ``revoke``.
-
-    Caller *i* of ``revoke`` takes the next unrevoked access token from the pool ``mint`` filled and
-    revokes it with ``RevokeToken``, authorized by the ``revoker`` token given to ``setup``.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._revocable: list[str] = []
-        self._revoker = ""
-
-    async def setup(self, command: JsonDict) -> JsonDict:
-        """:meth:`LoadGenerator.setup`, and ``revoker``: the access token ``RevokeToken`` is called with."""
-        answer = await super().setup(command)
-        if "revoker" in command:
-            self._revoker = str(command["revoker"])
-        return {**answer, "revocable": len(self._revocable)}
-
-    async def mint(self, command: JsonDict) -> JsonDict:
-        """Add ``count`` access tokens to the pool: refresh every chain on ``target`` until there are.
-
-        Returns:
-            ``revocable``: the tokens in the pool now.
-        """
-        target, count = str(command["target"]), int(command["count"])
-        if count < 0 or not self._refresh:
-            raise ValueError("minting needs refresh tokens (setup) and a count of 0 or more")
-        refresh = auth_pb2_grpc.AuthServiceStub(self._channel(target)).Refresh
-        chains, pool = self._refresh, self._revocable
-        wanted = len(pool) + count
-
-        async def chain(index: int) -> None:
-            while len(pool) < wanted:  # every turn adds one token or raises
-                pair = await refresh(
-                    auth_pb2.RefreshRequest(refresh_token=chains[index]), timeout=CALL_TIMEOUT_SECONDS
-                )
-                chains[index] = pair.refresh_token
-                pool.append(pair.access_token)
-
-        await asyncio.gather(*(chain(index) for index in range(len(chains))))
-        return {"revocable": len(pool)}
-
-    async def redis_floor(self, command: JsonDict) -> JsonDict:
-        """Time one write script on the primary at ``port`` with and without ``WAIT 1``, one call at a time.
-
-        The two alternate in ``slices`` slices of ``calls`` calls each (the order flips every pair), on
-        the auth service's own :class:`ScriptRunner`: what ``WAIT`` costs in Redis alone, without gRPC.
-
-        Returns:
-            Per ``no_wait`` and ``wait``: ``latency`` over every call (ms).
-        """
-        slices, calls = int(command["slices"]), int(command["calls"])
-        samples: dict[str, list[float]] = {name: [] for name in FLOOR_ACKS}
-        async with _redis_client(int(command["port"]), self._tls) as client:
-            runner = ScriptRunner(client.connection_pool)
-            for index in range(slices):
-                order = list(FLOOR_ACKS) if index % 2 == 0 else list(FLOOR_ACKS)[::-1]
-                for name in order:
-                    for call in range(calls):
-                        key = f"{FLOOR_KEY_PREFIX}{name}:{index}:{call}"
-                        started = time.perf_counter_ns()
-                        await runner.run(
-                            FLOOR_SCRIPT, [key], [FLOOR_VALUE, FLOOR_KEY_TTL_MS], ack=FLOOR_ACKS[name]
-                        )
-                        samples[name].append((time.perf_counter_ns() - started) / 1e6)
-        return {name: {"latency": Latency.of(values).to_json()} for name, values in samples.items()}
-
-    async def pool(self, command: JsonDict) -> JsonDict:
-        """``revocable``: the tokens in the pool now."""
-        return {"revocable": len(self._revocable)}
-
-    def _caller(self, kind: str, target: str, index: int) -> Call:
-        if kind != "revoke":
-            return super()._caller(kind, target, index)
-        revoke = auth_pb2_grpc.AuthServiceStub(self._channel(target)).RevokeToken
-        metadata = (("authorization", f"Bearer {self._revoker}"),)
-        pool = self._revocable
-
-        async def revoke_one() -> None:
-            if not pool:
-                raise TokensRanOut("every minted token is revoked: mint more before the slice")
-            request = auth_pb2.RevokeTokenRequest(token=pool.pop(), reason=REVOKE_REASON)
-            answer = await revoke(request, metadata=metadata, timeout=CALL_TIMEOUT_SECONDS)
-            if not answer.event_id:
-                raise StaleToken("a token to revoke had expired: its revocation wrote nothing")
-
-        return revoke_one
-
-
-def worker_main() -> None:
-    """The load generator's entry point (``python -m authmesh.bench.replica_ack --worker``)."""
-    load = RevocationLoad()
-    serve_worker(
-        {
-            "setup": load.setup,
-            "run": load.run,
-            "mint": load.mint,
-            "pool": load.pool,
-            "redis_floor": load.redis_floor,
-        }
-    )
-
-
-# --- the driving side ---------------------------------------------------------------------------------
 
 
 def _label(rpc: str, service: str) -> str:
@@ -247,12 +109,6 @@ async def _start_auth(stack: LocalStack, service: str) -> ServiceProcess:
     return process
 
 
-def _redis_client(port: int, tls: TlsFiles) -> redis.Redis:
-    """A client of the Redis server at ``port`` (on TLS, with ``tls``'s CA and client certificate)."""
-    options = {"ssl": True, **redis_tls_options("rediss://", tls)} if tls.ca_file is not None else {}
-    return redis.Redis(host=LOOPBACK, port=port, socket_timeout=5, **options)
-
-
 def _primary_port(stack: LocalStack) -> int:
     """The port of the stack's Redis primary (the group's first server: the bench causes no failover)."""
     group = stack.sentinel_group
@@ -263,7 +119,7 @@ def _primary_port(stack: LocalStack) -> int:
 
 async def _wait_commands(stack: LocalStack) -> int:
     """How many ``WAIT`` commands the primary has run since it started."""
-    async with _redis_client(_primary_port(stack), stack.client_tls) as primary:
+    async with redis_client(_primary_port(stack), stack.client_tls) as primary:
         stats = await primary.info("commandstats")
     wait = stats.get("cmdstat_wait")
     return int(wait["calls"]) if isinstance(wait, Mapping) else 0
@@ -342,7 +198,7 @@ async def measure(
     async with (
         LocalStack(replicas=0, redis_sentinel=True, env=env, tls=tls) as stack,
         contextlib.AsyncExitStack() as services,
-        Worker("authmesh.bench.replica_ack", "load generator") as load,
+        Worker("authmesh.bench.replica_ack_load", "load generator") as load,
     ):
         progress("starting the two auth services")
         started: dict[str, ServiceProcess] = {}
@@ -529,7 +385,3 @@ def main(
         json_path,
         plot_dir,
     )
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
-    worker_main()
