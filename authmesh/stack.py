@@ -350,6 +350,14 @@ class LocalStack(Startable):
             **_tls_env(self.client_tls),
         }
 
+    def auth_env(self, grpc_address: str, http_address: str) -> dict[str, str]:
+        """The complete environment of one more auth-service replica on this stack's Redis and NATS.
+
+        It is the stack's own auth service's, listening on ``grpc_address`` and ``http_address``.
+        """
+        stack_secrets = self._require(self.secrets, "the stack's secrets")
+        return self._auth_env(stack_secrets, grpc_address, http_address)
+
     def describe(self) -> dict[str, Any]:
         """Everything ``authmesh up --json`` prints: addresses, credentials, logs and process ids."""
         auth = self._require(self.auth, "the auth service")

@@ -18,7 +18,7 @@ from rich.table import Table
 from typer.testing import CliRunner
 
 from authmesh._shared.errors import ConfigurationError
-from authmesh.bench import catchup, common, memory, propagation, refresh, rpc
+from authmesh.bench import catchup, common, memory, propagation, refresh, replica_ack, rpc
 from authmesh.bench.commands import bench_app
 
 LATENCY_KEYS = {"count", "p50", "p99", "max", "mean"}
@@ -207,6 +207,44 @@ async def test_refresh_bench_on_tls_calls_over_tls_without_errors() -> None:
         assert level[kind]["errors"] == {}
         assert level[kind]["per_second"] > 0
     assert "on TLS" in rendered(refresh.render(result))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tls", [False, True], ids=["plaintext", "tls"])
+async def test_replica_ack_bench_times_each_rpc_with_and_without_wait(tmp_path: Path, tls: bool) -> None:
+    result = await replica_ack.measure(concurrency=(1, 2), slices=2, slice_s=0.1, floor_calls=5, tls=tls)
+    assert result["benchmark"] == "replica_ack"
+    assert result["config"]["tls"] is tls
+    assert result["config"]["min_replicas_acked"] == {"no_wait": 0, "wait": 1}
+    assert [level["concurrency"] for level in result["levels"]] == [1, 2]
+    for level in result["levels"]:
+        for rpc_name in replica_ack.RPCS:
+            for service in replica_ack.SERVICES:
+                figures = level[f"{rpc_name}_{service}"]
+                assert figures["per_second"] > 0
+                assert len(figures["slices_per_second"]) == 2
+                assert figures["errors"] == {}
+                assert_latency(figures["latency"])
+            compared = level["wait_over_no_wait"][rpc_name]
+            assert compared["throughput"] > 0
+            assert compared["p50"] > 0
+            assert compared["p99"] > 0
+            assert math.isfinite(compared["p50_added_ms"])
+    # Only the WAIT service waits; calls in flight together share one WAIT per batch of scripts.
+    assert result["wait_commands"] >= 1
+    assert len(result["config"]["tokens_minted"]) == 2
+    assert 0 <= result["config"]["tokens_left"] < sum(result["config"]["tokens_minted"])
+    floor = result["redis_floor"]
+    for service in replica_ack.SERVICES:
+        assert_latency(floor[service]["latency"])
+        assert floor[service]["latency"]["count"] == 2 * 5
+    assert math.isfinite(floor["p50_added_ms"])
+    assert result["ok"] is True
+    text = rendered(replica_ack.render(result))
+    assert "floor: WAIT adds" in text
+    assert "RevokeToken WAIT / no WAIT" in text
+    assert "Refresh WAIT / no WAIT" in text
+    assert_charts(replica_ack.draw(result, tmp_path))
 
 
 @pytest.mark.slow

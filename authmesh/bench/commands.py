@@ -100,6 +100,39 @@ def refresh(
     )
 
 
+@bench_app.command("replica-ack")
+def replica_ack(
+    json_path: JsonOption = None,
+    plot_dir: PlotOption = None,
+    concurrency: ConcurrencyOption = None,
+    slices: SlicesOption = 24,
+    slice_seconds: SliceSecondsOption = 0.25,
+    floor_calls: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=10_000,
+            help="calls per slice of the floor (Redis alone, with and without WAIT; 0 skips)",
+        ),
+    ] = 100,
+    tls: Annotated[bool, typer.Option("--tls", help="the stack and every call on TLS")] = False,
+) -> None:
+    """Refresh and RevokeToken acknowledged once a Redis replica has them (WAIT) vs at once, on Sentinel."""
+    from authmesh.bench.replica_ack import CONCURRENCY, main
+
+    raise typer.Exit(
+        main(
+            json_path,
+            plot_dir,
+            slices=slices,
+            slice_s=slice_seconds,
+            floor_calls=floor_calls,
+            concurrency=tuple(concurrency or CONCURRENCY),
+            tls=tls,
+        )
+    )
+
+
 @bench_app.command("propagation")
 def propagation(
     json_path: JsonOption = None,

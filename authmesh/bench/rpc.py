@@ -249,8 +249,9 @@ class LoadGenerator:
         """Time one or more kinds of call in alternating slices.
 
         Command fields: ``kinds`` (their order in the first pair; the order flips every pair), ``target``,
-        ``concurrency``, ``slices`` (slices per kind), ``slice_s`` (timed seconds per slice) and
-        ``server_pid`` (read for CPU time, optional).
+        ``concurrency``, ``slices`` (slices per kind), ``slice_s`` (timed seconds per slice),
+        ``server_pid`` (read for CPU time, optional) and ``routes`` (optional: a name in ``kinds`` →
+        ``{"kind", "target", "server_pid"}``, so one kind of call can be timed on two servers side by side).
 
         A slice starts ``concurrency`` closed loops of one kind; its timed window opens once every loop
         has had its first answer (the pipeline is full) and lasts ``slice_s``; then the loops stop and
@@ -266,14 +267,19 @@ class LoadGenerator:
         slices = int(command["slices"])
         slice_ns = int(float(command["slice_s"]) * 1e9)
         server_pid = int(command["server_pid"]) if command.get("server_pid") else None
-        if "refresh" in kinds and len(self._refresh) < concurrency:
+        routes: dict[str, tuple[str, str, int | None]] = {kind: (kind, target, server_pid) for kind in kinds}
+        for name, route in (command.get("routes") or {}).items():
+            pid = route.get("server_pid")
+            routes[name] = (str(route["kind"]), str(route["target"]), int(pid) if pid else None)
+        if any(routes[kind][0] == "refresh" for kind in kinds) and len(self._refresh) < concurrency:
             raise ValueError(f"{concurrency} callers need as many refresh tokens, not {len(self._refresh)}")
         figures = {kind: _KindFigures() for kind in kinds}
         for index in range(slices):
             order = kinds if index % 2 == 0 else kinds[::-1]
-            for kind in order:
-                callers = [self._caller(kind, target, caller) for caller in range(concurrency)]
-                await _slice(callers, slice_ns, figures[kind], server_pid)
+            for name in order:
+                kind, kind_target, pid = routes[name]
+                callers = [self._caller(kind, kind_target, caller) for caller in range(concurrency)]
+                await _slice(callers, slice_ns, figures[name], pid)
         return {kind: figure.to_json() for kind, figure in figures.items()}
 
     async def aclose(self) -> None:
@@ -381,6 +387,7 @@ async def alternate(
     slices: int,
     slice_s: float,
     server_pid: int | None,
+    routes: Mapping[str, JsonDict] | None = None,
 ) -> dict[str, JsonDict]:
     """Have the load generator time ``kinds`` in alternating slices (see :meth:`LoadGenerator.run`).
 
@@ -397,6 +404,7 @@ async def alternate(
             "slices": slices,
             "slice_s": slice_s,
             "server_pid": server_pid,
+            "routes": dict(routes or {}),
         },
         timeout=len(kinds) * slices * (slice_s + CALL_TIMEOUT_SECONDS) + 30,
     )
