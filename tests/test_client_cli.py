@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import stat
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -87,6 +88,18 @@ class Services:
         stored = TokenFile(self.token_file).load()
         assert stored is not None
         return stored
+
+
+# A line the in-process services log while a command runs: CliRunner captures the process's stdout, so
+# their lines can land among the command's own output.
+SERVICE_LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[")
+
+
+def cli_json(result: Result) -> Any:
+    """The JSON document a command printed, without the in-process services' log lines."""
+    return json.loads(
+        "\n".join(line for line in result.stdout.splitlines() if not SERVICE_LOG_LINE.match(line))
+    )
 
 
 @asynccontextmanager
@@ -344,13 +357,13 @@ async def test_rotate_key_needs_an_admin(services: Services) -> None:
 
 async def test_rotate_key_with_retire_previous_rejects_tokens_of_the_old_key(services: Services) -> None:
     await services.admin_login()
-    keys_before = json.loads((await services.run("jwks", *services.common())).stdout)
+    keys_before = cli_json(await services.run("jwks", *services.common()))
 
     result = await services.run("rotate-key", "--retire-previous", *services.common())
 
     assert result.exit_code == 0, result.output
     assert "retired" in result.stdout
-    keys_after = json.loads((await services.run("jwks", *services.common())).stdout)
+    keys_after = cli_json(await services.run("jwks", *services.common()))
     assert {key["kid"] for key in keys_after["keys"]} != {key["kid"] for key in keys_before["keys"]}
     # The admin's own token was signed by the retired key.
     again = await services.run("rotate-key", *services.common())
@@ -361,7 +374,7 @@ async def test_jwks_prints_the_public_key_set(services: Services) -> None:
     result = await services.run("jwks", "--target", services.auth.grpc_address)
 
     assert result.exit_code == 0, result.output
-    keys = json.loads(result.stdout)["keys"]
+    keys = cli_json(result)["keys"]
     assert keys
     assert all(key["kty"] == "EC" and "d" not in key for key in keys)
 
@@ -416,7 +429,7 @@ async def test_an_admin_creates_and_lists_users(services: Services) -> None:
     assert created.exit_code == 0, created.output
     assert "Created user bob" in created.stdout
     assert listed.exit_code == 0, listed.output
-    users = {user["username"]: user for user in json.loads(listed.stdout)["users"]}
+    users = {user["username"]: user for user in cli_json(listed)["users"]}
     assert {"alice", "bob", ADMIN[0]} <= set(users)
     assert users["bob"]["scopes"] == ["docs:read", "docs:write"]
     assert bobs.exit_code == 0, bobs.output
@@ -499,7 +512,7 @@ async def test_an_admin_disables_and_enables_a_user_by_name(services: Services) 
 
     assert disabled.exit_code == 0, disabled.output
     assert "Disabled alice" in disabled.stdout
-    users = {user["username"]: user for user in json.loads(listed.stdout)["users"]}
+    users = {user["username"]: user for user in cli_json(listed)["users"]}
     assert users["alice"]["disabled"] is True
     assert_failed_with(refused, "UNAUTHENTICATED", "USER_DISABLED")
     assert enabled.exit_code == 0, enabled.output
