@@ -104,6 +104,12 @@ fi
 say "compose: $(docker compose version --short)"
 
 # --- 3. the base images ------------------------------------------------------------------------------
+# Stand-ins are built on a debootstrapped Debian when an image is neither present nor pullable.
+if ! command -v debootstrap >/dev/null 2>&1 && [[ ${EUID} -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
+  say "installing debootstrap from Debian's packages"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap
+fi
 "${VENV}/bin/python" scripts/build_standin_images.py
 
 # --- 4. the stack --------------------------------------------------------------------------------------
