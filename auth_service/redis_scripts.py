@@ -26,8 +26,16 @@ DEFAULT_SCRIPT_TIMEOUT_SECONDS = 5.0
 # At most this many connections (and never more than half the pool) stay borrowed between script calls.
 MAX_IDLE_SCRIPT_CONNECTIONS = 32
 # Batches out at once per acknowledgement rule: calls made meanwhile wait and go out together next, so a
-# loaded service sends fewer, larger batches; more than one, so that one slow script delays no other.
-MAX_BATCHES_OUT = 2
+# loaded service sends fewer, larger batches. Redis runs one script at a time whatever the number of
+# batches out, so one is enough without an acknowledgement; a batch that waits for replicas (``WAIT``)
+# holds only its connection, and a second one keeps a slow replica from queueing every other write.
+MAX_BATCHES_OUT = 1
+MAX_ACKED_BATCHES_OUT = 2
+# After a batch returns, the next one waits while calls are still arriving (each turn of the event loop
+# adds one more), for at most this long. Under load the service makes its script calls a few at a time
+# between gRPC requests, so without this a batch carries one or two calls and Redis pays a read, a
+# write, an AOF write and an fsync for each; an idle service's call still goes out at once.
+MAX_GATHER_SECONDS = 0.003
 # The most script calls one batch carries (one write, one read buffer).
 MAX_BATCH_CALLS = 256
 
@@ -98,6 +106,8 @@ class ScriptRunner:
         self._queued: dict[ReplicaAck | None, list[_Call]] = {}
         self._out: dict[ReplicaAck | None, int] = {}
         self._senders: set[asyncio.Task[None]] = set()
+        # Batches sent so far (each is one write to Redis and one read of its replies).
+        self.batches_sent = 0
 
     async def run(
         self,
@@ -123,7 +133,7 @@ class ScriptRunner:
             queued = self._queued[ack] = []
         queued.append(call)
         out = self._out.get(ack, 0)
-        if len(queued) == 1 and out < MAX_BATCHES_OUT:
+        if len(queued) == 1 and out < (MAX_BATCHES_OUT if ack is None else MAX_ACKED_BATCHES_OUT):
             self._out[ack] = out + 1
             sender = loop.create_task(self._send_queued(ack))
             self._senders.add(sender)
@@ -131,17 +141,46 @@ class ScriptRunner:
         return await call.reply
 
     async def _send_queued(self, ack: ReplicaAck | None) -> None:
-        """Send what is queued for ``ack`` as batches, one after another, until nothing is left."""
+        """Send what is queued for ``ack`` as batches, one after another, until nothing is left; the first
+        at once, each later one once calls have stopped arriving (see ``MAX_GATHER_SECONDS``)."""
         try:
-            while queued := self._queued.pop(ack, None):
+            first = True
+            while True:
+                if not first:
+                    await self._gather(ack)
+                first = False
+                queued = self._queued.pop(ack, None)
+                if not queued:
+                    break
                 if len(queued) > MAX_BATCH_CALLS:
                     self._queued[ack] = queued[MAX_BATCH_CALLS:] + self._queued.get(ack, [])
                     queued = queued[:MAX_BATCH_CALLS]
                 await self._send_batch(queued, ack)
+        except BaseException as error:
+            # Stopped between batches (the service shutting down): what waits for the next one would
+            # otherwise wait forever, and so would every later call, queued behind it.
+            for call in self._queued.pop(ack, []):
+                if not call.reply.done():
+                    call.reply.set_exception(_batch_failure(error))
+            raise
         finally:
             self._out[ack] -= 1
 
+    async def _gather(self, ack: ReplicaAck | None) -> None:
+        """Let the event loop turn while each turn queues more calls for ``ack``, up to a full batch or
+        ``MAX_GATHER_SECONDS``."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + MAX_GATHER_SECONDS
+        queued = len(self._queued.get(ack, ()))
+        while 0 < queued < MAX_BATCH_CALLS and loop.time() < until:
+            await asyncio.sleep(0)
+            now_queued = len(self._queued.get(ack, ()))
+            if now_queued == queued:
+                return
+            queued = now_queued
+
     async def _send_batch(self, calls: list[_Call], ack: ReplicaAck | None) -> None:
+        self.batches_sent += 1
         deadline = self._deadline + (ack.timeout_ms / 1000 if ack is not None else 0)
         conn: AbstractConnection | None = None
         try:
@@ -188,7 +227,9 @@ class ScriptRunner:
         packed = [*prelude, *(call.command for call in calls)]
         if ack is not None:
             packed.append(hiredis.pack_command(("WAIT", ack.replicas, ack.timeout_ms)))  # type: ignore[arg-type]
-        await conn.send_packed_command(packed, check_health=False)
+        # One buffer, not a list: on TLS, asyncio makes a record of each buffer it is given, and Redis
+        # reads one record per turn of its event loop, with an fsync of the AOF after each turn.
+        await conn.send_packed_command(b"".join(packed), check_health=False)
         for _ in prelude:
             with contextlib.suppress(ResponseError):
                 await conn.read_response()

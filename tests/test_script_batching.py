@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest_asyncio
 import redis.asyncio as redis
 
-from authmesh._auth_service.redis_scripts import ReplicaAck
+from authmesh._auth_service.redis_scripts import LuaScript, ReplicaAck, ScriptRunner
 from authmesh._auth_service.store import (
     REVOKED_SESSIONS,
     AuthStore,
@@ -27,6 +27,10 @@ TTL_MS = 600_000
 CALLERS = 24
 # Long enough for the test to act while a batch's WAIT holds its replies back.
 WAIT_TIMEOUT_MS = 1500
+# Holds Redis for ARGV[1] turns of an empty loop (TIME stands still inside a script), so that a batch
+# stays out while the test makes more calls.
+BUSY_SCRIPT = LuaScript.of("for _ = 1, tonumber(ARGV[1]) do end return 'done'")
+ECHO_SCRIPT = LuaScript.of("return ARGV[1]")
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -204,3 +208,39 @@ async def test_a_batch_whose_script_redis_forgot_loads_it_and_runs_each_call_onc
     # Run once each: the successors are live and no session was revoked as a reuse.
     assert (await rotate(store, token_hash("next-0"), token_hash("next-0-1"))).status == "ok"
     assert await client.zcard(REVOKED_SESSIONS) == 0
+
+
+async def test_calls_made_while_a_batch_is_out_go_out_together_even_when_made_turns_apart(
+    client: redis.Redis,
+) -> None:
+    runner = ScriptRunner(client.connection_pool)
+    await runner.run(ECHO_SCRIPT, [], ["warm"])  # the scripts are loaded and a connection is kept
+    await runner.run(BUSY_SCRIPT, [], ["1"])
+    sent_before = runner.batches_sent
+    busy = asyncio.ensure_future(runner.run(BUSY_SCRIPT, [], ["20000000"]))
+
+    async def busy_batch_out() -> bool:
+        return runner.batches_sent == sent_before + 1
+
+    await eventually(busy_batch_out, within=5, what="the busy script's batch is sent")
+    echoes = []
+    for index in range(20):
+        # One call per turn of the event loop, as a loaded service makes them between gRPC requests.
+        echoes.append(asyncio.ensure_future(runner.run(ECHO_SCRIPT, [], [f"echo-{index}"])))
+        await asyncio.sleep(0)
+    assert await busy == b"done"
+    assert await asyncio.gather(*echoes) == [f"echo-{index}".encode() for index in range(20)]
+    assert runner.batches_sent == sent_before + 2
+
+
+async def test_an_idle_runner_sends_a_call_at_once(
+    client: redis.Redis,
+) -> None:
+    runner = ScriptRunner(client.connection_pool)
+    await runner.run(ECHO_SCRIPT, [], ["warm"])
+    sent_before = runner.batches_sent
+    call = asyncio.ensure_future(runner.run(ECHO_SCRIPT, [], ["alone"]))
+    await asyncio.sleep(0)  # the sender's first turn
+    await asyncio.sleep(0)
+    assert runner.batches_sent == sent_before + 1  # not held back for company
+    assert await call == b"alone"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,12 @@ import redis.asyncio as redis
 from nats.aio.client import Client as NatsClient
 from nats.errors import NoServersError
 
+from authmesh._auth_service.redis_scripts import ScriptRunner
 from authmesh._shared.nats_wiring import abandon
 from authmesh._shared.tls import TlsFiles, client_ssl_context, redis_tls_options
 from authmesh.certs import LOCAL_HOSTS, CertificateAuthority
 from authmesh.processes import NatsCluster, NatsServer, RedisServer
+from tests.test_script_batching import BUSY_SCRIPT, ECHO_SCRIPT
 
 REDIS_USER = ("auth", "redis-password-1")
 
@@ -123,3 +126,35 @@ async def test_a_redis_server_from_another_ca_is_refused_by_the_client(
     member = ca.write_issued(tmp_path / "member", "auth", LOCAL_HOSTS)
     async with RedisServer(tmp_path / "redis", tls=impostor, user=REDIS_USER) as server:
         assert not await redis_answers(server.url, member)
+
+
+@pytest.mark.redis_tls
+async def test_a_batch_of_script_calls_on_tls_reaches_redis_in_one_read_not_one_per_call(
+    tmp_path: Path, ca: CertificateAuthority
+) -> None:
+    # Redis reads one TLS record per turn of its event loop and fsyncs the AOF after each turn, so a
+    # batch sent as one record per call would cost an fsync per call.
+    server_files = ca.write_issued(tmp_path / "server", "redis", LOCAL_HOSTS)
+    member = ca.write_issued(tmp_path / "member", "auth", LOCAL_HOSTS)
+    calls = 40
+    async with RedisServer(tmp_path / "redis", tls=server_files, user=REDIS_USER) as server:
+        client = redis.Redis.from_url(
+            server.url, socket_timeout=5, socket_connect_timeout=2, **redis_tls_options(server.url, member)
+        )
+        try:
+            runner = ScriptRunner(client.connection_pool)
+            await runner.run(BUSY_SCRIPT, [], ["1"])  # the script is loaded and a connection is kept
+            busy = asyncio.ensure_future(runner.run(BUSY_SCRIPT, [], ["20000000"]))
+            await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            reads_before = (await client.info("stats"))["total_reads_processed"]
+            answers = await asyncio.gather(
+                *(runner.run(ECHO_SCRIPT, [], [f"echo-{index}"]) for index in range(calls))
+            )
+            assert await busy == b"done"
+            assert answers == [f"echo-{index}".encode() for index in range(calls)]
+            reads = (await client.info("stats"))["total_reads_processed"] - reads_before
+            # The INFO call itself, the batch's write (in a record or a few), the busy call's tail.
+            assert reads < 8, f"{reads} reads for one batch of {calls} calls"
+        finally:
+            await client.aclose()
