@@ -26,6 +26,7 @@ SlicesOption = Annotated[
     ),
 ]
 SliceSecondsOption = Annotated[float, typer.Option(min=0.01, max=60, help="seconds per timed slice")]
+TlsOption = Annotated[bool, typer.Option("--tls", help="the stack and every call on TLS")]
 PinOption = Annotated[
     bool, typer.Option("--pin/--no-pin", help="pin the server and the load generator to different CPUs")
 ]
@@ -51,7 +52,7 @@ def rpc(
     slices: SlicesOption = 24,
     slice_seconds: SliceSecondsOption = 0.25,
     pin: PinOption = False,
-    tls: Annotated[bool, typer.Option("--tls", help="the stack and every call on TLS")] = False,
+    tls: TlsOption = False,
 ) -> None:
     """Protected calls vs the same server's open one: the replica, a sync grpc.server, a FastAPI app."""
     from authmesh.bench.rpc import CONCURRENCY, main
@@ -80,7 +81,7 @@ def refresh(
         float, typer.Option(min=0, max=600, help="timed seconds of Login per level (0 skips Login)")
     ] = 4.0,
     pin: PinOption = False,
-    tls: Annotated[bool, typer.Option("--tls", help="the stack and every call on TLS")] = False,
+    tls: TlsOption = False,
 ) -> None:
     """Refresh (and Login, with its Argon2 cost) vs the auth service's health Check."""
     from authmesh.bench.refresh import main
@@ -115,7 +116,7 @@ def replica_ack(
             help="calls per slice of the floor (Redis alone, with and without WAIT; 0 skips)",
         ),
     ] = 100,
-    tls: Annotated[bool, typer.Option("--tls", help="the stack and every call on TLS")] = False,
+    tls: TlsOption = False,
 ) -> None:
     """Refresh and RevokeToken acknowledged once a Redis replica has them (WAIT) vs at once, on Sentinel."""
     from authmesh.bench.replica_ack import CONCURRENCY, main
