@@ -24,7 +24,7 @@ from authmesh._auth_service.metrics import AuthMetrics
 from authmesh._auth_service.passwords import PasswordChecker
 from authmesh._auth_service.publisher import EventPublisher
 from authmesh._auth_service.readiness import DependencyProbe
-from authmesh._auth_service.redis_client import connect_redis, describe_redis_url
+from authmesh._auth_service.redis_client import connect_store, describe_redis_url
 from authmesh._auth_service.redis_scripts import ReplicaAck
 from authmesh._auth_service.servicer import AuthServicer
 from authmesh._auth_service.store import AuthStore
@@ -38,7 +38,7 @@ from authmesh._shared.logs import configure_logging
 from authmesh._shared.metrics import ServiceMetrics
 from authmesh._shared.nats_wiring import connect_nats, ensure_stream
 from authmesh._shared.settings import AuthSettings, credentials
-from authmesh._shared.tls import REDIS_TLS_SCHEMES, redis_tls_options
+from authmesh._shared.tls import REDIS_TLS_SCHEMES
 from authmesh.auth.v1 import auth_pb2, auth_pb2_grpc
 
 REDIS_TIMEOUT_SECONDS = 3.0
@@ -85,11 +85,7 @@ class AuthApp(Startable):
     async def _start(self) -> None:
         settings = self.settings
         sealer = KeySealer(settings.require_key_encryption_key())
-        redis_url = settings.redis_url.get_secret_value()
-        options = redis_tls_options(redis_url, settings.tls)
-        if settings.redis_password is not None:
-            options["password"] = settings.redis_password.get_secret_value()
-        connection = connect_redis(redis_url, timeout=REDIS_TIMEOUT_SECONDS, options=options)
+        connection = connect_store(settings, timeout=REDIS_TIMEOUT_SECONDS)
         self._stack.push_async_callback(connection.aclose)
         store = AuthStore(
             connection.client,

@@ -23,6 +23,8 @@ import redis.asyncio as redis
 from redis.asyncio.sentinel import Sentinel
 
 from authmesh._shared.errors import ConfigurationError
+from authmesh._shared.settings import AuthSettings
+from authmesh._shared.tls import redis_tls_options
 
 SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_TLS_SCHEME = "rediss+sentinel"
@@ -148,3 +150,17 @@ def connect_redis(url: str, *, timeout: float, options: Mapping[str, Any] | None
     )
     client: redis.Redis = watchers.master_for(sentinel.service_name)
     return StoreConnection(client, tuple(watchers.sentinels), replicated=True)
+
+
+def connect_store(settings: AuthSettings, *, timeout: float) -> StoreConnection:
+    """The auth service's store client as its settings describe it: the URL, TLS files and password.
+
+    Args:
+        settings: The auth service's settings.
+        timeout: Socket and connect timeout of every connection, s.
+    """
+    redis_url = settings.redis_url.get_secret_value()
+    options = redis_tls_options(redis_url, settings.tls)
+    if settings.redis_password is not None:
+        options["password"] = settings.redis_password.get_secret_value()
+    return connect_redis(redis_url, timeout=timeout, options=options)

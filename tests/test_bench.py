@@ -182,18 +182,22 @@ async def test_rpc_bench_times_protected_calls_beside_open_ones_on_every_kind_of
 
 
 @pytest.mark.slow
-async def test_refresh_bench_times_refresh_and_login_beside_health(tmp_path: Path) -> None:
+async def test_refresh_bench_times_refresh_login_and_the_floor_beside_health(tmp_path: Path) -> None:
     result = await refresh.measure(concurrency=(1, 2), slices=2, slice_s=0.1, login_s=1.0)
     assert result["benchmark"] == "refresh"
     assert set(result["config"]["argon2"]) == {"time_cost", "memory_kib", "parallelism"}
     for level in result["levels"]:
-        for kind in ("health", "refresh", "login"):
+        for kind in ("health", "refresh", "login", "floor_health", "floor"):
             assert level[kind]["errors"] == {}
             assert_latency(level[kind]["latency"])
+            assert level[kind]["server_cpu_us"] > 0
         assert level["refresh_over_health"] > 0
         assert level["login_over_health"] > 0
+        assert level["floor_over_health"] > 0
     assert_judged(result, "refresh_over_health")
-    assert "Argon2id" in rendered(refresh.render(result))
+    text = rendered(refresh.render(result))
+    assert "Argon2id" in text
+    assert "floor / its health" in text
     assert_charts(refresh.draw(result, tmp_path))
 
 
@@ -203,10 +207,19 @@ async def test_refresh_bench_on_tls_calls_over_tls_without_errors() -> None:
     result = await refresh.measure(concurrency=(2,), slices=1, slice_s=0.1, login_s=0, tls=True)
     assert result["config"]["tls"] is True
     (level,) = result["levels"]
-    for kind in ("health", "refresh"):
+    for kind in ("health", "refresh", "floor_health", "floor"):
         assert level[kind]["errors"] == {}
         assert level[kind]["per_second"] > 0
     assert "on TLS" in rendered(refresh.render(result))
+
+
+@pytest.mark.slow
+async def test_refresh_bench_without_the_floor_starts_no_floor_server() -> None:
+    result = await refresh.measure(concurrency=(1,), slices=1, slice_s=0.1, login_s=0, floor=False)
+    (level,) = result["levels"]
+    assert "floor" not in level
+    assert "floor_over_health" not in level
+    assert "floor" not in rendered(refresh.render(result))
 
 
 @pytest.mark.slow

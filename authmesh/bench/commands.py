@@ -82,8 +82,14 @@ def refresh(
     ] = 4.0,
     pin: PinOption = False,
     tls: TlsOption = False,
+    floor: Annotated[
+        bool,
+        typer.Option(
+            "--floor/--no-floor", help="also time the floor: a rotation's fsynced writes and a pair's bytes"
+        ),
+    ] = True,
 ) -> None:
-    """Refresh (and Login, with its Argon2 cost) vs the auth service's health Check."""
+    """Refresh (and Login, with its Argon2 cost) vs the auth service's health Check, beside the floor."""
     from authmesh.bench.refresh import main
     from authmesh.bench.rpc import CONCURRENCY
 
@@ -97,6 +103,7 @@ def refresh(
             concurrency=tuple(concurrency or CONCURRENCY),
             pin_cpus=pin,
             tls=tls,
+            floor=floor,
         )
     )
 

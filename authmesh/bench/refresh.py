@@ -7,6 +7,10 @@ Redis, no replicas); the load generator of :mod:`authmesh.bench.rpc` runs in ano
   slice by slice as in ``bench rpc``; each concurrent caller follows its own session's chain of refresh
   tokens (every call spends one and receives the next: a Redis Lua script and an ES256 signature).
   Goal: at every concurrency, at least 0.6 times the health check's throughput.
+* **The floor** beside it (:mod:`authmesh.bench.refresh_floor`): a server set up as the auth service,
+  whose one method makes only a rotation's durable writes and returns a token pair's bytes, against its
+  own health check. No Refresh can do better than the floor's ratio; the gap between the two is the
+  auth service's own handler.
 * **Login** is reported on its own: it runs Argon2id on purpose (the cost is in the result), so it is
   hundreds of times slower than anything else and is timed in one longer window per concurrency, once
   every caller has had its first answer. Each caller logs in as its own user, so the per-user limit on
@@ -16,6 +20,7 @@ Redis, no replicas); the load generator of :mod:`authmesh.bench.rpc` runs in ano
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +57,8 @@ USER_PREFIX = "bench-login-"
 USER_SCOPES = ("docs:read",)
 # The auth service hashes at most a few passwords at once; more in flight only queue.
 _SETUP_CONCURRENCY = 8
+# The floor server listens where the system puts it.
+_ANY_PORT = "127.0.0.1:0"
 GOALS = (
     Goal(
         "refresh_over_health",
@@ -107,6 +114,7 @@ async def measure(
     pin_cpus: bool = False,
     progress: Callable[[str], None] = lambda _: None,
     tls: bool = False,
+    floor: bool = True,
 ) -> JsonDict:
     """Run the benchmark on a fresh local stack (no replicas).
 
@@ -118,6 +126,7 @@ async def measure(
         pin_cpus: Pin the auth service and the load generator to different CPUs where there are two.
         progress: Told what is being measured.
         tls: Run the stack and every call on TLS (``authmesh up --tls``).
+        floor: Also time the floor (:mod:`authmesh.bench.refresh_floor`) against its own health check.
 
     Returns:
         A JSON-ready result (see ``docs/benchmarks.md``).
@@ -125,12 +134,27 @@ async def measure(
     if slices < 1 or slice_s <= 0 or login_s < 0 or not concurrency or min(concurrency) < 1:
         raise ValueError("slices, slice_s and the concurrency levels must be positive")
     progress("starting a local stack without replicas")
-    async with (
-        LocalStack(replicas=0, tls=tls) as stack,
-        Worker("authmesh.bench.rpc", "load generator") as load,
-    ):
+    async with contextlib.AsyncExitStack() as running:
+        stack = await running.enter_async_context(LocalStack(replicas=0, tls=tls))
+        load = await running.enter_async_context(Worker("authmesh.bench.rpc", "load generator"))
         server_pid = stack.pids().get("auth")
         pinned = await pin_apart(server_pid, load.pid) if pin_cpus and server_pid is not None else None
+        routes: dict[str, JsonDict] = {}
+        if floor:
+            progress("starting the floor server (a rotation's writes and a token pair's bytes)")
+            floor_server = await running.enter_async_context(
+                Worker(
+                    "authmesh.bench.refresh_floor", "floor server", env=stack.auth_env(_ANY_PORT, _ANY_PORT)
+                )
+            )
+            started = await floor_server.request({"op": "start"})
+            running.push_async_callback(floor_server.request, {"op": "stop"})
+            if pin_cpus:
+                await pin_apart(int(started["pid"]), load.pid)
+            routes = {
+                kind: {"kind": call, "target": started["target"], "server_pid": started["pid"]}
+                for kind, call in (("floor_health", "health"), ("floor", "refresh_floor"))
+            }
         progress(f"creating {max(concurrency)} users and sessions (Argon2id)")
         users, refresh_tokens = await prepare_users(stack, max(concurrency))
         await load.request(
@@ -141,18 +165,21 @@ async def measure(
             progress(f"Refresh and health, {level} in flight")
             figures = await alternate(
                 load,
-                kinds=("health", "refresh"),
+                kinds=("health", "refresh", *routes),
                 target=stack.auth_grpc,
                 concurrency=level,
                 slices=slices,
                 slice_s=slice_s,
                 server_pid=server_pid,
+                routes=routes,
             )
             entry: JsonDict = {
                 "concurrency": level,
                 **figures,
                 "refresh_over_health": paired_ratio(figures["refresh"], figures["health"]),
             }
+            if routes:
+                entry["floor_over_health"] = paired_ratio(figures["floor"], figures["floor_health"])
             if login_s > 0:
                 progress(f"Login, {level} in flight")
                 login = await alternate(
@@ -181,6 +208,7 @@ async def measure(
             "argon2": argon2_cost(),
             "pinned": pinned,
             "tls": tls,
+            "floor": floor,
         },
         "levels": levels,
         **judge(GOALS, {"refresh_over_health": lowest}),
@@ -196,6 +224,8 @@ _LABELS = {
     "health": "health Check (baseline)",
     "refresh": "Refresh (rotation + ES256)",
     "login": "Login (Argon2id)",
+    "floor_health": "floor server: health Check",
+    "floor": "floor: fsynced writes + a pair's bytes",
 }
 
 
@@ -208,9 +238,12 @@ def render(result: Mapping[str, Any]) -> Table:
         f"m={argon2['memory_kib']} KiB, p={argon2['parallelism']}" + ("; on TLS" if config.get("tls") else "")
     )
     for level in result["levels"]:
-        kinds = ("health", "refresh", "login") if "login" in level else ("health", "refresh")
+        kinds = [kind for kind in _LABELS if kind in level]
         level_rows(table, level, kinds, _LABELS)
         table.add_row("", "Refresh / health", f"{level['refresh_over_health']:.2f}×", "", "", "", "")
+        if "floor_over_health" in level:
+            ratio_text = f"{level['floor_over_health']:.2f}×"
+            table.add_row("", "floor / its health (Refresh's best)", ratio_text, "", "", "", "")
         if "login" in level:
             table.add_row("", "Login / health", f"{level['login_over_health']:.4f}×", "", "", "", "")
         table.add_section()
@@ -243,6 +276,7 @@ def main(
     concurrency: Sequence[int] = CONCURRENCY,
     pin_cpus: bool = False,
     tls: bool = False,
+    floor: bool = True,
 ) -> int:
     """Run the benchmark, print the table, write JSON and charts if asked.
 
@@ -260,6 +294,7 @@ def main(
             pin_cpus=pin_cpus,
             progress=progress,
             tls=tls,
+            floor=floor,
         ),
         render,
         draw,

@@ -64,6 +64,7 @@ from authmesh.bench.common import (
     split_cpus,
 )
 from authmesh.bench.protected_servers import server_process
+from authmesh.bench.refresh_floor import ROTATE_METHOD as FLOOR_ROTATE_METHOD
 from authmesh.client import AuthApi
 from authmesh.processes import LOOPBACK, STOP_TIMEOUT_SECONDS, free_ports
 from authmesh.resource.v1 import resource_pb2, resource_pb2_grpc
@@ -132,8 +133,9 @@ class LoadGenerator:
     ``whoami`` (caller *i* sends ``tokens[i % n]``),
     ``login`` (caller *i* logs in as ``users[i % n]``: distinct users, so the per-user login limit never
     counts one caller against another), ``refresh`` (caller *i* follows its own chain of refresh
-    tokens, starting from ``refresh_tokens[i]``) and ``whoami_dpop`` (caller *i* sends the key-bound
-    ``dpop_tokens[i % n]`` with a fresh proof per call, signed here with ``dpop_key``).
+    tokens, starting from ``refresh_tokens[i]``), ``refresh_floor`` (a refresh token's bytes to the
+    floor server of :mod:`authmesh.bench.refresh_floor`) and ``whoami_dpop`` (caller *i* sends the
+    key-bound ``dpop_tokens[i % n]`` with a fresh proof per call, signed here with ``dpop_key``).
     """
 
     def __init__(self) -> None:
@@ -216,6 +218,11 @@ class LoadGenerator:
             username, password = self._users[index % len(self._users)]
             login_request = auth_pb2.LoginRequest(username=username, password=password)
             return lambda: auth.Login(login_request, timeout=CALL_TIMEOUT_SECONDS)
+        if kind == "refresh_floor":
+            # A refresh token's bytes, to the floor server's one method (raw bytes both ways).
+            rotate: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(FLOOR_ROTATE_METHOD)
+            spent = self._refresh[index % len(self._refresh)].encode() if self._refresh else bytes(43)
+            return lambda: rotate(spent, timeout=CALL_TIMEOUT_SECONDS)
         if kind == "refresh":
             chains = self._refresh
 
